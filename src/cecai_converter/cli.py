@@ -1,0 +1,102 @@
+"""``cecai-convert``: the one front door. Parsing and wiring only; the work happens in the pipeline modules.
+
+Each command group lives in its own module and exposes ``register(subparsers)``, which adds its parser and sets
+``handler=fn(args, out) -> int``. :func:`main` is the single error boundary: a :class:`ConverterError` becomes a
+clean message and its exit code; anything else is a bug and keeps its traceback. ``CECAI_DEBUG=1`` shows the
+traceback of a ``ConverterError`` too.
+
+Exit codes: 0 success, 1 a conversion/tool/check failed, 2 bad input or configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from types import FrameType
+
+from . import __version__
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ConverterError
+from .output import LOGGER_NAME, Output
+
+__all__ = ["build_parser", "main"]
+
+# Modules that contribute commands, in the order `--help` lists them.
+_COMMAND_MODULES = (
+    "cecai_converter.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every command module registered."""
+    parser = argparse.ArgumentParser(
+        prog="cecai-convert",
+        description="Convert Hugging Face models to verified, quantized GGUF files for llama-cpp-python.",
+        epilog="Exit codes: 0 success, 1 a conversion or check failed, 2 bad input or configuration, "
+        "130 interrupted. Set CECAI_DEBUG=1 for tracebacks.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tool output (converter, quantizer)")
+    parser.add_argument(
+        "--format", choices=("human", "json"), default="human", help="result format on stdout (default: human)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so every ``finally`` cleans up temporary files."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def _configure_logging(verbose: bool) -> None:
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.DEBUG)
+    if not any(getattr(h, "_cecai_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._cecai_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code (never raises for user errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Output(args.format, verbose=args.verbose)
+    _configure_logging(args.verbose)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(args.handler(args, out))
+    except ConverterError as exc:
+        if os.environ.get("CECAI_DEBUG"):
+            traceback.print_exc()
+        out.error(exc.message, exc.hint)
+        if not os.environ.get("CECAI_DEBUG"):
+            print("(set CECAI_DEBUG=1 for the full traceback)", file=out.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.end_progress()
+        out.error("interrupted; temporary files were removed")
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def usage_error(message: str) -> int:
+    """Print a usage problem found after parsing and return the usage exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,284 @@
+"""The Converter folder contract: ``<NAME>/Converter/{configurations,models,outputs,logs}``.
+
+Existing users keep this layout, so its keys and paths are frozen:
+
+* ``configurations/converter_args.yaml``: IMAGE_NAME, MODEL_NAME, TRAINED, MODELS_PATH, LOGS_PATH, OUTPUTS_PATH
+  (paths relative to ``configurations/``; defaults ``../models``, ``../logs``, ``../outputs``).
+* ``configurations/<PAIR>/converter_args_<pair>.yaml``: PRECISION (one value or a list).
+
+The pair file is merged over the general file (the pair file wins). Newer optional keys are listed in
+:data:`OPTIONAL_KEYS`; any other key is an error that names the closest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from .errors import ConfigError, UsageError
+from .pairs import PAIRS, PairInfo, parse_pair
+from .precisions import PrecisionInfo, parse_precisions
+
+__all__ = [
+    "GENERAL_FILENAME",
+    "KNOWN_KEYS",
+    "OPTIONAL_KEYS",
+    "PairJob",
+    "load_converter_dir",
+    "load_yaml_mapping",
+    "safe_child",
+]
+
+GENERAL_FILENAME: Final = "converter_args.yaml"
+
+#: The keys of the original layout, with their meaning.
+LEGACY_KEYS: Final[Mapping[str, str]] = {
+    "IMAGE_NAME": "the container image that converts for this pair (docker backend)",
+    "MODEL_NAME": "the model's folder under MODELS_PATH; also the stem of every output file",
+    "TRAINED": "whether the model was fine-tuned by you (recorded in the manifest)",
+    "MODELS_PATH": "folder holding the model folders, relative to configurations/ (default ../models)",
+    "LOGS_PATH": "where logs go, relative to configurations/ (default ../logs)",
+    "OUTPUTS_PATH": "where GGUF files go, relative to configurations/ (default ../outputs)",
+    "PRECISION": "one llama.cpp type or a list of them (see `cecai-convert precisions`)",
+}
+#: Keys added by this project; all optional.
+OPTIONAL_KEYS: Final[Mapping[str, str]] = {
+    "KEEP_BASE": "also publish the unquantized base GGUF (true/false, default false)",
+    "IMATRIX": "an importance-matrix file (relative to configurations/) used for quantization",
+    "CALIBRATION_TEXT": "a text file to compute an importance matrix from (relative to configurations/)",
+    "FIDELITY": "measure KL-divergence/perplexity of every file against the base (true/false, default true)",
+    "EVAL_TEXT": "the text fidelity is measured on (relative to configurations/)",
+    "THRESHOLDS": "mapping PRECISION -> {max_kld: float, max_ppl_delta_pct: float}; exceeding fails the run",
+    "ALLOW_PICKLE": "allow pickle .bin weights (runs code from the model; default false)",
+}
+KNOWN_KEYS: Final[frozenset[str]] = frozenset(LEGACY_KEYS) | frozenset(OPTIONAL_KEYS)
+
+_PATH_DEFAULTS: Final = {"MODELS_PATH": "../models", "LOGS_PATH": "../logs", "OUTPUTS_PATH": "../outputs"}
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """Everything one pair of a Converter folder asks for, with every path resolved.
+
+    Attributes:
+        pair: the hardware pair.
+        converter_dir: the ``<NAME>/Converter`` folder.
+        config_dir: its ``configurations/`` folder; relative paths in the YAML are relative to it.
+        model_name: MODEL_NAME, the stem of every output file.
+        model_dir: ``MODELS_PATH/MODEL_NAME``.
+        outputs_dir: ``OUTPUTS_PATH/<PAIR>``.
+        logs_dir: ``LOGS_PATH/<PAIR>``.
+        precisions: the requested types, in the user's order.
+        image_name: IMAGE_NAME, if set.
+        trained: TRAINED, if set.
+        settings: the merged key/values as written (optional keys included), for the manifest.
+    """
+
+    pair: PairInfo
+    converter_dir: Path
+    config_dir: Path
+    model_name: str
+    model_dir: Path
+    outputs_dir: Path
+    logs_dir: Path
+    precisions: tuple[PrecisionInfo, ...]
+    image_name: str | None = None
+    trained: bool | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def log_file(self) -> Path:
+        """``logs/<PAIR>/Converter_<PAIR>_<MODEL_NAME>.log``, the name the old flow used."""
+        return self.logs_dir / f"Converter_{self.pair.name}_{self.model_name}.log"
+
+    def option_path(self, key: str) -> Path | None:
+        """An optional path-valued key (IMATRIX, CALIBRATION_TEXT, EVAL_TEXT) resolved against configurations/."""
+        value = self.settings.get(key)
+        return None if value is None else (self.config_dir / str(value)).resolve()
+
+
+def load_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (an empty file is an empty mapping).
+
+    Raises:
+        ConfigError: the file is unreadable, is not valid YAML (the message gives line and column), or is not a
+            mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"missing configuration file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{path}: invalid YAML{where}: {problem}",
+            hint="YAML wants `KEY: value` lines; quote values that contain ':' or start with special characters",
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected `KEY: value` lines (a mapping), found a {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}
+
+
+def _check_keys(data: Mapping[str, Any], path: Path) -> None:
+    for key in data:
+        if key in KNOWN_KEYS:
+            continue
+        close = difflib.get_close_matches(key.upper(), sorted(KNOWN_KEYS), n=1, cutoff=0.5)
+        suggestion = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"{path}: unknown key {key!r}.{suggestion}",
+            hint=f"known keys: {', '.join(sorted(KNOWN_KEYS))}",
+        )
+
+
+def _expect(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    value = data.get(key)
+    if value is not None and not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{path}: {key} must be a {names}, got {value!r}")
+    return value
+
+
+def safe_child(parent: Path, name: str, *, key: str) -> Path:
+    """``parent / name``, refusing names that are absolute or climb out of ``parent``.
+
+    Raises:
+        ConfigError: ``name`` is empty, absolute, or resolves outside ``parent``.
+    """
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError(
+            f"{key} {name!r} must be a folder name inside {parent}",
+            hint=f"{key} names a folder under MODELS_PATH; it may not be absolute or contain '..'",
+        )
+    child = (parent / name).resolve()
+    if not child.is_relative_to(parent.resolve()):
+        raise ConfigError(f"{key} {name!r} resolves to {child}, outside {parent}")
+    return child
+
+
+def _discover_pairs(config_dir: Path) -> list[PairInfo]:
+    found: list[PairInfo] = []
+    for entry in sorted(config_dir.iterdir()):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        if entry.name not in PAIRS:
+            close = difflib.get_close_matches(entry.name.upper(), list(PAIRS), n=1, cutoff=0.6)
+            suggestion = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"{entry}: not a known pair folder.{suggestion}",
+                hint=f"pair folders are named {', '.join(PAIRS)}",
+            )
+        found.append(PAIRS[entry.name])
+    if not found:
+        raise ConfigError(
+            f"{config_dir} has no pair folders",
+            hint="add e.g. configurations/CPU_LLM_LLAMA/converter_args_cpu_llm_llama.yaml with `PRECISION: Q4_K_M`",
+        )
+    return found
+
+
+def load_converter_dir(
+    converter_dir: Path,
+    pairs: list[str] | None = None,
+    *,
+    path_overrides: Mapping[str, Path] | None = None,
+) -> list[PairJob]:
+    """Read a ``<NAME>/Converter`` folder and return one job per selected pair.
+
+    Args:
+        converter_dir: the folder holding ``configurations/``.
+        pairs: pair names or slugs to run; ``None`` means every pair folder under ``configurations/``.
+        path_overrides: MODELS_PATH / OUTPUTS_PATH / LOGS_PATH values that replace the YAML's (absolute, or
+            relative to the working directory); the docker backend uses them for its mount points.
+
+    Raises:
+        UsageError: the folder or a file is missing.
+        ConfigError: a file is malformed, holds an unknown key or precision, or MODEL_NAME escapes MODELS_PATH.
+    """
+    converter_dir = converter_dir.resolve()
+    if not converter_dir.is_dir():
+        raise UsageError(
+            f"Converter folder not found: {converter_dir}",
+            hint="pass the <NAME>/Converter folder that holds configurations/ and models/",
+        )
+    config_dir = converter_dir / "configurations"
+    general_path = config_dir / GENERAL_FILENAME
+    if not general_path.is_file():
+        raise UsageError(
+            f"missing {general_path}",
+            hint="a Converter folder needs configurations/converter_args.yaml with at least MODEL_NAME",
+        )
+    general = load_yaml_mapping(general_path)
+    _check_keys(general, general_path)
+
+    selected = [parse_pair(p) for p in pairs] if pairs else _discover_pairs(config_dir)
+    jobs: list[PairJob] = []
+    for pair in dict.fromkeys(selected):
+        pair_path = config_dir / pair.name / pair.config_filename
+        if not pair_path.is_file():
+            raise UsageError(
+                f"missing {pair_path}",
+                hint=f"create it with a PRECISION key, e.g. `PRECISION: [Q8_0, Q4_K_M]`, or drop --pair {pair.name}",
+            )
+        pair_data = load_yaml_mapping(pair_path)
+        _check_keys(pair_data, pair_path)
+        merged = {**general, **pair_data}
+        job = _make_job(pair, converter_dir, config_dir, merged, general_path, pair_path, path_overrides or {})
+        jobs.append(job)
+    return jobs
+
+
+def _make_job(
+    pair: PairInfo,
+    converter_dir: Path,
+    config_dir: Path,
+    merged: dict[str, Any],
+    general_path: Path,
+    pair_path: Path,
+    path_overrides: Mapping[str, Path],
+) -> PairJob:
+    model_name = _expect(merged, "MODEL_NAME", str, general_path)
+    if not model_name:
+        raise ConfigError(f"{general_path}: MODEL_NAME is required", hint="MODEL_NAME: gpt2")
+    if "PRECISION" not in merged:
+        raise ConfigError(
+            f"{pair_path}: PRECISION is required",
+            hint="e.g. `PRECISION: Q4_K_M` or `PRECISION: [F16, Q8_0, Q4_K_M]`",
+        )
+    precisions = parse_precisions(merged["PRECISION"], where=f"{pair_path.name}: PRECISION")
+    paths: dict[str, Path] = {}
+    for key, default in _PATH_DEFAULTS.items():
+        value = _expect(merged, key, str, general_path) or default
+        override = path_overrides.get(key)
+        paths[key] = Path(override).resolve() if override is not None else (config_dir / value).resolve()
+    for key in ("KEEP_BASE", "FIDELITY", "ALLOW_PICKLE", "TRAINED"):
+        _expect(merged, key, bool, pair_path)
+    for key in ("IMATRIX", "CALIBRATION_TEXT", "EVAL_TEXT", "IMAGE_NAME"):
+        _expect(merged, key, str, pair_path)
+    _expect(merged, "THRESHOLDS", dict, pair_path)
+    return PairJob(
+        pair=pair,
+        converter_dir=converter_dir,
+        config_dir=config_dir,
+        model_name=model_name,
+        model_dir=safe_child(paths["MODELS_PATH"], model_name, key="MODEL_NAME"),
+        outputs_dir=paths["OUTPUTS_PATH"] / pair.name,
+        logs_dir=paths["LOGS_PATH"] / pair.name,
+        precisions=precisions,
+        image_name=merged.get("IMAGE_NAME"),
+        trained=merged.get("TRAINED"),
+        settings=dict(merged),
+    )

@@ -1,0 +1,223 @@
+"""Small, deterministic Hugging Face models built on this machine: the embedded default, test fixtures, benchmarks.
+
+Nothing is downloaded. Weights are random (seeded); the tokenizer is a SentencePiece model trained on a short text
+shipped with the package. SentencePiece keeps the Llama, Qwen2 and Phi-3 converters on their SentencePiece path,
+which llama.cpp accepts for any tokenizer (a BPE ``tokenizer.json`` would be checked against llama.cpp's list of
+known pre-tokenizers and refused). ``gpt2-bpe`` builds exactly such a refused model, for the error path.
+
+Needs the ``local`` extra (torch, transformers, sentencepiece).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+__all__ = ["ARCHITECTURES", "SIZES", "build_model", "make_seed_layout"]
+
+
+@dataclass(frozen=True)
+class _Size:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+# hidden sizes are multiples of 256 so that k-quants (blocks of 256) apply to every matrix, as in real models.
+SIZES: Final[dict[str, _Size]] = {
+    "tiny": _Size(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=1024),
+    "small": _Size(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=4096),
+    # ~0.55 B parameters: 1.1 GB in bf16, for benchmarks ("a model of at least 1 GB").
+    "1gb": _Size(hidden=1536, layers=16, heads=12, kv_heads=4, intermediate=4096, vocab=32000),
+}
+ARCHITECTURES: Final = ("llama", "qwen2", "phi3", "gpt2-bpe")
+_SPM_PIECES: Final = 400  # trained pieces; the config's vocab_size pads the rest, as real checkpoints often do
+
+
+def _train_sentencepiece(out_dir: Path) -> None:
+    import sentencepiece as spm
+
+    corpus = resources.files("cecai_converter") / "data" / "tokenizer_corpus.txt"
+    with resources.as_file(corpus) as corpus_path:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus_path),
+            model_prefix=str(out_dir / "tokenizer"),
+            vocab_size=_SPM_PIECES,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            bos_id=1,
+            eos_id=2,
+            unk_id=0,
+            pad_id=-1,
+            # llama.cpp's Phi-3 vocabulary code looks this token up by name and fails to load without it.
+            user_defined_symbols=["<|endoftext|>"],
+            num_threads=1,
+            minloglevel=2,
+        )
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+             "add_bos_token": True, "add_eos_token": False},
+            indent=2,
+        )
+        + "\n"
+    )  # fmt: skip
+
+
+def _train_bpe(out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = (resources.files("cecai_converter") / "data" / "tokenizer_corpus.txt").read_text(encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        text.splitlines(),
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2TokenizerFast", "bos_token": "<|endoftext|>",
+                    "eos_token": "<|endoftext|>", "model_max_length": 256}, indent=2) + "\n"
+    )  # fmt: skip
+
+
+def _config(arch: str, size: _Size, dtype: str) -> Any:
+    import transformers as tf
+
+    common: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    if arch == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+            max_position_embeddings=2048, rms_norm_eps=1e-5, **common,
+        )  # fmt: skip
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(
+            vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+            max_position_embeddings=2048, rms_norm_eps=1e-6, use_sliding_window=False, **common,
+        )  # fmt: skip
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(
+            vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
+            max_position_embeddings=2048, original_max_position_embeddings=2048, rms_norm_eps=1e-5,
+            pad_token_id=0, sliding_window=None, **common,
+        )  # fmt: skip
+    elif arch == "gpt2-bpe":
+        cfg = tf.GPT2Config(
+            vocab_size=size.vocab, n_embd=size.hidden, n_layer=size.layers, n_head=size.heads,
+            n_positions=1024, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        cfg.n_ctx = 1024  # llama.cpp's GPT-2 converter reads the old key
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    cfg.torch_dtype = dtype
+    return cfg
+
+
+def build_model(
+    out_dir: Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    size: str = "tiny",
+) -> Path:
+    """Write a random-weight Hugging Face model folder (config, safetensors, tokenizer) to ``out_dir``.
+
+    The same arguments give the same bytes. ``out_dir`` is replaced if it exists.
+
+    Args:
+        out_dir: the folder to create.
+        arch: ``llama``, ``qwen2``, ``phi3`` (SentencePiece tokenizer) or ``gpt2-bpe`` (a BPE tokenizer that
+            llama.cpp's converter does not recognise).
+        seed: the weights' random seed.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` for the stored weights.
+        size: a key of :data:`SIZES`.
+    """
+    import torch
+    import transformers as tf
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    cfg = _config(arch, SIZES[size], dtype)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+        # Plain N(0, 0.02) weights and unit norms, whatever each class's own init does, so that every architecture
+        # produces logits of a similar, finite scale.
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() == 1:
+                param.fill_(1.0 if "norm" in name or "ln_" in name else 0.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        model = model.to(torch_dtype)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # transformers writes generation_config.json with its own version in it; it is not a conversion input.
+    (out_dir / "generation_config.json").unlink(missing_ok=True)
+    if arch == "gpt2-bpe":
+        _train_bpe(out_dir)
+    else:
+        _train_sentencepiece(out_dir)
+    return out_dir
+
+
+def make_seed_layout(
+    root: Path,
+    *,
+    model_name: str = "tiny-llama",
+    precisions: dict[str, list[str]] | None = None,
+    arch: str = "llama",
+    size: str = "tiny",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Path:
+    """Create ``root/Converter`` in the established layout with a freshly built model; return the Converter folder.
+
+    Args:
+        root: the ``<NAME>`` folder (``GPT_2``); created if missing.
+        model_name: MODEL_NAME, the model's folder under ``models/``.
+        precisions: PRECISION per pair; default ``{"CPU_LLM_LLAMA": ["Q8_0", "Q4_K_M"]}``.
+    """
+    precisions = precisions or {"CPU_LLM_LLAMA": ["Q8_0", "Q4_K_M"]}
+    converter = Path(root) / "Converter"
+    config_dir = converter / "configurations"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    general = {
+        "IMAGE_NAME": "ghcr.io/cecai/cecai-converter:0.1.0-cpu",
+        "MODEL_NAME": model_name,
+        "TRAINED": False,
+        "MODELS_PATH": "../models",
+        "LOGS_PATH": "../logs",
+        "OUTPUTS_PATH": "../outputs",
+    }
+    (config_dir / "converter_args.yaml").write_text(yaml.safe_dump(general, sort_keys=False))
+    for pair, values in precisions.items():
+        pair_dir = config_dir / pair
+        pair_dir.mkdir(exist_ok=True)
+        (pair_dir / f"converter_args_{pair.lower()}.yaml").write_text(
+            yaml.safe_dump({"PRECISION": values if len(values) != 1 else values[0]}, sort_keys=False)
+        )
+    build_model(converter / "models" / model_name, arch, seed=seed, dtype=dtype, size=size)
+    return converter

@@ -1,0 +1,455 @@
+"""The conversion pipeline: convert once, quantize each precision once, verify, publish to every target.
+
+    resolve source → fingerprint → plan (what is already current) → convert base → [imatrix] → quantize
+    → verify → [fidelity] → publish atomically → manifest per target
+
+A *target* is one outputs folder (``outputs/<PAIR>`` for a Converter folder, ``--outdir`` otherwise). GGUF bytes
+do not depend on the pair, so several targets share one base and one file per precision; a pair's own work is
+its verification. Files already made from the same inputs, in this target or a sibling pair's folder, are reused
+instead of remade.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .convert import run_converter
+from .errors import ConfigError, ConversionFailed, UsageError
+from .fsutil import publish_file, remove_stale_staging, sha256_file, staging_dir
+from .manifest import MANIFEST_NAME, file_is_current, inputs_key, read_manifest, write_manifest
+from .output import Output, get_logger
+from .pairs import PairInfo
+from .precisions import PRECISIONS, PrecisionInfo
+from .source import ModelSource, check_model_dir, fetch_from_hub, fingerprint_files, source_dtype
+from .toolchain import ensure_converter, require_runtime, toolchain_info
+from .verify import load_check, read_back
+
+__all__ = ["Job", "Options", "Target", "run_job"]
+
+_log = get_logger("pipeline")
+_FACT_KEYS = ("tensor_count", "architecture", "file_type", "n_params")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One outputs folder to fill, with its pair (if any) and its log file."""
+
+    outputs_dir: Path
+    pair: PairInfo | None = None
+    log_file: Path | None = None
+    #: the precision names this target wants; None means every precision of the job
+    precisions: tuple[str, ...] | None = None
+
+    def wants(self, name: str) -> bool:
+        """Whether this target asked for the precision ``name``."""
+        return self.precisions is None or name in self.precisions
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to convert; every field has a CLI flag and most have a YAML key."""
+
+    force: bool = False
+    keep_base: bool = False
+    threads: int | None = None
+    allow_pickle: bool = False
+    imatrix: Path | None = None
+    calibration_text: Path | None = None
+    fidelity: bool = False
+    eval_text: Path | None = None
+    thresholds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    verify: bool = True
+    n_gpu_layers: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to convert to some precisions, for one or more targets.
+
+    Attributes:
+        model: a local folder, or a Hub repo id (``owner/name``) when ``hub`` is True.
+        model_name: the stem of every output file.
+        precisions: the requested types.
+        targets: where the files go.
+        revision: the Hub revision (branch, tag or commit).
+        trained: TRAINED from the configuration, recorded in the manifest.
+    """
+
+    model: str
+    model_name: str
+    precisions: tuple[PrecisionInfo, ...]
+    targets: tuple[Target, ...]
+    options: Options = Options()
+    hub: bool = False
+    revision: str | None = None
+    trained: bool | None = None
+
+
+def _hub_cache() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cecai-converter" / "hub"
+
+
+def _file_name(model_name: str, precision: PrecisionInfo) -> str:
+    return f"{model_name}.{precision.suffix}.gguf"
+
+
+@dataclass
+class _Produced:
+    """A file made (or found) in this run, ready to publish."""
+
+    path: Path
+    precision: PrecisionInfo
+    key: str
+    sha256: str
+    facts: dict[str, Any]
+    verification: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
+    made_here: bool = True
+    origin: Path | None = None
+
+
+class _Run:
+    """The state of one :func:`run_job` call."""
+
+    def __init__(self, job: Job, out: Output) -> None:
+        self.job = job
+        self.out = out
+        self.opts = job.options
+        self.timings: dict[str, Any] = {"quantize_s": {}, "verify_s": {}, "fidelity_s": {}}
+        self.produced: dict[str, _Produced] = {}
+        self.base_path: Path | None = None
+        self.converter_dir: Path | None = None
+
+    # -- source -----------------------------------------------------------------------------------------------
+    def resolve_source(self) -> tuple[ModelSource, dict[str, Any]]:
+        job = self.job
+        self.converter_dir = ensure_converter()
+        if job.hub:
+            with self.out.step(f"downloading {job.model}" + (f"@{job.revision}" if job.revision else "")):
+                local, resolved = fetch_from_hub(job.model, job.revision, _hub_cache())
+            source = check_model_dir(local, self.converter_dir, allow_pickle=self.opts.allow_pickle)
+            fingerprint, _ = fingerprint_files(local)
+            record = {"kind": "hub", "repo_id": job.model, "revision": resolved, "fingerprint": fingerprint}
+            return ModelSource(**{**source.__dict__, "repo_id": job.model, "revision": resolved}), record
+        path = Path(job.model).resolve()
+        source = check_model_dir(path, self.converter_dir, allow_pickle=self.opts.allow_pickle)
+        previous: dict[str, Any] = {}
+        for target in job.targets:
+            old = read_manifest(target.outputs_dir)
+            if old and old.get("source", {}).get("path") == str(path):
+                previous = {f["path"]: f for f in old["source"].get("files", [])}
+                break
+        fingerprint, files = fingerprint_files(path, previous)
+        record = {"kind": "local", "path": str(path), "fingerprint": fingerprint, "files": files}
+        return source, record
+
+    # -- planning ---------------------------------------------------------------------------------------------
+    def key_for(self, precision: PrecisionInfo, fingerprint: str, imatrix_sha: str | None) -> str:
+        tc = toolchain_info().as_manifest()
+        return inputs_key(source=fingerprint, precision=precision.name, toolchain=tc, imatrix=imatrix_sha)
+
+    def find_existing(self, key: str, precision: PrecisionInfo) -> _Produced | None:
+        """A current file for ``key`` in any target or sibling pair folder (reused instead of remade)."""
+        folders: list[Path] = []
+        for target in self.job.targets:
+            folders.append(target.outputs_dir)
+            if target.pair is not None and target.outputs_dir.parent.is_dir():
+                folders += [p for p in sorted(target.outputs_dir.parent.iterdir()) if p.is_dir()]
+        for folder in dict.fromkeys(folders):
+            manifest = read_manifest(folder)
+            for entry in (manifest or {}).get("files", []):
+                if entry.get("precision") == precision.name and file_is_current(entry, folder, key):
+                    return _Produced(
+                        path=folder / entry["name"],
+                        precision=precision,
+                        key=key,
+                        sha256=entry["sha256"],
+                        facts={k: entry[k] for k in _FACT_KEYS if k in entry},
+                        verification=entry.get("verification"),
+                        fidelity=entry.get("fidelity"),
+                        made_here=False,
+                        origin=folder,
+                    )
+        return None
+
+
+def _base_outtype(source: ModelSource, wanted: Sequence[PrecisionInfo]) -> PrecisionInfo:
+    """The base file's type: the only requested type when the converter writes it directly, else lossless."""
+    if len(wanted) == 1 and wanted[0].converter_outtype and not wanted[0].name.startswith("TQ"):
+        return wanted[0]
+    return PRECISIONS[source_dtype(source).upper()]
+
+
+def _attach_logs(targets: Sequence[Target]) -> list[logging.Handler]:
+    handlers: list[logging.Handler] = []
+    root = logging.getLogger("cecai")
+    for target in targets:
+        if target.log_file is None:
+            continue
+        target.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # Appended, so that a no-work re-run does not erase the log of the run that did the work.
+        handler = logging.FileHandler(target.log_file, mode="a", encoding="utf-8")
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        handlers.append(handler)
+    return handlers
+
+
+def run_job(job: Job, out: Output) -> list[dict[str, Any]]:
+    """Run one job and return the manifest written to each target (in target order).
+
+    Raises:
+        ConverterError: any failure; nothing partial is left at a final path and staging files are removed.
+    """
+    if not job.targets:
+        raise UsageError("nothing to do: no output folder given")
+    if not job.precisions:
+        raise ConfigError("no precision requested", hint="e.g. --precision Q4_K_M")
+    handlers = _attach_logs(job.targets)
+    try:
+        return _run(job, out)
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC outside the places that already explain it
+            raise ConversionFailed(
+                f"the disk is full ({exc.filename or 'while writing'}); nothing partial was published",
+                hint="free space next to the outputs folder and re-run",
+            ) from None
+        raise
+    finally:
+        for handler in handlers:
+            logging.getLogger("cecai").removeHandler(handler)
+            handler.close()
+
+
+def _run(job: Job, out: Output) -> list[dict[str, Any]]:
+    started = time.perf_counter()
+    run = _Run(job, out)
+    opts = job.options
+    for target in job.targets:
+        for stale in remove_stale_staging(target.outputs_dir):
+            _log.info("removed leftovers of an interrupted run: %s", stale)
+    _log.info("model %s → %s", job.model, ", ".join(p.name for p in job.precisions))
+    source, source_record = run.resolve_source()
+    fingerprint = source_record["fingerprint"]
+    wanted = list(job.precisions)
+    base_precision = _base_outtype(source, wanted)
+    if opts.keep_base and base_precision not in wanted:
+        wanted.append(base_precision)
+    imatrix_path, imatrix_record = _given_imatrix(opts)
+    imatrix_sha = imatrix_record["sha256"] if imatrix_record else None
+    needs_imatrix = [p.name for p in wanted if p.needs_imatrix]
+    if needs_imatrix and imatrix_path is None and opts.calibration_text is None:
+        raise UsageError(
+            f"{', '.join(needs_imatrix)} need(s) an importance matrix: llama.cpp refuses to make them without one",
+            hint="give one with --imatrix FILE (IMATRIX:) or let cecai-convert compute it with --calibration-text "
+            "FILE (CALIBRATION_TEXT:); or choose a k-quant such as Q2_K / Q3_K_S",
+        )
+    if opts.calibration_text is not None and imatrix_path is None:
+        imatrix_sha = "calibration:" + sha256_file(opts.calibration_text)
+
+    keys = {p.name: run.key_for(p, fingerprint, imatrix_sha if p.name != base_precision.name else None) for p in wanted}
+    missing: list[PrecisionInfo] = []
+    for precision in wanted:
+        existing = None if opts.force else run.find_existing(keys[precision.name], precision)
+        if existing is not None:
+            run.produced[precision.name] = existing
+        else:
+            missing.append(precision)
+    if not missing and all(_target_current(t, job, keys) for t in job.targets):
+        out.info(f"up to date: {job.model_name} ({', '.join(p.name for p in wanted)}); nothing to do (--force redoes)")
+        return [
+            {**(read_manifest(t.outputs_dir) or {}), "manifest_path": str(t.outputs_dir / MANIFEST_NAME)}
+            for t in job.targets
+        ]
+
+    require_runtime()
+    anchor = job.targets[0].outputs_dir
+    with staging_dir(anchor) as stage:
+        if missing:
+            _produce(run, source, stage, missing, base_precision, keys, imatrix_path, imatrix_record)
+        _verify_all(run)
+        if opts.fidelity and run.base_path is not None:
+            _measure_fidelity(run)
+        manifests = [_publish(run, target, source_record, base_precision, imatrix_record) for target in job.targets]
+    run.timings["total_s"] = round(time.perf_counter() - started, 3)
+    return manifests
+
+
+def _given_imatrix(opts: Options) -> tuple[Path | None, dict[str, Any] | None]:
+    if opts.imatrix is None:
+        return None, None
+    if not opts.imatrix.is_file():
+        raise UsageError(f"importance matrix not found: {opts.imatrix}")
+    return opts.imatrix, {"file": opts.imatrix.name, "sha256": sha256_file(opts.imatrix), "source": "given"}
+
+
+def _target_current(target: Target, job: Job, keys: Mapping[str, str]) -> bool:
+    manifest = read_manifest(target.outputs_dir)
+    if manifest is None:
+        return False
+    entries = {e.get("precision"): e for e in manifest.get("files", [])}
+    return all(
+        name in entries and file_is_current(entries[name], target.outputs_dir, key)
+        for name, key in keys.items()
+        if target.wants(name)
+    )
+
+
+def _produce(
+    run: _Run,
+    source: ModelSource,
+    stage: Path,
+    missing: list[PrecisionInfo],
+    base_precision: PrecisionInfo,
+    keys: Mapping[str, str],
+    imatrix_path: Path | None,
+    imatrix_record: dict[str, Any] | None,
+) -> None:
+    job, out, opts = run.job, run.out, run.opts
+    assert run.converter_dir is not None
+    base_path = stage / _file_name(job.model_name, base_precision)
+    metadata = {}
+    if source.repo_id:
+        metadata = {"source_url": f"https://huggingface.co/{source.repo_id}", "source_hf_repo": source.repo_id}
+    with out.step(f"converting {source.architecture} to a {base_precision.name} base GGUF"):
+        t0 = time.perf_counter()
+        run_converter(
+            run.converter_dir,
+            source,
+            base_path,
+            base_precision.converter_outtype or base_precision.suffix,
+            model_name=job.model_name,
+            metadata=metadata or None,
+            on_tensor=lambda n: out.progress(f"    converting tensor {n}"),
+        )
+        run.timings["convert_s"] = round(time.perf_counter() - t0, 3)
+    run.base_path = base_path
+    if imatrix_path is None and opts.calibration_text is not None and any(p.needs_imatrix for p in missing):
+        from . import imatrix as imatrix_mod
+
+        with out.step("computing an importance matrix with llama-imatrix"):
+            t0 = time.perf_counter()
+            imatrix_path = imatrix_mod.compute(base_path, opts.calibration_text, stage / "imatrix.gguf")
+            run.timings["imatrix_s"] = round(time.perf_counter() - t0, 3)
+        if imatrix_record is None:
+            imatrix_record = {"file": None, "sha256": sha256_file(imatrix_path), "source": "computed"}
+            run.timings["imatrix_record"] = imatrix_record
+    for precision in missing:
+        dest = stage / _file_name(job.model_name, precision)
+        if precision.name == base_precision.name:
+            produced_path = base_path
+        else:
+            with out.step(f"quantizing to {precision.name}"):
+                t0 = time.perf_counter()
+                from .quantize import quantize
+
+                quantize(
+                    base_path,
+                    dest,
+                    precision,
+                    threads=opts.threads,
+                    imatrix=imatrix_path if (precision.needs_imatrix or opts.imatrix) else None,
+                    on_progress=lambda i, n, p=precision: out.progress(f"    {p.name}: tensor {i}/{n}"),
+                )
+                run.timings["quantize_s"][precision.name] = round(time.perf_counter() - t0, 3)
+            produced_path = dest
+        run.produced[precision.name] = _Produced(
+            path=produced_path, precision=precision, key=keys[precision.name], sha256="", facts={}
+        )
+
+
+def _verify_all(run: _Run) -> None:
+    """Read back and load every file once for this runtime; reused files that were verified keep their record."""
+    for item in run.produced.values():
+        facts = read_back(item.path, item.precision)
+        item.facts = {k: getattr(facts, k) for k in _FACT_KEYS}
+        if item.made_here:
+            item.sha256 = sha256_file(item.path)
+        if not run.opts.verify:
+            continue
+        own_folders = {t.outputs_dir for t in run.job.targets}
+        if item.verification is not None and not item.made_here and item.origin in own_folders:
+            continue  # verified for this very target before; a sibling pair's file is verified again here
+        with run.out.step(f"verifying {item.path.name} (load + generate)"):
+            t0 = time.perf_counter()
+            check = load_check(item.path, n_gpu_layers=run.opts.n_gpu_layers, threads=run.opts.threads)
+            run.timings["verify_s"][item.precision.name] = round(time.perf_counter() - t0, 3)
+        item.verification = check.as_dict()
+
+
+def _measure_fidelity(run: _Run) -> None:
+    from . import fidelity
+
+    assert run.base_path is not None
+    todo = {name: item.path for name, item in run.produced.items() if item.made_here}
+    if not todo:
+        return
+    with run.out.step(f"measuring fidelity against the base ({', '.join(todo)})"):
+        t0 = time.perf_counter()
+        results = fidelity.measure(
+            run.base_path, todo, eval_text=run.opts.eval_text, n_threads=run.opts.threads,
+            n_gpu_layers=run.opts.n_gpu_layers,
+        )  # fmt: skip
+        run.timings["fidelity_s"]["all"] = round(time.perf_counter() - t0, 3)
+    for name, metrics in results.items():
+        run.produced[name].fidelity = metrics
+    if run.opts.thresholds:
+        violations = fidelity.check_thresholds(results, run.opts.thresholds)
+        if violations:
+            raise ConversionFailed(
+                "fidelity thresholds exceeded: " + "; ".join(violations),
+                hint="nothing was published; relax THRESHOLDS or choose a larger precision",
+            )
+
+
+def _publish(
+    run: _Run,
+    target: Target,
+    source_record: dict[str, Any],
+    base_precision: PrecisionInfo,
+    imatrix_record: dict[str, Any] | None,
+) -> dict[str, Any]:
+    job = run.job
+    files: list[dict[str, Any]] = []
+    kept_base = job.options.keep_base
+    for precision in [p for p in PRECISIONS.values() if p.name in run.produced]:
+        if not (target.wants(precision.name) or (kept_base and precision.name == base_precision.name)):
+            continue
+        item = run.produced[precision.name]
+        name = _file_name(job.model_name, precision)
+        dest = target.outputs_dir / name
+        if item.path.resolve() != dest.resolve():
+            publish_file(item.path, dest)
+        st = dest.stat()
+        files.append({
+            "name": name, "precision": precision.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": item.sha256, "inputs_key": item.key, **item.facts,
+            "bpw": round(st.st_size * 8 / item.facts["n_params"], 3) if item.facts.get("n_params") else None,
+            "verification": item.verification, "fidelity": item.fidelity,
+            "reused": not item.made_here,
+        })  # fmt: skip
+    manifest = {
+        "toolchain": toolchain_info().as_manifest(),
+        "pair": target.pair.name if target.pair else None,
+        "model_name": job.model_name,
+        "trained": job.trained,
+        "source": source_record,
+        "base": {"precision": base_precision.name, "kept": base_precision.name in run.produced},
+        "imatrix": imatrix_record or run.timings.get("imatrix_record"),
+        "files": files,
+        "timings": {k: v for k, v in run.timings.items() if k != "imatrix_record"},
+        "runtime": {"n_gpu_layers": run.opts.n_gpu_layers},
+    }
+    path = write_manifest(target.outputs_dir, manifest)
+    _log.info("wrote %s", path)
+    # Files of earlier runs that this run no longer asked for are left alone; the manifest lists this run's files.
+    return {**manifest, "manifest_path": str(path)}
+

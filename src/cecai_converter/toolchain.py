@@ -1,0 +1,241 @@
+"""The one pinned llama.cpp: converter, quantizer and runtime from the same llama-cpp-python release.
+
+The runtime and the quantizer are the installed ``llama_cpp`` package. The converter (``convert_hf_to_gguf.py``,
+its ``conversion/`` package and its own ``gguf-py``) is not installed by pip, so it is taken from the *same
+version's* sdist on the package index, checked against a pinned SHA-256, extracted once into a cache and reused
+offline. ``cecai-convert toolchain`` shows where everything is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from .errors import ToolchainError, ToolNotFound
+
+__all__ = [
+    "LLAMA_CPP_PYTHON_VERSION",
+    "SDIST_SHA256",
+    "Toolchain",
+    "cache_root",
+    "ensure_converter",
+    "installed_runtime_version",
+    "sdist_path",
+    "toolchain_info",
+]
+
+#: The one llama.cpp release everything comes from; pyproject's `local` extra pins the same version.
+LLAMA_CPP_PYTHON_VERSION: Final = "0.3.36"
+#: SHA-256 of ``llama_cpp_python-<version>.tar.gz`` as published on PyPI.
+SDIST_SHA256: Final = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+_SDIST_NAME: Final = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+_VENDOR_PREFIX: Final = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+# What the converter needs from the vendored tree (about 2 MB of the 77 MB sdist).
+_CONVERTER_MEMBERS: Final = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+_MARKER: Final = "cecai-toolchain.json"
+
+
+def cache_root() -> Path:
+    """Where the toolchain lives: ``$CECAI_TOOLCHAIN_DIR``, else ``$XDG_CACHE_HOME/cecai-converter/toolchain``."""
+    explicit = os.environ.get("CECAI_TOOLCHAIN_DIR")
+    if explicit:
+        return Path(explicit)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cecai-converter" / "toolchain"
+
+
+def _version_dir() -> Path:
+    return cache_root() / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sdist(path: Path) -> None:
+    actual = _sha256(path)
+    if actual != SDIST_SHA256:
+        raise ToolchainError(
+            f"{path} is not the published llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist "
+            f"(sha256 {actual[:16]}…, expected {SDIST_SHA256[:16]}…)",
+            hint="delete it and run `cecai-convert toolchain --fetch` again",
+        )
+
+
+def sdist_path(*, fetch: bool = True, source: Path | None = None) -> Path:
+    """The cached, checksum-verified sdist of the pinned llama-cpp-python.
+
+    Args:
+        fetch: download it with pip when it is not cached yet.
+        source: a local copy of the sdist to adopt instead of downloading (offline images, air-gapped hosts).
+
+    Raises:
+        ToolchainError: the download failed or the file does not match :data:`SDIST_SHA256`.
+    """
+    target = _version_dir() / _SDIST_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        _check_sdist(source)
+        tmp = target.with_suffix(".part")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return target
+    if not fetch:
+        raise ToolchainError(
+            f"the llama.cpp converter for llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is not in {cache_root()}",
+            hint="run `cecai-convert toolchain --fetch` once with access to the package index",
+        )
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmpdir:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+            "-d", tmpdir, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        downloaded = Path(tmpdir) / _SDIST_NAME
+        if proc.returncode != 0 or not downloaded.is_file():
+            raise ToolchainError(
+                f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist "
+                f"(pip exit {proc.returncode}): {proc.stderr.strip()[-500:]}",
+                hint="check access to the package index, or pass a local copy: "
+                "`cecai-convert toolchain --fetch --sdist llama_cpp_python-X.tar.gz`",
+            )
+        _check_sdist(downloaded)
+        os.replace(downloaded, target)
+    return target
+
+
+def _extract(sdist: Path, dest: Path, prefixes: tuple[str, ...]) -> None:
+    """Extract the members under ``vendor/llama.cpp/<prefix>`` into ``dest`` (files only, no links)."""
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            if not member.name.startswith(_VENDOR_PREFIX):
+                continue
+            rel = member.name[len(_VENDOR_PREFIX) :]
+            if not rel or not any(rel == p or rel.startswith(p) for p in prefixes):
+                continue
+            target = dest / rel
+            if not target.resolve().is_relative_to(dest.resolve()):
+                continue  # never write outside the cache, whatever the archive says
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif member.isfile():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                if src is None:
+                    continue
+                with src, target.open("wb") as fh:
+                    shutil.copyfileobj(src, fh)
+
+
+def ensure_converter(*, fetch: bool = True, source: Path | None = None) -> Path:
+    """The folder holding ``convert_hf_to_gguf.py`` of the pinned version, extracting it on first use.
+
+    The folder is replaced atomically, so an interrupted extraction never leaves a half tree behind.
+    """
+    converter = _version_dir() / "converter"
+    marker = converter / _MARKER
+    if marker.is_file():
+        return converter
+    sdist = sdist_path(fetch=fetch, source=source)
+    staging = Path(tempfile.mkdtemp(prefix=".converter-", dir=converter.parent))
+    try:
+        _extract(sdist, staging, _CONVERTER_MEMBERS)
+        if not (staging / "convert_hf_to_gguf.py").is_file():
+            raise ToolchainError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+        (staging / _MARKER).write_text(
+            json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "sdist_sha256": SDIST_SHA256}) + "\n"
+        )
+        if converter.exists():
+            shutil.rmtree(converter)
+        os.replace(staging, converter)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return converter
+
+
+def extract_source_tree(dest: Path) -> Path:
+    """Extract the whole vendored llama.cpp tree (for building its tools, e.g. llama-imatrix) into ``dest``."""
+    if not (dest / "CMakeLists.txt").is_file():
+        staging = Path(tempfile.mkdtemp(prefix=".src-", dir=dest.parent if dest.parent.exists() else None))
+        try:
+            _extract(sdist_path(), staging, ("",))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def installed_runtime_version() -> str | None:
+    """The installed llama-cpp-python version, or None when it is not installed (read without importing it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def require_runtime() -> None:
+    """Fail clearly unless the installed llama-cpp-python is the pinned one.
+
+    Raises:
+        ToolNotFound: llama-cpp-python is not installed.
+        ToolchainError: another version is installed (the converter and the runtime would disagree).
+    """
+    version = installed_runtime_version()
+    if version is None:
+        raise ToolNotFound(
+            "llama-cpp-python is not installed; the local backend needs it",
+            hint="pip install 'cecai-converter[local]'  (or use --backend docker)",
+        )
+    if version != LLAMA_CPP_PYTHON_VERSION:
+        raise ToolchainError(
+            f"llama-cpp-python {version} is installed, but this release pins {LLAMA_CPP_PYTHON_VERSION}: "
+            "the converter and the runtime must be the same llama.cpp",
+            hint=f"pip install 'llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}'",
+        )
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """What ``cecai-convert toolchain`` reports and every manifest records."""
+
+    llama_cpp_python: str
+    sdist_sha256: str
+    runtime_installed: str | None
+    converter_dir: Path | None
+    cache: Path
+
+    def as_manifest(self) -> dict[str, str]:
+        """The part recorded in manifests (no local paths: they differ between machines)."""
+        return {"llama_cpp_python": self.llama_cpp_python, "sdist_sha256": self.sdist_sha256}
+
+
+def toolchain_info() -> Toolchain:
+    """The pin and the state of this machine's toolchain, without fetching anything."""
+    converter = _version_dir() / "converter"
+    return Toolchain(
+        llama_cpp_python=LLAMA_CPP_PYTHON_VERSION,
+        sdist_sha256=SDIST_SHA256,
+        runtime_installed=installed_runtime_version(),
+        converter_dir=converter if (converter / _MARKER).is_file() else None,
+        cache=cache_root(),
+    )

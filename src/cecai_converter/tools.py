@@ -1,0 +1,81 @@
+"""Running the llama.cpp tools as child processes: output streamed to the log, a tail kept for errors.
+
+Child processes (not in-process calls) because llama.cpp aborts the whole process on some errors, and because a
+blocking C call would not notice Ctrl-C: a child can be stopped and its temporary files removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .output import get_logger
+
+__all__ = ["ToolRun", "run_tool"]
+
+_log = get_logger("tools")
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """A finished child process: its exit status and the last lines it printed."""
+
+    returncode: int
+    tail: str
+
+
+def run_tool(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    tail_lines: int = 60,
+) -> ToolRun:
+    """Run ``argv``, logging each output line (stdout and stderr merged) at DEBUG level.
+
+    On KeyboardInterrupt (Ctrl-C or SIGTERM) the child is terminated, waited for, and the interrupt re-raised.
+    """
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    merged_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=merged_env,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,  # Ctrl-C reaches us only; we stop the child ourselves, then clean up
+    )
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            _log.debug(line)
+            if on_line is not None:
+                on_line(line)
+        proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    return ToolRun(proc.returncode, "\n".join(tail))
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

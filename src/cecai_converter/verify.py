@@ -1,0 +1,165 @@
+"""Step 3: every output is read back and loaded before it is published.
+
+Two checks: the file's structure with ``gguf``'s reader (magic, version, architecture, tensor count, and a
+``general.file_type`` that matches the precision asked for), then a real load in llama-cpp-python that generates a
+few tokens greedily. The load runs in a worker process (``python -m cecai_converter.verify``) because llama.cpp can
+abort the process on a broken file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import VerificationFailed
+from .precisions import PRECISIONS, PrecisionInfo
+from .tools import run_tool
+
+__all__ = ["FileFacts", "LoadCheck", "load_check", "read_back"]
+
+PROMPT = "Hello world"
+GENERATE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the GGUF reader found in a file."""
+
+    version: int
+    architecture: str
+    tensor_count: int
+    file_type: int | None
+    precision: str | None
+    name: str | None
+    n_params: int
+
+
+@dataclass(frozen=True)
+class LoadCheck:
+    """The result of loading a file in llama-cpp-python and generating from it."""
+
+    runtime: str
+    n_vocab: int
+    prompt: str
+    generated_tokens: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy for the manifest."""
+        return asdict(self)
+
+
+def _field_value(reader: Any, key: str) -> Any:
+    fld = reader.fields.get(key)
+    if fld is None:
+        return None
+    value = fld.contents()
+    return value
+
+
+def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
+    """Read a GGUF file's header, metadata and tensor infos, and check them against ``expected``.
+
+    Raises:
+        VerificationFailed: the file is not a readable GGUF, has no architecture or tensors, or its file type is
+            not the precision asked for.
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError… on damaged files
+        raise VerificationFailed(
+            f"{path.name} is not a readable GGUF file: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
+    version = _field_value(reader, "GGUF.version")
+    architecture = _field_value(reader, "general.architecture")
+    file_type = _field_value(reader, "general.file_type")
+    name = _field_value(reader, "general.name")
+    if not architecture:
+        raise VerificationFailed(f"{path.name} has no general.architecture")
+    if not reader.tensors:
+        raise VerificationFailed(f"{path.name} holds no tensors")
+    by_ftype = {info.ftype: info.name for info in PRECISIONS.values()}
+    precision = by_ftype.get(int(file_type)) if file_type is not None else None
+    if expected is not None and (file_type is None or int(file_type) != expected.ftype):
+        raise VerificationFailed(
+            f"{path.name}: general.file_type is {file_type} ({precision or 'unknown'}), "
+            f"expected {expected.ftype} ({expected.name})"
+        )
+    return FileFacts(
+        version=int(version) if version is not None else 0,
+        architecture=str(architecture),
+        tensor_count=len(reader.tensors),
+        file_type=int(file_type) if file_type is not None else None,
+        precision=precision,
+        name=str(name) if name is not None else None,
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
+    )
+
+
+def load_check(path: Path, *, n_gpu_layers: int = 0, threads: int | None = None) -> LoadCheck:
+    """Load ``path`` in llama-cpp-python (in a worker process) and generate a few tokens greedily.
+
+    Raises:
+        VerificationFailed: the runtime could not load the file, or produced nothing.
+    """
+    argv = [sys.executable, "-m", "cecai_converter.verify", str(path), "--n-gpu-layers", str(n_gpu_layers)]
+    argv += ["--threads", str(threads or os.cpu_count() or 1)]
+    result = run_tool(argv)
+    lines = [ln for ln in result.tail.splitlines() if ln.startswith("CECAI_RESULT ")]
+    if result.returncode != 0 or not lines:
+        last = [ln for ln in result.tail.strip().splitlines() if ln.strip()][-3:]
+        raise VerificationFailed(
+            f"llama-cpp-python could not load {path.name} (exit {result.returncode}): {' | '.join(last)[:400]}",
+            hint="the file was not published; the log has the runtime's full output",
+        )
+    data = json.loads(lines[-1][len("CECAI_RESULT ") :])
+    check = LoadCheck(**data)
+    if len(check.generated_tokens) == 0:
+        raise VerificationFailed(f"{path.name} loaded but generated no tokens")
+    return check
+
+
+def _worker(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cecai_converter.verify")
+    parser.add_argument("path")
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        args.path,
+        n_ctx=128,
+        n_gpu_layers=args.n_gpu_layers,
+        n_threads=args.threads or None,
+        seed=0,
+        verbose=False,
+    )
+    prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
+    generated: list[int] = []
+    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        generated.append(int(token))
+        if len(generated) >= GENERATE_TOKENS:
+            break
+    gpu = args.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+    result = {
+        "runtime": "cuda" if gpu else "cpu",
+        "n_vocab": int(llm.n_vocab()),
+        "prompt": PROMPT,
+        "generated_tokens": generated,
+        "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
+    }
+    print("CECAI_RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker())
