@@ -29,6 +29,9 @@ __all__ = ["build_parser", "main"]
 # Modules that contribute commands, in the order `--help` lists them.
 _COMMAND_MODULES = (
     "cecai_converter.commands",
+    "cecai_converter.plan",
+    "cecai_converter.publish",
+    "cecai_converter.report",
 )
 
 
@@ -49,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    # The global options work after the command too (`cecai-convert convert … --format json`).
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument(
+            "--format", choices=("human", "json"), default=argparse.SUPPRESS, help="result format on stdout"
+        )
     return parser
 
 

@@ -65,7 +65,7 @@ def _p(*args: object, **kwargs: object) -> tuple[str, PrecisionInfo]:
     return info.name, info
 
 
-# Ordered from largest to smallest, the order users read the table in.
+# Ordered from largest to smallest file, the order users read the table in.
 PRECISIONS: Final[MappingProxyType[str, PrecisionInfo]] = MappingProxyType(
     dict(
         [
@@ -74,13 +74,13 @@ PRECISIONS: Final[MappingProxyType[str, PrecisionInfo]] = MappingProxyType(
             _p("BF16", 32, 16.0, False, converter_outtype="bf16", description="bfloat16, lossless for bf16 models"),
             _p("Q8_0", 7, 8.50, True, converter_outtype="q8_0", description="8-bit, near lossless"),
             _p("Q6_K", 18, 6.56, True, description="6-bit k-quant"),
+            _p("Q5_1", 9, 6.0, False, description="5-bit legacy"),
             _p("Q5_K_M", 17, 5.70, True, description="5-bit k-quant, medium"),
             _p("Q5_K_S", 16, 5.57, True, description="5-bit k-quant, small"),
-            _p("Q5_1", 9, 6.0, False, description="5-bit legacy"),
             _p("Q5_0", 8, 5.5, False, description="5-bit legacy"),
+            _p("Q4_1", 3, 5.0, False, description="4-bit legacy"),
             _p("Q4_K_M", 15, 4.89, True, description="4-bit k-quant, medium: the usual default"),
             _p("Q4_K_S", 14, 4.67, True, description="4-bit k-quant, small"),
-            _p("Q4_1", 3, 5.0, False, description="4-bit legacy"),
             _p("Q4_0", 2, 4.5, False, description="4-bit legacy"),
             _p("IQ4_NL", 25, 4.5, False, description="4-bit non-linear"),
             _p("IQ4_XS", 30, 4.46, True, description="4-bit non-linear, extra small"),
@@ -95,8 +95,8 @@ PRECISIONS: Final[MappingProxyType[str, PrecisionInfo]] = MappingProxyType(
             _p("Q2_K_S", 21, 2.96, False, needs_imatrix=True, description="2-bit k-quant, small"),
             _p("IQ2_M", 29, 2.7, False, needs_imatrix=True, description="2-bit i-quant mix"),
             _p("IQ2_S", 28, 2.5, False, needs_imatrix=True, description="2-bit i-quant"),
-            _p("IQ2_XXS", 19, 2.38, True, needs_imatrix=True, description="2-bit i-quant, smallest"),
             _p("IQ2_XS", 20, 2.31, False, needs_imatrix=True, description="2-bit i-quant, extra small"),
+            _p("IQ2_XXS", 19, 2.38, True, needs_imatrix=True, description="2-bit i-quant, smallest"),
             _p("TQ2_0", 37, 2.06, False, converter_outtype="tq2_0", description="ternary, for ternary models"),
             _p("IQ1_S", 24, 2.00, True, needs_imatrix=True, description="1-bit i-quant"),
             _p("IQ1_M", 31, 1.75, False, needs_imatrix=True, description="1-bit i-quant mix"),

@@ -1,0 +1,80 @@
+"""Shared fixtures: small real models built once per session, and a CLI runner.
+
+Models are built by ``cecai_converter.modelgen`` (random weights, a SentencePiece tokenizer trained on a shipped
+text): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("CECAI_NO_PROGRESS", "1")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None, timeout: int = 900) -> CliResult:
+    """Run ``cecai-convert`` as a user would: a separate process, real exit code."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cecai_converter", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[..., CliResult]:
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build (once per session and argument set) a small model folder; tests must not modify it."""
+    from cecai_converter.modelgen import build_model
+
+    cache: dict[tuple[object, ...], Path] = {}
+
+    def make(arch: str = "llama", *, dtype: str = "float32", size: str = "tiny", seed: int = 0) -> Path:
+        key = (arch, dtype, size, seed)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("models") / f"{arch}-{dtype}-{size}-{seed}"
+            cache[key] = build_model(out, arch, dtype=dtype, size=size, seed=seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_factory: Callable[..., Path]) -> Path:
+    return model_factory("llama")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under ``root`` (to prove inputs are never modified)."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def ggufs_under(root: Path) -> list[Path]:
+    """Every ``.gguf`` file under ``root``, hidden ones included."""
+    return sorted(root.rglob("*.gguf")) if root.exists() else []
