@@ -123,7 +123,7 @@ def test_missing_pieces_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="Converter folder not found"):
         load_converter_dir(tmp_path / "nope")
     conv = write_layout(tmp_path, GENERAL, {"CPU_LLM_LLAMA": {"PRECISION": "F16"}})
-    with pytest.raises(UsageError, match="missing .*converter_args_gpu_llm_llama.yaml"):
+    with pytest.raises(UsageError, match=r"missing .*converter_args_gpu_llm_llama\.yaml"):
         load_converter_dir(conv, ["GPU_LLM_LLAMA"])
     with pytest.raises(UsageError, match="unknown pair 'TPU'"):
         load_converter_dir(conv, ["TPU"])

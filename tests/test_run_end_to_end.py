@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ggufs_under, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -22,10 +21,11 @@ def seed(tmp_path_factory, tiny_llama) -> Path:
     cfg = conv / "configurations"
     (cfg / "CPU_LLM_LLAMA").mkdir(parents=True)
     (cfg / "ARM_LLM_LLAMA").mkdir()
-    (cfg / "converter_args.yaml").write_text(
-        yaml.safe_dump({"IMAGE_NAME": "x", "MODEL_NAME": "gpt2", "TRAINED": False, "MODELS_PATH": "../models",
-                        "LOGS_PATH": "../logs", "OUTPUTS_PATH": "../outputs"})  # fmt: skip
-    )
+    general = {
+        "IMAGE_NAME": "x", "MODEL_NAME": "gpt2", "TRAINED": False,
+        "MODELS_PATH": "../models", "LOGS_PATH": "../logs", "OUTPUTS_PATH": "../outputs",
+    }  # fmt: skip
+    (cfg / "converter_args.yaml").write_text(yaml.safe_dump(general))
     (cfg / "CPU_LLM_LLAMA" / "converter_args_cpu_llm_llama.yaml").write_text("PRECISION: [Q8_0, Q4_K_M]\n")
     (cfg / "ARM_LLM_LLAMA" / "converter_args_arm_llm_llama.yaml").write_text("PRECISION: [Q4_K_M, FP16]\n")
     shutil.copytree(tiny_llama, conv / "models" / "gpt2")

@@ -45,7 +45,7 @@ def test_missing_folder_and_config(tmp_path, model_copy):
     with pytest.raises(UsageError, match="model folder not found"):
         check_model_dir(tmp_path / "absent")
     (model_copy / "config.json").unlink()
-    with pytest.raises(UsageError, match="has no config.json"):
+    with pytest.raises(UsageError, match=r"has no config\.json"):
         check_model_dir(model_copy)
 
 

@@ -164,9 +164,7 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
         first = members[0]
         union = parse_precisions([p.name for m in members for p in m.precisions])
         gpu_layers = max(_gpu_layers(args, m.pair, out) for m in members)
-        targets = tuple(
-            Target(m.outputs_dir, m.pair, m.log_file, tuple(p.name for p in m.precisions)) for m in members
-        )
+        targets = tuple(Target(m.outputs_dir, m.pair, m.log_file, tuple(p.name for p in m.precisions)) for m in members)
         out.info(f"==> {first.model_name}: pairs {', '.join(m.pair.name for m in members)}")
         manifests += run_job(
             Job(
@@ -204,9 +202,7 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
 
 
 def _print_results(manifests: Sequence[dict[str, Any]], out: Output) -> None:
-    data = [
-        {"pair": m.get("pair"), "manifest": m.get("manifest_path"), "files": _file_rows(m)} for m in manifests
-    ]
+    data = [{"pair": m.get("pair"), "manifest": m.get("manifest_path"), "files": _file_rows(m)} for m in manifests]
     out.result(_human_table(manifests), {"results": data})
 
 

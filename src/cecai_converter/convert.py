@@ -22,6 +22,15 @@ __all__ = ["explain_converter_failure", "run_converter"]
 _TENSOR_LINE = re.compile(r"^INFO:hf-to-gguf:(\S+),\s+torch\.\w+ --> ")
 
 
+def _last_error_line(tail: str) -> str:
+    """The exception line of a traceback if there is one, else the last line (progress bars excluded)."""
+    lines = [ln.strip() for ln in tail.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line):
+            return line
+    return next((ln for ln in reversed(lines) if "%|" not in ln), "(no output)")
+
+
 def explain_converter_failure(tail: str, returncode: int, source: ModelSource) -> ConverterError:
     """Map the converter's last output lines to the most specific error we can explain."""
     if "BPE pre-tokenizer was not recognized" in tail:
@@ -39,7 +48,7 @@ def explain_converter_failure(tail: str, returncode: int, source: ModelSource) -
             f"architecture {match.group(1)!r} is not supported by the pinned llama.cpp "
             f"(llama-cpp-python {LLAMA_CPP_PYTHON_VERSION})"
         )
-    if "No space left on device" in tail:
+    if "No space left on device" in tail or re.search(r"OSError: \d+ requested and \d+ written", tail):
         return ConversionFailed(
             "the disk filled up while writing the base GGUF file; nothing was published",
             return_code=returncode,
@@ -48,14 +57,12 @@ def explain_converter_failure(tail: str, returncode: int, source: ModelSource) -
         )
     if re.search(r"SafetensorError|Error while deserializing header|incomplete metadata|HeaderTooLarge", tail):
         return UsageError(
-            f"the safetensors weights in {source.path} could not be read: "
-            + (tail.strip().splitlines() or [""])[-1][:300],
+            f"the safetensors weights in {source.path} could not be read: {_last_error_line(tail)[:300]}",
             hint="download or copy the weights again",
         )
     if "Missing" in tail and "tokenizer" in tail:
         return UnsupportedModel(
-            f"the tokenizer files in {source.path} are missing or incomplete: "
-            + (tail.strip().splitlines() or [""])[-1][:300],
+            f"the tokenizer files in {source.path} are missing or incomplete: {_last_error_line(tail)[:300]}",
             hint="copy tokenizer.model / tokenizer.json / tokenizer_config.json from the original repository",
         )
     if returncode < 0:
@@ -65,7 +72,7 @@ def explain_converter_failure(tail: str, returncode: int, source: ModelSource) -
             output_tail=tail,
             hint="large models need RAM about the size of their largest shard; close other jobs or use a bigger host",
         )
-    last = (tail.strip().splitlines() or ["(no output)"])[-1]
+    last = _last_error_line(tail)
     return ConversionFailed(
         f"convert_hf_to_gguf.py failed (exit {returncode}): {last[:400]}",
         return_code=returncode,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .manifest import MANIFEST_NAME, file_is_current, inputs_key, read_manifest,
 from .output import Output, get_logger
 from .pairs import PairInfo
 from .precisions import PRECISIONS, PrecisionInfo
-from .source import ModelSource, check_model_dir, fetch_from_hub, fingerprint_files, source_dtype
+from .source import ModelSource, check_model_dir, count_parameters, fetch_from_hub, fingerprint_files, source_dtype
 from .toolchain import ensure_converter, require_runtime, toolchain_info
 from .verify import load_check, read_back
 
@@ -272,6 +273,8 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
 
     require_runtime()
     anchor = job.targets[0].outputs_dir
+    if missing:
+        _check_free_space(anchor, count_parameters(source), base_precision, missing)
     with staging_dir(anchor) as stage:
         if missing:
             _produce(run, source, stage, missing, base_precision, keys, imatrix_path, imatrix_record)
@@ -281,6 +284,21 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
         manifests = [_publish(run, target, source_record, base_precision, imatrix_record) for target in job.targets]
     run.timings["total_s"] = round(time.perf_counter() - started, 3)
     return manifests
+
+
+def _check_free_space(folder: Path, n_params: int, base: PrecisionInfo, missing: Sequence[PrecisionInfo]) -> None:
+    """Refuse to start a job that cannot fit: the base plus every new file, estimated from bits per weight."""
+    if n_params <= 0:
+        return
+    needed = n_params * (base.bpw + sum(p.bpw for p in missing if p.name != base.name)) / 8
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ConversionFailed(
+            f"not enough disk space in {folder}: this job needs about {needed / 1e9:.2f} GB "
+            f"(the {base.name} base and {len(missing)} file(s)), {free / 1e9:.2f} GB are free",
+            hint="free space there or choose another outputs folder, then re-run",
+        )
 
 
 def _given_imatrix(opts: Options) -> tuple[Path | None, dict[str, Any] | None]:
@@ -452,4 +470,3 @@ def _publish(
     _log.info("wrote %s", path)
     # Files of earlier runs that this run no longer asked for are left alone; the manifest lists this run's files.
     return {**manifest, "manifest_path": str(path)}
-

@@ -26,6 +26,7 @@ __all__ = [
     "HUB_PATTERNS",
     "ModelSource",
     "check_model_dir",
+    "count_parameters",
     "fetch_from_hub",
     "fingerprint_files",
     "looks_like_repo_id",
@@ -148,7 +149,7 @@ def check_model_dir(
     if not archs or not isinstance(archs, list):
         raise UnsupportedModel(
             f"{config_path} names no `architectures`",
-            hint="the converter picks its model class from config.json's `architectures`, e.g. [\"LlamaForCausalLM\"]",
+            hint='the converter picks its model class from config.json\'s `architectures`, e.g. ["LlamaForCausalLM"]',
         )
     architecture = str(archs[0])
 
@@ -219,6 +220,24 @@ def source_dtype(source: ModelSource) -> str:
                 counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
     top = max(counts, key=lambda k: counts[k]) if counts else "F16"
     return {"F32": "f32", "BF16": "bf16"}.get(top, "f16")
+
+
+def count_parameters(source: ModelSource) -> int:
+    """The number of weights in the safetensors files, from their headers (0 for pickle weights)."""
+    total = 0
+    for name in source.weights:
+        if not name.endswith(".safetensors"):
+            continue
+        with (source.path / name).open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for key, info in header.items():
+            if key != "__metadata__":
+                count = 1
+                for dim in info.get("shape", []):
+                    count *= int(dim)
+                total += count
+    return total
 
 
 def _sha256_file(path: Path) -> str:
@@ -302,7 +321,9 @@ def fetch_from_hub(repo_id: str, revision: str | None, dest_root: Path) -> tuple
             hint="check the repo id; for a private repository set HF_TOKEN",
         ) from None
     except hf_errors.RevisionNotFoundError:
-        raise UsageError(f"revision {revision!r} not found in {repo_id}", hint="use a branch, tag or commit SHA") from None
+        raise UsageError(
+            f"revision {revision!r} not found in {repo_id}", hint="use a branch, tag or commit SHA"
+        ) from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
         raise ConversionFailed(
             f"downloading {repo_id} failed: {type(exc).__name__}: {str(exc)[:300]}",

@@ -1,0 +1,293 @@
+"""The batch file (``conversions.yaml``): which models, at which revisions, in which precisions, for which pairs.
+
+A release workflow reads it through ``cecai-convert plan`` and fans the work out to runners that match each pair::
+
+    defaults:                      # optional; every model inherits these
+      precisions: [Q8_0, Q4_K_M]
+      pairs: [CPU_LLM_LLAMA, GPU_LLM_LLAMA]
+    runner-labels:                 # optional; replaces a pair's default runner labels
+      GPU_LLM_LLAMA: [self-hosted, linux, X64, gpu, cuda-12]
+    models:
+      - repo: TinyLlama/TinyLlama-1.1B-Chat-v1.0   # a Hugging Face repo id ...
+        revision: fe8a4ea1ffedaf415f4da2f062534de366a451e6
+        precisions: [Q4_K_M, Q5_K_M]              # optional; overrides defaults
+      - path: models/my-finetune                  # ... or a folder, relative to this file
+        name: my-finetune                         # optional; the stem of every output file
+        pairs: [cpu, arm]
+
+Every key is checked: an unknown key is an error that names the closest known one, like the Converter configuration
+(:mod:`cecai_converter.config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+from .config import load_yaml_mapping
+from .errors import ConfigError, UsageError
+from .pairs import PAIRS, PairInfo, parse_pair
+from .precisions import PrecisionInfo, parse_precisions
+
+__all__ = [
+    "DEFAULTS_KEYS",
+    "MODEL_KEYS",
+    "TOP_KEYS",
+    "Batch",
+    "BatchModel",
+    "load_batch",
+    "parse_batch",
+]
+
+#: Top-level keys and what they mean.
+TOP_KEYS: Final[Mapping[str, str]] = {
+    "version": "the format version; 1 (optional)",
+    "defaults": "precisions and pairs every model inherits",
+    "runner-labels": "pair -> list of runner labels, replacing that pair's defaults",
+    "models": "the list of models to convert",
+}
+#: Keys of ``defaults``.
+DEFAULTS_KEYS: Final[Mapping[str, str]] = {
+    "precisions": "one llama.cpp type or a list of them",
+    "pairs": "one pair or a list of them (CPU_LLM_LLAMA or cpu, ...)",
+}
+#: Keys of one entry under ``models``.
+MODEL_KEYS: Final[Mapping[str, str]] = {
+    "repo": "a Hugging Face repo id (owner/name)",
+    "path": "a model folder, relative to the batch file",
+    "revision": "the Hub revision to convert; a commit hash makes the release reproducible",
+    "name": "the stem of every output file (default: the last part of repo or path)",
+    "precisions": "overrides defaults.precisions",
+    "pairs": "overrides defaults.pairs",
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class BatchModel:
+    """One model of a batch, with its defaults applied.
+
+    Attributes:
+        name: the stem of every output file; unique within the batch.
+        source: ``hub`` or ``local``.
+        model: the repo id, or the folder path as the CLI should be given it (relative to the working directory
+            the batch was loaded from, when possible).
+        revision: the Hub revision, if given.
+        precisions: the requested types, in the user's order.
+        pairs: the pairs to convert for, in the user's order.
+    """
+
+    name: str
+    source: str
+    model: str
+    revision: str | None
+    precisions: tuple[PrecisionInfo, ...]
+    pairs: tuple[PairInfo, ...]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch file.
+
+    Attributes:
+        path: where it was read from.
+        models: the models, in file order.
+        runner_labels: the runner labels for every pair (defaults from :data:`PAIRS`, overrides applied).
+    """
+
+    path: Path
+    models: tuple[BatchModel, ...]
+    runner_labels: Mapping[str, tuple[str, ...]]
+
+
+def _unknown_key(key: object, known: Mapping[str, str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key).lower(), list(known), n=1, cutoff=0.5)
+    suggestion = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(
+        f"{where}: unknown key {key!r}.{suggestion}",
+        hint="known keys: " + "; ".join(f"{k} ({v})" for k, v in known.items()),
+    )
+
+
+def _check_keys(data: Mapping[str, Any], known: Mapping[str, str], where: str) -> None:
+    for key in data:
+        if key not in known:
+            raise _unknown_key(key, known, where)
+
+
+def _mapping(value: object, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected `key: value` lines (a mapping), found {value!r}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _string(value: object, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return str(value).strip()
+
+
+def _parse_pairs(value: object, where: str) -> tuple[PairInfo, ...]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ConfigError(f"{where}: the list is empty", hint=f"give at least one pair: {', '.join(PAIRS)}")
+    found: dict[str, PairInfo] = {}
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: expected a pair name such as CPU_LLM_LLAMA, got {item!r}")
+        try:
+            info = parse_pair(item)
+        except UsageError as exc:
+            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+        found.setdefault(info.name, info)
+    return tuple(found.values())
+
+
+def _parse_runner_labels(value: object, where: str) -> dict[str, tuple[str, ...]]:
+    labels = {name: info.runner_labels for name, info in PAIRS.items()}
+    for key, raw in _mapping(value, where).items():
+        try:
+            pair = parse_pair(key)
+        except UsageError as exc:
+            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+        items = raw if isinstance(raw, list) else [raw]
+        if not items or not all(isinstance(x, str) and _LABEL.match(x) for x in items):
+            raise ConfigError(
+                f"{where}.{key}: expected a non-empty list of runner labels, got {raw!r}",
+                hint=f"for example: {pair.name}: [{', '.join(pair.runner_labels)}]",
+            )
+        labels[pair.name] = tuple(items)
+    return labels
+
+
+def _local_model(value: str, base_dir: Path, where: str) -> str:
+    posix = PurePosixPath(value.replace("\\", "/"))
+    if posix.is_absolute() or ".." in posix.parts:
+        raise ConfigError(
+            f"{where}: path {value!r} must be a folder inside the repository",
+            hint="write it relative to the batch file, without '..'",
+        )
+    target = base_dir / Path(*posix.parts)
+    # The CLI runs from the same working directory as `plan` (the checkout root): keep the path relative to it.
+    try:
+        return Path(os.path.relpath(target)).as_posix()
+    except ValueError:  # another drive on Windows
+        return target.as_posix()
+
+
+def _parse_model(
+    index: int,
+    raw: object,
+    defaults: Mapping[str, Any],
+    base_dir: Path,
+    where: str,
+) -> BatchModel:
+    here = f"{where}: models[{index}]"
+    data = _mapping(raw, here)
+    _check_keys(data, MODEL_KEYS, here)
+    has_repo, has_path = data.get("repo") is not None, data.get("path") is not None
+    if has_repo == has_path:
+        raise ConfigError(
+            f"{here}: give exactly one of `repo` (a Hugging Face repo id) or `path` (a folder)",
+            hint="e.g. `- repo: TinyLlama/TinyLlama-1.1B-Chat-v1.0` or `- path: models/my-model`",
+        )
+    revision = None
+    if has_repo:
+        repo = _string(data["repo"], f"{here}.repo")
+        if not _REPO_ID.match(repo):
+            raise ConfigError(f"{here}.repo: {repo!r} is not a repo id", hint="write it as owner/name")
+        source, model, default_name = "hub", repo, repo.split("/")[-1]
+        if data.get("revision") is not None:
+            revision = _string(data["revision"], f"{here}.revision")
+    else:
+        if data.get("revision") is not None:
+            raise ConfigError(f"{here}: `revision` applies to `repo` models only; a folder has no revisions")
+        path = _string(data["path"], f"{here}.path")
+        source, model = "local", _local_model(path, base_dir, f"{here}.path")
+        default_name = PurePosixPath(path.replace("\\", "/")).name
+    name = _string(data["name"], f"{here}.name") if data.get("name") is not None else default_name
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"{here}.name: {name!r} cannot be a file name stem",
+            hint="use letters, digits, '.', '_' and '-' (starting with a letter or digit), at most 96 characters",
+        )
+    precisions_raw = data.get("precisions", defaults.get("precisions"))
+    if precisions_raw is None:
+        raise ConfigError(
+            f"{here} ({name}): no precisions",
+            hint="set `precisions:` on the model or under `defaults:`, e.g. [Q8_0, Q4_K_M]",
+        )
+    pairs_raw = data.get("pairs", defaults.get("pairs"))
+    if pairs_raw is None:
+        raise ConfigError(
+            f"{here} ({name}): no pairs",
+            hint=f"set `pairs:` on the model or under `defaults:`; known pairs: {', '.join(PAIRS)}",
+        )
+    return BatchModel(
+        name=name,
+        source=source,
+        model=model,
+        revision=revision,
+        precisions=parse_precisions(precisions_raw, where=f"{here}.precisions"),
+        pairs=_parse_pairs(pairs_raw, f"{here}.pairs"),
+    )
+
+
+def parse_batch(data: Mapping[str, Any], path: Path) -> Batch:
+    """Validate an already-loaded batch mapping; ``path`` names it in messages and anchors relative folders.
+
+    Raises:
+        ConfigError: an unknown key, a missing or malformed value, an unknown pair or precision, two models with
+            the same name.
+    """
+    where = str(path)
+    _check_keys(data, TOP_KEYS, where)
+    version = data.get("version", 1)
+    if version != 1:
+        raise ConfigError(f"{where}: version {version!r} is not supported", hint="this release reads version: 1")
+    defaults = _mapping(data.get("defaults"), f"{where}: defaults")
+    _check_keys(defaults, DEFAULTS_KEYS, f"{where}: defaults")
+    if "precisions" in defaults:
+        parse_precisions(defaults["precisions"], where=f"{where}: defaults.precisions")
+    if "pairs" in defaults:
+        _parse_pairs(defaults["pairs"], f"{where}: defaults.pairs")
+    runner_labels = _parse_runner_labels(data.get("runner-labels"), f"{where}: runner-labels")
+    raw_models = data.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError(
+            f"{where}: `models` must be a non-empty list",
+            hint="add e.g.\nmodels:\n  - repo: owner/name\n    revision: <commit>",
+        )
+    base_dir = path.parent
+    models: list[BatchModel] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(raw_models):
+        model = _parse_model(index, raw, defaults, base_dir, where)
+        if model.name in seen:
+            raise ConfigError(
+                f"{where}: models[{index}] and models[{seen[model.name]}] are both named {model.name!r}; "
+                "their files would overwrite each other",
+                hint="give one of them a different `name:`",
+            )
+        seen[model.name] = index
+        models.append(model)
+    return Batch(path=path, models=tuple(models), runner_labels=runner_labels)
+
+
+def load_batch(path: Path) -> Batch:
+    """Read and validate a batch file.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or is not a valid batch (see :func:`parse_batch`).
+    """
+    return parse_batch(load_yaml_mapping(path), path)

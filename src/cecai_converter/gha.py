@@ -1,0 +1,452 @@
+"""The GitHub Actions adapter: what the composite actions run (``python -m cecai_converter.gha COMMAND``).
+
+It reads the action's inputs from ``INPUT_*`` environment variables (``action.yml`` maps every input into ``env:``;
+no input is ever expanded inside a shell script), calls the same code as the CLI, and speaks the runner's protocol:
+
+* a :class:`~cecai_converter.errors.ConverterError` becomes one ``::error title=…::`` annotation (newlines as
+  ``%0A``) plus a Markdown explanation in ``$GITHUB_STEP_SUMMARY``, and the exit code of the CLI;
+* results go to ``$GITHUB_OUTPUT`` as ``key=value`` lines, multi-line values with a random heredoc delimiter;
+* each conversion adds a table to the job summary (file, precision, size, sha256 prefix, time);
+* tokens (``HF_TOKEN``, ``GITHUB_TOKEN``) are masked with ``::add-mask::`` before anything else is printed.
+
+Commands: ``convert``, ``plan``, ``publish``; run as ``cecai-convert gha COMMAND`` (or ``python -m
+cecai_converter.gha COMMAND``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import EXIT_USAGE, ConverterError, UsageError
+from .output import LOGGER_NAME, Output
+
+__all__ = [
+    "annotation",
+    "conversion_summary",
+    "error_annotation",
+    "escape_data",
+    "escape_property",
+    "main",
+    "mask_secrets",
+    "register",
+    "split_list",
+    "write_outputs",
+]
+
+#: Environment variables whose values are secrets and get masked first.
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN", "INPUT_HF_TOKEN", "INPUT_GITHUB_TOKEN")
+
+
+# --------------------------------------------------------------------------------------- the workflow commands
+
+
+def escape_data(value: str) -> str:
+    """Escape a workflow command's message (``%``, CR and LF), as the runner's toolkit does."""
+    return value.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(value: str) -> str:
+    """Escape a workflow command's property value (also ``:`` and ``,``)."""
+    return escape_data(value).replace(":", "%3A").replace(",", "%2C")
+
+
+def annotation(level: str, message: str, *, title: str | None = None) -> str:
+    """``::error title=T::message`` (level: error, warning, notice)."""
+    props = f" title={escape_property(title)}" if title else ""
+    return f"::{level}{props}::{escape_data(message)}"
+
+
+def error_annotation(exc: ConverterError) -> str:
+    """The one-line annotation for a user-facing error: its title, message and hint."""
+    message = exc.message + (f"\nhint: {exc.hint}" if exc.hint else "")
+    return annotation("error", message, title=f"cecai-converter: {exc.title}")
+
+
+def mask_secrets(env: Mapping[str, str], stream: TextIO) -> None:
+    """``::add-mask::`` every secret value (each line of a multi-line one) so the log never shows it."""
+    for name in SECRET_VARIABLES:
+        value = env.get(name, "")
+        # one command per line: a multi-line value is masked line by line (writing it whole would print line 2+)
+        for line in dict.fromkeys(value.splitlines()):
+            if line.strip():
+                stream.write(f"::add-mask::{line}\n")
+    stream.flush()
+
+
+def write_outputs(path: str | os.PathLike[str] | None, values: Mapping[str, str]) -> None:
+    """Append step outputs to ``$GITHUB_OUTPUT``; multi-line values use a random delimiter.
+
+    Raises:
+        UsageError: ``path`` is not set (not running in a workflow step) or a key is not a valid output name.
+    """
+    if not path:
+        raise UsageError("GITHUB_OUTPUT is not set", hint="this command runs inside a GitHub Actions step")
+    with Path(path).open("a", encoding="utf-8") as fh:
+        for key, value in values.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
+                raise UsageError(f"not a valid output name: {key!r}")
+            if "\n" in value or "\r" in value:
+                delimiter = f"ghadelimiter_{secrets.token_hex(16)}"
+                while delimiter in value:  # pragma: no cover (128 random bits)
+                    delimiter = f"ghadelimiter_{secrets.token_hex(16)}"
+                fh.write(f"{key}<<{delimiter}\n{value}\n{delimiter}\n")
+            else:
+                fh.write(f"{key}={value}\n")
+
+
+def append_summary(path: str | os.PathLike[str] | None, markdown: str) -> None:
+    """Append Markdown to ``$GITHUB_STEP_SUMMARY`` (silently skipped outside a workflow)."""
+    if path:
+        with Path(path).open("a", encoding="utf-8") as fh:
+            fh.write(markdown if markdown.endswith("\n") else markdown + "\n")
+
+
+def split_list(value: str | None) -> list[str]:
+    """An action's list input: items separated by newlines, commas or spaces; blanks dropped."""
+    return [item for item in re.split(r"[\s,]+", value or "") if item]
+
+
+def _truthy(value: str | None, default: bool = False) -> bool:
+    if value is None or not value.strip():
+        return default
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise UsageError(f"expected true or false, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------- the summary
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _seconds(manifest: Mapping[str, Any], precision: str) -> float | None:
+    timings = manifest.get("timings") or {}
+    quantize = timings.get("quantize_s") or {}
+    verify = timings.get("verify_s") or {}
+    parts = [quantize.get(precision), verify.get(precision)]
+    if precision not in quantize:  # written by the converter itself (F16, BF16, Q8_0...)
+        parts.append(timings.get("convert_s"))
+    known = [float(p) for p in parts if isinstance(p, (int, float))]
+    return sum(known) if known else None
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def conversion_summary(result: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, title: str) -> str:
+    """A Markdown section for one conversion: one row per file (file, precision, size, sha256 prefix, time)."""
+    manifest = manifest or {}
+    lines = [
+        f"### {_cell(title)}",
+        "",
+        "| File | Precision | Size | SHA-256 | Time |",
+        "| --- | --- | ---: | --- | ---: |",
+    ]
+    for entry in result.get("files") or []:
+        seconds = _seconds(manifest, str(entry.get("precision", "")))
+        lines.append(
+            f"| `{_cell(entry.get('name', ''))}` | {_cell(entry.get('precision', ''))} "
+            f"| {_size(int(entry.get('bytes', 0)))} | `{_cell(str(entry.get('sha256', ''))[:12])}` "
+            f"| {'' if seconds is None else f'{seconds:.1f} s'} |"
+        )
+    total = (manifest.get("timings") or {}).get("total_s")
+    if isinstance(total, (int, float)):
+        lines += ["", f"Total: {total:.1f} s."]
+    return "\n".join(lines) + "\n\n"
+
+
+def _failure_summary(exc: ConverterError, what: str) -> str:
+    lines = [f"### ❌ {_cell(what)}: {exc.title}", "", exc.message]
+    if exc.hint:
+        lines += ["", f"**What to do:** {exc.hint}"]
+    tail = getattr(exc, "output_tail", "")
+    if tail:
+        lines += ["", "<details><summary>Last output</summary>", "", "```", tail[-4000:], "```", "", "</details>"]
+    return "\n".join(lines) + "\n\n"
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+
+def _run_cli(argv: Sequence[str]) -> Any:
+    """Run one CLI command in this process, in JSON mode, and return its result object."""
+    from .cli import build_parser  # the full parser: every command module registered
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(["--format", "json", *argv])
+    except SystemExit as exc:  # argparse already printed why
+        raise UsageError(
+            f"the action's inputs make an invalid command line: cecai-convert {' '.join(argv)}",
+            hint="check the inputs against the action's documentation (the log above says which one is wrong)",
+        ) from (None if exc.code else exc)
+    buffer = io.StringIO()
+    code = int(args.handler(args, Output("json", verbose=args.verbose, stdout=buffer)))
+    text = buffer.getvalue().strip()
+    if code != 0:
+        raise ConverterError(f"cecai-convert {argv[0]} exited with {code}")
+    return json.loads(text) if text else {}
+
+
+def _run_in_container(argv: Sequence[str], env: Mapping[str, str]) -> Any:
+    """Run one CLI command in the pair's image (docker backend); the working directory is mounted at /work."""
+    import subprocess
+
+    from .pairs import parse_pair
+
+    image = env.get("INPUT_IMAGE", "").strip()
+    if not image:
+        raise UsageError(
+            "the docker backend needs the `image` input",
+            hint="e.g. image: ghcr.io/OWNER/cecai-converter:cpu (one image per pair, see images.yml)",
+        )
+    engine = env.get("CECAI_CONTAINER_ENGINE", "").strip() or "docker"
+    cmd = [engine, "run", "--rm", "-v", f"{Path.cwd()}:/work", "-w", "/work", "-e", "HF_TOKEN", "-e", "CECAI_DEBUG"]
+    pair = env.get("INPUT_PAIR", "").strip()
+    accelerator = parse_pair(pair).accelerator if pair else "cpu"
+    if accelerator == "cuda":
+        cmd += ["--gpus", "all"]
+    elif accelerator == "jetson":
+        cmd += ["--runtime", "nvidia"]
+    cmd += [image, "cecai-convert", "--format", "json", *argv]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    except FileNotFoundError:
+        raise UsageError(f"{engine} is not installed on this runner", hint="use backend: local") from None
+    if proc.returncode != 0:
+        raise ConverterError(f"the conversion in {image} failed (exit {proc.returncode}); its log is above")
+    result = json.loads(proc.stdout or "{}")
+
+    def host(path: object) -> object:  # /work/x inside the container is ./x here
+        return str(path).replace("/work/", "", 1) if str(path).startswith("/work/") else path
+
+    if "manifest" in result:
+        result["manifest"] = host(result["manifest"])
+    for entry in result.get("files") or []:
+        if "path" in entry:
+            entry["path"] = host(entry["path"])
+    return result
+
+
+def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
+    model = env.get("INPUT_MODEL", "").strip()
+    if not model:
+        raise UsageError("the `model` input is empty", hint="give a model folder or a Hugging Face repo id")
+    precisions = split_list(env.get("INPUT_PRECISIONS"))
+    if not precisions:
+        raise UsageError("the `precisions` input is empty", hint="e.g. `precisions: Q8_0 Q4_K_M`")
+    outdir = env.get("INPUT_OUTDIR", "").strip() or "gguf"
+    argv = ["convert", model, "--outdir", outdir]
+    for precision in precisions:
+        argv += ["--precision", precision]
+    for key, flag in (("INPUT_PAIR", "--pair"), ("INPUT_REVISION", "--revision"), ("INPUT_MODEL_NAME", "--model-name")):
+        if env.get(key, "").strip():
+            argv += [flag, env[key].strip()]
+    backend = env.get("INPUT_BACKEND", "").strip() or "local"
+    if env.get("INPUT_HF_TOKEN"):
+        os.environ["HF_TOKEN"] = env["INPUT_HF_TOKEN"]  # masked in main(); read by huggingface_hub
+    if backend == "local":
+        result = _run_cli(argv)
+    elif backend == "docker":
+        result = _run_in_container(argv, env)
+    else:
+        raise UsageError(f"the `backend` input must be local or docker, got {backend!r}")
+    manifest_path = str(result.get("manifest") or Path(outdir) / "manifest.json")
+    manifest: dict[str, Any] | None = None
+    if Path(manifest_path).is_file():
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    files = [str(f.get("path") or Path(outdir) / f["name"]) for f in result.get("files") or []]
+    write_outputs(
+        env.get("GITHUB_OUTPUT"),
+        {
+            "files": "\n".join(files),
+            "files-json": json.dumps(files),
+            "manifest": manifest_path,
+            "outdir": outdir,
+        },
+    )
+    pair = env.get("INPUT_PAIR", "").strip()
+    title = f"cecai-convert: {model}" + (f" ({pair})" if pair else "")
+    append_summary(env.get("GITHUB_STEP_SUMMARY"), conversion_summary(result, manifest, title=title))
+    stdout.write(f"converted {model}: {len(files)} file(s) in {outdir}\n")
+    return 0
+
+
+def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
+    from .batch import load_batch
+    from .plan import build_matrix
+
+    batch_path = Path(env.get("INPUT_BATCH", "").strip() or "conversions.yaml")
+    if_missing = env.get("INPUT_IF_MISSING", "").strip() or "fail"
+    if if_missing not in ("fail", "skip"):
+        raise UsageError(f"the `if-missing` input must be fail or skip, got {if_missing!r}")
+    if not batch_path.is_file() and if_missing == "skip":
+        stdout.write(annotation("notice", f"no batch file at {batch_path}: nothing to convert") + "\n")
+        write_outputs(env.get("GITHUB_OUTPUT"), {"matrix": json.dumps({"include": []}), "count": "0"})
+        return 0
+    matrix = build_matrix(load_batch(batch_path), split_list(env.get("INPUT_PAIRS")) or None)
+    count = len(matrix["include"])
+    write_outputs(
+        env.get("GITHUB_OUTPUT"),
+        {"matrix": json.dumps(matrix, separators=(",", ":"), sort_keys=True), "count": str(count)},
+    )
+    rows = [
+        f"| {e['id']} | `{e['model']}` | {e['pair']} | {e['precisions']} | {', '.join(e['runner_labels'])} |"
+        for e in matrix["include"]
+    ]
+    append_summary(
+        env.get("GITHUB_STEP_SUMMARY"),
+        "\n".join(
+            [
+                f"### Conversion plan: {count} job(s)",
+                "",
+                "| Job | Model | Pair | Precisions | Runner labels |",
+                "| --- | --- | --- | --- | --- |",
+                *rows,
+            ]
+        )
+        + "\n\n",
+    )
+    stdout.write(f"planned {count} job(s) from {batch_path}\n")
+    return 0
+
+
+def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
+    from .publish import SIZE_LIMIT, publish_release, push_to_hub
+
+    inputs: list[Path] = []
+    for item in split_list(env.get("INPUT_PATH")):
+        if any(c in item for c in "*?["):  # a glob such as artifacts/*: expanded here, never by a shell
+            matches = [Path(m) for m in sorted(glob.glob(item))]  # noqa: PTH207 (Path.glob: relative only)
+            if not matches:
+                raise UsageError(f"the `path` input {item!r} matches nothing")
+            inputs += matches
+        else:
+            inputs.append(Path(item))
+    tag = env.get("INPUT_TAG", "").strip()
+    if not tag and env.get("GITHUB_REF", "").startswith("refs/tags/"):
+        tag = env["GITHUB_REF"].removeprefix("refs/tags/")
+    hf_repo = env.get("INPUT_HF_REPO", "").strip()
+    if not tag and not hf_repo:
+        raise UsageError(
+            "no release tag: set the `tag` input, or run on a tag push",
+            hint="publish needs a release tag (or `hf-repo` to push to the Hugging Face Hub only)",
+        )
+    outputs: dict[str, str] = {}
+    lines: list[str] = []
+    if tag:
+        repo = env.get("INPUT_REPOSITORY", "").strip() or env.get("GITHUB_REPOSITORY", "")
+        size_limit = int(env.get("CECAI_SPLIT_SIZE") or SIZE_LIMIT)  # smaller only in tests
+        result = publish_release(
+            inputs,
+            repo=repo,
+            tag=tag,
+            token=env.get("GITHUB_TOKEN", ""),
+            api_url=env.get("GITHUB_API_URL") or None,
+            publish=not _truthy(env.get("INPUT_DRAFT")),
+            size_limit=size_limit,
+            target_commitish=env.get("GITHUB_SHA") or None,
+            on_progress=lambda line: stdout.write(line + "\n"),
+        )
+        outputs.update(
+            {
+                "release-url": result.html_url,
+                "release-id": str(result.release_id),
+                "uploaded": json.dumps(result.uploaded),
+            }
+        )
+        state = "draft" if result.draft else "published"
+        lines += [f"### Release {_cell(tag)} ({state})", "", result.html_url, "", "| Asset | Status |", "| --- | --- |"]
+        lines += [f"| `{_cell(n)}` | uploaded |" for n in result.uploaded]
+        lines += [f"| `{_cell(n)}` | unchanged |" for n in result.unchanged]
+        if result.split:
+            lines += ["", "Split below 2 GB (llama.cpp split format): " + ", ".join(f"`{n}`" for n in result.split)]
+    if hf_repo:
+        url = push_to_hub(
+            inputs, hf_repo, token=env.get("HF_TOKEN") or None, revision=env.get("INPUT_HF_REVISION") or None
+        )
+        outputs["hub-commit-url"] = url
+        lines += ["", f"Pushed to Hugging Face [{_cell(hf_repo)}]({url})."]
+    write_outputs(env.get("GITHUB_OUTPUT"), outputs)
+    append_summary(env.get("GITHUB_STEP_SUMMARY"), "\n".join(lines) + "\n\n")
+    return 0
+
+
+_COMMANDS: dict[str, tuple[str, Callable[[Mapping[str, str], TextIO], int]]] = {
+    "convert": ("conversion failed", _convert),
+    "plan": ("planning failed", _plan),
+    "publish": ("publishing failed", _publish),
+}
+
+
+def main(
+    argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None, stdout: TextIO | None = None
+) -> int:
+    """Run one adapter command; returns the exit code (the CLI's codes: 0, 1, 2, 130)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ if env is None else env)
+    out = stdout or sys.stdout
+    mask_secrets(environ, out)
+    if len(args) != 1 or args[0] not in _COMMANDS:
+        out.write(annotation("error", f"usage: python -m cecai_converter.gha {{{','.join(_COMMANDS)}}}") + "\n")
+        return EXIT_USAGE
+    what, command = _COMMANDS[args[0]]
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        return command(environ, out)
+    except ConverterError as exc:
+        out.write(error_annotation(exc) + "\n")
+        out.flush()
+        append_summary(environ.get("GITHUB_STEP_SUMMARY"), _failure_summary(exc, what))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.write(annotation("error", "interrupted", title="cecai-converter: cancelled") + "\n")
+        return 130
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
+    return main([args.gha_command])
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``gha`` command (what the composite actions run; inputs come from INPUT_* variables)."""
+    parser = subparsers.add_parser(
+        "gha",
+        help="GitHub Actions adapter used by the composite actions (reads INPUT_* variables)",
+        description="Run one step of the composite actions: inputs from INPUT_* environment variables, results to "
+        "$GITHUB_OUTPUT and $GITHUB_STEP_SUMMARY, errors as ::error annotations.",
+    )
+    parser.add_argument("gha_command", choices=sorted(_COMMANDS), metavar="{" + ",".join(_COMMANDS) + "}")
+    parser.set_defaults(handler=_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,880 @@
+"""``cecai-convert publish``: attach GGUF files, their manifests and ``SHA256SUMS`` to a GitHub release.
+
+The rules GitHub imposes, and how this module keeps them:
+
+* **Immutable releases** refuse new assets once published. Files go to a *draft* release (found or created for the
+  tag), and the draft is published last. A release that is already published and immutable is only accepted when
+  every file is already there, byte for byte (a re-run); anything new is refused with a clear message.
+* **Each asset must stay below 2 GiB.** A GGUF file of :data:`SIZE_LIMIT` bytes or more is split in llama.cpp's
+  split format (what ``llama-gguf-split --split`` writes: ``<name>-00001-of-0000N.gguf``, ``split.*`` keys), which
+  llama.cpp and llama-cpp-python load directly from the first part. The release notes say so.
+* **Re-runs never clobber.** An asset with the same name and the same SHA-256 is skipped; a *different* file under
+  a name that is already taken is an error, found before anything is uploaded. Assets this tool did not write are
+  never touched. ``SHA256SUMS`` is the one file it rewrites, merged with the lines already there.
+* **Nothing half-published.** A failed upload deletes every asset this run uploaded and leaves the release as it was
+  (a draft stays a draft). On a published, mutable release, new files are uploaded under temporary names and renamed
+  only after all of them arrived.
+
+The REST calls use ``urllib`` against ``GITHUB_API_URL`` (``https://api.github.com`` by default) with the token from
+``GITHUB_TOKEN``; the token is sent only in the ``Authorization`` header to that API and its upload host, and is
+never logged or put in a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import ConverterError, UsageError
+from .output import Output, get_logger
+from .pairs import PAIRS
+
+__all__ = [
+    "CHECKSUMS_NAME",
+    "SIZE_LIMIT",
+    "GitHubClient",
+    "LocalAsset",
+    "PublishFailed",
+    "PublishResult",
+    "collect_assets",
+    "parse_checksums",
+    "publish_release",
+    "push_to_hub",
+    "register",
+    "release_notes",
+    "split_gguf",
+]
+
+#: GitHub refuses release assets of 2 GiB or more; stay below 2,000,000,000 bytes (2 GB).
+SIZE_LIMIT: Final = 2_000_000_000
+CHECKSUMS_NAME: Final = "SHA256SUMS"
+#: The suffix of an asset uploaded to a published release before it is renamed to its final name.
+PARTIAL_SUFFIX: Final = ".cecai-partial"
+NOTES_START: Final = "<!-- cecai-converter:assets -->"
+NOTES_END: Final = "<!-- /cecai-converter:assets -->"
+_SPLIT_NAME: Final = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_CHUNK: Final = 1 << 20
+_log = get_logger("publish")
+
+
+class PublishFailed(ConverterError):
+    """Publishing to GitHub or the Hugging Face Hub failed; the release was left as it was."""
+
+    title = "publish failed"
+
+
+class GitHubAPIError(PublishFailed):
+    """GitHub answered a REST call with an error status.
+
+    Attributes:
+        status: the HTTP status (0 when the server could not be reached).
+    """
+
+    def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class LocalAsset:
+    """A file to attach.
+
+    Attributes:
+        name: the asset name on the release.
+        path: where the bytes are.
+        size: bytes.
+        sha256: hex digest.
+        kind: ``gguf``, ``split`` (one part of a split GGUF file), ``manifest`` or ``checksums``.
+        precision: the GGUF file's precision, when a manifest says it.
+        split_of: for a part, the name of the GGUF file it was split from.
+    """
+
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    kind: str
+    precision: str | None = None
+    split_of: str | None = None
+
+
+@dataclass
+class PublishResult:
+    """What :func:`publish_release` did."""
+
+    tag: str
+    release_id: int
+    html_url: str
+    draft: bool
+    created: bool
+    uploaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    split: dict[str, list[str]] = field(default_factory=dict)
+    hub_commit_url: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly copy."""
+        return {
+            "tag": self.tag,
+            "release_id": self.release_id,
+            "html_url": self.html_url,
+            "draft": self.draft,
+            "created": self.created,
+            "uploaded": self.uploaded,
+            "unchanged": self.unchanged,
+            "split": self.split,
+            "hub_commit_url": self.hub_commit_url,
+        }
+
+
+# --------------------------------------------------------------------------------------------------- local files
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_gguf(path: Path, outdir: Path, *, size_limit: int = SIZE_LIMIT) -> list[Path]:
+    """Split a GGUF file into parts that are each smaller than ``size_limit`` bytes, the way ``gguf-split`` does.
+
+    The first part keeps every key/value of the original; every part carries ``split.no`` (u16),
+    ``split.count`` (u16) and ``split.tensors.count`` (i32), and its share of the tensors in the original order.
+    Parts are named ``<stem>-00001-of-0000N.gguf``; llama.cpp loads the set from the first part.
+
+    Raises:
+        UsageError: the file is not GGUF, or one tensor (plus the header) cannot fit under the limit.
+    """
+    import gguf  # the reader/writer of the pinned llama.cpp
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable GGUF file: {exc}") from None
+    alignment = int(reader.alignment)
+    # Budget per part for tensor data: what is left after the original header (the first part carries all of it)
+    # and the worst-case alignment padding of every tensor.
+    header = int(reader.data_offset) + 256
+    budget = size_limit - header - alignment * len(reader.tensors)
+    biggest = max((int(t.n_bytes) for t in reader.tensors), default=0)
+    if biggest > budget:
+        raise UsageError(
+            f"{path.name}: a tensor of {biggest} bytes cannot fit in a part below {size_limit} bytes",
+            hint="GGUF files are split between tensors; a single tensor larger than the limit cannot be split",
+        )
+    outdir.mkdir(parents=True, exist_ok=True)
+    arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    arch = arch_field.contents() if arch_field is not None else "llama"
+    writer = gguf.GGUFWriter(outdir / path.name, arch=arch, endianess=reader.endianess, split_max_size=budget)
+    writer.data_alignment = alignment
+    for fld in reader.fields.values():
+        if fld.name == gguf.Keys.General.ARCHITECTURE or fld.name.startswith(("GGUF.", "split.")):
+            continue
+        vtype = fld.types[0]
+        sub_type = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(fld.name, fld.contents(), vtype, sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(
+            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+        )
+    names = writer.format_shard_names(outdir / path.name)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in reader.tensors:
+            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    finally:
+        writer.close()
+    too_big = [p for p in names if p.stat().st_size >= size_limit]
+    if too_big:
+        raise UsageError(f"splitting {path.name} left a part of {too_big[0].stat().st_size} bytes (limit {size_limit})")
+    return names
+
+
+def _manifest_asset_name(manifest: Mapping[str, Any], folder: Path) -> str:
+    model = str(manifest.get("model_name") or folder.name)
+    pair = manifest.get("pair")
+    info = PAIRS.get(str(pair)) if pair else None
+    return f"{model}.{info.slug}.manifest.json" if info else f"{model}.manifest.json"
+
+
+def _add(found: dict[str, LocalAsset], asset: LocalAsset) -> None:
+    other = found.get(asset.name)
+    if other is None:
+        found[asset.name] = asset
+    elif other.sha256 != asset.sha256:
+        raise UsageError(
+            f"two different files would be published as {asset.name!r}: {other.path} and {asset.path}",
+            hint="the same model name was converted twice with different results; rename one (`name:` in the "
+            "batch file) or publish them to different releases",
+        )
+
+
+def collect_assets(inputs: Sequence[Path]) -> list[LocalAsset]:
+    """What to publish from conversion output folders (each with a ``manifest.json``) and loose ``.gguf`` files.
+
+    A folder contributes the GGUF files its manifest lists (checked against the manifest's SHA-256) and the manifest
+    itself, named ``<model>.<pair slug>.manifest.json``. The same file reached twice (the GGUF bytes do not depend
+    on the pair) is kept once.
+
+    Raises:
+        UsageError: a path is missing, a folder has no manifest, a file does not match its manifest, or two
+            different files would get the same name.
+    """
+    found: dict[str, LocalAsset] = {}
+    if not inputs:
+        raise UsageError(
+            "nothing to publish", hint="pass conversion output folders (with manifest.json) or .gguf files"
+        )
+    for item in inputs:
+        if item.is_file() and item.suffix == ".gguf":
+            _add(found, LocalAsset(item.name, item, item.stat().st_size, sha256_file(item), "gguf"))
+            continue
+        manifest_path = item / "manifest.json" if item.is_dir() else item
+        if not manifest_path.is_file():
+            raise UsageError(
+                f"{item}: not a conversion output folder (no manifest.json) or a .gguf file",
+                hint="pass the --outdir of `cecai-convert convert`, or the folder a workflow artifact "
+                "was downloaded to (one per conversion)",
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{manifest_path}: unreadable manifest: {exc}") from None
+        folder = manifest_path.parent
+        for entry in manifest.get("files") or []:
+            path = folder / str(entry.get("name", ""))
+            if not entry.get("name") or not path.is_file():
+                raise UsageError(f"{manifest_path} lists {entry.get('name')!r}, which is not in {folder}")
+            digest = sha256_file(path)
+            if entry.get("sha256") and entry["sha256"] != digest:
+                raise UsageError(
+                    f"{path} does not match its manifest (sha256 {digest[:12]}…, manifest {entry['sha256'][:12]}…)",
+                    hint="the file changed or was damaged in transfer; convert it again",
+                )
+            precision = entry.get("precision")
+            _add(found, LocalAsset(path.name, path, path.stat().st_size, digest, "gguf", precision=precision))
+        name = _manifest_asset_name(manifest, folder)
+        _add(
+            found, LocalAsset(name, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path), "manifest")
+        )
+    return sorted(found.values(), key=lambda a: (a.kind != "gguf", a.name))
+
+
+def _split_large(assets: Iterable[LocalAsset], staging: Path, size_limit: int) -> tuple[list[LocalAsset], dict]:
+    out: list[LocalAsset] = []
+    split: dict[str, list[str]] = {}
+    for asset in assets:
+        if asset.kind != "gguf" or asset.size < size_limit:
+            out.append(asset)
+            continue
+        _log.info(f"splitting {asset.name} ({asset.size} bytes) into parts below {size_limit} bytes")
+        parts = split_gguf(asset.path, staging / asset.name.removesuffix(".gguf"), size_limit=size_limit)
+        split[asset.name] = [p.name for p in parts]
+        for part in parts:
+            out.append(
+                LocalAsset(
+                    part.name,
+                    part,
+                    part.stat().st_size,
+                    sha256_file(part),
+                    "split",
+                    precision=asset.precision,
+                    split_of=asset.name,
+                )
+            )
+    return out, split
+
+
+def parse_checksums(text: str) -> dict[str, str]:
+    """``sha256sum`` output (``<hex>  <name>`` or ``<hex> *<name>``) as ``{name: hex}``."""
+    sums: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
+            sums[parts[1].lstrip("*")] = parts[0].lower()
+    return sums
+
+
+def checksums_text(sums: Mapping[str, str]) -> str:
+    """``SHA256SUMS`` content, sorted by name; ``sha256sum -c SHA256SUMS`` checks it."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+def release_notes(
+    existing: str | None, rows: Sequence[tuple[str, int, str, str]], split: Mapping[str, Sequence[str]]
+) -> str:
+    """The release body: the user's text kept, this tool's section (between markers) replaced.
+
+    Args:
+        existing: the current body.
+        rows: (asset name, size, sha256, precision) for every GGUF asset and part on the release.
+        split: original file name -> part names, for files that were split.
+    """
+    lines = [NOTES_START, "### GGUF files", "", "| File | Precision | Size | SHA-256 |", "| --- | --- | ---: | --- |"]
+    lines += [
+        f"| `{name}` | {precision or ''} | {_size(size)} | `{digest[:16]}` |" for name, size, digest, precision in rows
+    ]
+    lines += [
+        "",
+        f"Verify downloads with `sha256sum -c {CHECKSUMS_NAME}`. Each `*.manifest.json` records how a file "
+        "was made (source revision, toolchain, verification).",
+    ]
+    if split:
+        lines += [
+            "",
+            "**Split files.** GitHub limits a release asset to 2 GiB, so files of 2 GB or more are split in "
+            "llama.cpp's split format (`gguf-split`): download every part into one folder and load the first "
+            "(`…-00001-of-000NN.gguf`); llama.cpp and llama-cpp-python read the rest themselves. "
+            "To merge them into one file: `llama-gguf-split --merge FIRST-PART OUT.gguf`.",
+            "",
+        ]
+        lines += [f"- `{orig}` → {', '.join(f'`{p}`' for p in parts)}" for orig, parts in split.items()]
+    lines.append(NOTES_END)
+    section = "\n".join(lines)
+    body = existing or ""
+    start, end = body.find(NOTES_START), body.find(NOTES_END)
+    if start != -1 and end > start:
+        return body[:start] + section + body[end + len(NOTES_END) :]
+    return f"{body.rstrip()}\n\n{section}\n" if body.strip() else section + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ REST API
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed by hand, without the Authorization header (asset downloads go to another host)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+_HINTS: Final[Mapping[int, str]] = {
+    401: "the token was refused: pass `github-token` (default: the workflow's GITHUB_TOKEN) or set GITHUB_TOKEN",
+    403: "the token may not write releases: give the job `permissions: contents: write`",
+    404: "check the repository name and that the token can see it (GITHUB_REPOSITORY, --repo)",
+}
+
+
+class GitHubClient:
+    """The part of GitHub's REST API that publishing needs.
+
+    Args:
+        repo: ``owner/name``.
+        token: a token with ``contents: write``; sent only in the ``Authorization`` header.
+        api_url: the REST base URL (``GITHUB_API_URL``; ``https://api.github.com`` on github.com).
+        timeout: seconds to wait on a socket.
+    """
+
+    def __init__(self, repo: str, token: str, *, api_url: str | None = None, timeout: float = 600.0) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", repo or ""):
+            raise UsageError(f"not a repository name: {repo!r}", hint="write it as owner/name")
+        if not token:
+            raise UsageError(
+                "GITHUB_TOKEN is not set",
+                hint="in a workflow, pass `env: GITHUB_TOKEN: ${{ github.token }}` and `permissions: contents: write`",
+            )
+        self.repo = repo
+        self._token = token
+        self.api_url = (api_url or os.environ.get("GITHUB_API_URL") or "https://api.github.com").rstrip("/")
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(_NoRedirect())
+
+    def __repr__(self) -> str:  # keeps the token out of tracebacks and logs
+        return f"GitHubClient(repo={self.repo!r}, api_url={self.api_url!r})"
+
+    def _headers(self, accept: str = "application/vnd.github+json") -> dict[str, str]:
+        return {
+            "Accept": accept,
+            "Authorization": f"Bearer {self._token}",
+            "X-GitHub-Api-Version": "2022-11-28",
+            "User-Agent": "cecai-converter",
+        }
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        accept: str = "application/vnd.github+json",
+    ) -> tuple[int, Any, Mapping[str, str]]:
+        """One call; returns (status, parsed JSON or raw bytes, headers). Error statuses raise GitHubAPIError."""
+        if not url.startswith(("http://", "https://")):
+            url = f"{self.api_url}{url}"
+        all_headers = self._headers(accept)
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            all_headers["Content-Type"] = "application/json"
+        all_headers.update(headers or {})
+        req = urllib.request.Request(url, data=data, method=method, headers=all_headers)  # noqa: S310 (http(s) only)
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                status, raw, resp_headers = resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (301, 302, 303, 307, 308):
+                return exc.code, b"", dict(exc.headers)
+            raw = exc.read() or b""
+            try:
+                detail = json.loads(raw).get("message", "")
+            except (ValueError, AttributeError):
+                detail = raw[:200].decode(errors="replace")
+            path = urllib.parse.urlsplit(url).path
+            raise GitHubAPIError(
+                f"GitHub refused {method} {path}: HTTP {exc.code} {detail}".rstrip(),
+                status=exc.code,
+                hint=_HINTS.get(exc.code),
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise GitHubAPIError(
+                f"cannot reach {urllib.parse.urlsplit(url).netloc}: {reason}",
+                status=0,
+                hint="check the network and GITHUB_API_URL",
+            ) from None
+        if "json" in resp_headers.get("Content-Type", "") and raw:
+            return status, json.loads(raw), resp_headers
+        return status, raw, resp_headers
+
+    def _paged(self, path: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        for page in range(1, 101):
+            sep = "&" if "?" in path else "?"
+            _, batch, _ = self.request("GET", f"{path}{sep}per_page=100&page={page}")
+            items.extend(batch or [])
+            if len(batch or []) < 100:
+                break
+        return items
+
+    def find_release(self, tag: str) -> dict[str, Any] | None:
+        """The release for ``tag``: a published one (by tag), else the newest draft with that tag, else None."""
+        quoted = urllib.parse.quote(tag, safe="")
+        try:
+            _, release, _ = self.request("GET", f"/repos/{self.repo}/releases/tags/{quoted}")
+            return release
+        except GitHubAPIError as exc:
+            if exc.status != 404:
+                raise
+        drafts = [r for r in self._paged(f"/repos/{self.repo}/releases") if r.get("tag_name") == tag]
+        if len(drafts) > 1:
+            _log.warning(f"warning: {len(drafts)} draft releases use tag {tag}; using release {drafts[0]['id']}")
+        return drafts[0] if drafts else None
+
+    def create_release(self, tag: str, *, body: str, target_commitish: str | None = None) -> dict[str, Any]:
+        """A new draft release for ``tag``."""
+        payload: dict[str, Any] = {"tag_name": tag, "name": tag, "body": body, "draft": True}
+        if target_commitish:
+            payload["target_commitish"] = target_commitish
+        _, release, _ = self.request("POST", f"/repos/{self.repo}/releases", json_body=payload)
+        return release
+
+    def update_release(self, release_id: int, **fields: Any) -> dict[str, Any]:
+        """PATCH a release (``body``, ``draft``...)."""
+        _, release, _ = self.request("PATCH", f"/repos/{self.repo}/releases/{release_id}", json_body=fields)
+        return release
+
+    def list_assets(self, release_id: int) -> list[dict[str, Any]]:
+        """Every asset of a release."""
+        return self._paged(f"/repos/{self.repo}/releases/{release_id}/assets")
+
+    def upload_asset(self, release: Mapping[str, Any], path: Path, name: str) -> dict[str, Any]:
+        """Stream ``path`` to the release's upload URL as ``name``."""
+        base = str(release["upload_url"]).split("{", 1)[0]
+        url = f"{base}?{urllib.parse.urlencode({'name': name})}"
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            _, asset, _ = self.request(
+                "POST",
+                url,
+                data=fh,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
+        return asset
+
+    def delete_asset(self, asset_id: int) -> None:
+        """Remove an asset."""
+        self.request("DELETE", f"/repos/{self.repo}/releases/assets/{asset_id}")
+
+    def rename_asset(self, asset_id: int, name: str) -> dict[str, Any]:
+        """Give an asset its final name."""
+        _, asset, _ = self.request("PATCH", f"/repos/{self.repo}/releases/assets/{asset_id}", json_body={"name": name})
+        return asset
+
+    def download_asset(self, asset_id: int) -> bytes:
+        """An asset's bytes. GitHub answers with a redirect to storage, which is fetched without the token."""
+        status, body, headers = self.request(
+            "GET", f"/repos/{self.repo}/releases/assets/{asset_id}", accept="application/octet-stream"
+        )
+        if status in (301, 302, 303, 307, 308):
+            location = headers.get("Location") or headers.get("location") or ""
+            if not location.startswith(("http://", "https://")):
+                raise GitHubAPIError(f"asset {asset_id}: redirect without a usable location", status=status)
+            req = urllib.request.Request(location, headers={"User-Agent": "cecai-converter"})  # noqa: S310
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (http(s) checked)
+                    return bytes(resp.read())
+            except (urllib.error.URLError, OSError) as exc:
+                raise GitHubAPIError(f"cannot download asset {asset_id}: {exc}", status=0) from None
+        return bytes(body)
+
+
+# -------------------------------------------------------------------------------------------------- the publisher
+
+
+def _identical(remote: Mapping[str, Any], asset: LocalAsset, remote_sums: Mapping[str, str]) -> bool | None:
+    """True/False when known; None when GitHub gives no digest and SHA256SUMS does not list the file."""
+    if int(remote.get("size", -1)) != asset.size:
+        return False
+    digest = remote.get("digest")
+    if isinstance(digest, str) and digest.startswith("sha256:"):
+        return digest.removeprefix("sha256:").lower() == asset.sha256
+    known = remote_sums.get(asset.name)
+    return None if known is None else known == asset.sha256
+
+
+def publish_release(
+    inputs: Sequence[Path],
+    *,
+    repo: str,
+    tag: str,
+    token: str,
+    api_url: str | None = None,
+    publish: bool = True,
+    size_limit: int = SIZE_LIMIT,
+    target_commitish: str | None = None,
+    retries: int = 2,
+    client: GitHubClient | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> PublishResult:
+    """Attach the conversion outputs in ``inputs`` to the release for ``tag`` (see the module docstring).
+
+    Args:
+        inputs: conversion output folders and/or ``.gguf`` files (see :func:`collect_assets`).
+        repo: ``owner/name``.
+        tag: the release's tag.
+        token: a GitHub token with ``contents: write``.
+        api_url: the REST base URL; default ``GITHUB_API_URL`` or github.com.
+        publish: publish the draft at the end; False leaves it a draft for review.
+        size_limit: files of this many bytes or more are split; smaller in tests.
+        target_commitish: the commit a new release's tag is created at, if the tag does not exist yet.
+        retries: extra attempts per upload after a failure.
+        client: a ready client (tests).
+        on_progress: called with one line per step.
+
+    Raises:
+        UsageError: bad inputs (see :func:`collect_assets`).
+        PublishFailed: a name is taken by a different file, the release is immutable and something is new, or
+            GitHub failed; in every case the release is left as it was.
+    """
+    if not 0 < size_limit <= SIZE_LIMIT:
+        raise UsageError(f"the split size must be between 1 and {SIZE_LIMIT} bytes, got {size_limit}")
+    say = on_progress or _log.info
+    gh = client or GitHubClient(repo, token, api_url=api_url)
+    files = collect_assets(inputs)
+    with tempfile.TemporaryDirectory(prefix="cecai-publish-") as tmp:
+        staging = Path(tmp)
+        assets, split = _split_large(files, staging, size_limit)
+
+        release = gh.find_release(tag)
+        created = release is None
+        if release is None:
+            say(f"creating a draft release for {tag}")
+            release = gh.create_release(tag, body="", target_commitish=target_commitish)
+        else:
+            state = "draft" if release.get("draft") else "published"
+            say(f"found {state} release {release.get('id')} for {tag}")
+        existing = {a["name"]: a for a in gh.list_assets(int(release["id"]))}
+        remote_sums: dict[str, str] = {}
+        sums_asset = existing.get(CHECKSUMS_NAME)
+        if sums_asset is not None and sums_asset.get("state", "uploaded") == "uploaded":
+            remote_sums = parse_checksums(gh.download_asset(int(sums_asset["id"])).decode("utf-8", "replace"))
+
+        to_upload: list[LocalAsset] = []
+        unchanged: list[str] = []
+        stale: list[dict[str, Any]] = []
+        conflicts: list[str] = []
+        for asset in assets:
+            remote = existing.get(asset.name)
+            if remote is None:
+                to_upload.append(asset)
+            elif remote.get("state", "uploaded") != "uploaded":  # left over by an interrupted upload
+                stale.append(remote)
+                to_upload.append(asset)
+            else:
+                same = _identical(remote, asset, remote_sums)
+                if same:
+                    unchanged.append(asset.name)
+                else:
+                    conflicts.append(asset.name if same is False else f"{asset.name} (no checksum to compare)")
+        stale += [a for n, a in existing.items() if n.endswith(PARTIAL_SUFFIX)]
+        if conflicts:
+            raise PublishFailed(
+                f"release {tag} already has different files named {', '.join(conflicts)}; nothing was uploaded",
+                hint="cecai-converter never replaces a release asset. Delete the old asset on the release page if the "
+                "new file should replace it, or publish to a new tag",
+            )
+
+        # SHA256SUMS: what the release already vouches for, plus this run's files.
+        sums = {n: d for n, d in remote_sums.items() if n in existing and n != CHECKSUMS_NAME}
+        for name, remote in existing.items():
+            digest = remote.get("digest")
+            ours = name.endswith((".gguf", ".manifest.json"))  # other files on the release are not vouched for
+            if ours and name not in sums and isinstance(digest, str) and digest.startswith("sha256:"):
+                sums[name] = digest.removeprefix("sha256:")
+        sums.update({a.name: a.sha256 for a in assets})
+        sums = {n: d for n, d in sums.items() if not n.endswith(PARTIAL_SUFFIX)}
+        sums_path = staging / CHECKSUMS_NAME
+        sums_path.write_text(checksums_text(sums), encoding="utf-8")
+        sums_local = LocalAsset(
+            CHECKSUMS_NAME, sums_path, sums_path.stat().st_size, sha256_file(sums_path), "checksums"
+        )
+        if sums_asset is not None and sums_asset.get("state", "uploaded") != "uploaded":
+            stale.append(sums_asset)
+            to_upload.append(sums_local)
+        elif sums_asset is None or remote_sums != sums:
+            to_upload.append(sums_local)
+        else:
+            unchanged.append(CHECKSUMS_NAME)
+
+        draft = bool(release.get("draft"))
+        if not draft and release.get("immutable") and (to_upload or stale):
+            raise PublishFailed(
+                f"release {tag} is published and immutable: GitHub accepts no new assets "
+                f"({', '.join(a.name for a in to_upload)}); nothing was uploaded",
+                hint="let cecai-convert publish create the release (push the tag only: it makes a draft, uploads, "
+                "then publishes), or publish these files under a new tag",
+            )
+
+        result = PublishResult(
+            tag=tag,
+            release_id=int(release["id"]),
+            html_url=str(release.get("html_url", "")),
+            draft=draft,
+            created=created,
+            unchanged=unchanged,
+            split=split,
+        )
+        uploaded: list[dict[str, Any]] = []  # this run's assets, removed again if anything fails
+        attempted: set[str] = set()
+        try:
+            for old in stale:
+                say(f"removing the leftover of an interrupted upload: {old['name']}")
+                gh.delete_asset(int(old["id"]))
+            for asset in to_upload:
+                # A published release never shows a half-done file: upload under a temporary name, rename at the end.
+                # So does SHA256SUMS, which replaces the one already there.
+                temp = not draft or asset.name in existing
+                name = asset.name + PARTIAL_SUFFIX if temp else asset.name
+                say(f"uploading {asset.name} ({_size(asset.size)})")
+                attempted.add(name)
+                uploaded.append({**_upload_with_retries(gh, release, asset.path, name, retries), "_final": asset.name})
+            for item in uploaded:
+                if item["name"] != item["_final"]:
+                    old = existing.get(item["_final"])
+                    if old is not None and old not in stale:
+                        gh.delete_asset(int(old["id"]))
+                    gh.rename_asset(int(item["id"]), item["_final"])
+                    item["name"] = item["_final"]
+        except BaseException as exc:
+            removed = _cleanup(gh, result.release_id, uploaded, attempted)
+            if isinstance(exc, ConverterError):
+                raise PublishFailed(
+                    f"{exc.message}; removed the {removed} asset(s) this run had uploaded, "
+                    f"release {tag} left {'a draft' if draft else 'as it was'}",
+                    hint=(exc.hint + ". " if exc.hint else "") + "Re-run the job: files already there are skipped",
+                ) from exc
+            raise
+        result.uploaded = [a.name for a in to_upload]
+
+        final = {a["name"]: a for a in gh.list_assets(result.release_id)}
+        rows = []
+        precisions = {a.name: a.precision or "" for a in assets}
+        for name in sorted(final):
+            if name.endswith(".gguf") and name in sums:
+                rows.append((name, int(final[name].get("size", 0)), sums[name], precisions.get(name, "")))
+        all_split: dict[str, list[str]] = {}
+        for name in sorted(final):
+            m = _SPLIT_NAME.match(name)
+            if m:
+                all_split.setdefault(f"{m['stem']}.gguf", []).append(name)
+        body = release_notes(release.get("body"), rows, all_split)
+        changes: dict[str, Any] = {}
+        if body != (release.get("body") or "") and (draft or not release.get("immutable")):
+            changes["body"] = body
+        if draft and publish:
+            changes["draft"] = False
+        if changes:
+            if changes.get("draft") is False:
+                say(f"publishing release {tag}")
+            release = gh.update_release(result.release_id, **changes)
+            result.draft = bool(release.get("draft"))
+            result.html_url = str(release.get("html_url", result.html_url))
+        return result
+
+
+def _upload_with_retries(
+    gh: GitHubClient, release: Mapping[str, Any], path: Path, name: str, retries: int
+) -> dict[str, Any]:
+    for attempt in range(retries + 1):
+        try:
+            return gh.upload_asset(release, path, name)
+        except GitHubAPIError as exc:
+            if attempt == retries or exc.status in (401, 403, 404, 422):
+                raise
+            _log.warning(f"warning: uploading {name} failed ({exc.message}); retrying")
+            time.sleep(min(2**attempt, 10))
+            # GitHub keeps a failed upload as an asset in state "starter": remove it before trying again.
+            for asset in gh.list_assets(int(release["id"])):
+                if asset.get("name") == name:
+                    gh.delete_asset(int(asset["id"]))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _cleanup(gh: GitHubClient, release_id: int, uploaded: list[dict[str, Any]], attempted: set[str]) -> int:
+    """Best effort: remove this run's uploads and what a failed upload left behind; returns how many were removed."""
+    removed = 0
+    try:
+        for asset in uploaded:
+            gh.delete_asset(int(asset["id"]))
+            removed += 1
+        done = {int(a["id"]) for a in uploaded}
+        for asset in gh.list_assets(release_id):
+            if asset.get("name") in attempted and int(asset["id"]) not in done:
+                gh.delete_asset(int(asset["id"]))
+    except ConverterError as exc:  # the original failure matters more
+        _log.warning(f"warning: could not remove every partial upload: {exc.message}")
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face Hub
+
+
+def push_to_hub(
+    inputs: Sequence[Path],
+    repo_id: str,
+    *,
+    token: str | None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    api: Any = None,
+) -> str:
+    """Upload the GGUF files (unsplit: the Hub takes large files), manifests and SHA256SUMS to a model repo.
+
+    Returns the commit URL.
+
+    Raises:
+        PublishFailed: the Hub refused the upload.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    files = collect_assets(inputs)
+    hub = api if api is not None else HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="cecai-hub-") as tmp:
+        sums = Path(tmp) / CHECKSUMS_NAME
+        sums.write_text(checksums_text({a.name: a.sha256 for a in files}), encoding="utf-8")
+        ops = [CommitOperationAdd(path_in_repo=a.name, path_or_fileobj=str(a.path)) for a in files]
+        ops.append(CommitOperationAdd(path_in_repo=CHECKSUMS_NAME, path_or_fileobj=str(sums)))
+        try:
+            hub.create_repo(repo_id, repo_type="model", exist_ok=True)
+            info = hub.create_commit(
+                repo_id,
+                operations=ops,
+                commit_message=commit_message or f"Add {len(files)} file(s) from cecai-converter",
+                revision=revision,
+            )
+        except Exception as exc:  # huggingface_hub raises many types (HTTP, auth, validation)
+            raise PublishFailed(
+                f"pushing to the Hugging Face repo {repo_id} failed: {type(exc).__name__}: {exc}",
+                hint="check HF_TOKEN (it needs write access to the repo) and the repo id",
+            ) from None
+    return str(getattr(info, "commit_url", info))
+
+
+# --------------------------------------------------------------------------------------------------------- the CLI
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
+    repo = args.repo or os.environ.get("GITHUB_REPOSITORY", "")
+    token = os.environ.get("GITHUB_TOKEN", "")
+    inputs = [Path(p) for p in args.inputs]
+    if not args.tag and not args.hf_repo:
+        raise UsageError("give --tag (a GitHub release) and/or --hf-repo (a Hugging Face repo)")
+    data: dict[str, Any] = {}
+    lines: list[str] = []
+    if args.tag:
+        result = publish_release(
+            inputs,
+            repo=repo,
+            tag=args.tag,
+            token=token,
+            publish=not args.draft,
+            size_limit=args.split_size,
+            target_commitish=args.target,
+            on_progress=out.info,
+        )
+        data = result.as_dict()
+        state = "draft" if result.draft else "published"
+        lines.append(f"release {result.tag} ({state}): {result.html_url}")
+        lines += [f"  uploaded  {n}" for n in result.uploaded]
+        lines += [f"  unchanged {n}" for n in result.unchanged]
+        lines += [f"  split     {orig} -> {len(parts)} parts" for orig, parts in result.split.items()]
+    if args.hf_repo:
+        url = push_to_hub(inputs, args.hf_repo, token=os.environ.get("HF_TOKEN") or None, revision=args.hf_revision)
+        data["hub_commit_url"] = url
+        lines.append(f"pushed to {args.hf_repo}: {url}")
+    out.result("\n".join(lines), data)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``publish`` command."""
+    parser = subparsers.add_parser(
+        "publish",
+        help="attach GGUF files, manifests and SHA256SUMS to a GitHub release (and/or push to the Hub)",
+        description="Attach conversion outputs to the GitHub release for --tag: a draft is found or created, files "
+        "are uploaded (split below 2 GB in llama.cpp's split format when needed), then it is published. "
+        "Re-runs skip identical files and never replace other assets. The token comes from GITHUB_TOKEN "
+        "(and HF_TOKEN for --hf-repo) only.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="PATH", help="conversion output folders or .gguf files")
+    parser.add_argument("--tag", help="the release tag")
+    parser.add_argument("--repo", help="owner/name (default: GITHUB_REPOSITORY)")
+    parser.add_argument("--draft", action="store_true", help="leave the release a draft")
+    parser.add_argument("--target", metavar="COMMIT", help="commit for the tag, if the tag does not exist yet")
+    parser.add_argument(
+        "--split-size",
+        type=int,
+        default=SIZE_LIMIT,
+        metavar="BYTES",
+        help=f"split GGUF files of this size or more (default and maximum {SIZE_LIMIT})",
+    )
+    parser.add_argument("--hf-repo", metavar="REPO_ID", help="also push to this Hugging Face model repo (HF_TOKEN)")
+    parser.add_argument("--hf-revision", metavar="BRANCH", help="the Hub branch to commit to (default: main)")
+    parser.set_defaults(handler=_run)
