@@ -152,9 +152,17 @@ class _Run:
         return source, record
 
     # -- planning ---------------------------------------------------------------------------------------------
-    def key_for(self, precision: PrecisionInfo, fingerprint: str, imatrix_sha: str | None) -> str:
-        tc = toolchain_info().as_manifest()
-        return inputs_key(source=fingerprint, precision=precision.name, toolchain=tc, imatrix=imatrix_sha)
+    def key_for(self, precision: PrecisionInfo, fingerprint: str, base: PrecisionInfo, imatrix_sha: str | None) -> str:
+        """What the bytes of ``precision`` depend on: the source, the toolchain, and how the file is made (written
+        by the converter as the base, or quantized from a base of some type with some importance matrix)."""
+        made = "converter" if precision.name == base.name else f"quantized-from-{base.name}"
+        return inputs_key(
+            source=fingerprint,
+            precision=precision.name,
+            toolchain=toolchain_info().as_manifest(),
+            made=made,
+            imatrix=imatrix_sha if made != "converter" else None,
+        )
 
     def find_existing(self, key: str, precision: PrecisionInfo) -> _Produced | None:
         """A current file for ``key`` in any target or sibling pair folder (reused instead of remade)."""
@@ -181,10 +189,14 @@ class _Run:
         return None
 
 
-def _base_outtype(source: ModelSource, wanted: Sequence[PrecisionInfo]) -> PrecisionInfo:
-    """The base file's type: the only requested type when the converter writes it directly, else lossless."""
-    if len(wanted) == 1 and wanted[0].converter_outtype and not wanted[0].name.startswith("TQ"):
-        return wanted[0]
+def _base_outtype(source: ModelSource, wanted: Sequence[PrecisionInfo], *, fidelity: bool) -> PrecisionInfo:
+    """The base file's type: lossless (the checkpoint's own float type), or the single requested type when the
+    converter writes it directly, so that one conversion is the whole job. Not when fidelity is measured and that
+    type is quantized: its numbers need a lossless reference."""
+    only = wanted[0] if len(wanted) == 1 else None
+    direct = only is not None and only.converter_outtype is not None and not only.name.startswith("TQ")
+    if only is not None and direct and (only.is_float or not fidelity):
+        return only
     return PRECISIONS[source_dtype(source).upper()]
 
 
@@ -241,7 +253,7 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
     source, source_record = run.resolve_source()
     fingerprint = source_record["fingerprint"]
     wanted = list(job.precisions)
-    base_precision = _base_outtype(source, wanted)
+    base_precision = _base_outtype(source, wanted, fidelity=opts.fidelity)
     if opts.keep_base and base_precision not in wanted:
         wanted.append(base_precision)
     imatrix_path, imatrix_record = _given_imatrix(opts)
@@ -256,7 +268,7 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
     if opts.calibration_text is not None and imatrix_path is None:
         imatrix_sha = "calibration:" + sha256_file(opts.calibration_text)
 
-    keys = {p.name: run.key_for(p, fingerprint, imatrix_sha if p.name != base_precision.name else None) for p in wanted}
+    keys = {p.name: run.key_for(p, fingerprint, base_precision, imatrix_sha) for p in wanted}
     missing: list[PrecisionInfo] = []
     for precision in wanted:
         existing = None if opts.force else run.find_existing(keys[precision.name], precision)
