@@ -42,7 +42,7 @@ def run_tool(
     """
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     merged_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         list(argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -52,19 +52,19 @@ def run_tool(
         errors="replace",
         bufsize=1,
         start_new_session=True,  # Ctrl-C reaches us only; we stop the child ourselves, then clean up
-    )
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            tail.append(line)
-            _log.debug(line)
-            if on_line is not None:
-                on_line(line)
-        proc.wait()
-    except BaseException:
-        _stop(proc)
-        raise
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                _log.debug(line)
+                if on_line is not None:
+                    on_line(line)
+            proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
     return ToolRun(proc.returncode, "\n".join(tail))
 
 
