@@ -8,8 +8,10 @@ corrupt safetensors, pickle-only weights (unpickling runs code), an architecture
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import hashlib
+import importlib
 import json
 import os
 import struct
@@ -299,6 +301,12 @@ def fetch_from_hub(repo_id: str, revision: str | None, dest_root: Path) -> tuple
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as hf_errors
 
+    # huggingface_hub >= 1 talks HTTP through httpx (2.x: its fork httpx2), whose transport errors (refused or
+    # dropped connections, timeouts) are not OSError: without them a Hub going away mid-download was a traceback.
+    network_errors: tuple[type[BaseException], ...] = (hf_errors.HfHubHTTPError, OSError)
+    for client in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            network_errors += (importlib.import_module(client).HTTPError,)
     token = os.environ.get("HF_TOKEN") or None
     try:
         info = HfApi(token=token).model_info(repo_id, revision=revision)
@@ -312,7 +320,7 @@ def fetch_from_hub(repo_id: str, revision: str | None, dest_root: Path) -> tuple
         )
     except hf_errors.GatedRepoError:
         raise UsageError(
-            f"{repo_id} is gated: your token has not been granted access",
+            f"{repo_id} is gated: " + ("your token has not been granted access" if token else "HF_TOKEN is not set"),
             hint="accept the model's licence on its Hub page, then set HF_TOKEN to a token of that account",
         ) from None
     except hf_errors.RepositoryNotFoundError:
@@ -324,7 +332,9 @@ def fetch_from_hub(repo_id: str, revision: str | None, dest_root: Path) -> tuple
         raise UsageError(
             f"revision {revision!r} not found in {repo_id}", hint="use a branch, tag or commit SHA"
         ) from None
-    except (hf_errors.HfHubHTTPError, OSError) as exc:
+    except hf_errors.HFValidationError as exc:
+        raise UsageError(f"{repo_id!r} is not a valid Hub repo id: {exc}", hint="use owner/name") from None
+    except network_errors as exc:
         raise ConversionFailed(
             f"downloading {repo_id} failed: {type(exc).__name__}: {str(exc)[:300]}",
             hint="check network access to the Hub (HF_ENDPOINT for a mirror) and free disk space",
