@@ -32,6 +32,7 @@ _COMMAND_MODULES = (
     "cecai_converter.plan",
     "cecai_converter.publish",
     "cecai_converter.report",
+    "cecai_converter.gha",
 )
 
 

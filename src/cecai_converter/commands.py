@@ -36,8 +36,15 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="accept pickle .bin weights (unpickling runs code from the file: only for models you trust)",
     )
-    g.add_argument("--imatrix", type=Path, help="importance matrix file for quantization (needed by IQ* types)")
-    g.add_argument("--calibration-text", type=Path, help="text to compute an importance matrix from")
+    g.add_argument(
+        "--imatrix",
+        metavar="FILE|auto",
+        help="importance matrix for quantization (needed by IQ* types): a file, or `auto` to compute one with "
+        "llama-imatrix on the calibration text",
+    )
+    g.add_argument(
+        "--calibration-text", type=Path, help="text to compute the importance matrix from (default: shipped text)"
+    )
     g.add_argument(
         "--fidelity",
         action=argparse.BooleanOptionalAction,
@@ -93,12 +100,21 @@ def _options(args: argparse.Namespace, settings: dict[str, Any], n_gpu_layers: i
         value = settings.get(key)
         return default if value is None else bool(value)
 
+    imatrix_value = args.imatrix if args.imatrix is not None else settings.get("IMATRIX")
+    compute_imatrix = str(imatrix_value).strip().lower() == "auto"
+    if imatrix_value is None or compute_imatrix:
+        imatrix = None
+    elif args.imatrix is not None:
+        imatrix = Path(args.imatrix).resolve()
+    else:
+        imatrix = path_of(None, "IMATRIX")
     return Options(
         force=bool(args.force),
         keep_base=flag_or(args.keep_base, "KEEP_BASE", False),
         threads=args.threads,
         allow_pickle=flag_or(args.allow_pickle, "ALLOW_PICKLE", False),
-        imatrix=path_of(args.imatrix, "IMATRIX"),
+        imatrix=imatrix,
+        compute_imatrix=compute_imatrix,
         calibration_text=path_of(args.calibration_text, "CALIBRATION_TEXT"),
         fidelity=flag_or(args.fidelity, "FIDELITY", _fidelity_default()),
         eval_text=path_of(args.eval_text, "EVAL_TEXT"),
@@ -192,8 +208,11 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             forwarded += ["--" + flag.replace("_", "-"), str(value)]
+    if args.imatrix is not None and args.imatrix.strip().lower() == "auto":
+        forwarded += ["--imatrix", "auto"]
     for flag in ("imatrix", "calibration_text", "eval_text"):
-        if getattr(args, flag) is not None:
+        value = getattr(args, flag)
+        if value is not None and not (flag == "imatrix" and str(value).strip().lower() == "auto"):
             raise UsageError(
                 f"--{flag.replace('_', '-')} is not forwarded into containers",
                 hint=f"set {flag.upper()} in the pair's YAML (paths relative to configurations/, which is mounted)",

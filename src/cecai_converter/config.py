@@ -49,8 +49,8 @@ LEGACY_KEYS: Final[Mapping[str, str]] = {
 #: Keys added by this project; all optional.
 OPTIONAL_KEYS: Final[Mapping[str, str]] = {
     "KEEP_BASE": "also publish the unquantized base GGUF (true/false, default false)",
-    "IMATRIX": "an importance-matrix file (relative to configurations/) used for quantization",
-    "CALIBRATION_TEXT": "a text file to compute an importance matrix from (relative to configurations/)",
+    "IMATRIX": "an importance-matrix file (relative to configurations/), or `auto` to compute one",
+    "CALIBRATION_TEXT": "the text `IMATRIX: auto` computes from (relative to configurations/; default: shipped text)",
     "FIDELITY": "measure KL-divergence/perplexity of every file against the base (true/false, default true)",
     "EVAL_TEXT": "the text fidelity is measured on (relative to configurations/)",
     "THRESHOLDS": "mapping PRECISION -> {max_kld: float, max_ppl_delta_pct: float}; exceeding fails the run",

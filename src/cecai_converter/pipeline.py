@@ -61,6 +61,8 @@ class Options:
     threads: int | None = None
     allow_pickle: bool = False
     imatrix: Path | None = None
+    #: compute an importance matrix with llama-imatrix (on calibration_text, else the shipped text)
+    compute_imatrix: bool = False
     calibration_text: Path | None = None
     fidelity: bool = False
     eval_text: Path | None = None
@@ -127,6 +129,7 @@ class _Run:
         self.produced: dict[str, _Produced] = {}
         self.base_path: Path | None = None
         self.converter_dir: Path | None = None
+        self.imatrix = _ImatrixPlan.from_options(job.options)
 
     # -- source -----------------------------------------------------------------------------------------------
     def resolve_source(self) -> tuple[ModelSource, dict[str, Any]]:
@@ -256,18 +259,14 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
     base_precision = _base_outtype(source, wanted, fidelity=opts.fidelity)
     if opts.keep_base and base_precision not in wanted:
         wanted.append(base_precision)
-    imatrix_path, imatrix_record = _given_imatrix(opts)
-    imatrix_sha = imatrix_record["sha256"] if imatrix_record else None
     needs_imatrix = [p.name for p in wanted if p.needs_imatrix]
-    if needs_imatrix and imatrix_path is None and opts.calibration_text is None:
+    if needs_imatrix and not run.imatrix.available:
         raise UsageError(
             f"{', '.join(needs_imatrix)} need(s) an importance matrix: llama.cpp refuses to make them without one",
-            hint="give one with --imatrix FILE (IMATRIX:) or let cecai-convert compute it with --calibration-text "
-            "FILE (CALIBRATION_TEXT:); or choose a k-quant such as Q2_K / Q3_K_S",
+            hint="give one with --imatrix FILE (IMATRIX: FILE), or compute one with --imatrix auto (IMATRIX: auto; "
+            "uses the shipped calibration text, or --calibration-text FILE); or choose a k-quant such as Q2_K / Q3_K_S",
         )
-    if opts.calibration_text is not None and imatrix_path is None:
-        imatrix_sha = "calibration:" + sha256_file(opts.calibration_text)
-
+    imatrix_sha = run.imatrix.identity()
     keys = {p.name: run.key_for(p, fingerprint, base_precision, imatrix_sha) for p in wanted}
     missing: list[PrecisionInfo] = []
     for precision in wanted:
@@ -289,11 +288,11 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
         _check_free_space(anchor, count_parameters(source), base_precision, missing)
     with staging_dir(anchor) as stage:
         if missing:
-            _produce(run, source, stage, missing, base_precision, keys, imatrix_path, imatrix_record)
+            _produce(run, source, stage, missing, base_precision, keys)
         _verify_all(run)
         if opts.fidelity and run.base_path is not None:
             _measure_fidelity(run)
-        manifests = [_publish(run, target, source_record, base_precision, imatrix_record) for target in job.targets]
+        manifests = [_publish(run, target, source_record, base_precision) for target in job.targets]
     run.timings["total_s"] = round(time.perf_counter() - started, 3)
     return manifests
 
@@ -313,12 +312,60 @@ def _check_free_space(folder: Path, n_params: int, base: PrecisionInfo, missing:
         )
 
 
-def _given_imatrix(opts: Options) -> tuple[Path | None, dict[str, Any] | None]:
-    if opts.imatrix is None:
-        return None, None
-    if not opts.imatrix.is_file():
-        raise UsageError(f"importance matrix not found: {opts.imatrix}")
-    return opts.imatrix, {"file": opts.imatrix.name, "sha256": sha256_file(opts.imatrix), "source": "given"}
+@dataclass
+class _ImatrixPlan:
+    """Where this run's importance matrix comes from: a given file, llama-imatrix on a calibration text, or none.
+
+    A given or computed matrix is used for every quantized type (it helps k-quants too); types that need one
+    cannot be made without it.
+    """
+
+    given: Path | None = None
+    compute: bool = False
+    calibration_text: Path | None = None
+    path: Path | None = None
+    record: dict[str, Any] | None = None
+
+    @classmethod
+    def from_options(cls, opts: Options) -> _ImatrixPlan:
+        if opts.imatrix is not None and not opts.imatrix.is_file():
+            raise UsageError(f"importance matrix not found: {opts.imatrix}", hint="or use --imatrix auto")
+        if opts.calibration_text is not None and not opts.calibration_text.is_file():
+            raise UsageError(f"calibration text not found: {opts.calibration_text}")
+        compute = opts.imatrix is None and (opts.compute_imatrix or opts.calibration_text is not None)
+        return cls(given=opts.imatrix, compute=compute, calibration_text=opts.calibration_text, path=opts.imatrix)
+
+    @property
+    def available(self) -> bool:
+        return self.given is not None or self.compute
+
+    def identity(self) -> str | None:
+        """What quantized bytes depend on: the given file's hash, or the calibration text's (computed matrix)."""
+        if self.given is not None:
+            return "given:" + sha256_file(self.given)
+        if self.compute:
+            from .imatrix import default_calibration_text
+
+            return "computed:" + sha256_file(self.calibration_text or default_calibration_text())
+        return None
+
+    def ensure(self, run: _Run, base: Path, stage: Path) -> Path | None:
+        """The matrix file, computing it from ``base`` on first use; records it for the manifest."""
+        from . import imatrix as imatrix_mod
+
+        if self.path is None and self.compute:
+            text = self.calibration_text or imatrix_mod.default_calibration_text()
+            with run.out.step(f"computing an importance matrix with llama-imatrix on {text.name}"):
+                t0 = time.perf_counter()
+                self.path = imatrix_mod.compute(base, self.calibration_text, stage / "imatrix.gguf",
+                                                n_threads=run.opts.threads)  # fmt: skip
+                run.timings["imatrix_s"] = round(time.perf_counter() - t0, 3)
+            self.record = {**imatrix_mod.load_for_quantize(self.path).describe(), "source": "computed",
+                           "calibration_text": text.name}  # fmt: skip
+            self.record["file"] = None  # lived in the staging folder only
+        elif self.path is not None and self.record is None:
+            self.record = {**imatrix_mod.load_for_quantize(self.path).describe(), "source": "given"}
+        return self.path
 
 
 def _target_current(target: Target, job: Job, keys: Mapping[str, str]) -> bool:
@@ -340,8 +387,6 @@ def _produce(
     missing: list[PrecisionInfo],
     base_precision: PrecisionInfo,
     keys: Mapping[str, str],
-    imatrix_path: Path | None,
-    imatrix_record: dict[str, Any] | None,
 ) -> None:
     job, out, opts = run.job, run.out, run.opts
     assert run.converter_dir is not None
@@ -362,16 +407,8 @@ def _produce(
         )
         run.timings["convert_s"] = round(time.perf_counter() - t0, 3)
     run.base_path = base_path
-    if imatrix_path is None and opts.calibration_text is not None and any(p.needs_imatrix for p in missing):
-        from . import imatrix as imatrix_mod
-
-        with out.step("computing an importance matrix with llama-imatrix"):
-            t0 = time.perf_counter()
-            imatrix_path = imatrix_mod.compute(base_path, opts.calibration_text, stage / "imatrix.gguf")
-            run.timings["imatrix_s"] = round(time.perf_counter() - t0, 3)
-        if imatrix_record is None:
-            imatrix_record = {"file": None, "sha256": sha256_file(imatrix_path), "source": "computed"}
-            run.timings["imatrix_record"] = imatrix_record
+    quantized = [p for p in missing if p.name != base_precision.name]
+    imatrix_path = run.imatrix.ensure(run, base_path, stage) if quantized and run.imatrix.available else None
     for precision in missing:
         dest = stage / _file_name(job.model_name, precision)
         if precision.name == base_precision.name:
@@ -386,7 +423,7 @@ def _produce(
                     dest,
                     precision,
                     threads=opts.threads,
-                    imatrix=imatrix_path if (precision.needs_imatrix or opts.imatrix) else None,
+                    imatrix=imatrix_path,
                     on_progress=lambda i, n, p=precision: out.progress(f"    {p.name}: tensor {i}/{n}"),
                 )
                 run.timings["quantize_s"][precision.name] = round(time.perf_counter() - t0, 3)
@@ -445,7 +482,6 @@ def _publish(
     target: Target,
     source_record: dict[str, Any],
     base_precision: PrecisionInfo,
-    imatrix_record: dict[str, Any] | None,
 ) -> dict[str, Any]:
     job = run.job
     files: list[dict[str, Any]] = []
@@ -473,9 +509,9 @@ def _publish(
         "trained": job.trained,
         "source": source_record,
         "base": {"precision": base_precision.name, "kept": base_precision.name in run.produced},
-        "imatrix": imatrix_record or run.timings.get("imatrix_record"),
+        "imatrix": run.imatrix.record,
         "files": files,
-        "timings": {k: v for k, v in run.timings.items() if k != "imatrix_record"},
+        "timings": run.timings,
         "runtime": {"n_gpu_layers": run.opts.n_gpu_layers},
     }
     path = write_manifest(target.outputs_dir, manifest)

@@ -8,6 +8,7 @@ and a child can be stopped on Ctrl-C. The worker uses every core unless told oth
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import sys
@@ -41,8 +42,8 @@ def quantize(
     if precision.needs_imatrix and imatrix is None:
         raise UsageError(
             f"{precision.name} needs an importance matrix: llama.cpp refuses to make it without one",
-            hint="give one with --imatrix FILE (IMATRIX: in the YAML) or let cecai-convert compute it with "
-            "--calibration-text FILE (CALIBRATION_TEXT:); or choose a k-quant such as Q2_K / Q3_K_S",
+            hint="give one with --imatrix FILE, or compute one with --imatrix auto; "
+            "or choose a k-quant such as Q2_K / Q3_K_S",
         )
     argv = [sys.executable, "-m", "cecai_converter.quantize", str(base), str(dest), str(precision.ftype)]
     argv += ["--threads", str(threads or os.cpu_count() or 1)]
@@ -91,8 +92,8 @@ def _worker(argv: list[str] | None = None) -> int:
         from .imatrix import load_for_quantize
 
         keepalive = load_for_quantize(Path(args.imatrix))
-        params.imatrix = keepalive.pointer
-    rc = llama_cpp.llama_model_quantize(args.src.encode(), args.dst.encode(), params)
+        keepalive.apply(params)  # also records quantize.imatrix.* metadata, as llama-quantize does
+    rc = llama_cpp.llama_model_quantize(args.src.encode(), args.dst.encode(), ctypes.byref(params))
     del keepalive
     return int(rc)
 

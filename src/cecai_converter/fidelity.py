@@ -1,0 +1,484 @@
+"""What each quantization cost: KL-divergence, perplexity and top-1 agreement against the base GGUF.
+
+The method follows llama.cpp's ``llama-perplexity --kl-divergence``: the evaluation text is tokenized once, cut
+into chunks of ``n_ctx`` tokens (the first token of each chunk replaced by BOS when the vocabulary adds one), each
+chunk is evaluated with logits for every position, and only the second half of each chunk is scored, so every
+scored token has at least ``n_ctx / 2`` tokens of context. Over the scored positions:
+
+* ``kld_mean``: mean of KL(base ‖ candidate) = Σ p_base · (log p_base − log p_candidate), in nats;
+* ``ppl`` / ``ppl_base``: exp of the mean negative log-likelihood of the actual next token;
+* ``ppl_delta_pct``: ``(ppl / ppl_base − 1) · 100``;
+* ``top1_agreement``: the fraction of positions where both models rank the same token first;
+* ``prompt_tps`` / ``gen_tps``: tokens per second of the chunk evaluation (batched) and of greedy one-token
+  decoding, on the machine and device that ran it;
+* ``device``: ``cuda`` when layers were offloaded to a GPU build, else ``cpu``; ``n_tokens``: scored positions.
+
+The base's log-probabilities are computed once and kept on disk, one float32 file per chunk, so memory stays at one
+chunk (``n_ctx × n_vocab``) however large the vocabulary; disk use is ``4 × n_tokens × n_vocab`` bytes, in a
+temporary folder removed afterwards. llama.cpp runs in a worker subprocess: a model that makes it abort becomes a
+:class:`MeasurementFailed`, not a dead caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import ConfigError, ConverterError
+
+__all__ = [
+    "DEFAULT_EVAL_TEXT",
+    "RESULT_KEYS",
+    "THRESHOLD_KEYS",
+    "MeasurementFailed",
+    "check_thresholds",
+    "default_eval_text",
+    "measure",
+]
+
+#: The shipped evaluation text (self-written English prose, ~2,700 Llama tokens).
+DEFAULT_EVAL_TEXT: Final = "eval.txt"
+#: The keys of one result, as the manifest's ``files[].fidelity`` holds them.
+RESULT_KEYS: Final = (
+    "kld_mean",
+    "ppl",
+    "ppl_base",
+    "ppl_delta_pct",
+    "top1_agreement",
+    "prompt_tps",
+    "gen_tps",
+    "device",
+    "n_tokens",
+)
+#: Threshold names → (result key, whether the result must stay at or below the limit).
+THRESHOLD_KEYS: Final[Mapping[str, tuple[str, bool]]] = {
+    "max_kld": ("kld_mean", True),
+    "max_ppl_delta_pct": ("ppl_delta_pct", True),
+    "min_top1": ("top1_agreement", False),
+}
+# Smallest chunk worth scoring: half of it is context.
+_MIN_CHUNK: Final = 32
+# Greedy decoding used for the generation speed.
+_GEN_PROMPT: Final = 16
+_GEN_TOKENS: Final = 48
+# Rows of a chunk turned into log-probabilities at once (bounds the float64 scratch memory).
+_ROW_BLOCK: Final = 64
+_TAIL_CHARS: Final = 3000
+
+
+class MeasurementFailed(ConverterError):
+    """The fidelity measurement of a file could not be completed (the model failed to load or crashed)."""
+
+    title = "fidelity measurement failed"
+
+
+def default_eval_text() -> Path:
+    """The evaluation text that ships with the package."""
+    return Path(str(resources.files("cecai_converter") / "data" / DEFAULT_EVAL_TEXT))
+
+
+def measure(
+    base: Path,
+    candidates: Mapping[str, Path],
+    *,
+    eval_text: Path | None = None,
+    n_threads: int | None = None,
+    n_gpu_layers: int = 0,
+    n_ctx: int = 512,
+    max_tokens: int | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Measure every candidate GGUF against the base GGUF on one evaluation text.
+
+    Args:
+        base: the reference GGUF (the run's F32/F16/BF16 file).
+        candidates: label (usually the precision name) → GGUF file to judge. The base itself may be one of them
+            (its KL-divergence is then 0).
+        eval_text: a UTF-8 text file; default: the shipped ``data/eval.txt``.
+        n_threads: CPU threads for llama.cpp (default: llama-cpp-python's choice).
+        n_gpu_layers: layers to offload (``-1`` = all); only has an effect with a GPU build of llama-cpp-python.
+        n_ctx: chunk length in tokens; capped at the model's training context.
+        max_tokens: evaluate at most this many tokens of the text (keeps CI fast); ``None`` = all of it.
+        timeout_s: give up on one model's evaluation after this many seconds.
+
+    Returns:
+        label → ``{kld_mean, ppl, ppl_base, ppl_delta_pct, top1_agreement, prompt_tps, gen_tps, device, n_tokens}``
+        (see the module docstring), in the order of ``candidates``.
+
+    Raises:
+        UsageError: a file is missing or the text is unreadable or too short.
+        MeasurementFailed: llama.cpp failed or crashed on a model; the message names it and keeps its log tail.
+    """
+    text_path = Path(eval_text) if eval_text is not None else default_eval_text()
+    for label, path in [("base", base), *candidates.items()]:
+        if not Path(path).is_file():
+            raise ConfigError(f"fidelity: {label} GGUF not found: {path}")
+    if not text_path.is_file():
+        raise ConfigError(
+            f"fidelity: evaluation text not found: {text_path}",
+            hint="EVAL_TEXT is relative to configurations/; remove it to use the shipped text",
+        )
+    if n_ctx < _MIN_CHUNK:
+        raise ConfigError(f"fidelity: n_ctx must be at least {_MIN_CHUNK}, got {n_ctx}")
+    if max_tokens is not None and max_tokens < _MIN_CHUNK:
+        raise ConfigError(f"fidelity: max_tokens must be at least {_MIN_CHUNK}, got {max_tokens}")
+
+    common = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers}
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="cecai-fidelity-") as tmp:
+        work = Path(tmp)
+        base_info = _run_worker(
+            "base",
+            {
+                **common,
+                "role": "base",
+                "model": str(base),
+                "work": str(work),
+                "text": str(text_path),
+                "n_ctx": n_ctx,
+                "max_tokens": max_tokens,
+            },
+            work / "base",
+            label="base",
+            model=Path(base),
+            timeout_s=timeout_s,
+        )
+        for label, path in candidates.items():
+            res = _run_worker(
+                "candidate",
+                {
+                    **common,
+                    "role": "candidate",
+                    "model": str(path),
+                    "work": str(work),
+                    "n_ctx": base_info["n_ctx"],
+                    "n_vocab": base_info["n_vocab"],
+                },
+                work / f"cand-{len(results)}",
+                label=label,
+                model=Path(path),
+                timeout_s=timeout_s,
+            )
+            ppl = math.exp(res["nll_sum"] / res["n_tokens"])
+            ppl_base = math.exp(base_info["nll_sum"] / base_info["n_tokens"])
+            results[label] = {
+                "kld_mean": res["kld_sum"] / res["n_tokens"],
+                "ppl": ppl,
+                "ppl_base": ppl_base,
+                "ppl_delta_pct": (ppl / ppl_base - 1.0) * 100.0,
+                "top1_agreement": res["top1_same"] / res["n_tokens"],
+                "prompt_tps": res["prompt_tps"],
+                "gen_tps": res["gen_tps"],
+                "device": res["device"],
+                "n_tokens": res["n_tokens"],
+            }
+    return results
+
+
+def check_thresholds(
+    results: Mapping[str, Mapping[str, Any]], thresholds: Mapping[str, Mapping[str, float]]
+) -> list[str]:
+    """Compare results with per-precision limits; return one message per breach (empty: all within limits).
+
+    ``thresholds`` maps a precision (as in ``results``, case-insensitive) to limits ``max_kld``,
+    ``max_ppl_delta_pct`` and ``min_top1``. A precision with limits but no result is skipped (it was not
+    produced); a non-finite measurement breaches every limit set for it.
+
+    Raises:
+        ConfigError: an unknown limit name or a value that is not a number.
+    """
+    by_upper = {label.upper(): label for label in results}
+    violations: list[str] = []
+    for precision, limits in thresholds.items():
+        if not isinstance(limits, Mapping):
+            raise ConfigError(
+                f"THRESHOLDS: {precision}: expected a mapping of limits, got {limits!r}",
+                hint="e.g. THRESHOLDS: {Q4_K_M: {max_kld: 0.1, max_ppl_delta_pct: 5}}",
+            )
+        label = by_upper.get(str(precision).upper())
+        for name, limit in limits.items():
+            if name not in THRESHOLD_KEYS:
+                raise ConfigError(
+                    f"THRESHOLDS: {precision}: unknown limit {name!r}",
+                    hint=f"known limits: {', '.join(THRESHOLD_KEYS)}",
+                )
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+                raise ConfigError(f"THRESHOLDS: {precision}.{name} must be a number, got {limit!r}")
+            if label is None:
+                continue
+            key, is_max = THRESHOLD_KEYS[name]
+            value = results[label].get(key)
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if finite and (value <= limit if is_max else value >= limit):
+                continue
+            shown = f"{value:.6g}" if finite else repr(value)
+            relation = "above the maximum" if is_max else "below the minimum"
+            violations.append(f"{label}: {key} = {shown} is {relation} {name} = {limit:g}")
+    return violations
+
+
+# --- the parent side of the worker -----------------------------------------------------------------------------
+
+
+def _run_worker(
+    role: str, job: dict[str, Any], prefix: Path, *, label: str, model: Path, timeout_s: float | None
+) -> dict[str, Any]:
+    job_file = prefix.with_suffix(".job.json")
+    result_file = prefix.with_suffix(".result.json")
+    log_file = prefix.with_suffix(".log")
+    job["result"] = str(result_file)
+    job_file.write_text(json.dumps(job), encoding="utf-8")
+    cmd = [sys.executable, "-m", "cecai_converter.fidelity", "--worker", str(job_file)]
+    try:
+        with log_file.open("wb") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise MeasurementFailed(
+            f"fidelity: evaluating {label} ({model.name}) took longer than {timeout_s:g} s",
+            hint="evaluate fewer tokens (max_tokens), offload layers to a GPU, or turn fidelity off (FIDELITY: false)",
+        ) from None
+    tail = _tail(log_file)
+    if proc.returncode != 0 or not result_file.is_file():
+        problem = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        reason = problem.get("error") or _describe_exit(proc.returncode)
+        raise _as_error(problem.get("kind"), f"fidelity: evaluating {label} ({model}) failed: {reason}", tail, role)
+    return json.loads(result_file.read_text(encoding="utf-8"))
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        import signal  # only needed to name a signal
+
+        try:
+            return f"the worker was killed by {signal.Signals(-code).name} (llama.cpp aborted or ran out of memory)"
+        except ValueError:
+            return f"the worker was killed by signal {-code}"
+    return f"the worker exited with status {code}"
+
+
+def _as_error(kind: str | None, message: str, tail: str, role: str) -> ConverterError:
+    if kind == "usage":
+        return ConfigError(message, hint="use a longer EVAL_TEXT, or a smaller n_ctx")
+    hint = (
+        "the file may be corrupt or use a type this llama-cpp-python build cannot run; run with CECAI_DEBUG=1 "
+        "and see the llama.cpp log below"
+        if role == "candidate"
+        else "the base GGUF could not be evaluated; check that it loads with `cecai-convert verify`"
+    )
+    return MeasurementFailed(f"{message}\n--- llama.cpp log (tail) ---\n{tail}" if tail else message, hint=hint)
+
+
+def _tail(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-_TAIL_CHARS:].decode("utf-8", "replace").strip()
+
+
+# --- the worker (a separate process: llama.cpp may abort) -------------------------------------------------------
+
+
+class _WorkerUsageError(Exception):
+    pass
+
+
+def _worker_main(job_file: Path) -> int:
+    job = json.loads(job_file.read_text(encoding="utf-8"))
+    result_file = Path(job["result"])
+    try:
+        result = _evaluate_base(job) if job["role"] == "base" else _evaluate_candidate(job)
+    except _WorkerUsageError as exc:
+        result_file.write_text(json.dumps({"error": str(exc), "kind": "usage"}), encoding="utf-8")
+        return 2
+    except Exception as exc:
+        result_file.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "kind": "failed"}))
+        raise
+    result_file.write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+def _load(job: Mapping[str, Any], n_ctx: int, *, vocab_only: bool = False) -> Any:
+    import llama_cpp  # the worker alone needs the runtime
+
+    kwargs: dict[str, Any] = {
+        "model_path": job["model"],
+        "n_ctx": n_ctx,
+        "n_batch": n_ctx,
+        "n_ubatch": min(n_ctx, 512),
+        "logits_all": True,
+        "n_gpu_layers": int(job["n_gpu_layers"]),
+        "verbose": True,
+        "seed": 0,
+        "vocab_only": vocab_only,
+    }
+    if job.get("n_threads"):
+        kwargs["n_threads"] = int(job["n_threads"])
+        kwargs["n_threads_batch"] = int(job["n_threads"])
+    return llama_cpp.Llama(**kwargs)
+
+
+def _device(n_gpu_layers: int) -> str:
+    import llama_cpp
+
+    return "cuda" if n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload()) else "cpu"
+
+
+def _chunks(tokens: list[int], n_ctx: int, bos: int | None) -> list[list[int]]:
+    out = []
+    for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
+        chunk = list(tokens[start : start + n_ctx])
+        if bos is not None:
+            chunk[0] = bos
+        out.append(chunk)
+    return out
+
+
+def _log_softmax_rows(logits: Any) -> Any:
+    """Row-wise log-softmax in float64 blocks, returned as float32 (n_rows × n_vocab)."""
+    import numpy as np
+
+    out = np.empty(logits.shape, dtype=np.float32)
+    for i in range(0, logits.shape[0], _ROW_BLOCK):
+        block = logits[i : i + _ROW_BLOCK].astype(np.float64)
+        block -= block.max(axis=1, keepdims=True)
+        block -= np.log(np.exp(block).sum(axis=1, keepdims=True))
+        out[i : i + _ROW_BLOCK] = block
+    return out
+
+
+def _eval_chunk(llm: Any, chunk: list[int]) -> tuple[Any, float]:
+    """Evaluate one chunk; return the log-probs of the scored rows (those predicting tokens n_ctx/2+1 … end)."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(chunk)
+    elapsed = time.perf_counter() - start
+    first = len(chunk) // 2
+    logits = llm.scores[first : len(chunk) - 1]
+    return _log_softmax_rows(logits), elapsed
+
+
+def _gen_speed(llm: Any, tokens: list[int], bos: int | None) -> float:
+    import numpy as np
+
+    prompt = ([bos] if bos is not None else []) + list(tokens[:_GEN_PROMPT])
+    llm.reset()
+    llm.eval(prompt)
+    start = time.perf_counter()
+    for _ in range(_GEN_TOKENS):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([nxt])
+    return _GEN_TOKENS / (time.perf_counter() - start)
+
+
+def _bos(llm: Any) -> int | None:
+    model = llm._model  # llama-cpp-python's internal model wrapper: the one place add_bos is exposed
+    return int(model.token_bos()) if model.add_bos_token() and model.token_bos() >= 0 else None
+
+
+def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    work = Path(job["work"])
+    try:
+        text = Path(job["text"]).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _WorkerUsageError(f"cannot read the evaluation text {job['text']}: {exc}") from None
+    # The vocabulary alone first (no weights): tokenize, and learn the training context length.
+    llm = _load(job, _MIN_CHUNK, vocab_only=True)
+    arch = llm.metadata.get("general.architecture", "")
+    n_ctx_train = int(llm.metadata.get(f"{arch}.context_length", 0) or 0)
+    n_ctx = min(int(job["n_ctx"]), n_ctx_train) if n_ctx_train > 0 else int(job["n_ctx"])
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    if job.get("max_tokens"):
+        tokens = tokens[: int(job["max_tokens"])]
+    if len(tokens) < n_ctx:
+        if len(tokens) < 2 * _MIN_CHUNK:
+            raise _WorkerUsageError(
+                f"the evaluation text has only {len(tokens)} tokens; at least {2 * _MIN_CHUNK} are needed"
+            )
+        n_ctx = len(tokens)
+    del llm
+    llm = _load(job, n_ctx)
+    bos = _bos(llm)
+    chunks = _chunks(tokens, n_ctx, bos)
+    np.save(work / "tokens.npy", np.asarray(tokens, dtype=np.int32))
+    nll_sum, n_scored, eval_s = 0.0, 0, 0.0
+    for i, chunk in enumerate(chunks):
+        logp, elapsed = _eval_chunk(llm, chunk)
+        eval_s += elapsed
+        targets = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int64)
+        nll_sum -= float(logp[np.arange(len(targets)), targets].astype(np.float64).sum())
+        n_scored += len(targets)
+        np.save(work / f"base-{i}.npy", logp)
+    return {
+        "n_ctx": n_ctx,
+        "n_vocab": int(llm.n_vocab()),
+        "n_chunks": len(chunks),
+        "nll_sum": nll_sum,
+        "n_tokens": n_scored,
+        "prompt_tps": n_ctx * len(chunks) / eval_s,
+        "device": _device(int(job["n_gpu_layers"])),
+    }
+
+
+def _evaluate_candidate(job: Mapping[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    work = Path(job["work"])
+    n_ctx = int(job["n_ctx"])
+    tokens = np.load(work / "tokens.npy").tolist()
+    llm = _load(job, n_ctx)
+    if int(llm.n_vocab()) != int(job["n_vocab"]):
+        raise _WorkerUsageError(
+            f"the vocabulary differs from the base's ({llm.n_vocab()} vs {job['n_vocab']} tokens): "
+            "not a quantization of the same model"
+        )
+    bos = _bos(llm)
+    chunks = _chunks(tokens, n_ctx, bos)
+    kld_sum, nll_sum, top1_same, n_scored, eval_s = 0.0, 0.0, 0, 0, 0.0
+    for i, chunk in enumerate(chunks):
+        logq, elapsed = _eval_chunk(llm, chunk)
+        eval_s += elapsed
+        logp = np.load(work / f"base-{i}.npy")
+        targets = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int64)
+        for r in range(0, logp.shape[0], _ROW_BLOCK):
+            p_block = logp[r : r + _ROW_BLOCK].astype(np.float64)
+            q_block = logq[r : r + _ROW_BLOCK].astype(np.float64)
+            kld_sum += float((np.exp(p_block) * (p_block - q_block)).sum())
+        nll_sum -= float(logq[np.arange(len(targets)), targets].astype(np.float64).sum())
+        top1_same += int((logp.argmax(axis=1) == logq.argmax(axis=1)).sum())
+        n_scored += len(targets)
+    if not math.isfinite(kld_sum) or not math.isfinite(nll_sum):
+        raise RuntimeError("the model produced non-finite logits (NaN or inf): the quantized weights are broken")
+    return {
+        "kld_sum": kld_sum,
+        "nll_sum": nll_sum,
+        "top1_same": top1_same,
+        "n_tokens": n_scored,
+        "prompt_tps": n_ctx * len(chunks) / eval_s,
+        "gen_tps": _gen_speed(llm, tokens, bos),
+        "device": _device(int(job["n_gpu_layers"])),
+    }
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cecai_converter.fidelity", description=__doc__)
+    parser.add_argument("--worker", type=Path, required=True, help="a job file written by measure()")
+    args = parser.parse_args(argv)
+    return _worker_main(args.worker)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(_main())

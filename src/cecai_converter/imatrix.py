@@ -1,0 +1,615 @@
+"""Importance matrices: build llama.cpp's ``llama-imatrix``, compute an imatrix, hand it to the quantizer.
+
+* :func:`build_tools` compiles ``llama-imatrix`` (CPU only, portable: ``GGML_NATIVE=OFF``, static) from the
+  llama.cpp tree vendored in the pinned llama-cpp-python sdist, once, into the toolchain cache. Later calls find
+  the binary and return at once.
+* :func:`compute` runs it on the base GGUF and a calibration text (default: the shipped ``data/calibration.txt``,
+  public-domain prose) and writes a GGUF-format imatrix.
+* :func:`load_for_quantize` reads an imatrix file (GGUF, or llama.cpp's legacy ``.dat``) the way
+  ``llama-quantize`` does and returns an :class:`ImatrixData`, whose :meth:`ImatrixData.apply` sets
+  ``params.imatrix`` (and the ``quantize.imatrix.*`` metadata overrides) on ``llama_model_quantize_params``.
+
+IQ1/IQ2 types, IQ3_XXS and Q2_K_S are refused by llama.cpp without an imatrix; K-quants take one optionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+from .errors import ConfigError, ConversionFailed, ToolchainError, ToolNotFound, UsageError
+from .output import get_logger
+
+__all__ = [
+    "CMAKE_ARGS",
+    "DEFAULT_CALIBRATION_TEXT",
+    "TOOL_TARGETS",
+    "ImatrixData",
+    "build_tools",
+    "compute",
+    "default_calibration_text",
+    "load_for_quantize",
+    "read_imatrix",
+]
+
+_log = get_logger("imatrix")
+
+#: The shipped calibration text (public domain: Declaration of Independence, two Lincoln addresses).
+DEFAULT_CALIBRATION_TEXT: Final = "calibration.txt"
+#: The cmake targets :func:`build_tools` builds: the imatrix tool, and the reference quantizer (seconds more; the
+#: tests check that quantizing through :func:`load_for_quantize` gives the same bytes as `llama-quantize --imatrix`).
+TOOL_TARGETS: Final = ("llama-imatrix", "llama-quantize")
+#: A CPU-only, portable, self-contained build of just the tools; nothing is downloaded.
+CMAKE_ARGS: Final = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_CUDA=OFF",
+    "-DGGML_METAL=OFF",
+    "-DGGML_VULKAN=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+)
+_VENDOR: Final = "vendor/llama.cpp"
+_STAMP: Final = "build.json"
+_TAIL_CHARS: Final = 4000
+# Metadata keys llama-quantize writes when it uses an imatrix (tools/quantize/quantize.cpp).
+_KV_FILE: Final = b"quantize.imatrix.file"
+_KV_DATASET: Final = b"quantize.imatrix.dataset"
+_KV_N_ENTRIES: Final = b"quantize.imatrix.entries_count"
+_KV_N_CHUNKS: Final = b"quantize.imatrix.chunks_count"
+_KV_TAG_INT: Final = 0
+_KV_TAG_STR: Final = 3
+
+_INSTALL_HINT: Final = (
+    "install a C/C++ toolchain and cmake >= 3.14 (Debian/Ubuntu: `apt-get install cmake build-essential`; "
+    "macOS: `xcode-select --install && brew install cmake`), or pass an existing imatrix file (IMATRIX: file)"
+)
+
+
+def default_calibration_text() -> Path:
+    """The calibration text that ships with the package."""
+    return Path(str(resources.files("cecai_converter") / "data" / DEFAULT_CALIBRATION_TEXT))
+
+
+# --- building llama-imatrix ---------------------------------------------------------------------------------------
+
+
+def build_tools(
+    *,
+    sdist: Path | None = None,
+    cache: Path | None = None,
+    targets: Sequence[str] = TOOL_TARGETS,
+    jobs: int | None = None,
+) -> dict[str, Path]:
+    """Build llama.cpp's tools from the pinned sdist once; return ``target name → executable``.
+
+    Args:
+        sdist: the llama-cpp-python sdist tarball (default: ``toolchain.sdist_path()``, fetched and verified).
+        cache: the cache root (default: ``toolchain.cache_root()``); the tools go to
+            ``<cache>/llama.cpp-tools/<sdist stem>-cpu/bin``.
+        targets: cmake targets to build (``llama-imatrix``; ``llama-quantize``, ``llama-perplexity`` also work).
+        jobs: parallel compile jobs (default: the number of CPUs).
+
+    Raises:
+        ToolNotFound: cmake or a C++ compiler is missing.
+        ToolchainError: the sdist lacks the vendored llama.cpp, or the build failed (the message keeps the tail
+            of the build log, whose path it names).
+    """
+    if sdist is None or cache is None:
+        from . import toolchain  # the toolchain module fetches the sdist; only needed here
+
+        sdist = toolchain.sdist_path() if sdist is None else sdist
+        cache = toolchain.cache_root() if cache is None else cache
+    stem = _sdist_stem(Path(sdist))
+    root = Path(cache) / "llama.cpp-tools" / f"{stem}-cpu"
+    wanted = tuple(dict.fromkeys(targets))
+    found = _built(root, wanted)
+    if found is not None:
+        return found
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root / ".lock"):
+        found = _built(root, wanted)  # another process may have built it while we waited
+        if found is not None:
+            return found
+        _check_build_tools()
+        _log.info("building %s from %s (once; cached in %s)", ", ".join(wanted), Path(sdist).name, root)
+        start = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="build-", dir=root) as tmp:
+            work = Path(tmp)
+            src = _extract_vendored(Path(sdist), work / "src")
+            log_file = root / "build.log"
+            build_dir = work / "build"
+            configure = ["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_ARGS]
+            build = ["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2)]
+            for target in wanted:
+                build += ["--target", target]
+            with log_file.open("w", encoding="utf-8") as log:
+                for cmd in (configure, build):
+                    log.write(f"$ {' '.join(cmd)}\n")
+                    log.flush()
+                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+                    if proc.returncode != 0:
+                        raise ToolchainError(
+                            f"building {', '.join(wanted)} from {Path(sdist).name} failed "
+                            f"(`{cmd[0]} {cmd[1]}` exited with {proc.returncode}); full log: {log_file}\n"
+                            f"--- build log (tail) ---\n{_tail(log_file)}",
+                            hint="check the compiler error above; a C++17 compiler and cmake >= 3.14 are needed. "
+                            "Or give a ready imatrix file (IMATRIX: file) to skip the build.",
+                        )
+            bin_dir = root / "bin"
+            bin_dir.mkdir(exist_ok=True)
+            for target in wanted:
+                exe = _find_executable(build_dir, target)
+                if exe is None:
+                    raise ToolchainError(
+                        f"the build finished but produced no {target} executable; log: {log_file}",
+                        hint="the vendored llama.cpp may have renamed the target; "
+                        "check `cmake --build . --target help`",
+                    )
+                tmp_exe = bin_dir / f".{exe.name}.tmp"
+                shutil.copy2(exe, tmp_exe)
+                tmp_exe.replace(bin_dir / exe.name)
+        stamp = {"sdist": Path(sdist).name, "targets": sorted({*_stamp_targets(root), *wanted})}
+        stamp["cmake_args"] = list(CMAKE_ARGS)
+        stamp["build_s"] = round(time.monotonic() - start, 1)
+        (root / _STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+        _log.info("built %s in %.0f s", ", ".join(wanted), stamp["build_s"])
+        found = _built(root, wanted)
+        assert found is not None
+        return found
+
+
+def _sdist_stem(sdist: Path) -> str:
+    name = sdist.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return sdist.stem
+
+
+def _exe_name(target: str) -> str:
+    return f"{target}.exe" if os.name == "nt" else target
+
+
+def _stamp_targets(root: Path) -> list[str]:
+    try:
+        return list(json.loads((root / _STAMP).read_text(encoding="utf-8"))["targets"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _built(root: Path, targets: Sequence[str]) -> dict[str, Path] | None:
+    done = set(_stamp_targets(root))
+    paths = {t: root / "bin" / _exe_name(t) for t in targets}
+    if all(t in done and os.access(p, os.X_OK) for t, p in paths.items()):
+        return paths
+    return None
+
+
+def _check_build_tools() -> None:
+    if shutil.which("cmake") is None:
+        raise ToolNotFound("cmake is needed to build llama-imatrix but is not on PATH", hint=_INSTALL_HINT)
+    if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX") or "c++", "g++", "clang++")):
+        raise ToolNotFound("a C++ compiler is needed to build llama-imatrix but none is on PATH", hint=_INSTALL_HINT)
+
+
+def _extract_vendored(sdist: Path, dest: Path) -> Path:
+    """Extract ``*/vendor/llama.cpp/**`` from the sdist (skipping the rest) and return the llama.cpp folder."""
+    try:
+        with tarfile.open(sdist) as tar:
+            members = []
+            top = None
+            for m in tar.getmembers():
+                parts = PurePosixPath(m.name).parts
+                if len(parts) >= 3 and "/".join(parts[1:3]) == _VENDOR:
+                    members.append(m)
+                    top = parts[0]
+            if top is None:
+                raise ToolchainError(
+                    f"{sdist.name} holds no {_VENDOR}/ tree",
+                    hint="the file is not a llama-cpp-python sdist; delete it and run `cecai-convert toolchain`",
+                )
+            kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(dest, members=members, **kwargs)  # noqa: S202 - members are filtered (and "data" filter)
+    except (OSError, tarfile.TarError) as exc:
+        raise ToolchainError(
+            f"cannot extract llama.cpp from {sdist}: {exc}",
+            hint="the cached sdist may be damaged; delete it and run `cecai-convert toolchain`",
+        ) from None
+    return dest / top / _VENDOR
+
+
+def _find_executable(build_dir: Path, target: str) -> Path | None:
+    name = _exe_name(target)
+    for candidate in (build_dir / "bin" / name, build_dir / "bin" / "Release" / name):
+        if candidate.is_file():
+            return candidate
+    return next((p for p in build_dir.rglob(name) if p.is_file()), None)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl  # POSIX only
+    except ImportError:  # pragma: no cover - Windows: no lock, builds are rare there
+        yield
+        return
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _tail(path: Path, chars: int = _TAIL_CHARS) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-chars:].decode("utf-8", "replace").strip()
+
+
+# --- computing an imatrix ----------------------------------------------------------------------------------------
+
+_TOO_SHORT = re.compile(r"you need at least (\d+) tokens for a context of (\d+) tokens")
+_ONLY = re.compile(r"tokenizes to only (\d+) tokens")
+
+
+def compute(
+    base: Path,
+    calibration_text: Path | None,
+    out: Path,
+    *,
+    n_threads: int | None = None,
+    n_ctx: int = 512,
+    max_chunks: int | None = None,
+    tools: dict[str, Path] | None = None,
+    timeout_s: float | None = None,
+) -> Path:
+    """Compute an importance matrix of ``base`` on a calibration text with llama.cpp's ``llama-imatrix``.
+
+    Args:
+        base: the unquantized base GGUF (F32/F16/BF16).
+        calibration_text: a UTF-8 text of at least ``2 × n_ctx`` tokens; ``None``: the shipped text.
+        out: the imatrix file to write (GGUF format); written atomically.
+        n_threads: CPU threads (default: llama.cpp's choice).
+        n_ctx: chunk length; the text must tokenize to at least two chunks.
+        max_chunks: process at most this many chunks (``--chunks``), to bound the time on big models.
+        tools: the result of :func:`build_tools` (default: built or found now).
+        timeout_s: give up after this many seconds.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        UsageError: a file is missing or the text is too short for ``n_ctx`` (the message gives the token count).
+        ConversionFailed: llama-imatrix failed; the message keeps its output tail.
+    """
+    text = Path(calibration_text) if calibration_text is not None else default_calibration_text()
+    if not Path(base).is_file():
+        raise UsageError(f"imatrix: base GGUF not found: {base}")
+    if not text.is_file():
+        raise ConfigError(
+            f"imatrix: calibration text not found: {text}",
+            hint="CALIBRATION_TEXT is relative to configurations/; remove it to use the shipped text",
+        )
+    exe = (tools or build_tools())["llama-imatrix"]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.partial.gguf")
+    # Run next to the text and name it relatively: llama-imatrix records the name as the dataset, and the quantizer
+    # copies it into every output's metadata (quantize.imatrix.dataset), where a local path does not belong.
+    text = text.resolve()
+    cmd = [str(exe), "-m", str(Path(base).resolve()), "-f", text.name, "-o", str(tmp_out.resolve()), "-c", str(n_ctx)]
+    cmd += ["-b", str(n_ctx), "--output-format", "gguf", "--no-ppl", "-ngl", "0"]
+    if n_threads:
+        cmd += ["-t", str(n_threads)]
+    if max_chunks:
+        cmd += ["--chunks", str(max_chunks)]
+    _log.debug("$ %s", " ".join(cmd))
+    with tempfile.TemporaryDirectory(prefix="cecai-imatrix-") as tmp:
+        log_file = Path(tmp) / "imatrix.log"
+        try:
+            with log_file.open("wb") as log:
+                proc = subprocess.run(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, cwd=text.parent
+                )
+        except subprocess.TimeoutExpired:
+            tmp_out.unlink(missing_ok=True)
+            raise ConversionFailed(
+                f"llama-imatrix did not finish within {timeout_s:g} s",
+                hint="limit the chunks (max_chunks), use a shorter calibration text, or give an IMATRIX file",
+            ) from None
+        output = log_file.read_bytes().decode("utf-8", "replace")
+    if proc.returncode != 0 or not tmp_out.is_file():
+        tmp_out.unlink(missing_ok=True)
+        short = _TOO_SHORT.search(output)
+        if short:
+            only = _ONLY.search(output)
+            have = f"only {only.group(1)} tokens" if only else "too few tokens"
+            need, ctx = int(short.group(1)), int(short.group(2))
+            raise UsageError(
+                f"imatrix: the calibration text {text.name} has {have} for this model's tokenizer; "
+                f"llama-imatrix needs at least {need} (two chunks of n_ctx={ctx})",
+                hint="use a longer CALIBRATION_TEXT (a few thousand words of text like the model's use), "
+                "or a smaller n_ctx",
+            )
+        raise ConversionFailed(
+            f"llama-imatrix failed on {Path(base).name} (exit status {proc.returncode})\n"
+            f"--- llama-imatrix output (tail) ---\n{output[-_TAIL_CHARS:].strip()}",
+            return_code=proc.returncode,
+            output_tail=output[-_TAIL_CHARS:],
+            hint="check that the base GGUF loads (`cecai-convert verify`); or give a ready imatrix (IMATRIX: file)",
+        )
+    tmp_out.replace(out)
+    return out
+
+
+# --- loading an imatrix for llama_model_quantize -----------------------------------------------------------------
+
+
+def read_imatrix(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read an imatrix file as ``llama-quantize`` does: ``(name → float32 vector, info)``.
+
+    GGUF files (``<name>.in_sum2`` / ``<name>.counts`` tensors) are normalised by the per-expert counts (a zero
+    count gives ones); legacy ``.dat`` files are divided by their call count. ``info`` holds ``datasets``,
+    ``chunk_count``, ``chunk_size`` and ``legacy``.
+
+    Raises:
+        UsageError: the file is missing, unreadable, or not an imatrix.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"imatrix file not found: {path}")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic == b"GGUF":
+        data, info = _read_gguf_imatrix(path)
+    else:
+        data, info = _read_legacy_imatrix(path)
+    if not data:
+        raise UsageError(f"{path} holds no importance-matrix entries", hint="recompute it with llama-imatrix")
+    for name, values in data.items():
+        if not np.all(np.isfinite(values)):
+            raise UsageError(
+                f"{path}: the importance matrix of {name} contains NaN or inf values",
+                hint="llama.cpp refuses it; recompute the imatrix",
+            )
+    return data, info
+
+
+def _read_gguf_imatrix(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot read the imatrix {path}: {exc}") from None
+    sums: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
+    for tensor in reader.tensors:
+        if tensor.name.endswith(".in_sum2"):
+            target, key = sums, tensor.name[: -len(".in_sum2")]
+        elif tensor.name.endswith(".counts"):
+            target, key = counts, tensor.name[: -len(".counts")]
+        else:
+            continue
+        if tensor.tensor_type != GGMLQuantizationType.F32:
+            raise UsageError(f"{path}: {tensor.name} must be F32, is {tensor.tensor_type.name}")
+        target[key] = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    if not sums and not counts:
+        raise UsageError(
+            f"{path} is a GGUF file but not an importance matrix (no .in_sum2/.counts tensors)",
+            hint="pass the file llama-imatrix wrote, not a model",
+        )
+    data: dict[str, Any] = {}
+    for name in sorted(set(sums) | set(counts)):
+        if name not in sums or name not in counts:
+            raise UsageError(f"{path}: mismatched sums and counts for {name}")
+        s, c = sums[name], np.rint(counts[name]).astype(np.float32)
+        ne0 = s.size // c.size
+        e = np.ones(s.size, dtype=np.float32).reshape(c.size, ne0)
+        nonzero = c > 0
+        e[nonzero] = s.reshape(c.size, ne0)[nonzero] / c[nonzero, None]
+        data[name] = np.ascontiguousarray(e.reshape(-1))
+
+    def field_value(key: str) -> Any:
+        fld = reader.get_field(key)
+        return None if fld is None else fld.contents()
+
+    datasets = field_value("imatrix.datasets") or []
+    info = {
+        "datasets": [str(d) for d in (datasets if isinstance(datasets, list) else [datasets])],
+        "chunk_count": int(field_value("imatrix.chunk_count") or 0),
+        "chunk_size": int(field_value("imatrix.chunk_size") or 0),
+        "legacy": False,
+    }
+    return data, info
+
+
+def _read_legacy_imatrix(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import numpy as np
+
+    raw = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str, n: int = 1) -> Any:
+        nonlocal pos
+        size = np.dtype(fmt).itemsize * n
+        if pos + size > len(raw):
+            raise UsageError(
+                f"{path} is neither a GGUF imatrix nor a complete legacy imatrix (.dat) file",
+                hint="pass the file llama-imatrix wrote",
+            )
+        value = np.frombuffer(raw, dtype=fmt, count=n, offset=pos)
+        pos += size
+        return value
+
+    n_entries = int(take("<i4")[0])
+    if n_entries < 1 or n_entries > 1_000_000:
+        raise UsageError(f"{path} is not an importance matrix (GGUF or legacy .dat)", hint="pass llama-imatrix's file")
+    data: dict[str, Any] = {}
+    for _ in range(n_entries):
+        length = int(take("<i4")[0])
+        if length < 1 or length > 4096:
+            raise UsageError(f"{path}: corrupt legacy imatrix (entry name length {length})")
+        name = take("u1", length).tobytes().decode("utf-8", "replace")
+        ncall = int(take("<i4")[0])
+        nval = int(take("<i4")[0])
+        if nval < 1:
+            raise UsageError(f"{path}: corrupt legacy imatrix (entry {name} has {nval} values)")
+        sums = take("<f4", nval).astype(np.float32)
+        data[name] = np.ascontiguousarray(sums / ncall if ncall > 0 else sums)
+    info: dict[str, Any] = {"datasets": [], "chunk_count": 0, "chunk_size": 0, "legacy": True}
+    if pos + 4 <= len(raw):
+        info["chunk_count"] = int(take("<i4")[0])
+        if pos + 4 <= len(raw):
+            length = int(take("<i4")[0])
+            if 0 < length <= len(raw) - pos:
+                info["datasets"] = [take("u1", length).tobytes().decode("utf-8", "replace")]
+    return data, info
+
+
+@dataclass
+class ImatrixData:
+    """An imatrix in the form ``llama_model_quantize`` takes, with the buffers it points into kept alive.
+
+    Keep this object referenced until ``llama_model_quantize`` has returned.
+
+    Attributes:
+        path: the file it was read from.
+        sha256: the file's SHA-256 (for the manifest).
+        entries: tensor name → number of values.
+        datasets, chunk_count, chunk_size: the file's metadata (as llama-imatrix recorded it).
+        array: a ctypes array of ``llama_cpp.llama_model_imatrix_data``, ended by an all-null entry.
+        kv_overrides: a ctypes array of ``llama_cpp.llama_model_kv_override`` writing the ``quantize.imatrix.*``
+            metadata keys into the output, as ``llama-quantize`` does, ended by an empty key.
+    """
+
+    path: Path
+    sha256: str
+    entries: dict[str, int]
+    datasets: list[str]
+    chunk_count: int
+    chunk_size: int
+    array: Any
+    kv_overrides: Any
+    _keepalive: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def pointer(self) -> Any:
+        """``array`` as the ``POINTER(llama_model_imatrix_data)`` that ``params.imatrix`` takes."""
+        import llama_cpp
+
+        return ctypes.cast(self.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+    def apply(self, params: Any, *, metadata: bool = True) -> None:
+        """Point ``params.imatrix`` (and, with ``metadata``, ``params.kv_overrides``) at this data.
+
+        ``params`` is a ``llama_cpp.llama_model_quantize_params``. With ``metadata`` false, existing
+        ``kv_overrides`` are left alone.
+        """
+        import llama_cpp
+
+        params.imatrix = self.pointer
+        if metadata:
+            params.kv_overrides = ctypes.cast(self.kv_overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about this imatrix (``source`` is added by the caller)."""
+        return {"file": self.path.name, "sha256": self.sha256, "entries": len(self.entries)}
+
+
+def load_for_quantize(path: Path) -> ImatrixData:
+    """Read an imatrix file (GGUF or legacy) and build the ctypes structures ``llama_model_quantize`` takes.
+
+    Usage in a quantize worker::
+
+        imx = imatrix.load_for_quantize(path)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ...
+        imx.apply(params)
+        rc = llama_cpp.llama_model_quantize(src, dst, ctypes.byref(params))  # imx stays referenced until here
+
+    Raises:
+        UsageError: the file is missing or not an imatrix.
+        ToolNotFound: llama-cpp-python is not installed.
+    """
+    import numpy as np
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ToolNotFound(
+            "llama-cpp-python is needed to quantize with an imatrix",
+            hint="pip install 'cecai-converter[local]'",
+        ) from None
+    path = Path(path)
+    data, info = read_imatrix(path)
+    keep: list[Any] = []
+    entry_t = llama_cpp.llama_model_imatrix_data
+    array = (entry_t * (len(data) + 1))()
+    for i, (name, values) in enumerate(sorted(data.items())):
+        buf = np.ascontiguousarray(values, dtype=np.float32)
+        cname = ctypes.create_string_buffer(name.encode("utf-8"))
+        keep += [buf, cname]
+        array[i].name = ctypes.cast(cname, ctypes.c_char_p)
+        array[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        array[i].size = buf.size
+    # array[len(data)] stays zeroed: name == NULL ends the list (llama-quant.cpp)
+
+    kv_t = llama_cpp.llama_model_kv_override
+    kvs: list[tuple[bytes, int, Any]] = [(_KV_FILE, _KV_TAG_STR, path.name.encode("utf-8")[:127])]
+    if info["datasets"]:
+        kvs.append((_KV_DATASET, _KV_TAG_STR, str(info["datasets"][0]).encode("utf-8")[:127]))
+    kvs.append((_KV_N_ENTRIES, _KV_TAG_INT, len(data)))
+    if info["chunk_count"] > 0:
+        kvs.append((_KV_N_CHUNKS, _KV_TAG_INT, int(info["chunk_count"])))
+    overrides = (kv_t * (len(kvs) + 1))()
+    for i, (key, tag, value) in enumerate(kvs):
+        overrides[i].key = key
+        overrides[i].tag = tag
+        if tag == _KV_TAG_STR:
+            overrides[i].value.val_str = value
+        else:
+            overrides[i].value.val_i64 = value
+    # overrides[len(kvs)].key[0] == 0 ends the list
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return ImatrixData(
+        path=path,
+        sha256=digest.hexdigest(),
+        entries={name: int(values.size) for name, values in data.items()},
+        datasets=list(info["datasets"]),
+        chunk_count=int(info["chunk_count"]),
+        chunk_size=int(info["chunk_size"]),
+        array=array,
+        kv_overrides=overrides,
+        _keepalive=keep,
+    )

@@ -1,0 +1,322 @@
+"""``cecai-convert report``: the size/quality trade-off of every produced file, as Markdown and as a plot.
+
+Reads ``outputs/<PAIR>/manifest.json`` files (see ``docs/ARCHITECTURE.md``) and renders, per model, a table of
+file, precision, size, bits per weight, KL-divergence, perplexity change, top-1 agreement and speed
+(:func:`render_markdown`), and a PNG of file size against KL-divergence with one labelled point per precision
+(:func:`plot`). The command prints the Markdown and appends it to ``$GITHUB_STEP_SUMMARY`` when that is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import EXIT_OK, UsageError
+from .output import Output
+from .precisions import PRECISIONS
+
+__all__ = ["find_manifests", "load_manifests", "plot", "register", "render_markdown"]
+
+MANIFEST_NAME: Final = "manifest.json"
+_PLOT_SIZE_IN: Final = (8.0, 5.0)
+_PLOT_DPI: Final = 100
+_DASH: Final = "—"
+
+
+# --- Markdown --------------------------------------------------------------------------------------------------
+
+
+def render_markdown(manifests: list[dict[str, Any]]) -> str:
+    """One section per manifest: a heading, a line on how fidelity was measured, and the table of files.
+
+    Columns: File, Precision, Size, BPW, KLD, PPL Δ%, Top-1, Prompt tok/s, Gen tok/s. A file without fidelity
+    numbers shows dashes. BPW is the manifest's ``bpw`` if recorded, else measured from the GGUF next to the
+    manifest (tensor bytes × 8 / weights), else llama.cpp's nominal figure for the type, marked ``≈``.
+    """
+    sections = [_render_one(m) for m in manifests]
+    return "\n".join(sections).rstrip() + "\n"
+
+
+def _title(manifest: Mapping[str, Any]) -> str:
+    name = manifest.get("model_name") or "model"
+    pair = manifest.get("pair")
+    return f"{name} ({pair})" if pair else str(name)
+
+
+def _render_one(manifest: Mapping[str, Any]) -> str:
+    lines = [f"### {_title(manifest)}", ""]
+    files = list(manifest.get("files") or [])
+    measured = [f["fidelity"] for f in files if isinstance(f.get("fidelity"), Mapping)]
+    base = (manifest.get("base") or {}).get("precision")
+    if measured:
+        first = measured[0]
+        devices = sorted({str(m.get("device", "?")) for m in measured})
+        about = [f"Fidelity vs the {base or 'unquantized'} base"]
+        if isinstance(first.get("n_tokens"), int):
+            about.append(f"on {first['n_tokens']} scored tokens")
+        if _finite(first.get("ppl_base")):
+            about.append(f"(base perplexity {first['ppl_base']:.4g})")
+        about.append(f"measured on {'/'.join(devices)}.")
+        lines += [" ".join(about), ""]
+    elif files:
+        lines += ["No fidelity numbers in this manifest (FIDELITY was off).", ""]
+    imx = manifest.get("imatrix")
+    if isinstance(imx, Mapping) and imx.get("file"):
+        lines += [f"Importance matrix: `{imx['file']}` ({imx.get('source', 'given')}).", ""]
+    header = ["File", "Precision", "Size", "BPW", "KLD", "PPL Δ%", "Top-1", "Prompt tok/s", "Gen tok/s"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]) + "|")
+    folder = manifest.get("_folder")
+    for f in files:
+        fid = f.get("fidelity") if isinstance(f.get("fidelity"), Mapping) else {}
+        row = [
+            f"`{f.get('name', '?')}`",
+            str(f.get("precision", "?")),
+            _size(f.get("bytes")),
+            _bpw(f, folder),
+            _kld(fid.get("kld_mean")),
+            _signed(fid.get("ppl_delta_pct")),
+            _pct(fid.get("top1_agreement")),
+            _rate(fid.get("prompt_tps")),
+            _rate(fid.get("gen_tps")),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    if not files:
+        lines.append("| " + " | ".join([_DASH] * len(header)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _size(n: Any) -> str:
+    if not _finite(n):
+        return _DASH
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return _DASH  # pragma: no cover - the loop always returns
+
+
+def _kld(v: Any) -> str:
+    if not _finite(v):
+        return _DASH if v is None else str(v)
+    return "0" if v == 0 else f"{v:.3g}"
+
+
+def _signed(v: Any) -> str:
+    return f"{v:+.2f}" if _finite(v) else _DASH
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}%" if _finite(v) else _DASH
+
+
+def _rate(v: Any) -> str:
+    return f"{v:.1f}" if _finite(v) else _DASH
+
+
+def _bpw(entry: Mapping[str, Any], folder: Any) -> str:
+    if _finite(entry.get("bpw")):
+        return f"{entry['bpw']:.2f}"
+    if folder and entry.get("name"):
+        measured = _measure_bpw(Path(folder) / str(entry["name"]))
+        if measured is not None:
+            return f"{measured:.2f}"
+    info = PRECISIONS.get(str(entry.get("precision", "")).upper())
+    return f"≈{info.bpw:.2f}" if info is not None else _DASH
+
+
+def _measure_bpw(path: Path) -> float | None:
+    """Bits per weight of a GGUF's tensor data (as llama.cpp's quantizer reports it), or None if unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        from gguf import GGUFReader  # only when a file is at hand
+
+        reader = GGUFReader(path)
+        n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+        n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    except (ValueError, OSError, ImportError):
+        return None
+    return 8.0 * n_bytes / n_weights if n_weights else None
+
+
+# --- the plot --------------------------------------------------------------------------------------------------
+
+
+def _points(manifest: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(precision, size in MiB, KLD) for every file with a finite KL-divergence, largest first."""
+    points = []
+    for f in manifest.get("files") or []:
+        fid = f.get("fidelity")
+        if isinstance(fid, Mapping) and _finite(fid.get("kld_mean")) and _finite(f.get("bytes")):
+            points.append((str(f.get("precision", f.get("name", "?"))), f["bytes"] / 2**20, float(fid["kld_mean"])))
+    return sorted(points, key=lambda p: -p[1])
+
+
+def _figure(manifest: Mapping[str, Any]) -> Any:
+    import matplotlib  # plotting is optional (the `local` extra)
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    points = _points(manifest)
+    if not points:
+        raise UsageError(
+            f"no fidelity numbers to plot for {_title(manifest)}",
+            hint="run the conversion with FIDELITY: true (the default)",
+        )
+    fig = Figure(figsize=_PLOT_SIZE_IN, dpi=_PLOT_DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    labels = [p[0] for p in points]
+    sizes = [p[1] for p in points]
+    klds = [p[2] for p in points]
+    ax.plot(sizes, klds, color="0.75", linewidth=1, zorder=1)
+    ax.scatter(sizes, klds, s=36, color="tab:blue", zorder=2)
+    for label, x, y in zip(labels, sizes, klds, strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    if min(sizes) > 0 and max(sizes) / min(sizes) > 4:
+        ax.set_xscale("log")
+    positive = [k for k in klds if k > 0]
+    if positive and len(positive) == len(klds):
+        if max(positive) / min(positive) > 10:
+            ax.set_yscale("log")
+    elif positive:
+        ax.set_yscale("symlog", linthresh=min(positive))
+    base = (manifest.get("base") or {}).get("precision") or "base"
+    ax.set_title(f"{_title(manifest)}: size vs KL-divergence from {base}")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("mean KL-divergence (nats, lower is better)")
+    ax.margins(x=0.1, y=0.1)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot(manifest: dict[str, Any], png: Path) -> Path:
+    """Write a PNG (800×500) of file size against mean KL-divergence, one labelled point per precision.
+
+    Axes go logarithmic where the values span more than a decade (KL-divergence) or a factor of four (size).
+
+    Raises:
+        UsageError: no file in the manifest has fidelity numbers.
+    """
+    fig = _figure(manifest)
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, format="png", dpi=_PLOT_DPI)
+    return png
+
+
+# --- reading manifests -------------------------------------------------------------------------------------------
+
+
+def find_manifests(paths: Iterable[Path]) -> list[Path]:
+    """Manifest files named directly, or found under the given folders (``outputs/`` or ``outputs/<PAIR>/``).
+
+    Raises:
+        UsageError: a path does not exist, or a folder holds no manifest.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            inside = sorted(path.rglob(MANIFEST_NAME))
+            if not inside:
+                raise UsageError(
+                    f"no {MANIFEST_NAME} under {path}",
+                    hint="pass a Converter outputs folder (outputs/ or outputs/<PAIR>/) after a run",
+                )
+            found += inside
+        else:
+            raise UsageError(f"no such file or folder: {path}")
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def load_manifests(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Read manifest files; each gets ``_folder`` (where its GGUF files are) for measuring bits per weight.
+
+    Raises:
+        UsageError: a file is not a schema-1 manifest.
+    """
+    manifests = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read manifest {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("schema") != 1 or not isinstance(data.get("files"), list):
+            raise UsageError(
+                f"{path} is not a cecai-converter manifest (schema 1)",
+                hint="pass outputs/<PAIR>/manifest.json files or the outputs folder",
+            )
+        data["_folder"] = str(Path(path).parent)
+        manifests.append(data)
+    return manifests
+
+
+def _plot_name(manifest: Mapping[str, Any]) -> str:
+    stem = str(manifest.get("model_name") or "model")
+    if manifest.get("pair"):
+        stem += f".{manifest['pair']}"
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem) + ".fidelity.png"
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+def _run_report(args: argparse.Namespace, out: Output) -> int:
+    manifests = load_manifests(find_manifests(args.paths))
+    markdown = render_markdown(manifests)
+    plots: list[str] = []
+    if args.plot is not None:
+        for manifest in manifests:
+            if not _points(manifest):
+                out.warning(f"{_title(manifest)}: no fidelity numbers, no plot")
+                continue
+            png = plot(manifest, Path(args.plot) / _plot_name(manifest))
+            plots.append(str(png))
+            out.info(f"wrote {png}")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with Path(summary).open("a", encoding="utf-8") as handle:
+            handle.write(markdown + "\n")
+    public = [{k: v for k, v in m.items() if not k.startswith("_")} for m in manifests]
+    out.result(markdown, {"markdown": markdown, "plots": plots, "manifests": public})
+    return EXIT_OK
+
+
+def register(subparsers: Any) -> None:
+    """Add ``report`` to the CLI."""
+    parser = subparsers.add_parser(
+        "report",
+        help="Markdown table (and plots) of size and fidelity for converted models",
+        description="Print a Markdown table per model (file, precision, size, bits per weight, KL-divergence, "
+        "perplexity change, top-1 agreement, tokens/s) from manifest files; also appended to "
+        "$GITHUB_STEP_SUMMARY when that is set.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="MANIFEST_OR_OUTPUTS_DIR",
+        help="manifest.json files, or folders searched for them (outputs/ or outputs/<PAIR>/)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="also write <model>[.<PAIR>].fidelity.png (file size vs KL-divergence) per manifest into DIR",
+    )
+    parser.set_defaults(handler=_run_report)

@@ -1,0 +1,204 @@
+"""Fidelity numbers on a small real model: computed, finite, sensibly ordered; thresholds; failures explained."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cecai_converter import fidelity
+from cecai_converter.errors import ConfigError, ConverterError
+from cecai_converter.fidelity import MeasurementFailed, check_thresholds, measure
+
+QUANTS = ("Q8_0", "Q4_K_M", "Q2_K")
+
+
+def convert_to_f32(model_dir: Path, outfile: Path) -> Path:
+    """The pinned convert_hf_to_gguf.py, as the pipeline runs it."""
+    from cecai_converter import toolchain
+
+    script = toolchain.ensure_converter() / "convert_hf_to_gguf.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", "f32"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return outfile
+
+
+def quantize(src: Path, dst: Path, precision: str, imatrix_data: object = None) -> int:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{precision}")
+    params.nthread = 2
+    if imatrix_data is not None:
+        imatrix_data.apply(params)  # type: ignore[attr-defined]
+    return int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params))
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random Llama (SentencePiece tokenizer) as F32 GGUF and three quantizations of it."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("torch")
+    from cecai_converter.modelgen import build_model
+
+    root = tmp_path_factory.mktemp("fidelity")
+    base = convert_to_f32(build_model(root / "hf", "llama", seed=1), root / "tiny.f32.gguf")
+    files = {"F32": base}
+    for precision in QUANTS:
+        dst = root / f"tiny.{precision.lower()}.gguf"
+        assert quantize(base, dst, precision) == 0
+        files[precision] = dst
+    return files
+
+
+@pytest.fixture(scope="module")
+def results(ggufs: dict[str, Path]) -> dict[str, dict]:
+    return measure(ggufs["F32"], ggufs, n_threads=2, max_tokens=1536)
+
+
+@pytest.mark.slow
+def test_numbers_are_complete_and_finite(results: dict[str, dict]) -> None:
+    assert list(results) == ["F32", *QUANTS]
+    for label, res in results.items():
+        assert tuple(res) == fidelity.RESULT_KEYS, label
+        for key in fidelity.RESULT_KEYS:
+            if key != "device":
+                assert math.isfinite(res[key]), (label, key, res[key])
+        assert res["device"] == "cpu"  # n_gpu_layers=0
+        assert res["n_tokens"] > 500
+        assert res["ppl"] > 1 and res["ppl_base"] > 1
+        assert 0 <= res["top1_agreement"] <= 1
+        assert res["prompt_tps"] > 0 and res["gen_tps"] > 0
+        assert res["kld_mean"] >= -1e-9
+    # Every candidate is judged on the same positions against the same base.
+    assert len({r["n_tokens"] for r in results.values()}) == 1
+    assert len({r["ppl_base"] for r in results.values()}) == 1
+
+
+@pytest.mark.slow
+def test_base_against_itself_is_lossless(results: dict[str, dict]) -> None:
+    same = results["F32"]
+    assert abs(same["kld_mean"]) < 1e-6
+    assert abs(same["ppl_delta_pct"]) < 1e-6
+    assert same["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_fewer_bits_cost_more(results: dict[str, dict]) -> None:
+    kld = {p: results[p]["kld_mean"] for p in QUANTS}
+    assert 0 < kld["Q8_0"] < kld["Q4_K_M"] < kld["Q2_K"], kld
+    assert results["Q8_0"]["top1_agreement"] > results["Q2_K"]["top1_agreement"]
+    # Perplexity changes are not ordered on random weights (their perplexity is about the vocabulary size, and noise
+    # moves it either way); KL-divergence is the measure that orders quantizations.
+
+
+@pytest.mark.slow
+def test_thresholds_on_real_numbers(results: dict[str, dict]) -> None:
+    q4 = results["Q4_K_M"]["kld_mean"]
+    assert check_thresholds(results, {"Q8_0": {"max_kld": q4}, "Q4_K_M": {"max_kld": q4 * 1.01}}) == []
+    violations = check_thresholds(
+        results,
+        {"q2_k": {"max_kld": q4, "min_top1": 1.0}, "Q8_0": {"max_ppl_delta_pct": -1e9}, "IQ1_S": {"max_kld": 0}},
+    )
+    assert len(violations) == 3, violations
+    assert any(v.startswith("Q2_K: kld_mean") and "above the maximum max_kld" in v for v in violations)
+    assert any(v.startswith("Q2_K: top1_agreement") and "below the minimum min_top1 = 1" in v for v in violations)
+    assert any(v.startswith("Q8_0: ppl_delta_pct") for v in violations)
+
+
+@pytest.mark.slow
+def test_report_and_plot_from_real_numbers(ggufs: dict[str, Path], results: dict[str, dict], tmp_path: Path) -> None:
+    from cecai_converter import report
+
+    files = [
+        {"name": ggufs[p].name, "precision": p, "bytes": ggufs[p].stat().st_size, "fidelity": results[p]}
+        for p in QUANTS
+    ]
+    manifest = {"schema": 1, "model_name": "tiny", "pair": "CPU_LLM_LLAMA", "base": {"precision": "F32"}}
+    manifest |= {"files": files, "_folder": str(ggufs["F32"].parent)}
+    markdown = report.render_markdown([manifest])
+    for p in QUANTS:
+        line = next(ln for ln in markdown.splitlines() if f"| {p} |" in ln)
+        assert f"{100 * results[p]['top1_agreement']:.1f}%" in line
+        assert "≈" not in line  # bits per weight measured from the GGUF next to the manifest
+    png = report.plot(manifest, tmp_path / "tiny.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png.read_bytes()[16:24]) == (800, 500)
+
+
+@pytest.mark.slow
+def test_limits_the_tokens_evaluated(ggufs: dict[str, Path]) -> None:
+    small = measure(ggufs["F32"], {"Q8_0": ggufs["Q8_0"]}, n_threads=2, n_ctx=128, max_tokens=256)
+    # two chunks of 128 tokens, the second half of each scored (63 predictions per chunk)
+    assert small["Q8_0"]["n_tokens"] == 2 * 63
+    assert math.isfinite(small["Q8_0"]["kld_mean"])
+
+
+@pytest.mark.slow
+def test_broken_candidate_is_a_clear_error(ggufs: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(ggufs["Q8_0"].read_bytes()[:4096])  # header intact, tensor data missing
+    with pytest.raises(MeasurementFailed) as info:
+        measure(ggufs["F32"], {"Q8_0": ggufs["Q8_0"], "BROKEN": broken}, n_threads=2, max_tokens=256, n_ctx=128)
+    assert "BROKEN" in info.value.message and str(broken) in info.value.message
+    assert "llama.cpp log" in info.value.message
+    assert info.value.hint
+
+
+@pytest.mark.slow
+def test_text_too_short(ggufs: dict[str, Path], tmp_path: Path) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("Too short to judge anything.", encoding="utf-8")
+    with pytest.raises(ConfigError, match="evaluation text has only"):
+        measure(ggufs["F32"], {"Q8_0": ggufs["Q8_0"]}, eval_text=text)
+
+
+# --- fast checks -----------------------------------------------------------------------------------------------
+
+
+def test_shipped_eval_text_is_prose_of_a_few_thousand_words() -> None:
+    text = fidelity.default_eval_text().read_text(encoding="utf-8")
+    assert 1800 < len(text.split()) < 4000
+
+
+def test_missing_files_are_usage_errors(tmp_path: Path) -> None:
+    gguf = tmp_path / "a.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"Q4_K_M GGUF not found"):
+        measure(gguf, {"Q4_K_M": tmp_path / "missing.gguf"})
+    with pytest.raises(ConfigError, match="evaluation text not found"):
+        measure(gguf, {"Q4_K_M": gguf}, eval_text=tmp_path / "none.txt")
+    with pytest.raises(ConfigError, match="max_tokens"):
+        measure(gguf, {"Q4_K_M": gguf}, max_tokens=3)
+
+
+def test_thresholds_validation_and_edge_cases() -> None:
+    results = {"Q4_K_M": {"kld_mean": 0.05, "ppl_delta_pct": 2.0, "top1_agreement": 0.9}}
+    assert check_thresholds(results, {}) == []
+    assert check_thresholds(results, {"Q4_K_M": {"max_kld": 0.05, "min_top1": 0.9, "max_ppl_delta_pct": 2}}) == []
+    assert check_thresholds(results, {"Q8_0": {"max_kld": 0.0}}) == []  # not produced: nothing to judge
+    assert len(check_thresholds(results, {"q4_k_m": {"max_kld": 0.01}})) == 1
+    broken = {"Q4_K_M": {"kld_mean": float("nan"), "ppl_delta_pct": 1.0, "top1_agreement": 0.9}}
+    (message,) = check_thresholds(broken, {"Q4_K_M": {"max_kld": 1.0}})
+    assert "nan" in message
+    with pytest.raises(ConfigError, match="unknown limit 'max_kl'") as info:
+        check_thresholds(results, {"Q4_K_M": {"max_kl": 0.1}})
+    assert "max_kld" in (info.value.hint or "")
+    with pytest.raises(ConfigError, match="must be a number"):
+        check_thresholds(results, {"Q4_K_M": {"max_kld": "low"}})
+    with pytest.raises(ConfigError, match="mapping of limits"):
+        check_thresholds(results, {"Q4_K_M": 0.1})  # type: ignore[dict-item]
+
+
+def test_a_killed_worker_is_described() -> None:
+    assert "SIGKILL" in fidelity._describe_exit(-9)
+    assert "status 3" in fidelity._describe_exit(3)
+    error = fidelity._as_error("failed", "fidelity: evaluating X failed", "GGML_ASSERT(x) failed", "candidate")
+    assert isinstance(error, MeasurementFailed) and isinstance(error, ConverterError)
+    assert "GGML_ASSERT" in error.message and error.exit_code == 1

@@ -1,0 +1,282 @@
+"""Importance matrices: the real llama-imatrix built from the pinned sdist, the loader, IQ types end to end."""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cecai_converter import imatrix
+from cecai_converter.errors import ToolchainError, ToolNotFound, UsageError
+
+
+def convert_to_f32(model_dir: Path, outfile: Path) -> Path:
+    """The pinned convert_hf_to_gguf.py, as the pipeline runs it."""
+    from cecai_converter import toolchain
+
+    script = toolchain.ensure_converter() / "convert_hf_to_gguf.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", "f32"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return outfile
+
+
+def quantize(src: Path, dst: Path, precision: str, imatrix_data: imatrix.ImatrixData | None = None) -> int:
+    """``llama_model_quantize`` in-process, as the pipeline's quantize worker calls it."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{precision}")
+    params.nthread = 2
+    if imatrix_data is not None:
+        imatrix_data.apply(params)
+    return int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params))
+
+
+# --- handmade imatrix files (fast) ------------------------------------------------------------------------------
+
+
+def write_gguf_imatrix(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], **meta: object) -> Path:
+    """An imatrix as llama-imatrix writes it: ``<name>.in_sum2`` [ne0, n_expert] and ``<name>.counts`` [n_expert]."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch="")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", list(meta.get("datasets", ["calib.txt"])))  # type: ignore[arg-type]
+    writer.add_uint32("imatrix.chunk_count", int(meta.get("chunk_count", 3)))  # type: ignore[arg-type]
+    writer.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, counts) in entries.items():
+        writer.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
+        writer.add_tensor(f"{name}.counts", counts.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_legacy_imatrix(path: Path, entries: dict[str, tuple[int, np.ndarray]], chunks: int, dataset: str) -> Path:
+    buf = io.BytesIO()
+    buf.write(struct.pack("<i", len(entries)))
+    for name, (ncall, values) in entries.items():
+        raw = name.encode()
+        buf.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size))
+        buf.write(values.astype("<f4").tobytes())
+    buf.write(struct.pack("<i", chunks) + struct.pack("<i", len(dataset)) + dataset.encode())
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_gguf_imatrix_is_normalised_like_llama_quantize(tmp_path: Path) -> None:
+    dense = np.arange(1, 9, dtype=np.float32) * 4  # 8 values seen 4 times
+    experts = np.arange(12, dtype=np.float32).reshape(3, 4)  # 3 experts × 4 values; expert 1 never routed
+    path = write_gguf_imatrix(
+        tmp_path / "imatrix.gguf",
+        {
+            "blk.0.ffn_up.weight": (dense, np.array([4.0])),
+            "blk.0.ffn_up_exps.weight": (experts, np.array([2.0, 0.0, 4.0])),
+        },
+    )
+    data, info = imatrix.read_imatrix(path)
+    np.testing.assert_allclose(data["blk.0.ffn_up.weight"], np.arange(1, 9))
+    np.testing.assert_allclose(
+        data["blk.0.ffn_up_exps.weight"], np.concatenate([experts[0] / 2, np.ones(4), experts[2] / 4])
+    )
+    assert info == {"datasets": ["calib.txt"], "chunk_count": 3, "chunk_size": 512, "legacy": False}
+
+
+def test_legacy_imatrix_is_divided_by_its_calls(tmp_path: Path) -> None:
+    path = write_legacy_imatrix(
+        tmp_path / "imatrix.dat", {"blk.0.attn_q.weight": (5, np.full(256, 10.0))}, chunks=7, dataset="wiki.txt"
+    )
+    data, info = imatrix.read_imatrix(path)
+    np.testing.assert_allclose(data["blk.0.attn_q.weight"], np.full(256, 2.0))
+    assert info["legacy"] and info["chunk_count"] == 7 and info["datasets"] == ["wiki.txt"]
+
+
+def test_not_an_imatrix(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        imatrix.read_imatrix(tmp_path / "none.gguf")
+    junk = tmp_path / "junk.dat"
+    junk.write_bytes(b"\xff\xff\xff\x7f not an imatrix")
+    with pytest.raises(UsageError, match=r"not an importance matrix|not a complete"):
+        imatrix.read_imatrix(junk)
+    from gguf import GGUFWriter
+
+    model = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(model), arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UsageError, match="not an importance matrix") as info:
+        imatrix.read_imatrix(model)
+    assert "llama-imatrix" in (info.value.hint or "")
+    nan = write_gguf_imatrix(tmp_path / "nan.gguf", {"a.weight": (np.array([np.nan] * 4), np.array([1.0]))})
+    with pytest.raises(UsageError, match="NaN"):
+        imatrix.read_imatrix(nan)
+
+
+def test_load_for_quantize_builds_the_c_structures(tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = write_gguf_imatrix(
+        tmp_path / "imx.gguf",
+        {"b.weight": (np.full(256, 6.0), np.array([3.0])), "a.weight": (np.arange(4.0), np.array([1.0]))},
+        datasets=["calibration.txt"],
+        chunk_count=9,
+    )
+    imx = imatrix.load_for_quantize(path)
+    assert imx.entries == {"a.weight": 4, "b.weight": 256}
+    assert len(imx.array) == 3 and imx.array[2].name is None and imx.array[2].size == 0  # terminator
+    by_name = {imx.array[i].name: imx.array[i] for i in range(2)}
+    assert by_name[b"b.weight"].size == 256
+    assert [by_name[b"a.weight"].data[i] for i in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    assert by_name[b"b.weight"].data[255] == pytest.approx(2.0)
+    kv = {imx.kv_overrides[i].key: imx.kv_overrides[i] for i in range(len(imx.kv_overrides) - 1)}
+    assert kv[b"quantize.imatrix.file"].value.val_str == b"imx.gguf"  # the name only, no local path
+    assert kv[b"quantize.imatrix.dataset"].value.val_str == b"calibration.txt"
+    assert kv[b"quantize.imatrix.entries_count"].value.val_i64 == 2
+    assert kv[b"quantize.imatrix.chunks_count"].value.val_i64 == 9
+    assert imx.kv_overrides[len(imx.kv_overrides) - 1].key == b""  # terminator
+    params = llama_cpp.llama_model_quantize_default_params()
+    imx.apply(params)
+    assert ctypes.cast(params.imatrix, ctypes.c_void_p).value == ctypes.addressof(imx.array)
+    assert ctypes.cast(params.kv_overrides, ctypes.c_void_p).value == ctypes.addressof(imx.kv_overrides)
+    assert imx.describe() == {"file": "imx.gguf", "sha256": imx.sha256, "entries": 2}
+
+
+# --- building (fast failure paths) -----------------------------------------------------------------------------
+
+
+def fake_sdist(tmp_path: Path, cmakelists: str) -> Path:
+    sdist = tmp_path / "llama_cpp_python-0.0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        data = cmakelists.encode()
+        member = tarfile.TarInfo("llama_cpp_python-0.0.0/vendor/llama.cpp/CMakeLists.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return sdist
+
+
+def test_missing_cmake_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(imatrix.shutil, "which", lambda name: None)
+    with pytest.raises(ToolNotFound, match="cmake") as info:
+        imatrix.build_tools(sdist=fake_sdist(tmp_path, ""), cache=tmp_path / "cache")
+    assert "apt-get install cmake" in (info.value.hint or "")
+
+
+def test_failed_build_keeps_the_log_tail(tmp_path: Path) -> None:
+    if imatrix.shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    sdist = fake_sdist(tmp_path, 'cmake_minimum_required(VERSION 3.14)\nmessage(FATAL_ERROR "vendored tree broken")\n')
+    with pytest.raises(ToolchainError, match="vendored tree broken") as info:
+        imatrix.build_tools(sdist=sdist, cache=tmp_path / "cache")
+    assert "build.log" in info.value.message
+    assert not (
+        tmp_path / "cache" / "llama.cpp-tools" / "llama_cpp_python-0.0.0-cpu" / "bin" / "llama-imatrix"
+    ).exists()
+
+
+def test_sdist_without_llama_cpp(tmp_path: Path) -> None:
+    if imatrix.shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    sdist = tmp_path / "llama_cpp_python-0.0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        member = tarfile.TarInfo("llama_cpp_python-0.0.0/setup.py")
+        tar.addfile(member, io.BytesIO(b""))
+    with pytest.raises(ToolchainError, match=r"holds no vendor/llama\.cpp"):
+        imatrix.build_tools(sdist=sdist, cache=tmp_path / "cache")
+
+
+# --- the real tool (slow: the first build compiles llama.cpp, ~5-10 min on 2 cores; cached afterwards) ----------
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, Path]:
+    pytest.importorskip("llama_cpp")
+    if imatrix.shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    return imatrix.build_tools()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    from cecai_converter.modelgen import build_model
+
+    root = tmp_path_factory.mktemp("imatrix")
+    return convert_to_f32(build_model(root / "hf", "llama", seed=2), root / "tiny.f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def computed(tools: dict[str, Path], base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("imatrix-out") / "tiny.imatrix.gguf"
+    return imatrix.compute(base, None, out, n_threads=2, tools=tools)
+
+
+@pytest.mark.slow
+def test_build_is_cached(tools: dict[str, Path]) -> None:
+    assert set(tools) == set(imatrix.TOOL_TARGETS)
+    assert all(path.is_file() for path in tools.values())
+    start = time.perf_counter()
+    assert imatrix.build_tools() == tools
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.slow
+def test_compute_writes_a_gguf_imatrix(computed: Path) -> None:
+    data, info = imatrix.read_imatrix(computed)
+    assert any(name.startswith("blk.0.") for name in data)
+    assert "output.weight" not in data  # llama-imatrix leaves the output tensor out by default
+    assert all(np.all(np.isfinite(v)) and np.all(v >= 0) for v in data.values())
+    assert info["datasets"] == ["calibration.txt"]  # the file name, not a local path
+    assert info["chunk_count"] >= 2 and info["chunk_size"] == 512
+
+
+@pytest.mark.slow
+def test_calibration_text_too_short(tools: dict[str, Path], base: Path, tmp_path: Path) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("Four score and seven years ago. " * 20, encoding="utf-8")
+    with pytest.raises(UsageError, match="llama-imatrix needs at least 1024") as info:
+        imatrix.compute(base, text, tmp_path / "x.gguf", n_threads=2, tools=tools)
+    assert "CALIBRATION_TEXT" in (info.value.hint or "")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_iq_type_needs_the_imatrix_and_works_with_it(
+    tools: dict[str, Path], base: Path, computed: Path, tmp_path: Path
+) -> None:
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+
+    assert quantize(base, tmp_path / "refused.gguf", "IQ2_XXS") != 0  # llama.cpp refuses IQ2_XXS without one
+
+    imx = imatrix.load_for_quantize(computed)
+    ours = tmp_path / "tiny.iq2_xxs.gguf"
+    assert quantize(base, ours, "IQ2_XXS", imx) == 0
+    reader = GGUFReader(ours)
+    assert any(t.tensor_type.name == "IQ2_XXS" for t in reader.tensors)
+    assert reader.get_field("quantize.imatrix.entries_count").contents() == len(imx.entries)
+
+    # The same bytes as llama.cpp's own quantizer given the same file.
+    ref = tmp_path / "ref.iq2_xxs.gguf"
+    cmd = [str(tools["llama-quantize"]), "--imatrix", str(computed), str(base), str(ref), "IQ2_XXS", "2"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    theirs = GGUFReader(ref)
+    assert [(t.name, t.tensor_type) for t in reader.tensors] == [(t.name, t.tensor_type) for t in theirs.tensors]
+    assert all(a.data.tobytes() == b.data.tobytes() for a, b in zip(reader.tensors, theirs.tensors, strict=True))
+
+    llm = Llama(model_path=str(ours), n_ctx=64, verbose=False)
+    out = llm("The lighthouse", max_tokens=8, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1

@@ -1,0 +1,54 @@
+"""Fidelity and importance matrices through the whole pipeline (CLI, Converter folder, manifest)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ggufs_under
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_conversion_reports_fidelity_by_default(cli, tiny_llama, tmp_path):
+    result = cli("convert", tiny_llama, "--precision", "Q8_0", "--precision", "Q2_K", "--outdir", tmp_path,
+                 "--format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(Path(json.loads(result.stdout)["manifest"]).read_text())
+    fid = {f["precision"]: f["fidelity"] for f in manifest["files"]}
+    assert fid["Q8_0"]["kld_mean"] < fid["Q2_K"]["kld_mean"]
+    assert fid["Q8_0"]["device"] == "cpu" and fid["Q8_0"]["n_tokens"] > 500
+    report = cli("report", tmp_path, "--plot", tmp_path / "plots")
+    assert report.returncode == 0, report.stderr
+    assert "Q2_K" in report.stdout and "|" in report.stdout
+    assert list((tmp_path / "plots").glob("*.png"))
+
+
+def test_iq_type_with_a_computed_imatrix_is_made_verified_and_recorded(cli, tiny_llama, tmp_path):
+    result = cli("convert", tiny_llama, "--precision", "IQ2_XXS", "--outdir", tmp_path, "--imatrix", "auto",
+                 "--format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(Path(json.loads(result.stdout)["manifest"]).read_text())
+    (entry,) = manifest["files"]
+    assert entry["precision"] == "IQ2_XXS" and entry["file_type"] == 19
+    assert entry["verification"]["generated_tokens"]
+    assert manifest["imatrix"]["source"] == "computed" and manifest["imatrix"]["entries"] > 0
+    assert "llama-imatrix" in result.stderr
+
+
+def test_thresholds_in_the_configuration_fail_the_run_and_publish_nothing(cli, tiny_llama, tmp_path):
+    conv = tmp_path / "Converter"
+    cfg = conv / "configurations"
+    (cfg / "CPU_LLM_LLAMA").mkdir(parents=True)
+    (cfg / "converter_args.yaml").write_text(yaml.safe_dump({"MODEL_NAME": "m"}))
+    (cfg / "CPU_LLM_LLAMA" / "converter_args_cpu_llm_llama.yaml").write_text(
+        yaml.safe_dump({"PRECISION": ["Q8_0", "Q2_K"], "THRESHOLDS": {"Q2_K": {"max_kld": 1e-9}}})
+    )
+    shutil.copytree(tiny_llama, conv / "models" / "m")
+    result = cli("run", conv)
+    assert result.returncode == 1
+    assert "fidelity thresholds exceeded" in result.stderr and "Q2_K" in result.stderr
+    assert ggufs_under(conv / "outputs") == []
