@@ -78,3 +78,14 @@ def tree_digest(root: Path) -> dict[str, str]:
 def ggufs_under(root: Path) -> list[Path]:
     """Every ``.gguf`` file under ``root``, hidden ones included."""
     return sorted(root.rglob("*.gguf")) if root.exists() else []
+
+
+def convert_to_f32(model_dir: Path, outfile: Path) -> Path:
+    """An F32 GGUF of ``model_dir`` made by the pinned converter, exactly as the pipeline runs it."""
+    from cecai_converter.convert import run_converter
+    from cecai_converter.source import check_model_dir
+    from cecai_converter.toolchain import ensure_converter
+
+    source = check_model_dir(model_dir)
+    run_converter(ensure_converter(), source, outfile, "f32", model_name=model_dir.name)
+    return outfile

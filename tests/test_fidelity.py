@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import convert_to_f32
 
 from cecai_converter import fidelity
 from cecai_converter.errors import ConfigError, ConverterError
 from cecai_converter.fidelity import MeasurementFailed, check_thresholds, measure
 
 QUANTS = ("Q8_0", "Q4_K_M", "Q2_K")
-
-
-def convert_to_f32(model_dir: Path, outfile: Path) -> Path:
-    """The pinned convert_hf_to_gguf.py, as the pipeline runs it."""
-    from cecai_converter import toolchain
-
-    script = toolchain.ensure_converter() / "convert_hf_to_gguf.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", "f32"]
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
-    return outfile
 
 
 def quantize(src: Path, dst: Path, precision: str, imatrix_data: object = None) -> int:

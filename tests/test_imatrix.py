@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import ctypes
 import io
-import os
 import struct
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import convert_to_f32
 
 from cecai_converter import imatrix
 from cecai_converter.errors import ToolchainError, ToolNotFound, UsageError
-
-
-def convert_to_f32(model_dir: Path, outfile: Path) -> Path:
-    """The pinned convert_hf_to_gguf.py, as the pipeline runs it."""
-    from cecai_converter import toolchain
-
-    script = toolchain.ensure_converter() / "convert_hf_to_gguf.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", "f32"]
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
-    return outfile
 
 
 def quantize(src: Path, dst: Path, precision: str, imatrix_data: imatrix.ImatrixData | None = None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConversionFailed, UnsupportedModel, UsageError
+from .fsutil import sha256_file
 from .toolchain import LLAMA_CPP_PYTHON_VERSION
 
 __all__ = [
@@ -204,6 +205,19 @@ def check_model_dir(
     return ModelSource(path=path, architecture=architecture, weights=weights, pickle=is_pickle, config=config)
 
 
+def _tensor_infos(source: ModelSource) -> list[dict[str, Any]]:
+    """The tensor entries (dtype, shape) of every safetensors file, read from the headers only."""
+    infos: list[dict[str, Any]] = []
+    for name in source.weights:
+        if not name.endswith(".safetensors"):
+            continue
+        with (source.path / name).open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        infos += [info for key, info in header.items() if key != "__metadata__"]
+    return infos
+
+
 def source_dtype(source: ModelSource) -> str:
     """The float type the checkpoint is stored in (``f32``, ``f16`` or ``bf16``), for a lossless base file."""
     declared = str(source.config.get("torch_dtype") or source.config.get("dtype") or "").lower()
@@ -211,15 +225,8 @@ def source_dtype(source: ModelSource) -> str:
     if declared in by_name:
         return by_name[declared]
     counts: dict[str, int] = {}
-    for name in source.weights:
-        if not name.endswith(".safetensors"):
-            continue
-        with (source.path / name).open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for key, info in header.items():
-            if key != "__metadata__":
-                counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+    for info in _tensor_infos(source):
+        counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
     top = max(counts, key=lambda k: counts[k]) if counts else "F16"
     return {"F32": "f32", "BF16": "bf16"}.get(top, "f16")
 
@@ -227,27 +234,12 @@ def source_dtype(source: ModelSource) -> str:
 def count_parameters(source: ModelSource) -> int:
     """The number of weights in the safetensors files, from their headers (0 for pickle weights)."""
     total = 0
-    for name in source.weights:
-        if not name.endswith(".safetensors"):
-            continue
-        with (source.path / name).open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for key, info in header.items():
-            if key != "__metadata__":
-                count = 1
-                for dim in info.get("shape", []):
-                    count *= int(dim)
-                total += count
+    for info in _tensor_infos(source):
+        count = 1
+        for dim in info.get("shape", []):
+            count *= int(dim)
+        total += count
     return total
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint_files(
@@ -273,7 +265,7 @@ def fingerprint_files(
         if old and old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
             sha = str(old["sha256"])
         else:
-            sha = _sha256_file(path)
+            sha = sha256_file(path)
         records.append({"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})
     digest = hashlib.sha256("".join(f"{r['path']} {r['bytes']} {r['sha256']}\n" for r in records).encode())
     return digest.hexdigest(), records

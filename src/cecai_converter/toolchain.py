@@ -8,7 +8,6 @@ offline. ``cecai-convert toolchain`` shows where everything is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from .errors import ToolchainError, ToolNotFound
+from .fsutil import sha256_file
 
 __all__ = [
     "LLAMA_CPP_PYTHON_VERSION",
@@ -58,16 +58,8 @@ def _version_dir() -> Path:
     return cache_root() / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_sdist(path: Path) -> None:
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != SDIST_SHA256:
         raise ToolchainError(
             f"{path} is not the published llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist "
