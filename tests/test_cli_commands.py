@@ -60,10 +60,10 @@ def test_verify_passes_good_files_and_fails_damaged_ones(cli, tiny_llama, tmp_pa
 def test_a_file_that_fails_verification_is_never_published(tiny_llama, tmp_path, monkeypatch, capsys):
     """The runtime check is replaced by one that fails (the stand-in is ours: real files never fail it here)."""
 
-    def failing_load_check(path, **kwargs):
-        raise VerificationFailed(f"llama-cpp-python could not load {path.name}")
+    def failing_load_check_many(paths, **kwargs):
+        raise VerificationFailed(f"llama-cpp-python could not load {paths[0].name}")
 
-    monkeypatch.setattr(pipeline, "load_check", failing_load_check)
+    monkeypatch.setattr(pipeline, "load_check_many", failing_load_check_many)
     code = main(["convert", str(tiny_llama), "--precision", "Q4_K_M", "--outdir", str(tmp_path), "--no-fidelity"])
     assert code == 1
     assert "could not load" in capsys.readouterr().err

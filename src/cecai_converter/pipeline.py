@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from .pairs import PairInfo
 from .precisions import PRECISIONS, PrecisionInfo
 from .source import ModelSource, check_model_dir, count_parameters, fetch_from_hub, fingerprint_files, source_dtype
 from .toolchain import ensure_converter, require_runtime, toolchain_info
-from .verify import load_check, read_back
+from .verify import load_check_many, read_back
 
 __all__ = ["Job", "Options", "Target", "run_job"]
 
@@ -116,6 +117,7 @@ class _Produced:
     fidelity: dict[str, Any] | None = None
     made_here: bool = True
     origin: Path | None = None
+    sha_future: Future[str] | None = None
 
 
 class _Run:
@@ -130,9 +132,17 @@ class _Run:
         self.base_path: Path | None = None
         self.converter_dir: Path | None = None
         self.imatrix = _ImatrixPlan.from_options(job.options)
+        # Hashing (the source on a first run, each new output) overlaps the conversion and quantization steps.
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cecai-hash")
 
     # -- source -----------------------------------------------------------------------------------------------
-    def resolve_source(self) -> tuple[ModelSource, dict[str, Any]]:
+    def resolve_source(self) -> tuple[ModelSource, dict[str, Any], Future[tuple[str, list[dict[str, Any]]]] | None]:
+        """Check the source and fingerprint it.
+
+        Returns the source, its manifest record and, when no manifest has seen these files before (so nothing can
+        be reused and the fingerprint is not needed to plan), a future of the fingerprint computed in the
+        background while the conversion runs.
+        """
         job = self.job
         self.converter_dir = ensure_converter()
         if job.hub:
@@ -141,18 +151,28 @@ class _Run:
             source = check_model_dir(local, self.converter_dir, allow_pickle=self.opts.allow_pickle)
             fingerprint, _ = fingerprint_files(local)
             record = {"kind": "hub", "repo_id": job.model, "revision": resolved, "fingerprint": fingerprint}
-            return ModelSource(**{**source.__dict__, "repo_id": job.model, "revision": resolved}), record
+            return ModelSource(**{**source.__dict__, "repo_id": job.model, "revision": resolved}), record, None
         path = Path(job.model).resolve()
         source = check_model_dir(path, self.converter_dir, allow_pickle=self.opts.allow_pickle)
-        previous: dict[str, Any] = {}
-        for target in job.targets:
-            old = read_manifest(target.outputs_dir)
+        previous: dict[str, Any] | None = None
+        for folder in self.related_folders():
+            old = read_manifest(folder)
             if old and old.get("source", {}).get("path") == str(path):
                 previous = {f["path"]: f for f in old["source"].get("files", [])}
                 break
+        record: dict[str, Any] = {"kind": "local", "path": str(path)}
+        if previous is None:
+            return source, record, self.pool.submit(fingerprint_files, path)
         fingerprint, files = fingerprint_files(path, previous)
-        record = {"kind": "local", "path": str(path), "fingerprint": fingerprint, "files": files}
-        return source, record
+        return source, {**record, "fingerprint": fingerprint, "files": files}, None
+
+    def related_folders(self) -> list[Path]:
+        """The targets' folders, then their sibling pair folders (a file made for one pair serves every pair)."""
+        folders: list[Path] = [t.outputs_dir for t in self.job.targets]
+        for target in self.job.targets:
+            if target.pair is not None and target.outputs_dir.parent.is_dir():
+                folders += [p for p in sorted(target.outputs_dir.parent.iterdir()) if p.is_dir()]
+        return list(dict.fromkeys(folders))
 
     # -- planning ---------------------------------------------------------------------------------------------
     def key_for(self, precision: PrecisionInfo, fingerprint: str, base: PrecisionInfo, imatrix_sha: str | None) -> str:
@@ -169,12 +189,7 @@ class _Run:
 
     def find_existing(self, key: str, precision: PrecisionInfo) -> _Produced | None:
         """A current file for ``key`` in any target or sibling pair folder (reused instead of remade)."""
-        folders: list[Path] = []
-        for target in self.job.targets:
-            folders.append(target.outputs_dir)
-            if target.pair is not None and target.outputs_dir.parent.is_dir():
-                folders += [p for p in sorted(target.outputs_dir.parent.iterdir()) if p.is_dir()]
-        for folder in dict.fromkeys(folders):
+        for folder in self.related_folders():
             manifest = read_manifest(folder)
             for entry in (manifest or {}).get("files", []):
                 if entry.get("precision") == precision.name and file_is_current(entry, folder, key):
@@ -246,15 +261,21 @@ def run_job(job: Job, out: Output) -> list[dict[str, Any]]:
 
 
 def _run(job: Job, out: Output) -> list[dict[str, Any]]:
-    started = time.perf_counter()
     run = _Run(job, out)
-    opts = job.options
+    try:
+        return _execute(run, time.perf_counter())
+    finally:
+        # On failure or Ctrl-C nothing waits for hashes of files that are being removed.
+        run.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
+    job, out, opts = run.job, run.out, run.opts
     for target in job.targets:
         for stale in remove_stale_staging(target.outputs_dir):
             _log.info("removed leftovers of an interrupted run: %s", stale)
     _log.info("model %s → %s", job.model, ", ".join(p.name for p in job.precisions))
-    source, source_record = run.resolve_source()
-    fingerprint = source_record["fingerprint"]
+    source, source_record, pending_fingerprint = run.resolve_source()
     wanted = list(job.precisions)
     base_precision = _base_outtype(source, wanted, fidelity=opts.fidelity)
     if opts.keep_base and base_precision not in wanted:
@@ -267,20 +288,29 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
             "uses the shipped calibration text, or --calibration-text FILE); or choose a k-quant such as Q2_K / Q3_K_S",
         )
     imatrix_sha = run.imatrix.identity()
-    keys = {p.name: run.key_for(p, fingerprint, base_precision, imatrix_sha) for p in wanted}
-    missing: list[PrecisionInfo] = []
-    for precision in wanted:
-        existing = None if opts.force else run.find_existing(keys[precision.name], precision)
-        if existing is not None:
-            run.produced[precision.name] = existing
-        else:
-            missing.append(precision)
-    if not missing and all(_target_current(t, job, keys) for t in job.targets):
-        out.info(f"up to date: {job.model_name} ({', '.join(p.name for p in wanted)}); nothing to do (--force redoes)")
-        return [
-            {**(read_manifest(t.outputs_dir) or {}), "manifest_path": str(t.outputs_dir / MANIFEST_NAME)}
-            for t in job.targets
-        ]
+
+    def keys_for(fingerprint: str) -> dict[str, str]:
+        return {p.name: run.key_for(p, fingerprint, base_precision, imatrix_sha) for p in wanted}
+
+    keys: dict[str, str] = {}
+    missing: list[PrecisionInfo] = list(wanted)
+    if pending_fingerprint is None:
+        keys = keys_for(source_record["fingerprint"])
+        missing = []
+        for precision in wanted:
+            existing = None if opts.force else run.find_existing(keys[precision.name], precision)
+            if existing is not None:
+                run.produced[precision.name] = existing
+            else:
+                missing.append(precision)
+        if not missing and all(_target_current(t, keys) for t in job.targets):
+            out.info(
+                f"up to date: {job.model_name} ({', '.join(p.name for p in wanted)}); nothing to do (--force redoes)"
+            )
+            return [
+                {**(read_manifest(t.outputs_dir) or {}), "manifest_path": str(t.outputs_dir / MANIFEST_NAME)}
+                for t in job.targets
+            ]
 
     require_runtime()
     anchor = job.targets[0].outputs_dir
@@ -288,12 +318,18 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
         _check_free_space(anchor, count_parameters(source), base_precision, missing)
     with staging_dir(anchor) as stage:
         if missing:
-            _produce(run, source, stage, missing, base_precision, keys)
+            _produce(run, source, stage, missing, base_precision)
+        if pending_fingerprint is not None:
+            fingerprint, files = pending_fingerprint.result()
+            source_record.update(fingerprint=fingerprint, files=files)
+            keys = keys_for(fingerprint)
+        for name, item in run.produced.items():
+            item.key = item.key or keys[name]
         _verify_all(run)
         if opts.fidelity and run.base_path is not None:
             _measure_fidelity(run)
+        run.timings["total_s"] = round(time.perf_counter() - started, 3)
         manifests = [_publish(run, target, source_record, base_precision) for target in job.targets]
-    run.timings["total_s"] = round(time.perf_counter() - started, 3)
     return manifests
 
 
@@ -368,7 +404,7 @@ class _ImatrixPlan:
         return self.path
 
 
-def _target_current(target: Target, job: Job, keys: Mapping[str, str]) -> bool:
+def _target_current(target: Target, keys: Mapping[str, str]) -> bool:
     manifest = read_manifest(target.outputs_dir)
     if manifest is None:
         return False
@@ -386,7 +422,6 @@ def _produce(
     stage: Path,
     missing: list[PrecisionInfo],
     base_precision: PrecisionInfo,
-    keys: Mapping[str, str],
 ) -> None:
     job, out, opts = run.job, run.out, run.opts
     assert run.converter_dir is not None
@@ -429,27 +464,43 @@ def _produce(
                 run.timings["quantize_s"][precision.name] = round(time.perf_counter() - t0, 3)
             produced_path = dest
         run.produced[precision.name] = _Produced(
-            path=produced_path, precision=precision, key=keys[precision.name], sha256="", facts={}
+            path=produced_path,
+            precision=precision,
+            key="",  # known once the source fingerprint is
+            sha256="",
+            facts={},
+            sha_future=run.pool.submit(sha256_file, produced_path),
         )
 
 
 def _verify_all(run: _Run) -> None:
-    """Read back and load every file once for this runtime; reused files that were verified keep their record."""
+    """Read back every file and load each once for this runtime (all in one worker process).
+
+    A file reused from this very target keeps its earlier verification; one from a sibling pair's folder is loaded
+    again here, since a pair's own work is verifying the file on its runtime.
+    """
+    own_folders = {t.outputs_dir for t in run.job.targets}
+    to_load: list[_Produced] = []
     for item in run.produced.values():
         facts = read_back(item.path, item.precision)
         item.facts = {k: getattr(facts, k) for k in _FACT_KEYS}
-        if item.made_here:
-            item.sha256 = sha256_file(item.path)
-        if not run.opts.verify:
-            continue
-        own_folders = {t.outputs_dir for t in run.job.targets}
-        if item.verification is not None and not item.made_here and item.origin in own_folders:
-            continue  # verified for this very target before; a sibling pair's file is verified again here
-        with run.out.step(f"verifying {item.path.name} (load + generate)"):
-            t0 = time.perf_counter()
-            check = load_check(item.path, n_gpu_layers=run.opts.n_gpu_layers, threads=run.opts.threads)
-            run.timings["verify_s"][item.precision.name] = round(time.perf_counter() - t0, 3)
-        item.verification = check.as_dict()
+        if item.sha_future is not None:
+            item.sha256 = item.sha_future.result()
+        if run.opts.verify and not (
+            item.verification is not None and not item.made_here and item.origin in own_folders
+        ):
+            to_load.append(item)
+    if not to_load:
+        return
+    names = ", ".join(item.path.name for item in to_load)
+    with run.out.step(f"verifying {names} (load + generate)"):
+        t0 = time.perf_counter()
+        checks = load_check_many(
+            [item.path for item in to_load], n_gpu_layers=run.opts.n_gpu_layers, threads=run.opts.threads
+        )
+        run.timings["verify_s"]["all"] = round(time.perf_counter() - t0, 3)
+    for item in to_load:
+        item.verification = checks[item.path].as_dict()
 
 
 def _measure_fidelity(run: _Run) -> None:

@@ -20,7 +20,7 @@ from .errors import VerificationFailed
 from .precisions import PRECISIONS, PrecisionInfo
 from .tools import run_tool
 
-__all__ = ["FileFacts", "LoadCheck", "load_check", "read_back"]
+__all__ = ["FileFacts", "LoadCheck", "load_check", "load_check_many", "read_back"]
 
 PROMPT = "Hello world"
 GENERATE_TOKENS = 8
@@ -109,55 +109,75 @@ def load_check(path: Path, *, n_gpu_layers: int = 0, threads: int | None = None)
     Raises:
         VerificationFailed: the runtime could not load the file, or produced nothing.
     """
-    argv = [sys.executable, "-m", "cecai_converter.verify", str(path), "--n-gpu-layers", str(n_gpu_layers)]
+    return load_check_many([path], n_gpu_layers=n_gpu_layers, threads=threads)[path]
+
+
+def load_check_many(paths: list[Path], *, n_gpu_layers: int = 0, threads: int | None = None) -> dict[Path, LoadCheck]:
+    """:func:`load_check` for several files in one worker process (one interpreter and runtime start-up).
+
+    The worker reports each file as it finishes, so when llama.cpp aborts on a broken file the message names that
+    file.
+
+    Raises:
+        VerificationFailed: for the first file that could not be loaded or generated nothing.
+    """
+    argv = [sys.executable, "-m", "cecai_converter.verify", *map(str, paths), "--n-gpu-layers", str(n_gpu_layers)]
     argv += ["--threads", str(threads or os.cpu_count() or 1)]
-    result = run_tool(argv)
-    lines = [ln for ln in result.tail.splitlines() if ln.startswith("CECAI_RESULT ")]
-    if result.returncode != 0 or not lines:
-        last = [ln for ln in result.tail.strip().splitlines() if ln.strip()][-3:]
-        raise VerificationFailed(
-            f"llama-cpp-python could not load {path.name} (exit {result.returncode}): {' | '.join(last)[:400]}",
-            hint="the file was not published; the log has the runtime's full output",
-        )
-    data = json.loads(lines[-1][len("CECAI_RESULT ") :])
-    check = LoadCheck(**data)
-    if len(check.generated_tokens) == 0:
-        raise VerificationFailed(f"{path.name} loaded but generated no tokens")
-    return check
+    done: dict[Path, LoadCheck] = {}
+
+    def on_line(line: str) -> None:
+        if line.startswith(_RESULT):
+            data = json.loads(line[len(_RESULT) :])
+            path = Path(data.pop("path"))
+            done[path] = LoadCheck(**data)
+
+    result = run_tool(argv, on_line=on_line)
+    for path in paths:
+        check = done.get(path)
+        if check is None:
+            last = [ln for ln in result.tail.strip().splitlines() if ln.strip()][-3:]
+            raise VerificationFailed(
+                f"llama-cpp-python could not load {path.name} (exit {result.returncode}): {' | '.join(last)[:400]}",
+                hint="the file was not published; the log has the runtime's full output",
+            )
+        if not check.generated_tokens:
+            raise VerificationFailed(f"{path.name} loaded but generated no tokens")
+    return done
+
+
+_RESULT = "CECAI_RESULT "
 
 
 def _worker(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cecai_converter.verify")
-    parser.add_argument("path")
+    parser.add_argument("paths", nargs="+")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
 
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        args.path,
-        n_ctx=128,
-        n_gpu_layers=args.n_gpu_layers,
-        n_threads=args.threads or None,
-        seed=0,
-        verbose=False,
-    )
-    prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
-    generated: list[int] = []
-    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        generated.append(int(token))
-        if len(generated) >= GENERATE_TOKENS:
-            break
     gpu = args.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
-    result = {
-        "runtime": "cuda" if gpu else "cpu",
-        "n_vocab": int(llm.n_vocab()),
-        "prompt": PROMPT,
-        "generated_tokens": generated,
-        "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
-    }
-    print("CECAI_RESULT " + json.dumps(result), flush=True)
+    for path in args.paths:
+        llm = llama_cpp.Llama(
+            path, n_ctx=128, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads or None, seed=0, verbose=False
+        )
+        prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
+        generated: list[int] = []
+        for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            generated.append(int(token))
+            if len(generated) >= GENERATE_TOKENS:
+                break
+        result = {
+            "path": path,
+            "runtime": "cuda" if gpu else "cpu",
+            "n_vocab": int(llm.n_vocab()),
+            "prompt": PROMPT,
+            "generated_tokens": generated,
+            "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
+        }
+        llm.close()
+        print(_RESULT + json.dumps(result), flush=True)
     return 0
 
 
