@@ -37,7 +37,7 @@ SIZES: Final[dict[str, _Size]] = {
     "tiny": _Size(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=1024),
     "small": _Size(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=4096),
     # ~0.55 B parameters: 1.1 GB in bf16, for benchmarks ("a model of at least 1 GB").
-    "1gb": _Size(hidden=1536, layers=16, heads=12, kv_heads=4, intermediate=4096, vocab=32000),
+    "1gb": _Size(hidden=1536, layers=18, heads=12, kv_heads=4, intermediate=4096, vocab=32000),
 }
 ARCHITECTURES: Final = ("llama", "qwen2", "phi3", "gpt2-bpe")
 _SPM_PIECES: Final = 400  # trained pieces; the config's vocab_size pads the rest, as real checkpoints often do
