@@ -4,22 +4,27 @@
     nox -s lint                       ruff check + format check, zizmor, actionlint
     nox -s demo                       the embedded default conversion
     nox -s convert-cpu -- PATH [...]  `cecai-convert run PATH --pair CPU_LLM_LLAMA --backend local [...]`
+    nox -s convert-gpu -- PATH [...]  the same in the GPU_LLM_LLAMA image (also convert-arm, convert-agx-orin)
+    nox -s build-images               `docker buildx bake` (without buildx: the CPU image, plain build)
 
-The image-related sessions (convert-gpu/-arm/-agx-orin through the pair images, build-images) live in
-noxfile_images.py and are registered from here.
+The convert and image sessions live in noxfile_images.py and are registered from here.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import nox
 
+ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT))  # nox does not put the noxfile's folder on sys.path
+import noxfile_images  # noqa: E402, F401  (registers the convert-* and build-images sessions)
+
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-ROOT = Path(__file__).parent
 WHEELS = os.environ.get("CECAI_WHEEL_CACHE", str(Path.home() / ".cache" / "cecai-converter" / "wheels"))
 
 
@@ -50,13 +55,3 @@ def demo(session: nox.Session) -> None:
     """Build the embedded default model and convert it."""
     _install(session, "local")
     session.run("cecai-convert", "demo", *session.posargs)
-
-
-@nox.session(name="convert-cpu")
-def convert_cpu(session: nox.Session) -> None:
-    """Convert a Converter folder for CPU_LLM_LLAMA with the local backend: nox -s convert-cpu -- PATH [options]."""
-    if not session.posargs:
-        session.error("usage: nox -s convert-cpu -- path/to/<NAME>/Converter [cecai-convert run options]")
-    _install(session, "local")
-    session.run("cecai-convert", "run", *session.posargs[:1], "--pair", "CPU_LLM_LLAMA", "--backend", "local",
-                *session.posargs[1:])  # fmt: skip

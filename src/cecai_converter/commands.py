@@ -208,15 +208,11 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             forwarded += ["--" + flag.replace("_", "-"), str(value)]
-    if args.imatrix is not None and args.imatrix.strip().lower() == "auto":
-        forwarded += ["--imatrix", "auto"]
+    # File options travel as they are: the docker backend mounts each file read-only into the container.
     for flag in ("imatrix", "calibration_text", "eval_text"):
         value = getattr(args, flag)
-        if value is not None and not (flag == "imatrix" and str(value).strip().lower() == "auto"):
-            raise UsageError(
-                f"--{flag.replace('_', '-')} is not forwarded into containers",
-                hint=f"set {flag.upper()} in the pair's YAML (paths relative to configurations/, which is mounted)",
-            )
+        if value is not None:
+            forwarded += ["--" + flag.replace("_", "-"), str(value)]
     return forwarded
 
 

@@ -146,6 +146,7 @@ def ensure_converter(*, fetch: bool = True, source: Path | None = None) -> Path:
         return converter
     sdist = sdist_path(fetch=fetch, source=source)
     staging = Path(tempfile.mkdtemp(prefix=".converter-", dir=converter.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the converter from other users (an image's non-root user)
     try:
         _extract(sdist, staging, _CONVERTER_MEMBERS)
         if not (staging / "convert_hf_to_gguf.py").is_file():

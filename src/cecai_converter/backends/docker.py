@@ -1,0 +1,696 @@
+"""The docker backend: run ``cecai-convert run`` inside the pair's image, through the Docker Engine API.
+
+Every decision lives in :func:`container_spec`, a pure function from a :class:`~cecai_converter.config.PairJob` to a
+:class:`ContainerSpec` (image, command, mounts, user, network, GPUs, runtime), so it is tested without an engine.
+:func:`run_jobs` only carries it out with the ``docker`` SDK, which talks to Docker or to podman's
+Docker-compatible API alike (``DOCKER_HOST=unix:///run/user/1000/podman/podman.sock``).
+
+Inside the container the layout is fixed::
+
+    /job/configurations   the Converter folder's configurations/      read-only
+    /job/models           MODELS_PATH (the model folder's parent)     read-only
+    /job/outputs          OUTPUTS_PATH                                writable
+    /job/logs             LOGS_PATH                                   writable
+
+The container runs as the caller's uid:gid (files it writes belong to the caller), with no network when the
+model is already on disk, all GPUs on GPU_LLM_LLAMA and the ``nvidia`` runtime on AGX_ORIN_LLM_LLAMA. Its output
+is streamed (stdout to stdout, stderr to stderr), its exit status reaches the caller, and it is removed
+afterwards, on Ctrl-C too (it is first asked to stop, so the pipeline inside removes its staging folders).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+import posixpath
+import shutil
+import socket
+import stat
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+from .. import __version__
+from ..config import PairJob
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, ConverterError, ToolNotFound, UsageError
+from ..fsutil import STAGING_PREFIX
+from ..pairs import PairInfo
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
+
+    from ..output import Output
+
+__all__ = [
+    "CONTAINER_JOB_DIR",
+    "DEFAULT_IMAGE_REPO",
+    "DEFAULT_IMAGE_TEMPLATE",
+    "IMAGE_REPO_ENV",
+    "IMAGE_TEMPLATE_ENV",
+    "ContainerFailed",
+    "ContainerSpec",
+    "EngineUnreachable",
+    "ImageNotFound",
+    "Mount",
+    "build_command_hint",
+    "check_readable",
+    "connect",
+    "container_spec",
+    "default_image",
+    "resolve_image",
+    "run_container",
+    "run_jobs",
+    "unreadable_paths",
+]
+
+#: Where the Converter folder appears inside the container.
+CONTAINER_JOB_DIR: Final = PurePosixPath("/job")
+#: The repository of the published images; ``CECAI_IMAGE_REPO`` overrides it (a fork, a mirror, ``localhost/…``).
+DEFAULT_IMAGE_REPO: Final = "ghcr.io/cecai/cecai-converter"
+IMAGE_REPO_ENV: Final = "CECAI_IMAGE_REPO"
+#: How a pair's default tag is formed; ``CECAI_IMAGE_TEMPLATE`` overrides it. Fields: repo, version, slug, pair.
+DEFAULT_IMAGE_TEMPLATE: Final = "{repo}:{version}-{slug}"
+IMAGE_TEMPLATE_ENV: Final = "CECAI_IMAGE_TEMPLATE"
+#: Labels put on every container, so tests and users can find (and clean up) ours.
+CONTAINER_LABEL: Final = "io.cecai.converter"
+#: Caller variables handed to the container when set (values are read at run time, never stored or printed).
+#: The token and endpoint only where the container has a network (a model still to download).
+_PASS_ALWAYS: Final = ("CECAI_DEBUG", "CECAI_NO_PROGRESS")
+_PASS_WITH_NETWORK: Final = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE")
+#: ``run`` options whose value is a file on the caller's machine: mounted read-only and rewritten.
+_FILE_OPTIONS: Final = ("--imatrix", "--calibration-text", "--eval-text")
+#: Optional YAML keys whose value is a path relative to configurations/.
+_FILE_KEYS: Final = ("IMATRIX", "CALIBRATION_TEXT", "EVAL_TEXT")
+#: How long a container gets to clean up after SIGTERM before it is killed.
+STOP_TIMEOUT_S: Final = 20
+#: The images' unprivileged user (``useradd --uid 10001`` in images/Dockerfile). A root caller's containers run as
+#: this user rather than as root; the pair's output and log folders are handed to it first.
+IMAGE_UID: Final = 10001
+#: HOME inside the container: an arbitrary uid has no home in the image, so caches go to the container's own /tmp.
+_CONTAINER_HOME: Final = "/tmp"  # noqa: S108 (a path inside the throwaway container, not on this machine)
+IMAGE_GID: Final = 10001
+
+_ENGINE_UNREACHABLE_HINT: Final = (
+    "start a container engine, or point DOCKER_HOST at one:\n"
+    "  Docker:  sudo systemctl start docker   (or start Docker Desktop)\n"
+    "  podman:  podman system service --time=0 unix:///tmp/podman.sock &  then\n"
+    "           export DOCKER_HOST=unix:///tmp/podman.sock   (scripts/start-podman.sh does both)\n"
+    "or convert without containers: --backend local"
+)
+
+
+# -- errors ----------------------------------------------------------------------------------------------------------
+class EngineUnreachable(ConverterError):
+    """No container engine answers where ``DOCKER_HOST`` (or the default socket) points."""
+
+    title = "container engine unreachable"
+
+
+class ImageNotFound(ConverterError):
+    """The pair's image is not present in the engine; the hint says how to build or pull it."""
+
+    title = "image not found"
+
+
+class ContainerFailed(ConverterError):
+    """The conversion inside a container failed; ``exit_code`` is the container's own exit status."""
+
+    title = "container failed"
+
+    def __init__(self, message: str, *, return_code: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.return_code = return_code
+        self.exit_code = return_code if 0 < return_code < 256 else EXIT_FAILED
+
+
+# -- the specification -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount: a folder or file of the caller's machine at ``target`` inside the container."""
+
+    source: Path
+    target: str
+    read_only: bool
+
+    def as_docker(self) -> dict[str, Any]:
+        """The ``volumes`` entry the docker SDK takes for this mount."""
+        return {"bind": self.target, "mode": "ro" if self.read_only else "rw"}
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to start one pair's container; built by :func:`container_spec`, run by :func:`run_jobs`.
+
+    Attributes:
+        pair: the hardware pair this container converts for.
+        image: the image reference.
+        entrypoint: the program run (``cecai-convert``), explicit so IMAGE_NAME images with another entrypoint work.
+        command: its arguments.
+        mounts: bind mounts, in a stable order.
+        user: ``uid:gid``.
+        network_mode: ``"none"``, or ``None`` for the engine's default network.
+        gpus: request every GPU (``--gpus all``).
+        runtime: the OCI runtime (``nvidia`` on Jetson), or ``None`` for the engine's default.
+        environment: fixed variables set in the container.
+        passthrough_env: names of caller variables copied in at run time when they are set.
+        labels: container labels.
+        make_dirs: caller folders created before the start (writable mounts; an engine would create them as root).
+        chown_dirs: folders given to ``user`` before the start (only when a root caller runs as the image user).
+        read_dirs: folders ``user`` must be able to read (the model and the configuration), checked before the start.
+        watch_dirs: folders whose new staging leftovers are removed after the container ends.
+    """
+
+    pair: PairInfo
+    image: str
+    entrypoint: tuple[str, ...]
+    command: tuple[str, ...]
+    mounts: tuple[Mount, ...]
+    user: str
+    network_mode: str | None
+    gpus: bool
+    runtime: str | None
+    environment: Mapping[str, str] = field(default_factory=dict)
+    passthrough_env: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    make_dirs: tuple[Path, ...] = ()
+    chown_dirs: tuple[Path, ...] = ()
+    read_dirs: tuple[Path, ...] = ()
+    watch_dirs: tuple[Path, ...] = ()
+
+    @property
+    def uid_gid(self) -> tuple[int, int]:
+        """``user`` as numbers."""
+        uid, _, gid = self.user.partition(":")
+        return int(uid), int(gid or uid)
+
+    @property
+    def device_requests(self) -> list[dict[str, Any]]:
+        """The engine's ``DeviceRequests`` (``--gpus all`` is ``Count -1`` with the ``gpu`` capability)."""
+        if not self.gpus:
+            return []
+        return [{"Driver": "", "Count": -1, "DeviceIDs": None, "Capabilities": [["gpu"]], "Options": {}}]
+
+    def docker_run_args(self) -> list[str]:
+        """The same container as a ``docker run`` command line (for the log and for users who want to rerun it)."""
+        argv = ["docker", "run", "--rm", "--user", self.user]
+        if self.network_mode:
+            argv += ["--network", self.network_mode]
+        if self.gpus:
+            argv += ["--gpus", "all"]
+        if self.runtime:
+            argv += ["--runtime", self.runtime]
+        for m in self.mounts:
+            argv += ["-v", f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}"]
+        for key, value in self.environment.items():
+            argv += ["-e", f"{key}={value}"]
+        argv += ["--entrypoint", self.entrypoint[0], self.image, *self.entrypoint[1:], *self.command]
+        return argv
+
+    def create_kwargs(self, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``client.containers.create``; ``environ`` supplies the pass-through values."""
+        source = os.environ if environ is None else environ
+        env = dict(self.environment)
+        env.update({name: source[name] for name in self.passthrough_env if source.get(name)})
+        kwargs: dict[str, Any] = {
+            "image": self.image,
+            "entrypoint": list(self.entrypoint),
+            "command": list(self.command),
+            "volumes": {str(m.source): m.as_docker() for m in self.mounts},
+            "user": self.user,
+            "environment": env,
+            "labels": dict(self.labels),
+            "detach": True,
+            "stdin_open": False,
+            "tty": False,
+        }
+        if self.network_mode:
+            kwargs["network_mode"] = self.network_mode
+        if self.gpus:
+            from docker.types import DeviceRequest
+
+            kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        if self.runtime:
+            kwargs["runtime"] = self.runtime
+        return kwargs
+
+
+def default_image(pair: PairInfo, environ: Mapping[str, str] | None = None) -> str:
+    """The pair's default image: ``CECAI_IMAGE_TEMPLATE`` (default ``{repo}:{version}-{slug}``) filled in.
+
+    Raises:
+        ConfigError: the template names a field other than repo, version, slug and pair.
+    """
+    env = os.environ if environ is None else environ
+    template = env.get(IMAGE_TEMPLATE_ENV) or DEFAULT_IMAGE_TEMPLATE
+    repo = env.get(IMAGE_REPO_ENV) or DEFAULT_IMAGE_REPO
+    try:
+        return template.format(repo=repo, version=__version__, slug=pair.slug, pair=pair.name)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"{IMAGE_TEMPLATE_ENV}={template!r} is not a valid image template ({exc})",
+            hint="use the fields {repo}, {version}, {slug} and {pair}, e.g. '{repo}:{version}-{slug}'",
+        ) from None
+
+
+def resolve_image(job: PairJob, explicit: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The image for a job: ``--image``, else IMAGE_NAME from the configuration, else the pair's default tag."""
+    return explicit or job.image_name or default_image(job.pair, environ)
+
+
+def _models_root(job: PairJob) -> Path:
+    """MODELS_PATH: the model folder with MODEL_NAME's parts (``org/name`` has two) taken off."""
+    root = job.model_dir
+    for _ in PurePosixPath(job.model_name).parts:
+        root = root.parent
+    return root
+
+
+def _container_path_of(config_dir: Path, value: str, key: str) -> PurePosixPath:
+    """Where a configurations/-relative path lands inside the container (``../x`` → ``/job/x``)."""
+    inside = PurePosixPath(posixpath.normpath(str(CONTAINER_JOB_DIR / "configurations" / value)))
+    if not inside.is_relative_to(CONTAINER_JOB_DIR):
+        raise ConfigError(
+            f"{key}: {value!r} points outside the Converter folder ({(config_dir / value).resolve()}), "
+            "which the docker backend cannot mount at the same relative place",
+            hint=f"move the file into the Converter folder (e.g. configurations/) and set {key} relative to it",
+        )
+    return inside
+
+
+def _file_mounts(job: PairJob) -> list[Mount]:
+    """Read-only mounts for IMATRIX/CALIBRATION_TEXT/EVAL_TEXT files that lie outside configurations/."""
+    mounts: list[Mount] = []
+    for key in _FILE_KEYS:
+        value = job.settings.get(key)
+        if value is None:
+            continue
+        inside = _container_path_of(job.config_dir, str(value), key)
+        if inside.is_relative_to(CONTAINER_JOB_DIR / "configurations"):
+            continue  # already visible through the configurations mount
+        for reserved in ("models", "outputs", "logs"):
+            if inside.is_relative_to(CONTAINER_JOB_DIR / reserved):
+                raise ConfigError(
+                    f"{key}: {value!r} lies under the Converter folder's {reserved}/, which the docker backend "
+                    "replaces with MODELS_PATH/OUTPUTS_PATH/LOGS_PATH",
+                    hint=f"keep {key} files in configurations/",
+                )
+        mounts.append(Mount((job.config_dir / str(value)).resolve(), str(inside), read_only=True))
+    return mounts
+
+
+def _forward(forward_args: Sequence[str], cwd: Path) -> tuple[list[str], list[Mount]]:
+    """Rewrite file-valued options (``--imatrix F``, ``--eval-text=F``) to read-only mounts under /job/inputs."""
+    args: list[str] = []
+    mounts: list[Mount] = []
+    it = iter(forward_args)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name not in _FILE_OPTIONS:
+            args.append(arg)
+            continue
+        if not eq:
+            value = next(it, None)
+            if value is None:
+                raise UsageError(f"{name} needs a file argument")
+        if name == "--imatrix" and value.strip().lower() == "auto":
+            args += [name, "auto"]  # computed inside the container: no file to mount
+            continue
+        host = (cwd / value).resolve()
+        if not host.is_file():
+            raise UsageError(f"{name} {value}: no such file")
+        target = str(CONTAINER_JOB_DIR / "inputs" / str(len(mounts)) / host.name)
+        mounts.append(Mount(host, target, read_only=True))
+        args += [name, target]
+    return args, mounts
+
+
+def container_spec(
+    job: PairJob,
+    *,
+    image: str | None = None,
+    forward_args: Sequence[str] = (),
+    fmt: str = "human",
+    verbose: bool = False,
+    uid_gid: tuple[int, int] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> ContainerSpec:
+    """The container that converts ``job``: a pure function of its arguments (and ``environ`` for the image).
+
+    Args:
+        job: one pair of a Converter folder (``config.load_converter_dir``).
+        image: ``--image``; overrides IMAGE_NAME and the default tag.
+        forward_args: ``run`` options passed on (``--force``, ``--threads 4``…); file options become mounts.
+        fmt, verbose: the caller's ``--format`` and ``-v``, so the container prints the same way.
+        uid_gid: the caller's uid and gid; default this process's. The container runs as the caller, except that
+            a root caller's container runs as the image's unprivileged user (:data:`IMAGE_UID`), never as root.
+        environ: the environment read for the image template; default ``os.environ``.
+        cwd: the folder relative file options are resolved against; default the current one.
+
+    Raises:
+        ConfigError: a file key points outside the Converter folder, or the image template is malformed.
+        UsageError: a file option names no file.
+    """
+    pair = job.pair
+    uid, gid = uid_gid if uid_gid is not None else (os.getuid(), os.getgid())
+    as_image_user = uid == 0
+    if as_image_user:
+        uid, gid = IMAGE_UID, IMAGE_GID
+    extra_args, input_mounts = _forward(forward_args, cwd or Path.cwd())
+    job_dir = CONTAINER_JOB_DIR
+    models_root = _models_root(job)
+    outputs_root = job.outputs_dir.parent
+    logs_root = job.logs_dir.parent
+    mounts = (
+        Mount(job.config_dir, str(job_dir / "configurations"), read_only=True),
+        Mount(models_root, str(job_dir / "models"), read_only=True),
+        Mount(outputs_root, str(job_dir / "outputs"), read_only=False),
+        Mount(logs_root, str(job_dir / "logs"), read_only=False),
+        *_file_mounts(job),
+        *input_mounts,
+    )
+    model_is_local = job.model_dir.is_dir()
+    command = (
+        *(["-v"] if verbose else []),
+        "--format",
+        fmt,
+        "run",
+        str(job_dir),
+        "--pair",
+        pair.name,
+        "--backend",
+        "local",
+        "--models-path",
+        str(job_dir / "models"),
+        "--outputs-path",
+        str(job_dir / "outputs"),
+        "--logs-path",
+        str(job_dir / "logs"),
+        *extra_args,
+    )
+    return ContainerSpec(
+        pair=pair,
+        image=resolve_image(job, image, environ),
+        entrypoint=("cecai-convert",),
+        command=command,
+        mounts=mounts,
+        user=f"{uid}:{gid}",
+        network_mode="none" if model_is_local else None,
+        gpus=pair.accelerator == "cuda",
+        runtime="nvidia" if pair.accelerator == "jetson" else None,
+        environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1"}),
+        passthrough_env=_PASS_ALWAYS + (() if model_is_local else _PASS_WITH_NETWORK),
+        labels=MappingProxyType(
+            {CONTAINER_LABEL: __version__, "io.cecai.pair": pair.name, "io.cecai.model": job.model_name}
+        ),
+        make_dirs=(outputs_root, logs_root, job.outputs_dir, job.logs_dir),
+        chown_dirs=(job.outputs_dir, job.logs_dir) if as_image_user else (),
+        read_dirs=(job.config_dir, job.model_dir),
+        watch_dirs=(outputs_root, job.outputs_dir),
+    )
+
+
+# -- the engine ------------------------------------------------------------------------------------------------------
+def build_command_hint(image: str, pair: PairInfo) -> str:
+    """How to get a missing image: pull it when it is a published tag, else build it."""
+    repo = os.environ.get(IMAGE_REPO_ENV) or DEFAULT_IMAGE_REPO
+    build = (
+        f"docker buildx bake {pair.slug}   (from a checkout; or: docker build -f images/Dockerfile "
+        f"--target {pair.slug} -t {image} .)"
+    )
+    if pair.slug == "cpu":
+        build += "\n  without buildx: scripts/build-cpu-image.sh " + image
+    if image.startswith(repo + ":") and not image.startswith("localhost/"):
+        return f"pull it:  docker pull {image}\nor build it:  {build}"
+    return f"build it:  {build}\nor pull it if it is published:  docker pull {image}"
+
+
+def connect(environ: Mapping[str, str] | None = None) -> docker.DockerClient:
+    """A client for the engine ``DOCKER_HOST`` names (or the default socket), checked with a ping.
+
+    Raises:
+        ToolNotFound: the docker SDK is not installed.
+        EngineUnreachable: nothing answers there.
+    """
+    try:
+        import docker
+        from docker.errors import DockerException
+    except ImportError:
+        raise ToolNotFound(
+            "the docker backend needs the docker Python SDK",
+            hint="pip install 'cecai-converter[docker]'   (or use --backend local)",
+        ) from None
+    env = dict(os.environ if environ is None else environ)
+    where = env.get("DOCKER_HOST") or "the default socket (unix:///var/run/docker.sock)"
+    _check_unix_socket(env.get("DOCKER_HOST") or "unix:///var/run/docker.sock", where)
+    client: docker.DockerClient | None = None
+    try:
+        client = docker.from_env(environment=env)
+        client.ping()
+    except (DockerException, OSError) as exc:  # some transports raise socket errors unwrapped
+        if client is not None:
+            client.close()
+        raise EngineUnreachable(
+            f"no container engine answers at {where}: {_first_line(exc)}", hint=_ENGINE_UNREACHABLE_HINT
+        ) from None
+    return client
+
+
+def _check_unix_socket(host: str, where: str) -> None:
+    """Fail fast, and without leaking a socket (the SDK's unix transport does), when nothing listens there."""
+    if not host.startswith(("unix://", "/")):
+        return
+    path = host.removeprefix("unix://")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+    except OSError as exc:
+        reason = "no such socket" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc))
+        raise EngineUnreachable(
+            f"no container engine answers at {where}: {reason}", hint=_ENGINE_UNREACHABLE_HINT
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _check_image(client: docker.DockerClient, spec: ContainerSpec) -> None:
+    from docker.errors import APIError
+    from docker.errors import ImageNotFound as SdkImageNotFound
+
+    try:
+        image = client.images.get(spec.image)
+    except SdkImageNotFound:
+        raise ImageNotFound(
+            f"image {spec.image} (for {spec.pair.name}) is not in the container engine",
+            hint=build_command_hint(spec.image, spec.pair),
+        ) from None
+    except APIError as exc:
+        raise EngineUnreachable(f"the engine failed to look up {spec.image}: {_first_line(exc)}") from None
+    labels = (image.attrs.get("Config") or {}).get("Labels") or {}
+    other = labels.get("io.cecai.pair")
+    if other and other != spec.pair.name:
+        raise UsageError(
+            f"image {spec.image} was built for {other}, not {spec.pair.name}",
+            hint=f"give the {spec.pair.name} image with --image or IMAGE_NAME, or drop --image for the default tag",
+        )
+
+
+def unreadable_paths(spec: ContainerSpec, limit: int = 5) -> list[Path]:
+    """Files and folders under ``spec.read_dirs`` that the container's user could not read (at most ``limit``)."""
+    uid, gid = spec.uid_gid
+    bad: list[Path] = []
+    for root in spec.read_dirs:
+        if not root.exists():
+            continue
+        for path in (root, *root.rglob("*")):
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0)
+            if st.st_uid == uid:
+                need <<= 6
+            elif st.st_gid == gid:
+                need <<= 3
+            if st.st_mode & need != need:
+                bad.append(path)
+                if len(bad) >= limit:
+                    return bad
+    return bad
+
+
+def check_readable(spec: ContainerSpec) -> None:
+    """Raise a clear error, before any container starts, when its user could not read the model or configuration.
+
+    Raises:
+        UsageError: names the unreadable paths and the ``chmod`` that fixes them.
+    """
+    bad = unreadable_paths(spec)
+    if not bad:
+        return
+    listing = ", ".join(str(p) for p in bad)
+    why = (
+        f" (as root, you get containers that run as the image's unprivileged user {spec.user}, never as root)"
+        if spec.chown_dirs
+        else ""
+    )
+    raise UsageError(
+        f"the {spec.pair.name} container, running as {spec.user}, could not read: {listing}{why}",
+        hint="make the model and configuration folders readable: chmod -R a+rX "
+        + " ".join(str(d) for d in spec.read_dirs),
+    )
+
+
+def _staging_entries(folders: Iterable[Path]) -> set[Path]:
+    found: set[Path] = set()
+    for folder in folders:
+        if folder.is_dir():
+            found.update(
+                e
+                for e in folder.iterdir()
+                if e.name.startswith(STAGING_PREFIX) or (e.name.startswith(".") and e.name.endswith(".partial"))
+            )
+    return found
+
+
+def _remove_leftovers(spec: ContainerSpec, before: set[Path]) -> None:
+    """Remove staging folders the (now gone) container left behind: nothing partial stays in the outputs."""
+    for entry in _staging_entries(spec.watch_dirs) - before:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _stream(client: docker.DockerClient, container: Container, out: Output) -> None:
+    """Copy the container's stdout to ``out.stdout`` and its stderr to ``out.stderr`` as it runs."""
+    decoders = {
+        "out": codecs.getincrementaldecoder("utf-8")(errors="replace"),
+        "err": codecs.getincrementaldecoder("utf-8")(errors="replace"),
+    }
+    stream = client.api.attach(container.id, stdout=True, stderr=True, stream=True, logs=True, demux=True)
+    try:
+        for chunk_out, chunk_err in stream:
+            if chunk_out:
+                out.stdout.write(decoders["out"].decode(chunk_out))
+                out.stdout.flush()
+            if chunk_err:
+                out.stderr.write(decoders["err"].decode(chunk_err))
+                out.stderr.flush()
+    finally:
+        # Closing the HTTP response releases the hijacked socket (CancellableStream.close() leaves it open).
+        response = getattr(stream, "_response", None)
+        if response is not None:
+            response.close()
+
+
+def run_container(client: docker.DockerClient, spec: ContainerSpec, out: Output) -> int:
+    """Create, start and stream one container; return its exit status. The container is always removed.
+
+    On Ctrl-C (or SIGTERM, which the CLI turns into KeyboardInterrupt) the container is asked to stop, so the
+    pipeline inside cleans up, then removed; the interrupt is re-raised.
+    """
+    from docker.errors import APIError, NotFound
+
+    for folder in spec.make_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+    uid, gid = spec.uid_gid
+    for folder in spec.chown_dirs:
+        for path in (folder, *folder.rglob("*")):
+            os.chown(path, uid, gid, follow_symlinks=False)
+    before = _staging_entries(spec.watch_dirs)
+    container: Container | None = None
+    try:
+        try:
+            container = client.containers.create(
+                name=f"cecai-{spec.pair.slug}-{uuid.uuid4().hex[:10]}", **spec.create_kwargs()
+            )
+            container.start()
+        except APIError as exc:
+            raise ContainerFailed(
+                f"the engine could not start the {spec.pair.name} container from {spec.image}: "
+                f"{exc.explanation or _first_line(exc)}",
+                return_code=EXIT_FAILED,
+                hint=_start_hint(spec, exc),
+            ) from None
+        _stream(client, container, out)
+        result = container.wait()
+        return int(result.get("StatusCode", EXIT_FAILED))
+    except KeyboardInterrupt:
+        if container is not None:
+            with contextlib.suppress(APIError, NotFound):
+                container.stop(timeout=STOP_TIMEOUT_S)
+        raise
+    finally:
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                print(
+                    f"warning: could not remove container {container.short_id}: {_first_line(exc)}",
+                    file=sys.stderr,
+                )
+        _remove_leftovers(spec, before)
+
+
+def _start_hint(spec: ContainerSpec, exc: BaseException) -> str:
+    text = str(exc).lower()
+    if spec.gpus and ("gpu" in text or "device driver" in text or "nvidia" in text):
+        return "this pair needs an NVIDIA GPU and the NVIDIA Container Toolkit (nvidia-ctk) on the host"
+    if spec.runtime and "runtime" in text:
+        return f"this pair needs the {spec.runtime!r} runtime: install JetPack's nvidia-container-runtime"
+    return "check the engine's log; `docker run` of the same image should fail the same way"
+
+
+def run_jobs(jobs: list[PairJob], *, image: str | None, forward_args: list[str], out: Output) -> int:
+    """Convert each job inside its pair's image, one after the other.
+
+    Every image is checked before the first container starts. A failing pair does not stop the others; the
+    first failure's exit status is raised at the end as :class:`ContainerFailed` (its exit code is the
+    container's).
+
+    Returns:
+        0 when every container succeeded.
+
+    Raises:
+        EngineUnreachable, ImageNotFound, ContainerFailed; KeyboardInterrupt after the container is removed.
+    """
+    specs = [
+        container_spec(job, image=image, forward_args=forward_args, fmt=out.fmt, verbose=out.verbose) for job in jobs
+    ]
+    client = connect()
+    try:
+        for spec in specs:
+            _check_image(client, spec)
+            check_readable(spec)
+        failures: list[tuple[ContainerSpec, int]] = []
+        for spec in specs:
+            out.info(f"==> {spec.pair.name}: {spec.image} (container, network {spec.network_mode or 'default'})")
+            status = run_container(client, spec, out)
+            if status == EXIT_INTERRUPTED:
+                raise KeyboardInterrupt
+            if status != 0:
+                failures.append((spec, status))
+    finally:
+        client.close()
+    if failures:
+        spec, status = failures[0]
+        names = ", ".join(f"{s.pair.name} (exit {code})" for s, code in failures)
+        logs = ", ".join(str(j.log_file) for j in jobs if any(j.pair == s.pair for s, _ in failures))
+        raise ContainerFailed(
+            f"the conversion failed inside the container for {names}; nothing partial was published",
+            return_code=status,
+            hint=f"its output is above; the log: {logs}",
+        )
+    return 0

@@ -1,0 +1,471 @@
+"""The docker backend: the container specification (pure, no engine) and real runs on a container engine.
+
+* ``test_spec_*``: what :func:`container_spec` decides for each pair, the GPU and Jetson ones included (no GPU runs
+  here, so those are specification tests by name).
+* ``@pytest.mark.engine``: the real CPU image, built from images/Dockerfile on the engine ``DOCKER_HOST`` names
+  (podman's Docker-compatible API in CI: ``bash scripts/start-podman.sh``), converting a small model. Skipped with a
+  reason when no engine answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tree_digest
+
+from cecai_converter import __version__
+from cecai_converter.backends.docker import (
+    CONTAINER_LABEL,
+    DEFAULT_IMAGE_REPO,
+    IMAGE_GID,
+    IMAGE_UID,
+    ContainerFailed,
+    EngineUnreachable,
+    ImageNotFound,
+    Mount,
+    build_command_hint,
+    check_readable,
+    connect,
+    container_spec,
+    default_image,
+    run_container,
+    run_jobs,
+    unreadable_paths,
+)
+from cecai_converter.config import PairJob, load_converter_dir
+from cecai_converter.errors import ConfigError, UsageError
+from cecai_converter.fsutil import STAGING_PREFIX
+from cecai_converter.output import Output
+from cecai_converter.pairs import PAIRS
+
+ROOT = Path(__file__).resolve().parents[1]
+USER = (1000, 1000)
+
+
+def _layout(
+    root: Path,
+    *,
+    pairs: tuple[str, ...] = tuple(PAIRS),
+    model_name: str = "tiny-llama",
+    with_model: bool = True,
+    extra: dict[str, object] | None = None,
+) -> Path:
+    """A Converter folder in the seed layout (configuration only; the model folder is empty)."""
+    converter = root / "GPT_2" / "Converter"
+    config = converter / "configurations"
+    config.mkdir(parents=True)
+    general = {"IMAGE_NAME": None, "MODEL_NAME": model_name, "TRAINED": False, **(extra or {})}
+    (config / "converter_args.yaml").write_text(yaml.safe_dump({k: v for k, v in general.items() if v is not None}))
+    for pair in pairs:
+        (config / pair).mkdir()
+        (config / pair / PAIRS[pair].config_filename).write_text("PRECISION: [Q8_0, Q4_K_M]\n")
+    if with_model:
+        (converter / "models" / model_name).mkdir(parents=True)
+    return converter
+
+
+def _job(converter: Path, pair: str) -> PairJob:
+    return load_converter_dir(converter, [pair])[0]
+
+
+# -- specification tests --------------------------------------------------------------------------------------------
+def test_spec_cpu_mounts_user_network_and_command(tmp_path: Path) -> None:
+    converter = _layout(tmp_path)
+    spec = container_spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    assert spec.image == f"{DEFAULT_IMAGE_REPO}:{__version__}-cpu"
+    assert spec.entrypoint == ("cecai-convert",)
+    assert spec.command == (
+        "--format", "human", "run", "/job", "--pair", "CPU_LLM_LLAMA", "--backend", "local",
+        "--models-path", "/job/models", "--outputs-path", "/job/outputs", "--logs-path", "/job/logs",
+    )  # fmt: skip
+    assert spec.mounts == (
+        Mount(converter / "configurations", "/job/configurations", read_only=True),
+        Mount(converter / "models", "/job/models", read_only=True),
+        Mount(converter / "outputs", "/job/outputs", read_only=False),
+        Mount(converter / "logs", "/job/logs", read_only=False),
+    )
+    assert spec.user == "1000:1000"
+    assert spec.network_mode == "none", "the model is on disk: no network"
+    assert not spec.gpus and spec.device_requests == [] and spec.runtime is None
+    kwargs = spec.create_kwargs(environ={})
+    assert kwargs["volumes"][str(converter / "models")] == {"bind": "/job/models", "mode": "ro"}
+    assert kwargs["network_mode"] == "none" and kwargs["user"] == "1000:1000"
+    assert "device_requests" not in kwargs and "runtime" not in kwargs
+    assert kwargs["labels"][CONTAINER_LABEL] == __version__
+
+
+def test_spec_gpu_requests_every_gpu(tmp_path: Path) -> None:
+    spec = container_spec(_job(_layout(tmp_path), "GPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    assert spec.image.endswith(f":{__version__}-gpu")
+    assert spec.gpus and spec.runtime is None
+    assert spec.device_requests == [
+        {"Driver": "", "Count": -1, "DeviceIDs": None, "Capabilities": [["gpu"]], "Options": {}}
+    ]
+    (request,) = spec.create_kwargs(environ={})["device_requests"]
+    assert request["Count"] == -1 and request["Capabilities"] == [["gpu"]]
+    argv = spec.docker_run_args()
+    assert argv[argv.index("--gpus") + 1] == "all" and "--runtime" not in argv
+
+
+def test_spec_agx_orin_uses_the_nvidia_runtime(tmp_path: Path) -> None:
+    spec = container_spec(_job(_layout(tmp_path), "AGX_ORIN_LLM_LLAMA"), uid_gid=USER, environ={})
+    assert spec.image.endswith(f":{__version__}-agx-orin")
+    assert spec.runtime == "nvidia" and not spec.gpus
+    kwargs = spec.create_kwargs(environ={})
+    assert kwargs["runtime"] == "nvidia" and "device_requests" not in kwargs
+    argv = spec.docker_run_args()
+    assert argv[argv.index("--runtime") + 1] == "nvidia" and "--gpus" not in argv
+
+
+def test_spec_arm_is_a_plain_cpu_container(tmp_path: Path) -> None:
+    spec = container_spec(_job(_layout(tmp_path), "ARM_LLM_LLAMA"), uid_gid=USER, environ={})
+    assert spec.image.endswith(f":{__version__}-arm")
+    assert not spec.gpus and spec.runtime is None and spec.network_mode == "none"
+
+
+def test_spec_root_caller_runs_as_the_image_user(tmp_path: Path) -> None:
+    job = _job(_layout(tmp_path), "CPU_LLM_LLAMA")
+    spec = container_spec(job, uid_gid=(0, 0), environ={})
+    assert spec.user == f"{IMAGE_UID}:{IMAGE_GID}", "never root inside the container"
+    assert spec.chown_dirs == (job.outputs_dir, job.logs_dir)
+    assert container_spec(job, uid_gid=USER, environ={}).chown_dirs == ()
+
+
+def test_spec_unreadable_model_is_found_before_the_start(tmp_path: Path) -> None:
+    converter = _layout(tmp_path)
+    weights = converter / "models" / "tiny-llama" / "model.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)  # what safetensors writes
+    job = _job(converter, "CPU_LLM_LLAMA")
+    as_root = container_spec(job, uid_gid=(0, 0), environ={})
+    assert unreadable_paths(as_root) == [weights], "uid 10001 may not read a root-owned 0600 file"
+    with pytest.raises(UsageError, match="could not read") as info:
+        check_readable(as_root)
+    assert "chmod -R a+rX" in (info.value.hint or "")
+    owner = weights.stat()
+    if owner.st_uid != 0:  # a non-root caller's container runs as the caller, who owns the file
+        assert unreadable_paths(container_spec(job, uid_gid=(owner.st_uid, owner.st_gid), environ={})) == []
+    weights.chmod(0o644)
+    assert unreadable_paths(as_root) == []
+
+
+def test_spec_image_choice(tmp_path: Path) -> None:
+    job = _job(_layout(tmp_path, extra={"IMAGE_NAME": "registry.example/team/conv:7"}), "CPU_LLM_LLAMA")
+    assert container_spec(job, uid_gid=USER, environ={}).image == "registry.example/team/conv:7", "IMAGE_NAME"
+    assert container_spec(job, image="mine:1", uid_gid=USER, environ={}).image == "mine:1", "--image wins"
+    plain = _job(_layout(tmp_path / "b"), "GPU_LLM_LLAMA")
+    assert container_spec(plain, uid_gid=USER, environ={"CECAI_IMAGE_REPO": "localhost/cc"}).image == (
+        f"localhost/cc:{__version__}-gpu"
+    )
+    env = {"CECAI_IMAGE_TEMPLATE": "{repo}/{slug}:{version}", "CECAI_IMAGE_REPO": "r.io/x"}
+    assert default_image(PAIRS["AGX_ORIN_LLM_LLAMA"], env) == f"r.io/x/agx-orin:{__version__}"
+    with pytest.raises(ConfigError, match="CECAI_IMAGE_TEMPLATE"):
+        default_image(PAIRS["CPU_LLM_LLAMA"], {"CECAI_IMAGE_TEMPLATE": "{repo}:{tag}"})
+
+
+def test_spec_network_and_token_only_when_the_model_must_be_downloaded(tmp_path: Path) -> None:
+    job = _job(_layout(tmp_path, with_model=False), "CPU_LLM_LLAMA")
+    spec = container_spec(job, uid_gid=USER, environ={})
+    assert spec.network_mode is None
+    assert "HF_TOKEN" in spec.passthrough_env
+    secret = "hf_not_a_real_token_123"
+    assert secret not in repr(spec), "values are read at run time, never kept in the spec"
+    assert spec.create_kwargs(environ={"HF_TOKEN": secret})["environment"]["HF_TOKEN"] == secret
+    local = container_spec(_job(_layout(tmp_path / "b"), "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    assert "HF_TOKEN" not in local.create_kwargs(environ={"HF_TOKEN": secret})["environment"]
+
+
+def test_spec_nested_model_name_mounts_models_path(tmp_path: Path) -> None:
+    converter = _layout(tmp_path, model_name="org/tiny")
+    spec = container_spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    assert Mount(converter / "models", "/job/models", read_only=True) in spec.mounts
+
+
+def test_spec_format_and_verbose_follow_the_caller(tmp_path: Path) -> None:
+    job = _job(_layout(tmp_path), "CPU_LLM_LLAMA")
+    spec = container_spec(job, fmt="json", verbose=True, forward_args=["--force", "--threads", "2"], uid_gid=USER)
+    assert spec.command[:4] == ("-v", "--format", "json", "run")
+    assert spec.command[-3:] == ("--force", "--threads", "2")
+
+
+def test_spec_file_options_become_read_only_mounts(tmp_path: Path) -> None:
+    job = _job(_layout(tmp_path), "CPU_LLM_LLAMA")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("text")
+    spec = container_spec(job, forward_args=[f"--calibration-text={calib}", "--force"], uid_gid=USER, cwd=tmp_path)
+    assert Mount(calib, "/job/inputs/0/calib.txt", read_only=True) in spec.mounts
+    assert spec.command[-3:] == ("--calibration-text", "/job/inputs/0/calib.txt", "--force")
+    with pytest.raises(UsageError, match="no such file"):
+        container_spec(job, forward_args=["--imatrix", "missing.dat"], uid_gid=USER, cwd=tmp_path)
+
+
+def test_spec_yaml_file_keys_outside_configurations(tmp_path: Path) -> None:
+    converter = _layout(tmp_path, extra={"EVAL_TEXT": "../eval.txt", "IMATRIX": "imatrix.dat"})
+    spec = container_spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    # ../eval.txt (relative to configurations/) is mounted where the same relative path leads inside the container;
+    # imatrix.dat is inside configurations/, already mounted.
+    assert Mount(converter / "eval.txt", "/job/eval.txt", read_only=True) in spec.mounts
+    assert len(spec.mounts) == 5
+    outside = _layout(tmp_path / "b", extra={"EVAL_TEXT": "../../../eval.txt"})
+    with pytest.raises(ConfigError, match="outside the Converter folder"):
+        container_spec(_job(outside, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+
+
+def test_build_command_hint_says_how_to_get_the_image() -> None:
+    cpu = PAIRS["CPU_LLM_LLAMA"]
+    published = build_command_hint(default_image(cpu, {}), cpu)
+    assert published.startswith(f"pull it:  docker pull {DEFAULT_IMAGE_REPO}:")
+    assert "docker buildx bake cpu" in published and "scripts/build-cpu-image.sh" in published
+    local = build_command_hint("localhost/conv:dev", PAIRS["GPU_LLM_LLAMA"])
+    assert local.startswith("build it:  docker buildx bake gpu") and "--target gpu -t localhost/conv:dev" in local
+
+
+def test_engine_unreachable_is_a_clear_error(tmp_path: Path) -> None:
+    # Needs no engine: nothing listens on this socket.
+    dead = f"unix://{tmp_path}/no-engine.sock"
+    with pytest.raises(EngineUnreachable) as info:
+        connect({"DOCKER_HOST": dead})
+    assert dead in info.value.message and "DOCKER_HOST" in (info.value.hint or "")
+    converter = _layout(tmp_path / "c", pairs=("CPU_LLM_LLAMA",))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cecai_converter", "run", str(converter), "--backend", "docker"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DOCKER_HOST": dead},
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "no container engine answers" in proc.stderr and "scripts/start-podman.sh" in proc.stderr
+
+
+# -- real engine ----------------------------------------------------------------------------------------------------
+def _engine_reason() -> str | None:
+    try:
+        connect().close()
+    except Exception as exc:  # any failure to reach an engine means "skip", with the reason
+        return (
+            f"no container engine answers ({str(exc).splitlines()[0][:200]}); "
+            "run `bash scripts/start-podman.sh && export DOCKER_HOST=unix:///tmp/podman.sock`"
+        )
+    return None
+
+
+_NO_ENGINE = _engine_reason()
+engine = pytest.mark.skipif(_NO_ENGINE is not None, reason=_NO_ENGINE or "")
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    """The real CPU image, built from images/Dockerfile (cached layers make repeated builds quick)."""
+    tag = f"localhost/cecai-converter:{__version__}-cpu"
+    alias = f"{DEFAULT_IMAGE_REPO}:{__version__}-cpu"
+    client = connect()
+    with contextlib.suppress(Exception):
+        client.images.remove(alias)  # only untags: the build script may then drop the image it replaces
+    client.close()
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-cpu-image.sh"), tag],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        timeout=3600,
+        check=False,
+    )
+    assert proc.returncode == 0, f"building the CPU image failed:\n{proc.stderr[-4000:]}"
+    # The seed layout's IMAGE_NAME is the published tag: make the local build answer to it too.
+    client = connect()
+    client.images.get(tag).tag(DEFAULT_IMAGE_REPO, f"{__version__}-cpu")
+    client.close()
+    return tag
+
+
+@pytest.fixture
+def seed(tmp_path: Path) -> Callable[[str], Path]:
+    """A seed-layout Converter folder with a real small model; the name is unique per test (a container label)."""
+    from cecai_converter.modelgen import make_seed_layout
+
+    def make(name: str) -> Path:
+        return _readable(make_seed_layout(tmp_path / name, model_name=name))
+
+    return make
+
+
+def _readable(converter: Path) -> Path:
+    """``chmod -R a+rX``: safetensors files are written 0600, and a root caller's container runs as uid 10001."""
+    for path in (converter, *converter.rglob("*")):
+        path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+    return converter
+
+
+def _cli(*args: str | Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cecai_converter", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _ggufs(converter: Path) -> dict[str, bytes]:
+    out = converter / "outputs" / "CPU_LLM_LLAMA"
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.gguf"))}
+
+
+def _leftovers(converter: Path) -> list[Path]:
+    return [p for p in (converter / "outputs").rglob("*") if p.name.startswith((STAGING_PREFIX, "."))]
+
+
+def _containers(model: str) -> list[object]:
+    client = connect()
+    try:
+        return client.containers.list(all=True, filters={"label": f"io.cecai.model={model}"})
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The local backend's outputs for the default seed model, converted on this machine."""
+    from cecai_converter.modelgen import make_seed_layout
+
+    converter = make_seed_layout(tmp_path_factory.mktemp("local") / "GPT_2")
+    proc = _cli("run", converter, "--backend", "local")
+    assert proc.returncode == 0, proc.stderr
+    return _ggufs(converter)
+
+
+@pytest.mark.engine
+@engine
+def test_engine_docker_backend_matches_local(cpu_image: str, local_reference: dict[str, bytes], tmp_path: Path) -> None:
+    from cecai_converter.modelgen import make_seed_layout
+
+    converter = _readable(make_seed_layout(tmp_path / "GPT_2"))  # same model bytes as the reference
+    model_before = tree_digest(converter / "models")
+    proc = _cli("run", converter, "--backend", "docker", "--image", cpu_image)
+    assert proc.returncode == 0, proc.stderr
+    assert "network none" in proc.stderr
+    docker_outputs = _ggufs(converter)
+    assert sorted(docker_outputs) == ["tiny-llama.q4_k_m.gguf", "tiny-llama.q8_0.gguf"]
+    assert docker_outputs == local_reference, "the image converts to the same bytes as the local backend"
+    manifest = json.loads((converter / "outputs" / "CPU_LLM_LLAMA" / "manifest.json").read_text())
+    assert {f["name"] for f in manifest["files"]} == set(docker_outputs)
+    # non-root inside the container; the model was mounted read-only and is unchanged
+    owner = (converter / "outputs" / "CPU_LLM_LLAMA" / "manifest.json").stat().st_uid
+    assert owner == (IMAGE_UID if os.getuid() == 0 else os.getuid())
+    assert owner != 0
+    assert tree_digest(converter / "models") == model_before
+    assert not _leftovers(converter)
+    assert not _containers("tiny-llama"), "the container was removed"
+
+
+@pytest.mark.engine
+@engine
+def test_engine_seed_script_converts_in_the_image(
+    cpu_image: str, local_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    from cecai_converter.modelgen import make_seed_layout
+
+    converter = _readable(make_seed_layout(tmp_path / "GPT_2"))  # IMAGE_NAME: the published CPU tag
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "converter_cpu_llm_llama.sh"), str(converter)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{DEFAULT_IMAGE_REPO}:{__version__}-cpu" in proc.stderr
+    assert _ggufs(converter) == local_reference
+    assert (converter / "logs" / "CPU_LLM_LLAMA" / "Converter_CPU_LLM_LLAMA_tiny-llama.log").is_file()
+
+
+@pytest.mark.engine
+@engine
+def test_engine_image_missing(tmp_path: Path) -> None:
+    converter = _layout(tmp_path, pairs=("CPU_LLM_LLAMA",))
+    missing = "localhost/cecai-converter:no-such-tag"
+    with pytest.raises(ImageNotFound) as info:
+        run_jobs(load_converter_dir(converter), image=missing, forward_args=[], out=Output(stderr=io.StringIO()))
+    assert missing in info.value.message and "build it:" in (info.value.hint or "")
+    proc = _cli("run", converter, "--backend", "docker", "--image", missing)
+    assert proc.returncode == 1
+    assert f"image {missing}" in proc.stderr and "docker buildx bake cpu" in proc.stderr
+    assert not (converter / "outputs").exists(), "nothing ran"
+
+
+@pytest.mark.engine
+@engine
+def test_engine_failing_container_status_reaches_the_caller(
+    cpu_image: str, seed: Callable[[str], Path], tmp_path: Path
+) -> None:
+    converter = seed("broken-model")
+    weights = converter / "models" / "broken-model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+    proc = _cli("run", converter, "--backend", "docker", "--image", cpu_image)
+    assert proc.returncode == 2, proc.stderr  # the container's own exit status (bad input)
+    assert "failed inside the container for CPU_LLM_LLAMA (exit 2)" in proc.stderr
+    assert not list((converter / "outputs").rglob("*.gguf")) and not _leftovers(converter)
+    assert not _containers("broken-model")
+    # run_container reports any status unchanged
+    job = load_converter_dir(converter)[0]
+    spec = container_spec(job, image=cpu_image, forward_args=["--threads", "not-a-number"])
+    client = connect()
+    try:
+        err = io.StringIO()
+        assert run_container(client, spec, Output(stderr=err)) == 2
+        assert "--threads" in err.getvalue()
+    finally:
+        client.close()
+    with pytest.raises(ContainerFailed) as info:
+        run_jobs([job], image=cpu_image, forward_args=[], out=Output(stderr=io.StringIO()))
+    assert info.value.exit_code == 2 and info.value.return_code == 2
+
+
+@pytest.mark.engine
+@engine
+def test_engine_ctrl_c_removes_the_container(cpu_image: str, seed: Callable[[str], Path]) -> None:
+    converter = seed("interrupted-model")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cecai_converter", "run", str(converter), "--backend", "docker", "--image", cpu_image],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    with _killed_on_exit(proc):
+        deadline = time.monotonic() + 120
+        while not any(getattr(c, "status", "") == "running" for c in _containers("interrupted-model")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the container never started"
+            time.sleep(0.2)
+        time.sleep(2)  # let the conversion get going inside
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not _containers("interrupted-model"), "the container is gone"
+    assert not list((converter / "outputs").rglob("*.gguf")) and not _leftovers(converter)
+
+
+@contextlib.contextmanager
+def _killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
