@@ -469,3 +469,46 @@ def _killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_spec_convert_mounts_the_model_read_only_and_runs_non_root(tmp_path: Path) -> None:
+    from cecai_converter.backends.docker import convert_spec
+    from cecai_converter.pairs import PAIRS
+
+    model = tmp_path / "m"
+    model.mkdir()
+    spec = convert_spec(
+        str(model), tmp_path / "out", pair=PAIRS["GPU_LLM_LLAMA"], model_name="m", image="img",
+        convert_args=["--precision", "Q8_0"], uid_gid=(0, 0),
+    )  # fmt: skip
+    mounts = {m.target: m for m in spec.mounts}
+    assert mounts["/job/model"].read_only and mounts["/job/model"].source == model.resolve()
+    assert not mounts["/job/outputs"].read_only
+    assert spec.user == f"{IMAGE_UID}:{IMAGE_UID}" and spec.network_mode == "none" and spec.gpus
+    assert spec.command[:6] == ("convert", "/job/model", "--outdir", "/job/outputs", "--model-name", "m")
+    hub = convert_spec("org/repo", tmp_path / "out", pair=PAIRS["AGX_ORIN_LLM_LLAMA"], model_name="repo")
+    assert hub.network_mode is None and hub.runtime == "nvidia" and "HF_TOKEN" in hub.passthrough_env
+    assert "org/repo" in hub.command and not any(m.target == "/job/model" for m in hub.mounts)
+
+
+@pytest.mark.engine
+@engine
+def test_engine_convert_command_in_the_image_matches_local(
+    cpu_image: str, local_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    from cecai_converter.modelgen import make_seed_layout
+
+    converter = _readable(make_seed_layout(tmp_path / "GPT_2"))
+    model = converter / "models" / "tiny-llama"
+    before = tree_digest(model)
+    proc = _cli(
+        "convert", model, "--precision", "Q8_0", "--precision", "Q4_K_M", "--outdir", tmp_path / "out",
+        "--backend", "docker", "--image", cpu_image, "--format", "json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert Path(result["manifest"]) == tmp_path / "out" / "manifest.json"
+    outputs = {p.name: p.read_bytes() for p in sorted((tmp_path / "out").glob("*.gguf"))}
+    assert outputs == local_reference
+    assert tree_digest(model) == before
+    assert not _containers("tiny-llama")

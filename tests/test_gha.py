@@ -140,7 +140,7 @@ def test_a_bad_batch_file_becomes_an_annotation_and_a_summary(tmp_path):
         ({"model": "", "precisions": "Q8_0"}, "the `model` input is empty"),
         ({"model": "m", "precisions": " , "}, "the `precisions` input is empty"),
         ({"model": "m", "precisions": "Q8_0", "backend": "podman"}, "must be local or docker"),
-        ({"model": "m", "precisions": "Q8_0", "backend": "docker"}, "needs the `image` input"),
+        ({"model": "m", "precisions": "Q8_0", "backend": "docker"}, "neither a local folder nor a Hub repo id"),
     ],
 )
 def test_convert_rejects_bad_inputs_before_working(tmp_path, inputs, message):

@@ -235,6 +235,24 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
     name = args.model_name or (args.model.split("/")[-1] if hub else Path(args.model).resolve().name)
     outdir: Path = args.outdir.resolve()
     log_file = args.log_file.resolve() if args.log_file else None
+    if args.backend == "docker":
+        from .backends.docker import convert_spec, run_convert
+        from .manifest import MANIFEST_NAME, read_manifest
+        from .pairs import PAIRS
+
+        forwarded = [a for p in precisions for a in ("--precision", p.name)]
+        forwarded += ["--revision", args.revision] if args.revision else []
+        spec = convert_spec(
+            args.model, outdir, pair=pair or PAIRS["CPU_LLM_LLAMA"], model_name=name, image=args.image,
+            convert_args=forwarded + _forward_args(args), verbose=out.verbose,
+        )  # fmt: skip
+        run_convert(spec, out)
+        manifests = [{**(read_manifest(outdir) or {}), "manifest_path": str(outdir / MANIFEST_NAME)}]
+        out.result(
+            _human_table(manifests),
+            {"manifest": manifests[0]["manifest_path"], "outdir": str(outdir), "files": _file_rows(manifests[0])},
+        )
+        return EXIT_OK
     manifests = run_job(
         Job(
             model=args.model,
@@ -364,6 +382,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model-name", help="stem of the output files (default: the folder or repo name)")
     p.add_argument("--pair", help="the pair whose runtime verifies the files (recorded in the manifest)")
     p.add_argument("--log-file", type=Path, help="write the full log here too")
+    p.add_argument(
+        "--backend",
+        choices=("local", "docker"),
+        default="local",
+        help="docker: convert inside the pair's image (--pair, default CPU_LLM_LLAMA), model folder read-only",
+    )
+    p.add_argument("--image", help="docker backend: the image to run (default: the pair's tag)")
     _add_conversion_options(p)
     p.set_defaults(handler=_cmd_convert)
 

@@ -210,46 +210,6 @@ def _run_cli(argv: Sequence[str]) -> Any:
     return json.loads(text) if text else {}
 
 
-def _run_in_container(argv: Sequence[str], env: Mapping[str, str]) -> Any:
-    """Run one CLI command in the pair's image (docker backend); the working directory is mounted at /work."""
-    import subprocess
-
-    from .pairs import parse_pair
-
-    image = env.get("INPUT_IMAGE", "").strip()
-    if not image:
-        raise UsageError(
-            "the docker backend needs the `image` input",
-            hint="e.g. image: ghcr.io/OWNER/cecai-converter:cpu (one image per pair, see images.yml)",
-        )
-    engine = env.get("CECAI_CONTAINER_ENGINE", "").strip() or "docker"
-    cmd = [engine, "run", "--rm", "-v", f"{Path.cwd()}:/work", "-w", "/work", "-e", "HF_TOKEN", "-e", "CECAI_DEBUG"]
-    pair = env.get("INPUT_PAIR", "").strip()
-    accelerator = parse_pair(pair).accelerator if pair else "cpu"
-    if accelerator == "cuda":
-        cmd += ["--gpus", "all"]
-    elif accelerator == "jetson":
-        cmd += ["--runtime", "nvidia"]
-    cmd += [image, "cecai-convert", "--format", "json", *argv]
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-    except FileNotFoundError:
-        raise UsageError(f"{engine} is not installed on this runner", hint="use backend: local") from None
-    if proc.returncode != 0:
-        raise ConverterError(f"the conversion in {image} failed (exit {proc.returncode}); its log is above")
-    result = json.loads(proc.stdout or "{}")
-
-    def host(path: object) -> object:  # /work/x inside the container is ./x here
-        return str(path).replace("/work/", "", 1) if str(path).startswith("/work/") else path
-
-    if "manifest" in result:
-        result["manifest"] = host(result["manifest"])
-    for entry in result.get("files") or []:
-        if "path" in entry:
-            entry["path"] = host(entry["path"])
-    return result
-
-
 def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     model = env.get("INPUT_MODEL", "").strip()
     if not model:
@@ -267,12 +227,14 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     backend = env.get("INPUT_BACKEND", "").strip() or "local"
     if env.get("INPUT_HF_TOKEN"):
         os.environ["HF_TOKEN"] = env["INPUT_HF_TOKEN"]  # masked in main(); read by huggingface_hub
-    if backend == "local":
-        result = _run_cli(argv)
-    elif backend == "docker":
-        result = _run_in_container(argv, env)
-    else:
+    if backend not in ("local", "docker"):
         raise UsageError(f"the `backend` input must be local or docker, got {backend!r}")
+    if backend == "docker":
+        # The docker backend decides the container (read-only model, non-root, GPUs per pair); see backends/docker.py.
+        argv += ["--backend", "docker"]
+        if env.get("INPUT_IMAGE", "").strip():
+            argv += ["--image", env["INPUT_IMAGE"].strip()]
+    result = _run_cli(argv)
     manifest_path = str(result.get("manifest") or Path(outdir) / "manifest.json")
     manifest: dict[str, Any] | None = None
     if Path(manifest_path).is_file():

@@ -62,9 +62,11 @@ __all__ = [
     "check_readable",
     "connect",
     "container_spec",
+    "convert_spec",
     "default_image",
     "resolve_image",
     "run_container",
+    "run_convert",
     "run_jobs",
     "unreadable_paths",
 ]
@@ -358,10 +360,7 @@ def container_spec(
         UsageError: a file option names no file.
     """
     pair = job.pair
-    uid, gid = uid_gid if uid_gid is not None else (os.getuid(), os.getgid())
-    as_image_user = uid == 0
-    if as_image_user:
-        uid, gid = IMAGE_UID, IMAGE_GID
+    uid, gid, as_image_user = _container_user(uid_gid)
     extra_args, input_mounts = _forward(forward_args, cwd or Path.cwd())
     job_dir = CONTAINER_JOB_DIR
     models_root = _models_root(job)
@@ -414,6 +413,109 @@ def container_spec(
         read_dirs=(job.config_dir, job.model_dir),
         watch_dirs=(outputs_root, job.outputs_dir),
     )
+
+
+def _container_user(uid_gid: tuple[int, int] | None) -> tuple[int, int, bool]:
+    """The uid:gid a container runs as: the caller's, except that a root caller's runs as the image user."""
+    uid, gid = uid_gid if uid_gid is not None else (os.getuid(), os.getgid())
+    if uid == 0:
+        return IMAGE_UID, IMAGE_GID, True
+    return uid, gid, False
+
+
+def convert_spec(
+    model: str,
+    outdir: Path,
+    *,
+    pair: PairInfo,
+    model_name: str,
+    image: str | None = None,
+    convert_args: Sequence[str] = (),
+    verbose: bool = False,
+    uid_gid: tuple[int, int] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> ContainerSpec:
+    """The container for ``cecai-convert convert`` (one model folder or Hub repo, no Converter layout).
+
+    The model folder is mounted read-only at ``/job/model`` and ``outdir`` writable at ``/job/outputs``; a Hub repo
+    id is downloaded inside the container, which then has the engine's default network (and ``HF_TOKEN``). The
+    container prints in human form: the caller reads the manifest it leaves in ``outdir``.
+
+    Args:
+        model: a local model folder or a Hub repo id.
+        outdir: the caller's output folder.
+        pair: whose image runs and whose runtime verifies.
+        model_name: the output files' stem (computed by the caller: the folder is renamed inside the container).
+        image: the image; default the pair's default tag.
+        convert_args: further ``convert`` options (``--precision Q8_0``, ``--revision R``…); file options become
+            read-only mounts.
+    """
+    uid, gid, as_image_user = _container_user(uid_gid)
+    extra_args, input_mounts = _forward(convert_args, cwd or Path.cwd())
+    local = Path(model).resolve() if Path(model).is_dir() else None
+    mounts = [Mount(outdir, str(CONTAINER_JOB_DIR / "outputs"), read_only=False)]
+    if local is not None:
+        mounts.append(Mount(local, str(CONTAINER_JOB_DIR / "model"), read_only=True))
+    command = (
+        *(["-v"] if verbose else []),
+        "convert",
+        str(CONTAINER_JOB_DIR / "model") if local is not None else model,
+        "--outdir",
+        str(CONTAINER_JOB_DIR / "outputs"),
+        "--model-name",
+        model_name,
+        "--pair",
+        pair.name,
+        *extra_args,
+    )
+    return ContainerSpec(
+        pair=pair,
+        image=image or default_image(pair, environ),
+        entrypoint=("cecai-convert",),
+        command=command,
+        mounts=(*mounts, *input_mounts),
+        user=f"{uid}:{gid}",
+        network_mode="none" if local is not None else None,
+        gpus=pair.accelerator == "cuda",
+        runtime="nvidia" if pair.accelerator == "jetson" else None,
+        environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1"}),
+        passthrough_env=_PASS_ALWAYS + (() if local is not None else _PASS_WITH_NETWORK),
+        labels=MappingProxyType(
+            {CONTAINER_LABEL: __version__, "io.cecai.pair": pair.name, "io.cecai.model": model_name}
+        ),
+        make_dirs=(outdir,),
+        chown_dirs=(outdir,) if as_image_user else (),
+        read_dirs=(local,) if local is not None else (),
+        watch_dirs=(outdir,),
+    )
+
+
+def run_convert(spec: ContainerSpec, out: Output) -> None:
+    """Run one ``convert`` container; its output goes to ``out``'s stderr (the caller prints the result).
+
+    Raises:
+        EngineUnreachable, ImageNotFound, ContainerFailed; KeyboardInterrupt after the container is removed.
+    """
+    from ..output import Output as _Output
+
+    client = connect()
+    try:
+        _check_image(client, spec)
+        check_readable(spec)
+        out.info(f"==> {spec.pair.name}: {spec.image} (container, network {spec.network_mode or 'default'})")
+        status = run_container(client, spec, _Output("human", stdout=out.stderr, stderr=out.stderr))
+    finally:
+        client.close()
+    if status == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
+    if status != 0:
+        raise ContainerFailed(
+            f"the conversion failed inside the {spec.pair.name} container (exit {status}); "
+            "nothing partial was published",
+            return_code=status,
+            hint="its output is above",
+        )
 
 
 # -- the engine ------------------------------------------------------------------------------------------------------
