@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import PairJob, load_converter_dir
 from .errors import EXIT_FAILED, EXIT_OK, ConverterError, UsageError
+from .manifest import MANIFEST_NAME, read_manifest
 from .output import Output
 from .pairs import PairInfo, parse_pair
 from .pipeline import Job, Options, Target, run_job
@@ -169,7 +170,11 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
     if args.backend == "docker":
         from .backends.docker import run_jobs
 
-        return run_jobs(jobs, image=args.image, forward_args=_forward_args(args), out=out)
+        # Containers print for people (to stderr); the result, one document for all pairs, comes from the
+        # manifests they left on this machine, with this machine's paths.
+        run_jobs(jobs, image=args.image, forward_args=_forward_args(args), out=_to_stderr(out))
+        _print_results([_manifest_of(job.outputs_dir) for job in jobs], out)
+        return EXIT_OK
 
     # Pairs that agree on everything but PRECISION share one conversion.
     groups: dict[tuple[Any, ...], list[PairJob]] = {}
@@ -216,6 +221,16 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
     return forwarded
 
 
+def _to_stderr(out: Output) -> Output:
+    """An Output that prints everything, results included, for people on ``out``'s stderr (container logs)."""
+    return Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr)
+
+
+def _manifest_of(folder: Path) -> dict[str, Any]:
+    """The manifest a run left in ``folder``, with its path (as ``run_job`` returns it)."""
+    return {**(read_manifest(folder) or {}), "manifest_path": str(folder / MANIFEST_NAME)}
+
+
 def _print_results(manifests: Sequence[dict[str, Any]], out: Output) -> None:
     data = [{"pair": m.get("pair"), "manifest": m.get("manifest_path"), "files": _file_rows(m)} for m in manifests]
     out.result(_human_table(manifests), {"results": data})
@@ -237,7 +252,6 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
     log_file = args.log_file.resolve() if args.log_file else None
     if args.backend == "docker":
         from .backends.docker import convert_spec, run_convert
-        from .manifest import MANIFEST_NAME, read_manifest
         from .pairs import PAIRS
 
         forwarded = [a for p in precisions for a in ("--precision", p.name)]
@@ -246,8 +260,8 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
             args.model, outdir, pair=pair or PAIRS["CPU_LLM_LLAMA"], model_name=name, image=args.image,
             convert_args=forwarded + _forward_args(args), verbose=out.verbose,
         )  # fmt: skip
-        run_convert(spec, out)
-        manifests = [{**(read_manifest(outdir) or {}), "manifest_path": str(outdir / MANIFEST_NAME)}]
+        run_convert(spec, _to_stderr(out))
+        manifests = [_manifest_of(outdir)]
         out.result(
             _human_table(manifests),
             {"manifest": manifests[0]["manifest_path"], "outdir": str(outdir), "files": _file_rows(manifests[0])},

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VerificationFailed
+from .gguf_header import GGUFHeaderError, read_header
 from .precisions import PRECISIONS, PrecisionInfo
 from .tools import run_tool
 
@@ -54,14 +55,6 @@ class LoadCheck:
         return asdict(self)
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    fld = reader.fields.get(key)
-    if fld is None:
-        return None
-    value = fld.contents()
-    return value
-
-
 def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
     """Read a GGUF file's header, metadata and tensor infos, and check them against ``expected``.
 
@@ -69,21 +62,17 @@ def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
         VerificationFailed: the file is not a readable GGUF, has no architecture or tensors, or its file type is
             not the precision asked for.
     """
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError… on damaged files
-        raise VerificationFailed(
-            f"{path.name} is not a readable GGUF file: {type(exc).__name__}: {str(exc)[:200]}"
-        ) from None
-    version = _field_value(reader, "GGUF.version")
-    architecture = _field_value(reader, "general.architecture")
-    file_type = _field_value(reader, "general.file_type")
-    name = _field_value(reader, "general.name")
+        header = read_header(path)
+    except (GGUFHeaderError, OSError) as exc:
+        raise VerificationFailed(f"{path.name} is not a readable GGUF file: {exc}") from None
+    version = header.version
+    architecture = header.metadata.get("general.architecture")
+    file_type = header.metadata.get("general.file_type")
+    name = header.metadata.get("general.name")
     if not architecture:
         raise VerificationFailed(f"{path.name} has no general.architecture")
-    if not reader.tensors:
+    if not header.tensors:
         raise VerificationFailed(f"{path.name} holds no tensors")
     by_ftype = {info.ftype: info.name for info in PRECISIONS.values()}
     precision = by_ftype.get(int(file_type)) if file_type is not None else None
@@ -95,11 +84,11 @@ def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
     return FileFacts(
         version=int(version) if version is not None else 0,
         architecture=str(architecture),
-        tensor_count=len(reader.tensors),
+        tensor_count=len(header.tensors),
         file_type=int(file_type) if file_type is not None else None,
         precision=precision,
         name=str(name) if name is not None else None,
-        n_params=sum(int(t.n_elements) for t in reader.tensors),
+        n_params=sum(t.n_elements for t in header.tensors),
     )
 
 

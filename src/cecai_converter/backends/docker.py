@@ -492,19 +492,17 @@ def convert_spec(
 
 
 def run_convert(spec: ContainerSpec, out: Output) -> None:
-    """Run one ``convert`` container; its output goes to ``out``'s stderr (the caller prints the result).
+    """Run one ``convert`` container, its output streamed to ``out`` (the caller prints the result).
 
     Raises:
         EngineUnreachable, ImageNotFound, ContainerFailed; KeyboardInterrupt after the container is removed.
     """
-    from ..output import Output as _Output
-
     client = connect()
     try:
         _check_image(client, spec)
         check_readable(spec)
         out.info(f"==> {spec.pair.name}: {spec.image} (container, network {spec.network_mode or 'default'})")
-        status = run_container(client, spec, _Output("human", stdout=out.stderr, stderr=out.stderr))
+        status = run_container(client, spec, out)
     finally:
         client.close()
     if status == EXIT_INTERRUPTED:
