@@ -6,6 +6,7 @@ Handlers translate arguments into pipeline calls and print results; they decide 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -313,7 +314,7 @@ def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
         row: dict[str, Any] = {"file": str(path)}
         try:
             facts = read_back(path)
-            row.update(facts.__dict__)
+            row.update(dataclasses.asdict(facts))
             if not args.no_load:
                 row["load"] = load_check(path, n_gpu_layers=args.n_gpu_layers or 0).as_dict()
             row["ok"] = True

@@ -11,6 +11,7 @@ instead of remade.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -151,7 +152,7 @@ class _Run:
             source = check_model_dir(local, self.converter_dir, allow_pickle=self.opts.allow_pickle)
             fingerprint, _ = fingerprint_files(local)
             record = {"kind": "hub", "repo_id": job.model, "revision": resolved, "fingerprint": fingerprint}
-            return ModelSource(**{**source.__dict__, "repo_id": job.model, "revision": resolved}), record, None
+            return dataclasses.replace(source, repo_id=job.model, revision=resolved), record, None
         path = Path(job.model).resolve()
         source = check_model_dir(path, self.converter_dir, allow_pickle=self.opts.allow_pickle)
         previous: dict[str, Any] | None = None
