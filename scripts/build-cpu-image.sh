@@ -17,6 +17,7 @@
 #                          folder ./dev uses); built there with `pip wheel` when missing (~6 min on 2 cores, then
 #                          pip's wheel cache); CECAI_LLAMA_WHEEL_DIR names a folder holding a prebuilt one
 #   CECAI_CA_FILE          CA bundle passed as the `ca` build secret (default: the system bundle, if present)
+#   CECAI_IMAGE_ENGINE     podman or docker (default: podman when installed, else docker buildx)
 #   PYTHON                 the Python whose pip assembles the wheels (default python3)
 set -euo pipefail
 
@@ -30,7 +31,9 @@ base="${CECAI_CPU_BASE_IMAGE:-localhost/debian-python:bookworm}"
 wheels="${CECAI_IMAGE_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/cecai-converter/image-wheels}"
 ca="${CECAI_CA_FILE:-/etc/ssl/certs/ca-certificates.crt}"
 
-if command -v podman >/dev/null 2>&1; then
+if [ -n "${CECAI_IMAGE_ENGINE:-}" ]; then
+    engine="$CECAI_IMAGE_ENGINE" # podman or docker: where the tests' DOCKER_HOST points
+elif command -v podman >/dev/null 2>&1; then
     engine=podman
 elif docker buildx version >/dev/null 2>&1; then
     engine=docker
@@ -43,17 +46,19 @@ fi
 # 1. The base image. Without a registry, make a Debian bookworm image with Python 3.11 (the torch wheel's Python).
 if ! $engine image inspect "$base" >/dev/null 2>&1; then
     if [ "$base" != localhost/debian-python:bookworm ]; then
-        echo "error: base image $base is not present; pull it first ($engine pull $base)" >&2
-        exit 1
+        echo "==> pulling $base" >&2
+        $engine pull "$base" >&2 || { echo "error: could not pull $base" >&2; exit 1; }
+    else
+        echo "==> making $base with debootstrap (once)" >&2
+        rootfs="$(mktemp -d /tmp/cecai-rootfs.XXXXXX)"
+        trap 'rm -rf "$rootfs"' EXIT
+        debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" \
+            >/tmp/cecai-debootstrap.log 2>&1 ||
+            { echo "error: debootstrap failed; see /tmp/cecai-debootstrap.log" >&2; exit 1; }
+        tar -C "$rootfs" -c . | $engine import - "$base" >/dev/null
+        rm -rf "$rootfs"
+        trap - EXIT
     fi
-    echo "==> making $base with debootstrap (once)" >&2
-    rootfs="$(mktemp -d /tmp/cecai-rootfs.XXXXXX)"
-    trap 'rm -rf "$rootfs"' EXIT
-    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" >/tmp/cecai-debootstrap.log 2>&1 ||
-        { echo "error: debootstrap failed; see /tmp/cecai-debootstrap.log" >&2; exit 1; }
-    tar -C "$rootfs" -c . | $engine import - "$base" >/dev/null
-    rm -rf "$rootfs"
-    trap - EXIT
 fi
 
 # 2. The wheels context: nothing in it is compiled inside the image.
