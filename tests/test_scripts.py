@@ -46,8 +46,11 @@ def test_script_is_a_thin_caller_of_the_cli(pair: PairInfo) -> None:
     assert script.is_file() and os.access(script, os.X_OK)
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n")
-    assert f'exec cecai-convert run "$1" --pair {pair.name} --backend "${{CECAI_BACKEND:-docker}}"' in text
-    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    assert f'exec bash "$(dirname "$0")/lib/converter_pair.sh" {pair.name} "$@"' in text
+    shared = (SCRIPTS / "lib" / "converter_pair.sh").read_text()
+    assert 'exec cecai-convert run "$1" --pair "$pair" --backend "${CECAI_BACKEND:-docker}"' in shared
+    for path in (script, SCRIPTS / "lib" / "converter_pair.sh"):
+        assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
 
 
 @pytest.mark.parametrize("pair", PAIRS.values(), ids=lambda p: p.slug)
