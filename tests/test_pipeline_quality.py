@@ -36,6 +36,13 @@ def test_iq_type_with_a_computed_imatrix_is_made_verified_and_recorded(cli, tiny
     assert entry["precision"] == "IQ2_XXS" and entry["file_type"] == 19
     assert entry["verification"]["generated_tokens"]
     assert manifest["imatrix"]["source"] == "computed" and manifest["imatrix"]["entries"] > 0
+    # the computed matrix is published beside the files, ready to be given back as --imatrix FILE
+    kept = tmp_path / manifest["imatrix"]["file"]
+    assert kept.is_file() and manifest["imatrix"]["file"].endswith(".imatrix.gguf")
+    again = cli("convert", tiny_llama, "--precision", "IQ2_XXS", "--outdir", tmp_path / "again", "--imatrix", kept,
+                "--no-fidelity")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / entry["name"]).read_bytes() == (tmp_path / entry["name"]).read_bytes()
     assert "llama-imatrix" in result.stderr
 
 

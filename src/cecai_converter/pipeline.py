@@ -394,12 +394,14 @@ class _ImatrixPlan:
             text = self.calibration_text or imatrix_mod.default_calibration_text()
             with run.out.step(f"computing an importance matrix with llama-imatrix on {text.name}"):
                 t0 = time.perf_counter()
-                self.path = imatrix_mod.compute(base, self.calibration_text, stage / "imatrix.gguf",
-                                                n_threads=run.opts.threads)  # fmt: skip
+                # Named as it is published: llama.cpp records the name in every file quantized with it.
+                out_path = stage / f"{run.job.model_name}.imatrix.gguf"
+                self.path = imatrix_mod.compute(base, self.calibration_text, out_path, n_threads=run.opts.threads)
                 run.timings["imatrix_s"] = round(time.perf_counter() - t0, 3)
             self.record = {**imatrix_mod.load_for_quantize(self.path).describe(), "source": "computed",
                            "calibration_text": text.name}  # fmt: skip
-            self.record["file"] = None  # lived in the staging folder only
+            # Published next to the GGUF files (see _publish), so it can be reused as IMATRIX: FILE.
+            self.record["file"] = f"{run.job.model_name}.imatrix.gguf"
         elif self.path is not None and self.record is None:
             self.record = {**imatrix_mod.load_for_quantize(self.path).describe(), "source": "given"}
         return self.path
@@ -554,6 +556,9 @@ def _publish(
             "verification": item.verification, "fidelity": item.fidelity,
             "reused": not item.made_here,
         })  # fmt: skip
+    record = run.imatrix.record
+    if record is not None and record.get("source") == "computed" and run.imatrix.path is not None:
+        publish_file(run.imatrix.path, target.outputs_dir / record["file"])
     manifest = {
         "toolchain": toolchain_info().as_manifest(),
         "pair": target.pair.name if target.pair else None,
