@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import __version__
 from ..config import PairJob
-from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, ConverterError, ToolNotFound, UsageError
+from ..errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    ConfigError,
+    ConversionFailed,
+    ConverterError,
+    ToolNotFound,
+    UsageError,
+)
 from ..fsutil import STAGING_PREFIX
 from ..pairs import PairInfo
 
@@ -120,14 +128,13 @@ class ImageNotFound(ConverterError):
     title = "image not found"
 
 
-class ContainerFailed(ConverterError):
+class ContainerFailed(ConversionFailed):
     """The conversion inside a container failed; ``exit_code`` is the container's own exit status."""
 
     title = "container failed"
 
     def __init__(self, message: str, *, return_code: int, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.return_code = return_code
+        super().__init__(message, return_code=return_code, hint=hint)
         self.exit_code = return_code if 0 < return_code < 256 else EXIT_FAILED
 
 
