@@ -15,7 +15,7 @@ import pytest
 from conftest import convert_to_f32
 
 from cecai_converter import imatrix
-from cecai_converter.errors import ToolchainError, ToolNotFound, UsageError
+from cecai_converter.errors import ConversionFailed, ToolchainError, ToolNotFound, UsageError
 
 
 def quantize(src: Path, dst: Path, precision: str, imatrix_data: imatrix.ImatrixData | None = None) -> int:
@@ -235,10 +235,64 @@ def test_compute_writes_a_gguf_imatrix(computed: Path) -> None:
 def test_calibration_text_too_short(tools: dict[str, Path], base: Path, tmp_path: Path) -> None:
     text = tmp_path / "short.txt"
     text.write_text("Four score and seven years ago. " * 20, encoding="utf-8")
+    have = imatrix.count_tokens(base, text)
+    assert have is not None and 0 < have < 1024
     with pytest.raises(UsageError, match="llama-imatrix needs at least 1024") as info:
         imatrix.compute(base, text, tmp_path / "x.gguf", n_threads=2, tools=tools)
+    assert f"has only {have} tokens" in str(info.value)
     assert "CALIBRATION_TEXT" in (info.value.hint or "")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_count_tokens_agrees_with_llama_imatrix(tools: dict[str, Path], base: Path, tmp_path: Path) -> None:
+    """The pre-check counts what the tool counts. The tool's own count is in its log, which llama.cpp can drop at
+    exit under load (see explain_failure), so the tool runs until one run has printed it."""
+    text = tmp_path / "short.txt"
+    text.write_text("We hold these truths to be self-evident. " * 25, encoding="utf-8")
+    cmd = [str(tools["llama-imatrix"]), "-m", str(base), "-f", str(text), "-o", str(tmp_path / "x.gguf")]
+    cmd += ["-c", "512", "-b", "512", "--no-ppl", "-t", "1"]
+    reported = None
+    for _ in range(10):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        assert proc.returncode != 0
+        found = imatrix._ONLY.search(proc.stdout + proc.stderr)
+        if found:
+            reported = int(found.group(1))
+            break
+    assert reported is not None, "llama-imatrix never printed its token count in 10 runs"
+    assert imatrix.count_tokens(base, text) == reported
+
+
+# What llama-imatrix printed on this machine: once whole, once with the logger's lines lost at exit.
+_GPU_WARNINGS = (
+    "warning: no usable GPU found, --gpu-layers option will be ignored\n"
+    "warning: one possible reason is that llama.cpp was compiled without GPU support\n"
+    "warning: consult docs/build.md for compilation instructions\n"
+)
+_WHOLE = _GPU_WARNINGS + (
+    "0.00.016.455 I compute_imatrix: tokenizing the input ..\n"
+    "0.00.016.608 E compute_imatrix: you need at least 1024 tokens for a context of 512 tokens\n"
+    "0.00.016.608 E compute_imatrix: the data file you provided tokenizes to only 402 tokens\n"
+)
+
+
+def test_explain_failure_reads_the_tools_too_short_message() -> None:
+    err = imatrix.explain_failure(_WHOLE, base_name="m.gguf", text_name="short.txt", return_code=1)
+    assert isinstance(err, UsageError)
+    assert "short.txt has only 402 tokens" in str(err) and "needs at least 1024 (two chunks of n_ctx=512)" in str(err)
+
+
+def test_explain_failure_says_when_llama_cpp_lost_its_log() -> None:
+    err = imatrix.explain_failure(_GPU_WARNINGS, base_name="m.gguf", text_name="t.txt", return_code=1)
+    assert isinstance(err, ConversionFailed) and err.return_code == 1
+    assert "llama-imatrix failed on m.gguf (exit status 1)" in str(err)
+    assert "drops unflushed lines at exit" in str(err)
+    kept = imatrix.explain_failure(
+        _GPU_WARNINGS + "0.00.010.000 E main : failed to init\n", base_name="m.gguf", text_name="t.txt", return_code=1
+    )
+    assert isinstance(kept, ConversionFailed)
+    assert "failed to init" in str(kept) and "drops unflushed" not in str(kept)
 
 
 @pytest.mark.slow

@@ -41,7 +41,9 @@ __all__ = [
     "ImatrixData",
     "build_tools",
     "compute",
+    "count_tokens",
     "default_calibration_text",
+    "explain_failure",
     "load_for_quantize",
     "read_imatrix",
 ]
@@ -273,6 +275,79 @@ def _tail(path: Path, chars: int = _TAIL_CHARS) -> str:
 
 _TOO_SHORT = re.compile(r"you need at least (\d+) tokens for a context of (\d+) tokens")
 _ONLY = re.compile(r"tokenizes to only (\d+) tokens")
+# Every line llama.cpp's own logger writes starts with a timestamp like "0.00.013.903 I ".
+_LLAMA_LOG_LINE = re.compile(r"^\d+\.\d{2}\.\d{3}\.\d{3} [IWED] ", re.MULTILINE)
+
+
+def count_tokens(base: Path, text: Path) -> int | None:
+    """How many tokens ``llama-imatrix`` will see in ``text``: the base's own tokenizer, special tokens added.
+
+    Only the vocabulary is loaded (milliseconds, even for large models). ``None`` when llama-cpp-python is not
+    installed; the caller then relies on the tool's own message.
+    """
+    try:
+        import logging
+
+        import llama_cpp
+    except ImportError:
+        return None
+    data = Path(text).read_bytes()
+    # llama-cpp-python routes llama.cpp's log through this logger; the model-loading chatter is not ours to show.
+    lc_logger = logging.getLogger("llama-cpp-python")
+    level = lc_logger.level
+    lc_logger.setLevel(logging.ERROR)
+    try:
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(Path(base).resolve()).encode(), params)
+        if not model:
+            return None  # llama-imatrix will say why it cannot load the model
+        try:
+            vocab = llama_cpp.llama_model_get_vocab(model)
+            # With no buffer, llama_tokenize returns minus the token count; add_special and no parse_special are
+            # what llama-imatrix's common_tokenize(ctx, prompt, true) uses.
+            return -int(llama_cpp.llama_tokenize(vocab, data, len(data), None, 0, True, False))
+        finally:
+            llama_cpp.llama_model_free(model)
+    finally:
+        lc_logger.setLevel(level)
+
+
+def _too_short(text_name: str, have: int | None, need: int, n_ctx: int) -> UsageError:
+    counted = f"only {have} tokens" if have is not None else "too few tokens"
+    return UsageError(
+        f"imatrix: the calibration text {text_name} has {counted} for this model's tokenizer; "
+        f"llama-imatrix needs at least {need} (two chunks of n_ctx={n_ctx})",
+        hint="use a longer CALIBRATION_TEXT (a few thousand words of text like the model's use), or a smaller n_ctx",
+    )
+
+
+def explain_failure(output: str, *, base_name: str, text_name: str, return_code: int) -> UsageError | ConversionFailed:
+    """The error for a failed ``llama-imatrix`` run, from its captured output.
+
+    llama.cpp's logger is asynchronous and never flushed at exit (common/log.cpp leaks it on purpose), so under
+    load a failing run can lose its last lines, often the reason itself. The message says so when that happened.
+    """
+    short = _TOO_SHORT.search(output)
+    if short:
+        only = _ONLY.search(output)
+        return _too_short(text_name, int(only.group(1)) if only else None, int(short.group(1)), int(short.group(2)))
+    tail = output[-_TAIL_CHARS:].strip()
+    lost = (
+        ""
+        if _LLAMA_LOG_LINE.search(output)
+        else (
+            "\n(llama.cpp wrote none of its log lines before exiting: it drops unflushed lines at exit; "
+            "rerun to see the reason)"
+        )
+    )
+    return ConversionFailed(
+        f"llama-imatrix failed on {base_name} (exit status {return_code})\n"
+        f"--- llama-imatrix output (tail) ---\n{tail}{lost}",
+        return_code=return_code,
+        output_tail=output[-_TAIL_CHARS:],
+        hint="check that the base GGUF loads (`cecai-convert verify`); or give a ready imatrix (IMATRIX: file)",
+    )
 
 
 def compute(
@@ -313,6 +388,10 @@ def compute(
             f"imatrix: calibration text not found: {text}",
             hint="CALIBRATION_TEXT is relative to configurations/; remove it to use the shipped text",
         )
+    # Check the length first: the tool's own "too short" message can be lost (see explain_failure).
+    have = count_tokens(base, text)
+    if have is not None and have < 2 * n_ctx:
+        raise _too_short(text.name, have, 2 * n_ctx, n_ctx)
     exe = (tools or build_tools())["llama-imatrix"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -343,24 +422,7 @@ def compute(
         output = log_file.read_bytes().decode("utf-8", "replace")
     if proc.returncode != 0 or not tmp_out.is_file():
         tmp_out.unlink(missing_ok=True)
-        short = _TOO_SHORT.search(output)
-        if short:
-            only = _ONLY.search(output)
-            have = f"only {only.group(1)} tokens" if only else "too few tokens"
-            need, ctx = int(short.group(1)), int(short.group(2))
-            raise UsageError(
-                f"imatrix: the calibration text {text.name} has {have} for this model's tokenizer; "
-                f"llama-imatrix needs at least {need} (two chunks of n_ctx={ctx})",
-                hint="use a longer CALIBRATION_TEXT (a few thousand words of text like the model's use), "
-                "or a smaller n_ctx",
-            )
-        raise ConversionFailed(
-            f"llama-imatrix failed on {Path(base).name} (exit status {proc.returncode})\n"
-            f"--- llama-imatrix output (tail) ---\n{output[-_TAIL_CHARS:].strip()}",
-            return_code=proc.returncode,
-            output_tail=output[-_TAIL_CHARS:],
-            hint="check that the base GGUF loads (`cecai-convert verify`); or give a ready imatrix (IMATRIX: file)",
-        )
+        raise explain_failure(output, base_name=Path(base).name, text_name=text.name, return_code=proc.returncode)
     tmp_out.replace(out)
     return out
 
