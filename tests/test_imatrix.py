@@ -322,3 +322,12 @@ def test_iq_type_needs_the_imatrix_and_works_with_it(
     llm = Llama(model_path=str(ours), n_ctx=64, verbose=False)
     out = llm("The lighthouse", max_tokens=8, temperature=0.0)
     assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_count_tokens_is_none_when_it_cannot_count(tmp_path: Path) -> None:
+    """A file llama.cpp cannot read gives no count (the tool then speaks for itself), and no crash here."""
+    not_gguf = tmp_path / "m.gguf"
+    not_gguf.write_bytes(b"not a gguf file")
+    text = tmp_path / "t.txt"
+    text.write_text("some words", encoding="utf-8")
+    assert imatrix.count_tokens(not_gguf, text) is None

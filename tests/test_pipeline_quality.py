@@ -59,3 +59,41 @@ def test_thresholds_in_the_configuration_fail_the_run_and_publish_nothing(cli, t
     assert result.returncode == 1
     assert "fidelity thresholds exceeded" in result.stderr and "Q2_K" in result.stderr
     assert ggufs_under(conv / "outputs") == []
+
+
+def test_each_runtime_verifies_and_measures_the_shared_files_itself(tiny_llama, tmp_path):
+    """Two targets of one job on different runtimes (n_gpu_layers 0 and -1): the files are made once, and each
+    runtime loads and measures them. On a CPU build -1 still runs on the CPU, so this checks the grouping and what
+    each manifest records; tests/test_gpu_runtime.py checks the offload itself on a GPU."""
+    import io
+
+    from cecai_converter.output import Output
+    from cecai_converter.pairs import PAIRS
+    from cecai_converter.pipeline import Job, Options, Target, run_job
+    from cecai_converter.precisions import parse_precisions
+
+    cpu, gpu = tmp_path / "outputs" / "CPU_LLM_LLAMA", tmp_path / "outputs" / "GPU_LLM_LLAMA"
+    err = io.StringIO()
+    job = Job(
+        model=str(tiny_llama),
+        model_name="m",
+        precisions=parse_precisions(["Q8_0", "Q4_K_M"]),
+        targets=(
+            Target(cpu, PAIRS["CPU_LLM_LLAMA"], n_gpu_layers=0),
+            Target(gpu, PAIRS["GPU_LLM_LLAMA"], n_gpu_layers=-1),
+        ),
+        options=Options(fidelity=True),
+    )
+    manifests = run_job(job, Output(stderr=err))
+    by_pair = {m["pair"]: m for m in manifests}
+    assert by_pair["CPU_LLM_LLAMA"]["runtime"] == {"n_gpu_layers": 0}
+    assert by_pair["GPU_LLM_LLAMA"]["runtime"] == {"n_gpu_layers": -1}
+    timings = by_pair["GPU_LLM_LLAMA"]["timings"]
+    assert set(timings["verify_s"]) == set(timings["fidelity_s"]) == {"n_gpu_layers=0", "n_gpu_layers=-1"}
+    assert set(timings["quantize_s"]) == {"Q8_0", "Q4_K_M"}  # made once for both
+    assert err.getvalue().count("verifying") == 2 and "n_gpu_layers=-1" in err.getvalue()
+    for manifest in manifests:
+        assert all(f["verification"]["generated_tokens"] and f["fidelity"]["n_tokens"] > 0 for f in manifest["files"])
+    assert {f["sha256"] for f in by_pair["CPU_LLM_LLAMA"]["files"]} == {
+        f["sha256"] for f in by_pair["GPU_LLM_LLAMA"]["files"]
+    }

@@ -185,8 +185,13 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
     for members in groups.values():
         first = members[0]
         union = parse_precisions([p.name for m in members for p in m.precisions])
-        gpu_layers = max(_gpu_layers(args, m.pair, out) for m in members)
-        targets = tuple(Target(m.outputs_dir, m.pair, m.log_file, tuple(p.name for p in m.precisions)) for m in members)
+        # The files are shared; each pair verifies and measures them on its own runtime (GPU pairs offload).
+        targets = tuple(
+            Target(
+                m.outputs_dir, m.pair, m.log_file, tuple(p.name for p in m.precisions), _gpu_layers(args, m.pair, out)
+            )
+            for m in members
+        )
         out.info(f"==> {first.model_name}: pairs {', '.join(m.pair.name for m in members)}")
         manifests += run_job(
             Job(
@@ -194,7 +199,7 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
                 model_name=first.model_name,
                 precisions=union,
                 targets=targets,
-                options=_options(args, dict(first.settings), gpu_layers, first.config_dir),
+                options=_options(args, dict(first.settings), 0, first.config_dir),
                 trained=first.trained,
             ),
             out,

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConfigError, ConverterError
+from .gguf_header import read_header
+from .tools import runtime_env
 
 __all__ = [
     "DEFAULT_EVAL_TEXT",
@@ -241,7 +243,8 @@ def _run_worker(
     cmd = [sys.executable, "-m", "cecai_converter.fidelity", "--worker", str(job_file)]
     try:
         with log_file.open("wb") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+            env = {**os.environ, **runtime_env(int(job["n_gpu_layers"]))}
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, env=env)
     except subprocess.TimeoutExpired:
         raise MeasurementFailed(
             f"fidelity: evaluating {label} ({model.name}) took longer than {timeout_s:g} s",
@@ -308,7 +311,7 @@ def _worker_main(job_file: Path) -> int:
     return 0
 
 
-def _load(job: Mapping[str, Any], n_ctx: int, *, vocab_only: bool = False) -> Any:
+def _load(job: Mapping[str, Any], n_ctx: int) -> Any:
     import llama_cpp  # the worker alone needs the runtime
 
     kwargs: dict[str, Any] = {
@@ -320,7 +323,6 @@ def _load(job: Mapping[str, Any], n_ctx: int, *, vocab_only: bool = False) -> An
         "n_gpu_layers": int(job["n_gpu_layers"]),
         "verbose": True,
         "seed": 0,
-        "vocab_only": vocab_only,
     }
     if job.get("n_threads"):
         kwargs["n_threads"] = int(job["n_threads"])
@@ -394,11 +396,14 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
         text = Path(job["text"]).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise _WorkerUsageError(f"cannot read the evaluation text {job['text']}: {exc}") from None
-    # The vocabulary alone first (no weights): tokenize, and learn the training context length.
-    llm = _load(job, _MIN_CHUNK, vocab_only=True)
-    arch = llm.metadata.get("general.architecture", "")
-    n_ctx_train = int(llm.metadata.get(f"{arch}.context_length", 0) or 0)
+    # One load in the common case: the context length comes from the header. (A vocabulary-only load followed by
+    # a full one in this process ended in SIGSEGV during the second load on a CUDA build; the cause was not
+    # isolated, and one load is faster anyway.)
+    header = read_header(Path(job["model"]))
+    arch = header.metadata.get("general.architecture", "")
+    n_ctx_train = int(header.metadata.get(f"{arch}.context_length", 0) or 0)
     n_ctx = min(int(job["n_ctx"]), n_ctx_train) if n_ctx_train > 0 else int(job["n_ctx"])
+    llm = _load(job, n_ctx)
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     if job.get("max_tokens"):
         tokens = tokens[: int(job["max_tokens"])]
@@ -407,9 +412,9 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
             raise _WorkerUsageError(
                 f"the evaluation text has only {len(tokens)} tokens; at least {2 * _MIN_CHUNK} are needed"
             )
-        n_ctx = len(tokens)
-    del llm
-    llm = _load(job, n_ctx)
+        n_ctx = len(tokens)  # a short text: one chunk of all of it
+        llm.close()
+        llm = _load(job, n_ctx)
     bos = _bos(llm)
     chunks = _chunks(tokens, n_ctx, bos)
     np.save(work / "tokens.npy", np.asarray(tokens, dtype=np.int32))

@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
+from . import llama_vocab
 from .errors import ConfigError, ConversionFailed, ToolchainError, ToolNotFound, UsageError
 from .output import get_logger
 
@@ -280,37 +281,9 @@ _LLAMA_LOG_LINE = re.compile(r"^\d+\.\d{2}\.\d{3}\.\d{3} [IWED] ", re.MULTILINE)
 
 
 def count_tokens(base: Path, text: Path) -> int | None:
-    """How many tokens ``llama-imatrix`` will see in ``text``: the base's own tokenizer, special tokens added.
-
-    Only the vocabulary is loaded (milliseconds, even for large models). ``None`` when llama-cpp-python is not
-    installed; the caller then relies on the tool's own message.
-    """
-    try:
-        import logging
-
-        import llama_cpp
-    except ImportError:
-        return None
-    data = Path(text).read_bytes()
-    # llama-cpp-python routes llama.cpp's log through this logger; the model-loading chatter is not ours to show.
-    lc_logger = logging.getLogger("llama-cpp-python")
-    level = lc_logger.level
-    lc_logger.setLevel(logging.ERROR)
-    try:
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        model = llama_cpp.llama_model_load_from_file(str(Path(base).resolve()).encode(), params)
-        if not model:
-            return None  # llama-imatrix will say why it cannot load the model
-        try:
-            vocab = llama_cpp.llama_model_get_vocab(model)
-            # With no buffer, llama_tokenize returns minus the token count; add_special and no parse_special are
-            # what llama-imatrix's common_tokenize(ctx, prompt, true) uses.
-            return -int(llama_cpp.llama_tokenize(vocab, data, len(data), None, 0, True, False))
-        finally:
-            llama_cpp.llama_model_free(model)
-    finally:
-        lc_logger.setLevel(level)
+    """How many tokens ``llama-imatrix`` will see in ``text``: the base's own tokenizer, special tokens added (as
+    its ``common_tokenize(ctx, prompt, true)`` does). ``None`` when that cannot be counted here."""
+    return llama_vocab.count_tokens(base, text, add_special=True)
 
 
 def _too_short(text_name: str, have: int | None, need: int, n_ctx: int) -> UsageError:

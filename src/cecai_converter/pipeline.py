@@ -48,6 +48,9 @@ class Target:
     log_file: Path | None = None
     #: the precision names this target wants; None means every precision of the job
     precisions: tuple[str, ...] | None = None
+    #: layers its runtime offloads when verifying and measuring (-1 all); None: the job's Options.n_gpu_layers.
+    #: Targets of one job share the files, but each runtime loads and measures them itself.
+    n_gpu_layers: int | None = None
 
     def wants(self, name: str) -> bool:
         """Whether this target asked for the precision ``name``."""
@@ -326,12 +329,44 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
             keys = keys_for(fingerprint)
         for name, item in run.produced.items():
             item.key = item.key or keys[name]
-        _verify_all(run)
-        if opts.fidelity and run.base_path is not None:
-            _measure_fidelity(run)
+        # Each runtime among the targets (CPU, GPU offload) loads and measures the shared files itself; everything
+        # is checked before anything is published, so a failing check leaves every target as it was.
+        checked: dict[int, dict[str, _Produced]] = {}
+        runtimes = _runtimes(job)
+        for layers, targets in runtimes.items():
+            label = "all" if len(runtimes) == 1 else f"n_gpu_layers={layers}"
+            view = {name: dataclasses.replace(item) for name, item in run.produced.items()}
+            _verify_all(run, view, targets, layers, label)
+            if opts.fidelity and run.base_path is not None:
+                _measure_fidelity(run, view, layers, label)
+            checked[layers] = view
         run.timings["total_s"] = round(time.perf_counter() - started, 3)
-        manifests = [_publish(run, target, source_record, base_precision) for target in job.targets]
+        manifests = [
+            _publish(run, target, checked[_layers_of(job, target)], source_record, base_precision)
+            for target in job.targets
+        ]
     return manifests
+
+
+def _layers_of(job: Job, target: Target) -> int:
+    return job.options.n_gpu_layers if target.n_gpu_layers is None else target.n_gpu_layers
+
+
+def _runtimes(job: Job) -> dict[int, list[Target]]:
+    """The job's targets grouped by the layers their runtime offloads, in target order."""
+    groups: dict[int, list[Target]] = {}
+    for target in job.targets:
+        groups.setdefault(_layers_of(job, target), []).append(target)
+    return groups
+
+
+def _runtime_name(n_gpu_layers: int) -> str:
+    """What a load with ``n_gpu_layers`` runs on here, as the verification worker records it."""
+    if n_gpu_layers == 0:
+        return "cpu"
+    import llama_cpp
+
+    return "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu"
 
 
 def _check_free_space(folder: Path, n_params: int, base: PrecisionInfo, missing: Sequence[PrecisionInfo]) -> None:
@@ -476,52 +511,61 @@ def _produce(
         )
 
 
-def _verify_all(run: _Run) -> None:
-    """Read back every file and load each once for this runtime (all in one worker process).
+def _verify_all(
+    run: _Run, view: dict[str, _Produced], targets: Sequence[Target], n_gpu_layers: int, label: str
+) -> None:
+    """Read back every file and load each once on the runtime of ``targets`` (all in one worker process).
 
-    A file reused from this very target keeps its earlier verification; one from a sibling pair's folder is loaded
-    again here, since a pair's own work is verifying the file on its runtime.
+    A file reused from one of these very targets keeps its earlier verification if it was made on the same
+    runtime; one from a sibling pair's folder is loaded again here, since a pair's own work is verifying the file
+    on its runtime.
     """
-    own_folders = {t.outputs_dir for t in run.job.targets}
+    own_folders = {t.outputs_dir for t in targets}
     to_load: list[_Produced] = []
-    for item in run.produced.values():
+    for item in view.values():
         facts = read_back(item.path, item.precision)
         item.facts = {k: getattr(facts, k) for k in _FACT_KEYS}
         if item.sha_future is not None:
             item.sha256 = item.sha_future.result()
-        if run.opts.verify and not (
-            item.verification is not None and not item.made_here and item.origin in own_folders
-        ):
+            item.sha_future = None
+        kept = (
+            item.verification is not None
+            and not item.made_here
+            and item.origin in own_folders
+            and item.verification.get("runtime") == _runtime_name(n_gpu_layers)
+        )
+        if run.opts.verify and not kept:
             to_load.append(item)
     if not to_load:
         return
     names = ", ".join(item.path.name for item in to_load)
-    with run.out.step(f"verifying {names} (load + generate)"):
+    where = "" if n_gpu_layers == 0 else f", n_gpu_layers={n_gpu_layers}"
+    with run.out.step(f"verifying {names} (load + generate{where})"):
         t0 = time.perf_counter()
-        checks = load_check_many(
-            [item.path for item in to_load], n_gpu_layers=run.opts.n_gpu_layers, threads=run.opts.threads
-        )
-        run.timings["verify_s"]["all"] = round(time.perf_counter() - t0, 3)
+        checks = load_check_many([item.path for item in to_load], n_gpu_layers=n_gpu_layers, threads=run.opts.threads)
+        run.timings["verify_s"][label] = round(time.perf_counter() - t0, 3)
     for item in to_load:
         item.verification = checks[item.path].as_dict()
 
 
-def _measure_fidelity(run: _Run) -> None:
+def _measure_fidelity(run: _Run, view: dict[str, _Produced], n_gpu_layers: int, label: str) -> None:
+    """Measure the files made in this run against the base, on one runtime. Files reused from an earlier run keep
+    the numbers recorded then (with the device they were measured on): the base they need is gone."""
     from . import fidelity
 
     assert run.base_path is not None
-    todo = {name: item.path for name, item in run.produced.items() if item.made_here}
+    todo = {name: item.path for name, item in view.items() if item.made_here}
     if not todo:
         return
-    with run.out.step(f"measuring fidelity against the base ({', '.join(todo)})"):
+    where = "" if n_gpu_layers == 0 else f", n_gpu_layers={n_gpu_layers}"
+    with run.out.step(f"measuring fidelity against the base ({', '.join(todo)}{where})"):
         t0 = time.perf_counter()
         results = fidelity.measure(
-            run.base_path, todo, eval_text=run.opts.eval_text, n_threads=run.opts.threads,
-            n_gpu_layers=run.opts.n_gpu_layers,
-        )  # fmt: skip
-        run.timings["fidelity_s"]["all"] = round(time.perf_counter() - t0, 3)
+            run.base_path, todo, eval_text=run.opts.eval_text, n_threads=run.opts.threads, n_gpu_layers=n_gpu_layers
+        )
+        run.timings["fidelity_s"][label] = round(time.perf_counter() - t0, 3)
     for name, metrics in results.items():
-        run.produced[name].fidelity = metrics
+        view[name].fidelity = metrics
     if run.opts.thresholds:
         violations = fidelity.check_thresholds(results, run.opts.thresholds)
         if violations:
@@ -534,16 +578,17 @@ def _measure_fidelity(run: _Run) -> None:
 def _publish(
     run: _Run,
     target: Target,
+    view: dict[str, _Produced],
     source_record: dict[str, Any],
     base_precision: PrecisionInfo,
 ) -> dict[str, Any]:
     job = run.job
     files: list[dict[str, Any]] = []
     kept_base = job.options.keep_base
-    for precision in [p for p in PRECISIONS.values() if p.name in run.produced]:
+    for precision in [p for p in PRECISIONS.values() if p.name in view]:
         if not (target.wants(precision.name) or (kept_base and precision.name == base_precision.name)):
             continue
-        item = run.produced[precision.name]
+        item = view[precision.name]
         name = _file_name(job.model_name, precision)
         dest = target.outputs_dir / name
         if item.path.resolve() != dest.resolve():
@@ -569,7 +614,7 @@ def _publish(
         "imatrix": run.imatrix.record,
         "files": files,
         "timings": run.timings,
-        "runtime": {"n_gpu_layers": run.opts.n_gpu_layers},
+        "runtime": {"n_gpu_layers": _layers_of(job, target)},
     }
     path = write_manifest(target.outputs_dir, manifest)
     _log.info("wrote %s", path)

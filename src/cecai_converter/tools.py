@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .output import get_logger
 
-__all__ = ["ToolRun", "run_tool"]
+__all__ = ["ToolRun", "run_tool", "runtime_env"]
 
 _log = get_logger("tools")
 
@@ -27,6 +27,15 @@ class ToolRun:
 
     returncode: int
     tail: str
+
+
+def runtime_env(n_gpu_layers: int) -> dict[str, str]:
+    """Environment for a llama.cpp worker process that offloads ``n_gpu_layers`` layers.
+
+    With none offloaded the GPUs are hidden: a CUDA build otherwise still moves large matrix products to the GPU,
+    so a CPU pair verified or measured on a GPU machine would not be running as its own runtime does.
+    """
+    return {"CUDA_VISIBLE_DEVICES": ""} if n_gpu_layers == 0 else {}
 
 
 def run_tool(

@@ -19,7 +19,7 @@ from typing import Any
 from .errors import VerificationFailed
 from .gguf_header import GGUFHeaderError, read_header
 from .precisions import PRECISIONS, PrecisionInfo
-from .tools import run_tool
+from .tools import run_tool, runtime_env
 
 __all__ = ["FileFacts", "LoadCheck", "load_check", "load_check_many", "read_back"]
 
@@ -120,7 +120,7 @@ def load_check_many(paths: list[Path], *, n_gpu_layers: int = 0, threads: int | 
             path = Path(data.pop("path"))
             done[path] = LoadCheck(**data)
 
-    result = run_tool(argv, on_line=on_line)
+    result = run_tool(argv, env=runtime_env(n_gpu_layers), on_line=on_line)
     for path in paths:
         check = done.get(path)
         if check is None:
