@@ -15,9 +15,24 @@ answers() {
     curl -fsS --max-time 5 --unix-socket "$socket" http://d/_ping >/dev/null 2>&1
 }
 
+# A service left by an earlier run whose working directory was deleted since (a removed CI clone) still answers
+# pings, but every container start fails ("conmon: Failed to get working directory"): replace it.
+stale_service() {
+    local pid
+    for pid in $(pgrep -f "podman system service.*unix://$socket" || true); do
+        case "$(readlink "/proc/$pid/cwd" 2>/dev/null)" in *" (deleted)") return 0 ;; esac
+    done
+    return 1
+}
+
 if answers; then
-    echo "podman API already answers on unix://$socket"
-    exit 0
+    if ! stale_service; then
+        echo "podman API already answers on unix://$socket"
+        exit 0
+    fi
+    echo "replacing the podman service on unix://$socket: its working directory was deleted"
+    pkill -f "podman system service.*unix://$socket" || true
+    for _ in $(seq 1 20); do answers || break; sleep 0.5; done
 fi
 
 missing=()
@@ -49,6 +64,8 @@ CONF
 fi
 
 rm -f "$socket"
+# Started from / so that its (and every conmon's) working directory outlives the folder this script ran in.
+cd /
 setsid podman system service --time=0 "unix://$socket" </dev/null >"$log" 2>&1 &
 for _ in $(seq 1 60); do
     if answers; then
