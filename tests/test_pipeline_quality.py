@@ -65,6 +65,7 @@ def test_each_runtime_verifies_and_measures_the_shared_files_itself(tiny_llama, 
     """Two targets of one job on different runtimes (n_gpu_layers 0 and -1): the files are made once, and each
     runtime loads and measures them. On a CPU build -1 still runs on the CPU, so this checks the grouping and what
     each manifest records; tests/test_gpu_runtime.py checks the offload itself on a GPU."""
+    import dataclasses
     import io
 
     from cecai_converter.output import Output
@@ -97,3 +98,15 @@ def test_each_runtime_verifies_and_measures_the_shared_files_itself(tiny_llama, 
     assert {f["sha256"] for f in by_pair["CPU_LLM_LLAMA"]["files"]} == {
         f["sha256"] for f in by_pair["GPU_LLM_LLAMA"]["files"]
     }
+
+    # Another runtime setting for a target is not "up to date": its files are reused, its manifest is rewritten.
+    err = io.StringIO()
+    cpu_only = dataclasses.replace(job, targets=(job.targets[0], dataclasses.replace(job.targets[1], n_gpu_layers=0)))
+    again = run_job(cpu_only, Output(stderr=err))
+    assert "up to date" not in err.getvalue() and "quantizing" not in err.getvalue()
+    assert [m["runtime"]["n_gpu_layers"] for m in again] == [0, 0]
+    assert all(f["reused"] for m in again for f in m["files"])
+    # and the same setting once more is
+    err = io.StringIO()
+    run_job(cpu_only, Output(stderr=err))
+    assert "up to date" in err.getvalue()

@@ -307,7 +307,7 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
                 run.produced[precision.name] = existing
             else:
                 missing.append(precision)
-        if not missing and all(_target_current(t, keys) for t in job.targets):
+        if not missing and all(_target_current(t, keys, _layers_of(job, t)) for t in job.targets):
             out.info(
                 f"up to date: {job.model_name} ({', '.join(p.name for p in wanted)}); nothing to do (--force redoes)"
             )
@@ -442,10 +442,12 @@ class _ImatrixPlan:
         return self.path
 
 
-def _target_current(target: Target, keys: Mapping[str, str]) -> bool:
+def _target_current(target: Target, keys: Mapping[str, str], n_gpu_layers: int) -> bool:
     manifest = read_manifest(target.outputs_dir)
     if manifest is None:
         return False
+    if (manifest.get("runtime") or {}).get("n_gpu_layers") != n_gpu_layers:
+        return False  # verified and measured for another runtime setting: check again (the files are reused)
     entries = {e.get("precision"): e for e in manifest.get("files", [])}
     return all(
         name in entries and file_is_current(entries[name], target.outputs_dir, key)
