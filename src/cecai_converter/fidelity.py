@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from .errors import ConfigError, ConverterError
 from .gguf_header import read_header
-from .tools import runtime_env
+from .tools import runtime_env, runtime_name
 
 __all__ = [
     "DEFAULT_EVAL_TEXT",
@@ -330,12 +330,6 @@ def _load(job: Mapping[str, Any], n_ctx: int) -> Any:
     return llama_cpp.Llama(**kwargs)
 
 
-def _device(n_gpu_layers: int) -> str:
-    import llama_cpp
-
-    return "cuda" if n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload()) else "cpu"
-
-
 def _chunks(tokens: list[int], n_ctx: int, bos: int | None) -> list[list[int]]:
     out = []
     for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
@@ -433,7 +427,7 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
         "nll_sum": nll_sum,
         "n_tokens": n_scored,
         "prompt_tps": n_ctx * len(chunks) / eval_s,
-        "device": _device(int(job["n_gpu_layers"])),
+        "device": runtime_name(int(job["n_gpu_layers"])),
     }
 
 
@@ -473,7 +467,7 @@ def _evaluate_candidate(job: Mapping[str, Any]) -> dict[str, Any]:
         "n_tokens": n_scored,
         "prompt_tps": n_ctx * len(chunks) / eval_s,
         "gen_tps": _gen_speed(llm, tokens, bos),
-        "device": _device(int(job["n_gpu_layers"])),
+        "device": runtime_name(int(job["n_gpu_layers"])),
     }
 
 

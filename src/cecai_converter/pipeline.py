@@ -31,6 +31,7 @@ from .pairs import PairInfo
 from .precisions import PRECISIONS, PrecisionInfo
 from .source import ModelSource, check_model_dir, count_parameters, fetch_from_hub, fingerprint_files, source_dtype
 from .toolchain import ensure_converter, require_runtime, toolchain_info
+from .tools import runtime_name
 from .verify import load_check_many, read_back
 
 __all__ = ["Job", "Options", "Target", "run_job"]
@@ -329,6 +330,7 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
             keys = keys_for(fingerprint)
         for name, item in run.produced.items():
             item.key = item.key or keys[name]
+        _read_back_all(run)
         # Each runtime among the targets (CPU, GPU offload) loads and measures the shared files itself; everything
         # is checked before anything is published, so a failing check leaves every target as it was.
         checked: dict[int, dict[str, _Produced]] = {}
@@ -358,15 +360,6 @@ def _runtimes(job: Job) -> dict[int, list[Target]]:
     for target in job.targets:
         groups.setdefault(_layers_of(job, target), []).append(target)
     return groups
-
-
-def _runtime_name(n_gpu_layers: int) -> str:
-    """What a load with ``n_gpu_layers`` runs on here, as the verification worker records it."""
-    if n_gpu_layers == 0:
-        return "cpu"
-    import llama_cpp
-
-    return "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu"
 
 
 def _check_free_space(folder: Path, n_params: int, base: PrecisionInfo, missing: Sequence[PrecisionInfo]) -> None:
@@ -513,10 +506,20 @@ def _produce(
         )
 
 
+def _read_back_all(run: _Run) -> None:
+    """Read back every file's header (its facts do not depend on the runtime) and collect its SHA-256."""
+    for item in run.produced.values():
+        facts = read_back(item.path, item.precision)
+        item.facts = {k: getattr(facts, k) for k in _FACT_KEYS}
+        if item.sha_future is not None:
+            item.sha256 = item.sha_future.result()
+            item.sha_future = None
+
+
 def _verify_all(
     run: _Run, view: dict[str, _Produced], targets: Sequence[Target], n_gpu_layers: int, label: str
 ) -> None:
-    """Read back every file and load each once on the runtime of ``targets`` (all in one worker process).
+    """Load every file once on the runtime of ``targets`` and generate from it (all in one worker process).
 
     A file reused from one of these very targets keeps its earlier verification if it was made on the same
     runtime; one from a sibling pair's folder is loaded again here, since a pair's own work is verifying the file
@@ -525,16 +528,11 @@ def _verify_all(
     own_folders = {t.outputs_dir for t in targets}
     to_load: list[_Produced] = []
     for item in view.values():
-        facts = read_back(item.path, item.precision)
-        item.facts = {k: getattr(facts, k) for k in _FACT_KEYS}
-        if item.sha_future is not None:
-            item.sha256 = item.sha_future.result()
-            item.sha_future = None
         kept = (
             item.verification is not None
             and not item.made_here
             and item.origin in own_folders
-            and item.verification.get("runtime") == _runtime_name(n_gpu_layers)
+            and item.verification.get("runtime") == runtime_name(n_gpu_layers)
         )
         if run.opts.verify and not kept:
             to_load.append(item)

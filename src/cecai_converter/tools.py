@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .output import get_logger
 
-__all__ = ["ToolRun", "run_tool", "runtime_env"]
+__all__ = ["ToolRun", "run_tool", "runtime_env", "runtime_name"]
 
 _log = get_logger("tools")
 
@@ -36,6 +36,18 @@ def runtime_env(n_gpu_layers: int) -> dict[str, str]:
     so a CPU pair verified or measured on a GPU machine would not be running as its own runtime does.
     """
     return {"CUDA_VISIBLE_DEVICES": ""} if n_gpu_layers == 0 else {}
+
+
+def runtime_name(n_gpu_layers: int) -> str:
+    """What a llama.cpp load offloading ``n_gpu_layers`` layers runs on here: ``cuda`` or ``cpu``.
+
+    The one answer that manifests record (verification ``runtime``, fidelity ``device``) and reuse decisions compare.
+    """
+    if n_gpu_layers == 0:
+        return "cpu"
+    import llama_cpp
+
+    return "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu"
 
 
 def run_tool(

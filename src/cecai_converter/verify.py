@@ -19,7 +19,7 @@ from typing import Any
 from .errors import VerificationFailed
 from .gguf_header import GGUFHeaderError, read_header
 from .precisions import PRECISIONS, PrecisionInfo
-from .tools import run_tool, runtime_env
+from .tools import run_tool, runtime_env, runtime_name
 
 __all__ = ["FileFacts", "LoadCheck", "load_check", "load_check_many", "read_back"]
 
@@ -146,7 +146,6 @@ def _worker(argv: list[str] | None = None) -> int:
 
     import llama_cpp
 
-    gpu = args.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
     for path in args.paths:
         llm = llama_cpp.Llama(
             path, n_ctx=128, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads or None, seed=0, verbose=False
@@ -159,7 +158,7 @@ def _worker(argv: list[str] | None = None) -> int:
                 break
         result = {
             "path": path,
-            "runtime": "cuda" if gpu else "cpu",
+            "runtime": runtime_name(args.n_gpu_layers),
             "n_vocab": int(llm.n_vocab()),
             "prompt": PROMPT,
             "generated_tokens": generated,
