@@ -89,3 +89,17 @@ def convert_to_f32(model_dir: Path, outfile: Path) -> Path:
     source = check_model_dir(model_dir)
     run_converter(ensure_converter(), source, outfile, "f32", model_name=model_dir.name)
     return outfile
+
+
+def write_tiny_gguf(path: Path, rows: int) -> Path:
+    """A minimal valid GGUF model file: architecture llama, one zero ``token_embd.weight`` of ``rows`` × 256."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((rows, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

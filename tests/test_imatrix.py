@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import convert_to_f32
+from conftest import convert_to_f32, write_tiny_gguf
 
-from cecai_converter import imatrix
+from cecai_converter import imatrix, llama_vocab
 from cecai_converter.errors import ConversionFailed, ToolchainError, ToolNotFound, UsageError
 
 
@@ -98,15 +98,7 @@ def test_not_an_imatrix(tmp_path: Path) -> None:
     junk.write_bytes(b"\xff\xff\xff\x7f not an imatrix")
     with pytest.raises(UsageError, match=r"not an importance matrix|not a complete"):
         imatrix.read_imatrix(junk)
-    from gguf import GGUFWriter
-
-    model = tmp_path / "model.gguf"
-    writer = GGUFWriter(str(model), arch="llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 256), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    model = write_tiny_gguf(tmp_path / "model.gguf", rows=4)
     with pytest.raises(UsageError, match="not an importance matrix") as info:
         imatrix.read_imatrix(model)
     assert "llama-imatrix" in (info.value.hint or "")
@@ -235,7 +227,7 @@ def test_compute_writes_a_gguf_imatrix(computed: Path) -> None:
 def test_calibration_text_too_short(tools: dict[str, Path], base: Path, tmp_path: Path) -> None:
     text = tmp_path / "short.txt"
     text.write_text("Four score and seven years ago. " * 20, encoding="utf-8")
-    have = imatrix.count_tokens(base, text)
+    have = llama_vocab.count_tokens(base, text)
     assert have is not None and 0 < have < 1024
     with pytest.raises(UsageError, match="llama-imatrix needs at least 1024") as info:
         imatrix.compute(base, text, tmp_path / "x.gguf", n_threads=2, tools=tools)
@@ -261,7 +253,7 @@ def test_count_tokens_agrees_with_llama_imatrix(tools: dict[str, Path], base: Pa
             reported = int(found.group(1))
             break
     assert reported is not None, "llama-imatrix never printed its token count in 10 runs"
-    assert imatrix.count_tokens(base, text) == reported
+    assert llama_vocab.count_tokens(base, text) == reported
 
 
 # What llama-imatrix printed on this machine: once whole, once with the logger's lines lost at exit.
@@ -330,4 +322,4 @@ def test_count_tokens_is_none_when_it_cannot_count(tmp_path: Path) -> None:
     not_gguf.write_bytes(b"not a gguf file")
     text = tmp_path / "t.txt"
     text.write_text("some words", encoding="utf-8")
-    assert imatrix.count_tokens(not_gguf, text) is None
+    assert llama_vocab.count_tokens(not_gguf, text) is None

@@ -6,8 +6,8 @@ import json
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import write_tiny_gguf
 
 from cecai_converter import report
 from cecai_converter.cli import main
@@ -85,16 +85,8 @@ def test_markdown_without_fidelity_and_several_models() -> None:
 
 
 def test_bits_per_weight_measured_from_the_gguf(tmp_path: Path) -> None:
-    from gguf import GGUFWriter
-
     data = manifest()
-    gguf = tmp_path / "tiny.q8_0.gguf"
-    writer = GGUFWriter(str(gguf), arch="llama")
-    writer.add_tensor("token_embd.weight", np.zeros((8, 256), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tiny_gguf(tmp_path / "tiny.q8_0.gguf", rows=8)
     data["_folder"] = str(tmp_path)
     md = report.render_markdown([data])
     assert "| Q8_0 | 1.87 MiB | 32.00 |" in md  # an F32 tensor: 32 bits per weight, measured

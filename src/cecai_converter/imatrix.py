@@ -42,7 +42,6 @@ __all__ = [
     "ImatrixData",
     "build_tools",
     "compute",
-    "count_tokens",
     "default_calibration_text",
     "explain_failure",
     "load_for_quantize",
@@ -280,12 +279,6 @@ _ONLY = re.compile(r"tokenizes to only (\d+) tokens")
 _LLAMA_LOG_LINE = re.compile(r"^\d+\.\d{2}\.\d{3}\.\d{3} [IWED] ", re.MULTILINE)
 
 
-def count_tokens(base: Path, text: Path) -> int | None:
-    """How many tokens ``llama-imatrix`` will see in ``text``: the base's own tokenizer, special tokens added (as
-    its ``common_tokenize(ctx, prompt, true)`` does). ``None`` when that cannot be counted here."""
-    return llama_vocab.count_tokens(base, text, add_special=True)
-
-
 def _too_short(text_name: str, have: int | None, need: int, n_ctx: int) -> UsageError:
     counted = f"only {have} tokens" if have is not None else "too few tokens"
     return UsageError(
@@ -362,7 +355,8 @@ def compute(
             hint="CALIBRATION_TEXT is relative to configurations/; remove it to use the shipped text",
         )
     # Check the length first: the tool's own "too short" message can be lost (see explain_failure).
-    have = count_tokens(base, text)
+    # add_special, as llama-imatrix's common_tokenize(ctx, prompt, true) does
+    have = llama_vocab.count_tokens(base, text, add_special=True)
     if have is not None and have < 2 * n_ctx:
         raise _too_short(text.name, have, 2 * n_ctx, n_ctx)
     exe = (tools or build_tools())["llama-imatrix"]
