@@ -9,13 +9,15 @@
 #                               (read from /src/pyproject.toml), plus the pinned llama-cpp-python sdist
 #   install.sh project          the project from /src and the converter files of the pinned llama.cpp
 #
-# Inputs: /wheels (the `wheels` build context; may be empty), /etc/ssl/certs/extra-ca.crt (the optional `ca` build
-# secret), env LLAMA_CPP_PYTHON_VERSION, TORCH_VERSION, TORCH_INDEX_URL, CMAKE_ARGS, CECAI_HOME, CECAI_TOOLCHAIN_DIR.
+# Inputs: /wheels (the `wheels` build context; may be empty), /cross (the wheel the `cross` stage compiled, if any),
+# /etc/ssl/certs/extra-ca.crt (the optional `ca` build secret), env LLAMA_CPP_PYTHON_VERSION, TORCH_VERSION,
+# TORCH_INDEX_URL, CMAKE_ARGS, CECAI_HOME, CECAI_TOOLCHAIN_DIR.
 set -eu
 
 CECAI_HOME="${CECAI_HOME:-/opt/cecai}"
 VENV="$CECAI_HOME/venv"
 WHEELS=/wheels
+CROSS=/cross
 SDIST="llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION:-unset}.tar.gz"
 SDIST_DIR=/var/cache/cecai-sdist
 EXTRA_CA=/etc/ssl/certs/extra-ca.crt
@@ -29,11 +31,33 @@ fi
 export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore DEBIAN_FRONTEND=noninteractive
 
 prebuilt_wheel() {
-    # A llama-cpp-python wheel for this machine in the wheels context, if any.
-    for f in "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*"$(uname -m)".whl; do
+    # A llama-cpp-python wheel for this machine in the wheels context, else one the cross stage compiled, if any.
+    for f in "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*"$(uname -m)".whl \
+        "$CROSS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*"$(uname -m)".whl; do
         [ -f "$f" ] && { echo "$f"; return 0; }
     done
     return 1
+}
+
+project_requirements() {
+    # The project's dependencies and its `local` extra, read from /src/pyproject.toml, with torch at TORCH_VERSION
+    # (equal to the pyproject pin by default, a test keeps them so; a build may override it, e.g. where only an
+    # older CPU build exists for the target). tomllib is Python 3.11+; pip vendors tomli for older Pythons.
+    "$VENV/bin/python" - <<'EOF'
+import os
+import re
+
+try:
+    import tomllib
+except ImportError:
+    from pip._vendor import tomli as tomllib
+
+with open("/src/pyproject.toml", "rb") as fh:
+    project = tomllib.load(fh)["project"]
+for req in [*project["dependencies"], *project["optional-dependencies"]["local"]]:
+    name = re.match(r"[A-Za-z0-9._-]+", req).group(0).lower()
+    print(f"torch=={os.environ['TORCH_VERSION']}" if name == "torch" else req)
+EOF
 }
 
 apt_install() {
@@ -89,14 +113,13 @@ deps)
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install --quiet --find-links "$WHEELS" \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
-    # The project's other dependencies, from pyproject.toml alone (the source is not copied yet): an empty
-    # package is installed with the `local` extra, then removed; `project` installs the real one with --no-deps.
-    mkdir -p /src/src
+    # The project's other dependencies, from pyproject.toml alone (the source is not copied yet); `project`
+    # installs the project itself with --no-deps.
+    project_requirements >/tmp/cecai-requirements.txt
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install --quiet --find-links "$WHEELS" \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "/src[local]"
-    "$VENV/bin/pip" uninstall --quiet --yes cecai-converter
-    rm -rf /src/build /src/src
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/cecai-requirements.txt
+    rm -f /tmp/cecai-requirements.txt
     "$VENV/bin/python" -c "import llama_cpp, torch; print('llama-cpp-python', llama_cpp.__version__, 'torch', torch.__version__)"
     ;;
 project)

@@ -4,7 +4,7 @@
   here, so those are specification tests by name).
 * ``@pytest.mark.engine``: the real CPU image, built from images/Dockerfile on the engine ``DOCKER_HOST`` names
   (podman's Docker-compatible API in CI: ``bash scripts/start-podman.sh``), converting a small model. Skipped with a
-  reason when no engine answers.
+  reason when no engine answers, except under ``CECAI_REQUIRE_ENGINE=1`` (``./dev test``, CI), where they fail.
 """
 
 from __future__ import annotations
@@ -263,7 +263,22 @@ def _engine_reason() -> str | None:
 
 
 _NO_ENGINE = _engine_reason()
-engine = pytest.mark.skipif(_NO_ENGINE is not None, reason=_NO_ENGINE or "")
+#: Set by ./dev test (and so CI) after it starts an engine: a missing engine then fails the engine tests instead of
+#: skipping them, so CI cannot stay green without one.
+REQUIRE_ENGINE = os.environ.get("CECAI_REQUIRE_ENGINE") == "1"
+
+
+@pytest.fixture
+def _engine_required() -> None:
+    if _NO_ENGINE is not None:
+        pytest.fail(f"CECAI_REQUIRE_ENGINE=1 but {_NO_ENGINE}")
+
+
+engine = (
+    pytest.mark.usefixtures("_engine_required")
+    if REQUIRE_ENGINE
+    else pytest.mark.skipif(_NO_ENGINE is not None, reason=_NO_ENGINE or "")
+)
 
 
 @pytest.fixture(scope="session")

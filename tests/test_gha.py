@@ -109,9 +109,11 @@ def test_plan_writes_the_matrix_and_a_summary(tmp_path):
     assert gha.main(["plan"], env=env, stdout=io.StringIO()) == 0
     outputs = read_outputs(tmp_path / "output")
     matrix = json.loads(outputs["matrix"])
-    assert outputs["count"] == "2"
+    assert outputs["count"] == outputs["check-count"] == "2" and outputs["make-count"] == "1"
+    assert json.loads(outputs["check"]) == matrix
     assert matrix["include"][1]["runner_labels"] == ["self-hosted", "linux", "ARM64", "agx-orin"]
-    assert "### Conversion plan: 2 job(s)" in (tmp_path / "summary.md").read_text()
+    assert [e["id"] for e in json.loads(outputs["make"])["include"]] == ["tiny"]
+    assert "### Conversion plan: 1 make job(s), 2 check job(s)" in (tmp_path / "summary.md").read_text()
 
 
 def test_plan_can_skip_a_missing_batch_file(tmp_path):

@@ -1,4 +1,4 @@
-"""`cecai-convert plan`: the GitHub matrix a batch file turns into."""
+"""`cecai-convert plan`: the make and check matrices a batch file turns into."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cecai_converter import cli
 from cecai_converter.batch import load_batch
 from cecai_converter.errors import ConfigError
 from cecai_converter.pairs import PAIRS
-from cecai_converter.plan import MAX_MATRIX_JOBS, build_matrix
+from cecai_converter.plan import MAX_MATRIX_JOBS, build_matrix, build_plan
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -50,8 +50,73 @@ def test_one_entry_per_model_and_pair_with_its_runner_labels(tmp_path):
         "slug": "cpu",
         "precisions": "Q8_0 Q4_K_M",
         "runner_labels": ["self-hosted", "linux", "X64"],
+        "make_id": "tiny",
+        "backend": "docker",
+        "image": "",
+        "max_kld": "",
+        "min_top1": "",
     }
     assert by_id["local-one-cpu"]["revision"] == "" and by_id["local-one-cpu"]["source"] == "local"
+
+
+def test_one_model_three_precisions_four_pairs_is_one_make_job_and_four_check_jobs(tmp_path):
+    batch = load_batch(
+        write(tmp_path, "models: [{repo: o/m, precisions: [Q8_0, Q5_K_M, Q4_K_M], pairs: [cpu, gpu, arm, agx-orin]}]")
+    )
+    plan = build_plan(batch)
+    assert plan["make"]["include"] == [
+        {
+            "id": "m",
+            "name": "m",
+            "source": "hub",
+            "model": "o/m",
+            "revision": "",
+            "precisions": "Q8_0 Q5_K_M Q4_K_M",
+            "pairs": "CPU_LLM_LLAMA GPU_LLM_LLAMA ARM_LLM_LLAMA AGX_ORIN_LLM_LLAMA",
+            "runner_labels": ["self-hosted", "linux", "X64"],
+        }
+    ]
+    checks = plan["check"]["include"]
+    assert [(c["id"], c["pair"], c["make_id"]) for c in checks] == [
+        ("m-cpu", "CPU_LLM_LLAMA", "m"),
+        ("m-gpu", "GPU_LLM_LLAMA", "m"),
+        ("m-arm", "ARM_LLM_LLAMA", "m"),
+        ("m-agx-orin", "AGX_ORIN_LLM_LLAMA", "m"),
+    ]
+    assert all(c["runner_labels"] == list(PAIRS[c["pair"]].runner_labels) for c in checks)
+
+
+def test_builder_labels_and_check_settings(tmp_path):
+    text = """
+builder-labels: [self-hosted, linux, X64, big-disk]
+check:
+  backend: local
+  max-kld: 0.02
+  min-top1: 0.95
+  gpu: {backend: docker, image: ghcr.io/me/conv:1-gpu}
+models: [{repo: o/m, precisions: Q8_0, pairs: [cpu, gpu]}]
+"""
+    plan = build_plan(load_batch(write(tmp_path, text)))
+    assert plan["make"]["include"][0]["runner_labels"] == ["self-hosted", "linux", "X64", "big-disk"]
+    cpu, gpu = plan["check"]["include"]
+    assert (cpu["backend"], cpu["image"]) == ("local", "")
+    assert (gpu["backend"], gpu["image"]) == ("docker", "ghcr.io/me/conv:1-gpu")
+    assert (cpu["max_kld"], cpu["min_top1"]) == ("0.02", "0.95")
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        ("{backend: podman}", "expected docker or local"),
+        ("{max-kld: -1}", "max-kld: expected a number between 0 and inf"),
+        ("{min-top1: 2}", "min-top1: expected a number between 0 and 1"),
+        ("{gpu: {imge: x}}", "Did you mean 'image'?"),
+        ("{tpu: {backend: local}}", "unknown key 'tpu'"),
+    ],
+)
+def test_bad_check_settings_are_refused(tmp_path, check, message):
+    with pytest.raises(ConfigError, match=message):
+        load_batch(write(tmp_path, f"check: {check}\nmodels: [{{repo: o/m, precisions: Q8_0, pairs: cpu}}]"))
 
 
 def test_pair_filter(tmp_path):
@@ -71,21 +136,26 @@ def test_the_256_job_limit(tmp_path):
         return write(tmp_path, f"defaults: {{precisions: Q8_0, pairs: [cpu, gpu, arm, agx-orin]}}\nmodels:\n{models}\n")
 
     assert len(build_matrix(load_batch(batch_with(64)))["include"]) == MAX_MATRIX_JOBS == 256
-    with pytest.raises(ConfigError, match="260 jobs; a GitHub matrix runs at most 256") as info:
+    with pytest.raises(ConfigError, match="260 check jobs; a GitHub matrix runs at most 256") as info:
         build_matrix(load_batch(batch_with(65)))
     assert "--pair" in (info.value.hint or "")
 
 
-def test_cli_prints_one_matrix_line_for_github_output(tmp_path, capsys):
+def test_cli_prints_github_output_lines(tmp_path, capsys):
     assert cli.main(["plan", str(write(tmp_path, BATCH))]) == 0
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("matrix=")
-    assert len(json.loads(out.removeprefix("matrix="))["include"]) == 5
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert sorted(lines) == ["check", "make", "matrix"]
+    assert len(json.loads(lines["make"])["include"]) == 2
+    assert len(json.loads(lines["check"])["include"]) == 5
+    assert lines["matrix"] == lines["check"]
 
 
 def test_cli_json_format_and_pair_option(tmp_path, capsys):
     assert cli.main(["--format", "json", "plan", str(write(tmp_path, BATCH)), "--pair", "gpu"]) == 0
-    assert [e["id"] for e in json.loads(capsys.readouterr().out)["include"]] == ["tiny-gpu"]
+    plan = json.loads(capsys.readouterr().out)
+    assert sorted(plan) == ["check", "make"]
+    assert [e["id"] for e in plan["check"]["include"]] == ["tiny-gpu"]
+    assert [e["id"] for e in plan["make"]["include"]] == ["tiny"]  # local-one has no GPU pair: not made
 
 
 def test_cli_validation_error_exit_code(tmp_path, capsys):

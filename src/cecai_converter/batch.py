@@ -22,24 +22,28 @@ Every key is checked: an unknown key is an error that names the closest known on
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from .config import load_yaml_mapping
 from .errors import ConfigError, UsageError
+from .names import check_stem, control_character, show
 from .pairs import PAIRS, PairInfo, parse_pair
 from .precisions import PrecisionInfo, parse_precisions
 
 __all__ = [
+    "CHECK_KEYS",
     "DEFAULTS_KEYS",
     "MODEL_KEYS",
     "TOP_KEYS",
     "Batch",
     "BatchModel",
+    "PairCheck",
     "load_batch",
     "parse_batch",
 ]
@@ -49,8 +53,23 @@ TOP_KEYS: Final[Mapping[str, str]] = {
     "version": "the format version; 1 (optional)",
     "defaults": "precisions and pairs every model inherits",
     "runner-labels": "pair -> list of runner labels, replacing that pair's defaults",
+    "builder-labels": "runner labels of the make jobs, which convert and quantize once per model (default: the "
+    "CPU_LLM_LLAMA labels)",
+    "check": "how each pair's runtime checks the files: backend, images, limits (see CHECK_KEYS)",
     "models": "the list of models to convert",
 }
+#: Keys of ``check`` (besides pair names, each mapping to ``{backend, image}`` for that pair).
+CHECK_KEYS: Final[Mapping[str, str]] = {
+    "backend": "docker (the pair's image; default) or local (the runtime installed on the pair's runner)",
+    "max-kld": "largest KL-divergence between the builder's and the pair's runtime on one file (default 0.01)",
+    "min-top1": "smallest top-1 agreement between the two runtimes (default 0.9)",
+}
+#: Keys of ``check.<PAIR>``.
+CHECK_PAIR_KEYS: Final[Mapping[str, str]] = {
+    "backend": "docker or local, for this pair",
+    "image": "the image a docker check runs (default: the pair's published tag)",
+}
+_BACKENDS: Final = ("docker", "local")
 #: Keys of ``defaults``.
 DEFAULTS_KEYS: Final[Mapping[str, str]] = {
     "precisions": "one llama.cpp type or a list of them",
@@ -67,7 +86,6 @@ MODEL_KEYS: Final[Mapping[str, str]] = {
 }
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -94,6 +112,14 @@ class BatchModel:
 
 
 @dataclass(frozen=True)
+class PairCheck:
+    """How one pair's runtime checks the files a make job produced."""
+
+    backend: str = "docker"
+    image: str = ""
+
+
+@dataclass(frozen=True)
 class Batch:
     """A validated batch file.
 
@@ -101,11 +127,18 @@ class Batch:
         path: where it was read from.
         models: the models, in file order.
         runner_labels: the runner labels for every pair (defaults from :data:`PAIRS`, overrides applied).
+        builder_labels: the runner labels of the make jobs.
+        checks: pair name → how its check runs.
+        max_kld, min_top1: the agreement limits of every check (None: the check command's defaults).
     """
 
     path: Path
     models: tuple[BatchModel, ...]
     runner_labels: Mapping[str, tuple[str, ...]]
+    builder_labels: tuple[str, ...] = PAIRS["CPU_LLM_LLAMA"].runner_labels
+    checks: Mapping[str, PairCheck] = field(default_factory=lambda: {name: PairCheck() for name in PAIRS})
+    max_kld: float | None = None
+    min_top1: float | None = None
 
 
 def _unknown_key(key: object, known: Mapping[str, str], where: str) -> ConfigError:
@@ -127,14 +160,22 @@ def _mapping(value: object, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected `key: value` lines (a mapping), found {value!r}")
+        raise ConfigError(f"{where}: expected `key: value` lines (a mapping), found {show(value)}")
     return {str(k): v for k, v in value.items()}
 
 
 def _string(value: object, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
-    return str(value).strip()
+        raise ConfigError(f"{where}: expected a non-empty string, got {show(value)}")
+    text = str(value).strip()
+    bad = control_character(text)
+    if bad is not None:
+        # A newline followed by `::warning::…` would become a workflow command wherever the value is printed.
+        raise ConfigError(
+            f"{where}: the value holds the control character {bad}: {show(text)}",
+            hint="batch values are single-line text: remove line breaks, tabs and other control characters",
+        )
+    return text
 
 
 def _parse_pairs(value: object, where: str) -> tuple[PairInfo, ...]:
@@ -144,7 +185,7 @@ def _parse_pairs(value: object, where: str) -> tuple[PairInfo, ...]:
     found: dict[str, PairInfo] = {}
     for item in items:
         if not isinstance(item, str):
-            raise ConfigError(f"{where}: expected a pair name such as CPU_LLM_LLAMA, got {item!r}")
+            raise ConfigError(f"{where}: expected a pair name such as CPU_LLM_LLAMA, got {show(item)}")
         try:
             info = parse_pair(item)
         except UsageError as exc:
@@ -160,14 +201,61 @@ def _parse_runner_labels(value: object, where: str) -> dict[str, tuple[str, ...]
             pair = parse_pair(key)
         except UsageError as exc:
             raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
-        items = raw if isinstance(raw, list) else [raw]
-        if not items or not all(isinstance(x, str) and _LABEL.match(x) for x in items):
-            raise ConfigError(
-                f"{where}.{key}: expected a non-empty list of runner labels, got {raw!r}",
-                hint=f"for example: {pair.name}: [{', '.join(pair.runner_labels)}]",
-            )
-        labels[pair.name] = tuple(items)
+        labels[pair.name] = _labels(raw, f"{where}.{key}", pair.runner_labels)
     return labels
+
+
+def _labels(raw: object, where: str, example: tuple[str, ...]) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else [raw]
+    # fullmatch: `$` alone would let a trailing newline through
+    if not items or not all(isinstance(x, str) and _LABEL.fullmatch(x) for x in items):
+        raise ConfigError(
+            f"{where}: expected a non-empty list of runner labels, got {show(raw)}",
+            hint=f"for example: [{', '.join(example)}]",
+        )
+    return tuple(items)
+
+
+def _limit(value: object, where: str, low: float, high: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
+        raise ConfigError(f"{where}: expected a number between {low:g} and {high:g}, got {value!r}")
+    return float(value)
+
+
+def _parse_check(value: object, where: str) -> tuple[dict[str, PairCheck], float | None, float | None]:
+    data = _mapping(value, where)
+    pair_keys: dict[str, PairInfo] = {}
+    for key in data:
+        if key in CHECK_KEYS:
+            continue
+        try:
+            pair_keys[key] = parse_pair(key)
+        except UsageError:
+            raise _unknown_key(key, {**CHECK_KEYS, **{p: "settings for this pair" for p in PAIRS}}, where) from None
+
+    def backend_of(raw: object, here: str) -> str:
+        backend = _string(raw, here).lower()
+        if backend not in _BACKENDS:
+            raise ConfigError(f"{here}: expected docker or local, got {raw!r}")
+        return backend
+
+    default_backend = backend_of(data["backend"], f"{where}.backend") if "backend" in data else "docker"
+    checks = {name: PairCheck(backend=default_backend) for name in PAIRS}
+    for key, pair in pair_keys.items():
+        here = f"{where}.{key}"
+        settings = _mapping(data[key], here)
+        _check_keys(settings, CHECK_PAIR_KEYS, here)
+        checks[pair.name] = PairCheck(
+            backend=backend_of(settings["backend"], f"{here}.backend") if "backend" in settings else default_backend,
+            image=_string(settings["image"], f"{here}.image") if settings.get("image") is not None else "",
+        )
+    return (
+        checks,
+        _limit(data.get("max-kld"), f"{where}.max-kld", 0.0, math.inf),
+        _limit(data.get("min-top1"), f"{where}.min-top1", 0.0, 1.0),
+    )
 
 
 def _local_model(value: str, base_dir: Path, where: str) -> str:
@@ -215,12 +303,13 @@ def _parse_model(
         path = _string(data["path"], f"{here}.path")
         source, model = "local", _local_model(path, base_dir, f"{here}.path")
         default_name = PurePosixPath(path.replace("\\", "/")).name
-    name = _string(data["name"], f"{here}.name") if data.get("name") is not None else default_name
-    if not _NAME.match(name):
-        raise ConfigError(
-            f"{here}.name: {name!r} cannot be a file name stem",
-            hint="use letters, digits, '.', '_' and '-' (starting with a letter or digit), at most 96 characters",
-        )
+    if data.get("name") is not None:
+        name = check_stem(_string(data["name"], f"{here}.name"), f"{here}.name", error=ConfigError)
+    else:
+        try:
+            name = check_stem(default_name, f"{here}: the name taken from the {source} model", error=ConfigError)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, hint=f"give the model a `name:`; {exc.hint}") from None
     precisions_raw = data.get("precisions", defaults.get("precisions"))
     if precisions_raw is None:
         raise ConfigError(
@@ -262,6 +351,12 @@ def parse_batch(data: Mapping[str, Any], path: Path) -> Batch:
     if "pairs" in defaults:
         _parse_pairs(defaults["pairs"], f"{where}: defaults.pairs")
     runner_labels = _parse_runner_labels(data.get("runner-labels"), f"{where}: runner-labels")
+    builder_labels = (
+        _labels(data["builder-labels"], f"{where}: builder-labels", PAIRS["CPU_LLM_LLAMA"].runner_labels)
+        if data.get("builder-labels") is not None
+        else runner_labels["CPU_LLM_LLAMA"]
+    )
+    checks, max_kld, min_top1 = _parse_check(data.get("check"), f"{where}: check")
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise ConfigError(
@@ -281,7 +376,15 @@ def parse_batch(data: Mapping[str, Any], path: Path) -> Batch:
             )
         seen[model.name] = index
         models.append(model)
-    return Batch(path=path, models=tuple(models), runner_labels=runner_labels)
+    return Batch(
+        path=path,
+        models=tuple(models),
+        runner_labels=runner_labels,
+        builder_labels=builder_labels,
+        checks=checks,
+        max_kld=max_kld,
+        min_top1=min_top1,
+    )
 
 
 def load_batch(path: Path) -> Batch:

@@ -29,6 +29,7 @@ __all__ = ["build_parser", "main"]
 # Modules that contribute commands, in the order `--help` lists them.
 _COMMAND_MODULES = (
     "cecai_converter.commands",
+    "cecai_converter.check",
     "cecai_converter.plan",
     "cecai_converter.publish",
     "cecai_converter.report",

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import PairJob, load_converter_dir
+from .config import PairJob, check_writable_dir, load_converter_dir
 from .errors import EXIT_FAILED, EXIT_OK, ConverterError, UsageError
 from .manifest import MANIFEST_NAME, read_manifest
+from .names import check_stem, show
 from .output import Output
 from .pairs import PairInfo, parse_pair
 from .pipeline import Job, Options, Target, run_job
@@ -55,6 +56,13 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--eval-text", type=Path, help="the text fidelity is measured on (default: shipped text)")
     g.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write reference.json: this runtime's predictions for each file, which `cecai-convert check` compares "
+        "other runtimes against (default: on for convert, off for run)",
+    )
+    g.add_argument(
         "--n-gpu-layers",
         type=int,
         help="layers to offload when verifying/measuring (default: all on GPU pairs when the runtime has a GPU, "
@@ -89,7 +97,14 @@ def _fidelity_default() -> bool:
     return True
 
 
-def _options(args: argparse.Namespace, settings: dict[str, Any], n_gpu_layers: int, config_dir: Path | None) -> Options:
+def _options(
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    n_gpu_layers: int,
+    config_dir: Path | None,
+    *,
+    reference: bool = False,
+) -> Options:
     def path_of(flag: Path | None, key: str) -> Path | None:
         if flag is not None:
             return flag.resolve()
@@ -122,6 +137,7 @@ def _options(args: argparse.Namespace, settings: dict[str, Any], n_gpu_layers: i
         eval_text=path_of(args.eval_text, "EVAL_TEXT"),
         thresholds=settings.get("THRESHOLDS") or {},
         n_gpu_layers=n_gpu_layers,
+        reference=reference if args.reference is None else bool(args.reference),
     )
 
 
@@ -196,7 +212,7 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
         manifests += run_job(
             Job(
                 model=str(first.model_dir),
-                model_name=first.model_name,
+                model_name=first.stem,
                 precisions=union,
                 targets=targets,
                 options=_options(args, dict(first.settings), 0, first.config_dir),
@@ -213,8 +229,10 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
     for flag in ("force", "keep_base", "allow_pickle"):
         if getattr(args, flag):
             forwarded.append("--" + flag.replace("_", "-"))
-    if args.fidelity is not None:
-        forwarded.append("--fidelity" if args.fidelity else "--no-fidelity")
+    for flag in ("fidelity", "reference"):
+        value = getattr(args, flag)
+        if value is not None:
+            forwarded.append(f"--{flag}" if value else f"--no-{flag}")
     for flag in ("threads", "n_gpu_layers"):
         value = getattr(args, flag)
         if value is not None:
@@ -253,8 +271,22 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
     if args.revision and not hub:
         raise UsageError("--revision applies to Hub repositories only", hint="drop --revision for a local folder")
     pair = parse_pair(args.pair) if args.pair else None
-    name = args.model_name or (args.model.split("/")[-1] if hub else Path(args.model).resolve().name)
+    if args.model_name is not None:
+        name = check_stem(args.model_name, "--model-name")
+    else:
+        derived = args.model.split("/")[-1] if hub else Path(args.model).resolve().name
+        where = f"the output name taken from the {'repo id' if hub else 'folder name'} {show(args.model)}"
+        try:
+            name = check_stem(derived, where)
+        except UsageError as exc:
+            raise UsageError(exc.message, hint=f"pass --model-name NAME; {exc.hint}") from None
     outdir: Path = args.outdir.resolve()
+    if not hub and outdir.is_relative_to(Path(args.model).resolve()):
+        raise UsageError(
+            f"--outdir {outdir} is inside the model folder {Path(args.model).resolve()}",
+            hint="outputs never go into the input: choose an --outdir outside the model folder",
+        )
+    check_writable_dir(outdir, "--outdir")
     log_file = args.log_file.resolve() if args.log_file else None
     if args.backend == "docker":
         from .backends.docker import convert_spec, run_convert
@@ -279,7 +311,7 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
             model_name=name,
             precisions=precisions,
             targets=(Target(outdir, pair, log_file),),
-            options=_options(args, {}, _gpu_layers(args, pair, out), None),
+            options=_options(args, {}, _gpu_layers(args, pair, out), None, reference=True),
             hub=hub,
             revision=args.revision,
         ),

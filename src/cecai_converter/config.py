@@ -13,6 +13,7 @@ The pair file is merged over the general file (the pair file wins). Newer option
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Final
 import yaml
 
 from .errors import ConfigError, UsageError
+from .names import check_stem, show
 from .pairs import PAIRS, PairInfo, parse_pair
 from .precisions import PrecisionInfo, parse_precisions
 
@@ -29,6 +31,8 @@ __all__ = [
     "KNOWN_KEYS",
     "OPTIONAL_KEYS",
     "PairJob",
+    "check_model_name",
+    "check_writable_dir",
     "load_converter_dir",
     "load_yaml_mapping",
     "safe_child",
@@ -39,7 +43,8 @@ GENERAL_FILENAME: Final = "converter_args.yaml"
 #: The keys of the original layout, with their meaning.
 LEGACY_KEYS: Final[Mapping[str, str]] = {
     "IMAGE_NAME": "the container image that converts for this pair (docker backend)",
-    "MODEL_NAME": "the model's folder under MODELS_PATH; also the stem of every output file",
+    "MODEL_NAME": "the model's folder under MODELS_PATH (`org/name` for a nested one); its last part is the stem of "
+    "every output file",
     "TRAINED": "whether the model was fine-tuned by you (recorded in the manifest)",
     "MODELS_PATH": "folder holding the model folders, relative to configurations/ (default ../models)",
     "LOGS_PATH": "where logs go, relative to configurations/ (default ../logs)",
@@ -69,7 +74,8 @@ class PairJob:
         pair: the hardware pair.
         converter_dir: the ``<NAME>/Converter`` folder.
         config_dir: its ``configurations/`` folder; relative paths in the YAML are relative to it.
-        model_name: MODEL_NAME, the stem of every output file.
+        model_name: MODEL_NAME as written: the model's folder under MODELS_PATH, one name (``gpt2``) or nested
+            (``org/name``); :attr:`stem`, its last part, names the output files.
         model_dir: ``MODELS_PATH/MODEL_NAME``.
         outputs_dir: ``OUTPUTS_PATH/<PAIR>``.
         logs_dir: ``LOGS_PATH/<PAIR>``.
@@ -92,9 +98,14 @@ class PairJob:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
+    def stem(self) -> str:
+        """The stem of every output file: MODEL_NAME, or its last part for a nested one (``org/name`` → ``name``)."""
+        return self.model_name.rsplit("/", 1)[-1]
+
+    @property
     def log_file(self) -> Path:
         """``logs/<PAIR>/Converter_<PAIR>_<MODEL_NAME>.log``, the name the old flow used."""
-        return self.logs_dir / f"Converter_{self.pair.name}_{self.model_name}.log"
+        return self.logs_dir / f"Converter_{self.pair.name}_{self.stem}.log"
 
     def option_path(self, key: str) -> Path | None:
         """An optional path-valued key (IMATRIX, CALIBRATION_TEXT, EVAL_TEXT) resolved against configurations/."""
@@ -116,7 +127,7 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -125,11 +136,59 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
             f"{path}: invalid YAML{where}: {problem}",
             hint="YAML wants `KEY: value` lines; quote values that contain ':' or start with special characters",
         ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected `KEY: value` lines (a mapping), found a {type(data).__name__}")
+    if _expands_beyond(data, _MAX_YAML_VALUES):
+        raise ConfigError(
+            f"{path}: the document expands to more than {_MAX_YAML_VALUES} values (through YAML aliases, `*name`)",
+            hint="a configuration needs a few dozen values; write them out instead of nesting aliases",
+        )
     return {str(k): v for k, v in data.items()}
+
+
+#: More values than any configuration or batch file needs; a "billion laughs" document (aliases of aliases) is a
+#: few lists in memory, but anything that walks it (a message, a hash, the manifest) would take gigabytes.
+_MAX_YAML_VALUES: Final = 100_000
+
+
+def _expands_beyond(data: object, limit: int) -> bool:
+    """Whether walking ``data`` (aliases followed, as every later reader does) visits more than ``limit`` values."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(item, dict):
+            stack += item.keys()
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+    return False
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<: *defaults` may be overridden; complex keys are refused by the base class
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"duplicate key {show(key)} (first at line {first[key] + 1}); YAML would silently keep the last",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _check_keys(data: Mapping[str, Any], path: Path) -> None:
@@ -148,8 +207,57 @@ def _expect(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], pa
     value = data.get(key)
     if value is not None and not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{path}: {key} must be a {names}, got {value!r}")
+        raise ConfigError(f"{path}: {key} must be a {names}, got {show(value)}")
     return value
+
+
+def check_model_name(value: object, path: Path) -> str:
+    """MODEL_NAME: one folder name (``gpt2``), or a nested one (``org/name``) whose every part is a plain name.
+
+    The last part is the stem of the output files (:attr:`PairJob.stem`), so each part follows the one stem rule
+    (:func:`cecai_converter.names.check_stem`): no ``.``/``..``, no absolute path, no hidden or odd names.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    where = f"{path}: MODEL_NAME"
+    if not isinstance(value, str) or "/" not in value:
+        return check_stem(value, where, error=ConfigError)
+    for part in value.split("/"):
+        try:
+            check_stem(part, where, error=ConfigError)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{where} {show(value)} is not a folder inside MODELS_PATH: each '/'-separated part must be a plain "
+                f"folder name, and {show(part)} is not",
+                hint=f"{exc.hint}; a nested MODEL_NAME such as org/name names MODELS_PATH/org/name, and the output "
+                "files are named after its last part",
+            ) from None
+    return value
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written: a file in the way, a read-only mount, an
+    immutable or foreign folder. Nothing is created (the pipeline creates the folder when it writes).
+
+    Raises:
+        UsageError: naming ``what`` (``OUTPUTS_PATH``, ``--outdir``) and the path that is in the way.
+    """
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        if probe.is_symlink():
+            raise UsageError(f"{what} {path}: {probe} is a broken symbolic link", hint="remove it or repoint it")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(
+            f"{what} {path}: {probe} is a file, not a folder",
+            hint=f"move the file away or set {what} to a folder",
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"{what} {path}: cannot write in {probe} (read-only, immutable, or not yours)",
+            hint=f"set {what} to a folder you can write to",
+        )
 
 
 def safe_child(parent: Path, name: str, *, key: str) -> Path:
@@ -250,9 +358,10 @@ def _make_job(
     pair_path: Path,
     path_overrides: Mapping[str, Path],
 ) -> PairJob:
-    model_name = _expect(merged, "MODEL_NAME", str, general_path)
-    if not model_name:
+    model_name = merged.get("MODEL_NAME")
+    if model_name is None or model_name == "":
         raise ConfigError(f"{general_path}: MODEL_NAME is required", hint="MODEL_NAME: gpt2")
+    model_name = check_model_name(model_name, general_path)
     if "PRECISION" not in merged:
         raise ConfigError(
             f"{pair_path}: PRECISION is required",
@@ -269,12 +378,23 @@ def _make_job(
     for key in ("IMATRIX", "CALIBRATION_TEXT", "EVAL_TEXT", "IMAGE_NAME"):
         _expect(merged, key, str, pair_path)
     _expect(merged, "THRESHOLDS", dict, pair_path)
+    model_dir = safe_child(paths["MODELS_PATH"], model_name, key="MODEL_NAME")
+    for key in ("OUTPUTS_PATH", "LOGS_PATH"):
+        # Files written into the model folder would change its fingerprint (every run converts again) and could
+        # overwrite the input; a folder around the model folder is fine (the fingerprint covers the model only).
+        if paths[key].is_relative_to(model_dir):
+            raise ConfigError(
+                f"{general_path}: {key} {paths[key]} is inside the model folder {model_dir}",
+                hint=f"outputs and logs never go into the input: set {key} outside MODELS_PATH/MODEL_NAME "
+                f"(default {_PATH_DEFAULTS[key]})",
+            )
+        check_writable_dir(paths[key] / pair.name, key)
     return PairJob(
         pair=pair,
         converter_dir=converter_dir,
         config_dir=config_dir,
         model_name=model_name,
-        model_dir=safe_child(paths["MODELS_PATH"], model_name, key="MODEL_NAME"),
+        model_dir=model_dir,
         outputs_dir=paths["OUTPUTS_PATH"] / pair.name,
         logs_dir=paths["LOGS_PATH"] / pair.name,
         precisions=precisions,

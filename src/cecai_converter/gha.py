@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import EXIT_USAGE, ConverterError, UsageError
+from .names import check_stem
 from .output import LOGGER_NAME, Output
 
 __all__ = [
@@ -152,7 +153,8 @@ def _seconds(manifest: Mapping[str, Any], precision: str) -> float | None:
 
 
 def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    # one table cell on one line: every control character (CR, LF, ESC, ...) and line separator becomes a space
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", str(value)).replace("|", "\\|")
 
 
 def conversion_summary(result: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, title: str) -> str:
@@ -190,8 +192,37 @@ def _failure_summary(exc: ConverterError, what: str) -> str:
 # ----------------------------------------------------------------------------------------------------- commands
 
 
-def _run_cli(argv: Sequence[str]) -> Any:
-    """Run one CLI command in this process, in JSON mode, and return its result object."""
+class _ActionsOutput(Output):
+    """JSON results into a buffer; warnings also as ``::warning::`` annotations, and kept for the job summary."""
+
+    def __init__(self, buffer: TextIO, annotations: TextIO | None, *, verbose: bool) -> None:
+        super().__init__("json", verbose=verbose, stdout=buffer)
+        self.annotations = annotations
+        self.warnings: list[str] = []
+
+    def warning(self, message: str) -> None:
+        super().warning(message)
+        self.warnings.append(message)
+        if self.annotations is not None:
+            self.annotations.write(annotation("warning", message, title="cecai-converter") + "\n")
+            self.annotations.flush()
+
+
+def _run_cli(
+    argv: Sequence[str],
+    *,
+    annotations: TextIO | None = None,
+    warnings: list[str] | None = None,
+    allow_failure: bool = False,
+) -> Any:
+    """Run one CLI command in this process, in JSON mode, and return its result object.
+
+    Args:
+        argv: the command line after ``cecai-convert``.
+        annotations: where warnings go as ``::warning::`` workflow commands (the step's stdout).
+        warnings: collects the warnings' text (for the job summary).
+        allow_failure: a command that printed its result and then failed (``check``) returns that result.
+    """
     from .cli import build_parser  # the full parser: every command module registered
 
     parser = build_parser()
@@ -203,7 +234,16 @@ def _run_cli(argv: Sequence[str]) -> Any:
             hint="check the inputs against the action's documentation (the log above says which one is wrong)",
         ) from (None if exc.code else exc)
     buffer = io.StringIO()
-    code = int(args.handler(args, Output("json", verbose=args.verbose, stdout=buffer)))
+    out = _ActionsOutput(buffer, annotations, verbose=args.verbose)
+    try:
+        code = int(args.handler(args, out))
+    except ConverterError:
+        if not (allow_failure and buffer.getvalue().strip()):
+            raise
+        code = 0
+    finally:
+        if warnings is not None:
+            warnings.extend(out.warnings)
     text = buffer.getvalue().strip()
     if code != 0:
         raise ConverterError(f"cecai-convert {argv[0]} exited with {code}")
@@ -218,6 +258,8 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     if not precisions:
         raise UsageError("the `precisions` input is empty", hint="e.g. `precisions: Q8_0 Q4_K_M`")
     outdir = env.get("INPUT_OUTDIR", "").strip() or "gguf"
+    if env.get("INPUT_MODEL_NAME", "").strip():
+        check_stem(env["INPUT_MODEL_NAME"].strip(), "the `model-name` input")  # the CLI's rule, named for the action
     argv = ["convert", model, "--outdir", outdir]
     for precision in precisions:
         argv += ["--precision", precision]
@@ -234,12 +276,15 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
         argv += ["--backend", "docker"]
         if env.get("INPUT_IMAGE", "").strip():
             argv += ["--image", env["INPUT_IMAGE"].strip()]
-    result = _run_cli(argv)
-    manifest_path = str(result.get("manifest") or Path(outdir) / "manifest.json")
+    warnings: list[str] = []
+    result = _run_cli(argv, annotations=stdout, warnings=warnings)
+    # Every path output is written the way `outdir` was given (relative to the workspace when it was), so the
+    # outputs can be joined and passed on alike.
+    manifest_path = str(Path(outdir) / "manifest.json")
     manifest: dict[str, Any] | None = None
     if Path(manifest_path).is_file():
         manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
-    files = [str(f.get("path") or Path(outdir) / f["name"]) for f in result.get("files") or []]
+    files = [str(Path(outdir) / f["name"]) for f in result.get("files") or []]
     write_outputs(
         env.get("GITHUB_OUTPUT"),
         {
@@ -251,14 +296,17 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     )
     pair = env.get("INPUT_PAIR", "").strip()
     title = f"cecai-convert: {model}" + (f" ({pair})" if pair else "")
-    append_summary(env.get("GITHUB_STEP_SUMMARY"), conversion_summary(result, manifest, title=title))
-    stdout.write(f"converted {model}: {len(files)} file(s) in {outdir}\n")
+    summary = conversion_summary(result, manifest, title=title)
+    if warnings:
+        summary += "".join(f"> [!WARNING]\n> {_cell(w)}\n\n" for w in warnings)
+    append_summary(env.get("GITHUB_STEP_SUMMARY"), summary)
+    stdout.write(f"converted {escape_data(model)}: {len(files)} file(s) in {escape_data(outdir)}\n")
     return 0
 
 
 def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
     from .batch import load_batch
-    from .plan import build_matrix
+    from .plan import build_plan
 
     batch_path = Path(env.get("INPUT_BATCH", "").strip() or "conversions.yaml")
     if_missing = env.get("INPUT_IF_MISSING", "").strip() or "fail"
@@ -266,23 +314,40 @@ def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
         raise UsageError(f"the `if-missing` input must be fail or skip, got {if_missing!r}")
     if not batch_path.is_file() and if_missing == "skip":
         stdout.write(annotation("notice", f"no batch file at {batch_path}: nothing to convert") + "\n")
-        write_outputs(env.get("GITHUB_OUTPUT"), {"matrix": json.dumps({"include": []}), "count": "0"})
+        empty = json.dumps({"include": []})
+        write_outputs(
+            env.get("GITHUB_OUTPUT"),
+            {"make": empty, "check": empty, "matrix": empty, "make-count": "0", "check-count": "0", "count": "0"},
+        )
         return 0
-    matrix = build_matrix(load_batch(batch_path), split_list(env.get("INPUT_PAIRS")) or None)
-    count = len(matrix["include"])
+    plan = build_plan(load_batch(batch_path), split_list(env.get("INPUT_PAIRS")) or None)
+    make, check = plan["make"]["include"], plan["check"]["include"]
+    dump = lambda m: json.dumps(m, separators=(",", ":"), sort_keys=True)  # noqa: E731
     write_outputs(
         env.get("GITHUB_OUTPUT"),
-        {"matrix": json.dumps(matrix, separators=(",", ":"), sort_keys=True), "count": str(count)},
+        {
+            "make": dump(plan["make"]),
+            "check": dump(plan["check"]),
+            "matrix": dump(plan["check"]),
+            "make-count": str(len(make)),
+            "check-count": str(len(check)),
+            "count": str(len(check)),
+        },
     )
     rows = [
-        f"| {e['id']} | `{e['model']}` | {e['pair']} | {e['precisions']} | {', '.join(e['runner_labels'])} |"
-        for e in matrix["include"]
+        f"| make {_cell(e['id'])} | `{_cell(e['model'])}` | (builder) | {_cell(e['precisions'])} | "
+        f"{_cell(', '.join(e['runner_labels']))} |"
+        for e in make
+    ] + [
+        f"| check {_cell(e['id'])} | `{_cell(e['model'])}` | {_cell(e['pair'])} ({_cell(e['backend'])}) | "
+        f"{_cell(e['precisions'])} | {_cell(', '.join(e['runner_labels']))} |"
+        for e in check
     ]
     append_summary(
         env.get("GITHUB_STEP_SUMMARY"),
         "\n".join(
             [
-                f"### Conversion plan: {count} job(s)",
+                f"### Conversion plan: {len(make)} make job(s), {len(check)} check job(s)",
                 "",
                 "| Job | Model | Pair | Precisions | Runner labels |",
                 "| --- | --- | --- | --- | --- |",
@@ -291,22 +356,104 @@ def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
         )
         + "\n\n",
     )
-    stdout.write(f"planned {count} job(s) from {batch_path}\n")
+    stdout.write(f"planned {len(make)} make and {len(check)} check job(s) from {escape_data(str(batch_path))}\n")
     return 0
+
+
+def _check(env: Mapping[str, str], stdout: TextIO) -> int:
+    from .check import failure_message
+
+    folder = env.get("INPUT_PATH", "").strip()
+    pair = env.get("INPUT_PAIR", "").strip()
+    if not folder or not pair:
+        raise UsageError("the `path` and `pair` inputs are required", hint="path: the make artifact's folder")
+    argv = ["check", folder, "--pair", pair]
+    backend = env.get("INPUT_BACKEND", "").strip() or "docker"
+    if backend not in ("local", "docker"):
+        raise UsageError(f"the `backend` input must be local or docker, got {backend!r}")
+    argv += ["--backend", backend]
+    for key, flag in (("INPUT_IMAGE", "--image"), ("INPUT_RECORD", "--record"), ("INPUT_MAX_KLD", "--max-kld"),
+                      ("INPUT_MIN_TOP1", "--min-top1")):  # fmt: skip
+        if env.get(key, "").strip():
+            argv += [flag, env[key].strip()]
+    result = _run_cli(argv, annotations=stdout, allow_failure=True)
+    record_path = str(result.get("record", ""))
+    write_outputs(env.get("GITHUB_OUTPUT"), {"passed": str(bool(result.get("passed"))).lower(), "record": record_path})
+    append_summary(env.get("GITHUB_STEP_SUMMARY"), check_summary(result))
+    if not result.get("passed"):
+        from .check import CheckFailed
+
+        raise CheckFailed(failure_message(result), hint=f"the record is in {record_path}")
+    stdout.write(f"{escape_data(pair)}: every file passed on this runtime\n")
+    return 0
+
+
+def check_summary(record: Mapping[str, Any]) -> str:
+    """A job-summary table for one check record."""
+    rt = record.get("runtime") or {}
+    state = "✅ passed" if record.get("passed") else "❌ failed"
+    lines = [
+        f"### Check {_cell(record.get('pair'))}: {state}",
+        "",
+        f"Runtime: {_cell(rt.get('device'))} on {_cell(rt.get('machine'))}, llama-cpp-python "
+        f"{_cell(rt.get('llama_cpp_python'))}, backend {_cell(rt.get('backend'))}"
+        + (f", image `{_cell(rt.get('image'))}`" if rt.get("image") else ""),
+        "",
+        "| File | SHA-256 | KLD vs builder | Top-1 | Prompt tok/s | Gen tok/s | Peak MiB | GPU layers | Result |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --- |",
+    ]
+
+    def num(a: Mapping[str, Any], key: str, spec: str) -> str:
+        return format(a[key], spec) if isinstance(a.get(key), (int, float)) else ""
+
+    for row in record.get("files") or []:
+        a = row.get("agreement") or {}
+        lines.append(
+            f"| `{_cell(row.get('name'))}` | {'match' if row.get('sha256_match') else '**differs**'} | "
+            f"{num(a, 'kld_mean', '.2e')} | {num(a, 'top1_agreement', '.1%')} | {num(a, 'prompt_tps', '.0f')} | "
+            f"{num(a, 'gen_tps', '.0f')} | {num(a, 'peak_rss_mib', '.0f')} | "
+            f"{a.get('offloaded_layers', '')}/{a.get('total_layers', '')} | "
+            f"{'ok' if row.get('passed') else _cell('; '.join(row.get('problems') or ['failed']))} |"
+        )
+    lines += [f"- {_cell(p)}" for p in record.get("problems") or []]
+    return "\n".join(lines) + "\n\n"
+
+
+def _expand(value: str | None, name: str) -> list[Path]:
+    """A list input's items as paths; globs such as ``artifacts/*`` are expanded here, never by a shell."""
+    paths: list[Path] = []
+    for item in split_list(value):
+        if any(c in item for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(item))]  # noqa: PTH207 (Path.glob: relative only)
+            if not matches:
+                raise UsageError(f"the `{name}` input {item!r} matches nothing")
+            paths += matches
+        else:
+            paths.append(Path(item))
+    return paths
+
+
+def _expected_checks(value: str) -> list[tuple[str, str]] | None:
+    """The (model, pair) checks a release needs, from the plan's check matrix (``{"include": [...]}``)."""
+    if not value.strip():
+        return None
+    try:
+        entries = json.loads(value)["include"]
+        return [(str(e["name"]), str(e["pair"])) for e in entries]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            "the `expected-checks` input is not the plan's check matrix",
+            hint=f"pass needs.plan.outputs.check ({type(exc).__name__})",
+        ) from None
 
 
 def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
     from .publish import SIZE_LIMIT, publish_release, push_to_hub
 
-    inputs: list[Path] = []
-    for item in split_list(env.get("INPUT_PATH")):
-        if any(c in item for c in "*?["):  # a glob such as artifacts/*: expanded here, never by a shell
-            matches = [Path(m) for m in sorted(glob.glob(item))]  # noqa: PTH207 (Path.glob: relative only)
-            if not matches:
-                raise UsageError(f"the `path` input {item!r} matches nothing")
-            inputs += matches
-        else:
-            inputs.append(Path(item))
+    inputs = _expand(env.get("INPUT_PATH"), "path")
+    # A check job that died before writing its record uploads nothing: the expected checks then name it.
+    checks = [path for path in _expand(env.get("INPUT_CHECKS"), "checks") if path.exists()]
+    expected = _expected_checks(env.get("INPUT_EXPECTED_CHECKS", ""))
     tag = env.get("INPUT_TAG", "").strip()
     if not tag and env.get("GITHUB_REF", "").startswith("refs/tags/"):
         tag = env["GITHUB_REF"].removeprefix("refs/tags/")
@@ -330,7 +477,9 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
             publish=not _truthy(env.get("INPUT_DRAFT")),
             size_limit=size_limit,
             target_commitish=env.get("GITHUB_SHA") or None,
-            on_progress=lambda line: stdout.write(line + "\n"),
+            on_progress=lambda line: stdout.write(escape_data(line) + "\n"),
+            checks=checks,
+            expected_checks=expected,
         )
         outputs.update(
             {
@@ -343,6 +492,7 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
         lines += [f"### Release {_cell(tag)} ({state})", "", result.html_url, "", "| Asset | Status |", "| --- | --- |"]
         lines += [f"| `{_cell(n)}` | uploaded |" for n in result.uploaded]
         lines += [f"| `{_cell(n)}` | unchanged |" for n in result.unchanged]
+        lines += [f"| `{_cell(n)}` | replaced (check records changed) |" for n in result.replaced]
         if result.split:
             lines += ["", "Split below 2 GB (llama.cpp split format): " + ", ".join(f"`{n}`" for n in result.split)]
     if hf_repo:
@@ -359,6 +509,7 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
 _COMMANDS: dict[str, tuple[str, Callable[[Mapping[str, str], TextIO], int]]] = {
     "convert": ("conversion failed", _convert),
     "plan": ("planning failed", _plan),
+    "check": ("check failed", _check),
     "publish": ("publishing failed", _publish),
 }
 

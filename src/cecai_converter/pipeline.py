@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .agreement import REFERENCE_NAME, make_reference
 from .convert import run_converter
 from .errors import ConfigError, ConversionFailed, UsageError
-from .fsutil import publish_file, remove_stale_staging, sha256_file, staging_dir
+from .fsutil import atomic_write_json, publish_file, remove_stale_staging, sha256_file, staging_dir
 from .manifest import MANIFEST_NAME, file_is_current, inputs_key, read_manifest, write_manifest
 from .output import Output, get_logger
 from .pairs import PairInfo
@@ -75,6 +76,8 @@ class Options:
     thresholds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     verify: bool = True
     n_gpu_layers: int = 0
+    #: write reference.json (what this runtime predicts for each file) so other runtimes can be checked against it
+    reference: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
                 run.produced[precision.name] = existing
             else:
                 missing.append(precision)
-        if not missing and all(_target_current(t, keys, _layers_of(job, t)) for t in job.targets):
+        if not missing and all(_target_current(t, keys, _layers_of(job, t), opts.reference) for t in job.targets):
             out.info(
                 f"up to date: {job.model_name} ({', '.join(p.name for p in wanted)}); nothing to do (--force redoes)"
             )
@@ -342,12 +345,27 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
             if opts.fidelity and run.base_path is not None:
                 _measure_fidelity(run, view, layers, label)
             checked[layers] = view
+        reference = _make_reference(run, next(iter(runtimes))) if opts.reference else None
         run.timings["total_s"] = round(time.perf_counter() - started, 3)
         manifests = [
-            _publish(run, target, checked[_layers_of(job, target)], source_record, base_precision)
+            _publish(run, target, checked[_layers_of(job, target)], source_record, base_precision, reference)
             for target in job.targets
         ]
     return manifests
+
+
+def _make_reference(run: _Run, n_gpu_layers: int) -> dict[str, Any]:
+    """What the builder's runtime predicts for every file of this run, for other runtimes to be checked against."""
+    files = {_file_name(run.job.model_name, item.precision): item for item in run.produced.values()}
+    with run.out.step(f"recording this runtime's predictions for {len(files)} file(s) (reference.json)"):
+        t0 = time.perf_counter()
+        reference = make_reference(
+            {name: item.path for name, item in files.items()}, n_gpu_layers=n_gpu_layers, threads=run.opts.threads
+        )
+        run.timings["reference_s"] = round(time.perf_counter() - t0, 3)
+    for name, item in files.items():
+        reference["files"][name]["sha256"] = item.sha256
+    return reference
 
 
 def _layers_of(job: Job, target: Target) -> int:
@@ -435,9 +453,11 @@ class _ImatrixPlan:
         return self.path
 
 
-def _target_current(target: Target, keys: Mapping[str, str], n_gpu_layers: int) -> bool:
+def _target_current(target: Target, keys: Mapping[str, str], n_gpu_layers: int, need_reference: bool) -> bool:
     manifest = read_manifest(target.outputs_dir)
     if manifest is None:
+        return False
+    if need_reference and not _reference_current(target.outputs_dir, manifest):
         return False
     if (manifest.get("runtime") or {}).get("n_gpu_layers") != n_gpu_layers:
         return False  # verified and measured for another runtime setting: check again (the files are reused)
@@ -447,6 +467,18 @@ def _target_current(target: Target, keys: Mapping[str, str], n_gpu_layers: int) 
         for name, key in keys.items()
         if target.wants(name)
     )
+
+
+def _reference_current(folder: Path, manifest: Mapping[str, Any]) -> bool:
+    """Whether ``folder`` has a reference for exactly the bytes its manifest lists."""
+    from .agreement import read_reference
+
+    try:
+        reference = read_reference(folder / REFERENCE_NAME)
+    except ConfigError:
+        return False
+    entries = reference["files"]
+    return all((entries.get(f.get("name")) or {}).get("sha256") == f.get("sha256") for f in manifest.get("files", []))
 
 
 def _produce(
@@ -581,6 +613,7 @@ def _publish(
     view: dict[str, _Produced],
     source_record: dict[str, Any],
     base_precision: PrecisionInfo,
+    reference: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     job = run.job
     files: list[dict[str, Any]] = []
@@ -616,6 +649,10 @@ def _publish(
         "timings": run.timings,
         "runtime": {"n_gpu_layers": _layers_of(job, target)},
     }
+    if reference is not None:
+        names = {f["name"] for f in files}
+        own = {**reference, "files": {n: e for n, e in reference["files"].items() if n in names}}
+        atomic_write_json(target.outputs_dir / REFERENCE_NAME, own)
     path = write_manifest(target.outputs_dir, manifest)
     _log.info("wrote %s", path)
     # Files of earlier runs that this run no longer asked for are left alone; the manifest lists this run's files.

@@ -1,8 +1,17 @@
-"""``cecai-convert plan BATCH``: a batch file as a GitHub Actions job matrix.
+"""``cecai-convert plan BATCH``: a batch file as the release flow's two job matrices, *make* and *check*.
 
-One matrix entry per (model, pair): the job converts the model once and quantizes every precision for that pair, on
-a runner that carries the pair's labels (``runs-on: ${{ matrix.runner_labels }}``). The default output is one line,
-``matrix=<json>``, ready for ``>> "$GITHUB_OUTPUT"``; ``--format json`` prints the matrix object itself.
+The files of a model are made once and checked on every pair's runtime:
+
+* **make**: one entry per model, on the builder runners (``builder-labels``, default the CPU pair's labels). The job
+  converts, quantizes, verifies and measures fidelity once, and leaves the files, ``manifest.json`` and
+  ``reference.json`` (what its runtime predicts for each file) as an artifact.
+* **check**: one entry per (model, pair), on runners that carry the pair's labels. The job takes the same bytes and
+  runs ``cecai-convert check`` on the pair's runtime: in the pair's image (``backend: docker``) or a runtime
+  installed on the runner (``backend: local``).
+
+GitHub runs at most 256 jobs from one matrix: the limit applies to each. The default output is three lines for
+``$GITHUB_OUTPUT`` (``make=…``, ``check=…``, and ``matrix=…``, the check matrix under its old name); ``--format
+json`` prints ``{"make": {"include": [...]}, "check": {"include": [...]}}``.
 """
 
 from __future__ import annotations
@@ -17,58 +26,92 @@ from .errors import ConfigError
 from .output import Output
 from .pairs import PAIRS, parse_pair
 
-__all__ = ["MAX_MATRIX_JOBS", "build_matrix", "matrix_line", "register"]
+__all__ = ["MAX_MATRIX_JOBS", "build_matrix", "build_plan", "matrix_line", "output_lines", "register"]
 
 #: GitHub runs at most 256 jobs from one matrix.
 MAX_MATRIX_JOBS: Final = 256
 
 
-def build_matrix(batch: Batch, pairs: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """The job matrix for ``batch``: ``{"include": [entry, ...]}``.
+def build_plan(batch: Batch, pairs: list[str] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The make and check matrices for ``batch``: ``{"make": {"include": [...]}, "check": {"include": [...]}}``.
 
-    Each entry holds ``id`` (unique, usable in artifact names), ``name``, ``source`` (hub|local), ``model``,
-    ``revision`` (``""`` when not given), ``pair``, ``slug``, ``precisions`` (space-separated, as the convert
-    action takes them) and ``runner_labels`` (a list, for ``runs-on``).
+    A make entry holds ``id`` (the model name: artifact ``make-<id>``), ``name``, ``source`` (hub|local),
+    ``model``, ``revision`` (``""`` when not given), ``precisions`` (space-separated), ``pairs`` (space-separated
+    pair names it is checked on) and ``runner_labels`` (the builder labels).
+
+    A check entry holds ``id`` (``<name>-<slug>``), ``make_id``, ``name``, ``source``, ``model``, ``revision``,
+    ``pair``, ``slug``, ``precisions``, ``runner_labels`` (the pair's), ``backend`` (docker|local), ``image``
+    (``""``: the pair's default tag), ``max_kld`` and ``min_top1`` (``""``: the check command's defaults).
 
     Args:
         batch: the validated batch file.
-        pairs: keep only these pairs (names or slugs); ``None`` keeps all.
+        pairs: keep only these pairs (names or slugs); ``None`` keeps all. A model with no pair left is not made.
 
     Raises:
-        ConfigError: the plan is empty or has more than :data:`MAX_MATRIX_JOBS` entries.
+        ConfigError: the plan is empty, or a matrix has more than :data:`MAX_MATRIX_JOBS` entries.
     """
     only = {parse_pair(p).name for p in pairs} if pairs else None
-    include: list[dict[str, Any]] = []
+    make: list[dict[str, Any]] = []
+    check: list[dict[str, Any]] = []
     for model in batch.models:
-        for pair in model.pairs:
-            if only is not None and pair.name not in only:
-                continue
-            include.append(
+        chosen = [p for p in model.pairs if only is None or p.name in only]
+        if not chosen:
+            continue
+        common = {
+            "name": model.name,
+            "source": model.source,
+            "model": model.model,
+            "revision": model.revision or "",
+            "precisions": " ".join(p.name for p in model.precisions),
+        }
+        make.append(
+            {
+                "id": model.name,
+                **common,
+                "pairs": " ".join(p.name for p in chosen),
+                "runner_labels": list(batch.builder_labels),
+            }
+        )
+        for pair in chosen:
+            settings = batch.checks[pair.name]
+            check.append(
                 {
                     "id": f"{model.name}-{pair.slug}",
-                    "name": model.name,
-                    "source": model.source,
-                    "model": model.model,
-                    "revision": model.revision or "",
+                    "make_id": model.name,
+                    **common,
                     "pair": pair.name,
                     "slug": pair.slug,
-                    "precisions": " ".join(p.name for p in model.precisions),
                     "runner_labels": list(batch.runner_labels[pair.name]),
+                    "backend": settings.backend,
+                    "image": settings.image,
+                    "max_kld": "" if batch.max_kld is None else f"{batch.max_kld:g}",
+                    "min_top1": "" if batch.min_top1 is None else f"{batch.min_top1:g}",
                 }
             )
-    if not include:
+    if not check:
         selected = ", ".join(sorted(only)) if only else "any pair"
         raise ConfigError(
             f"{batch.path}: the plan is empty: no model asks for {selected}",
             hint="check the `pairs:` of the models, or drop --pair",
         )
-    if len(include) > MAX_MATRIX_JOBS:
-        raise ConfigError(
-            f"{batch.path}: the plan has {len(include)} jobs; a GitHub matrix runs at most {MAX_MATRIX_JOBS}",
-            hint="split the batch into several files, or plan one pair per workflow job with "
-            f"`cecai-convert plan BATCH --pair PAIR` (pairs: {', '.join(PAIRS)})",
-        )
-    return {"include": include}
+    for kind, entries in (("make", make), ("check", check)):
+        if len(entries) > MAX_MATRIX_JOBS:
+            raise ConfigError(
+                f"{batch.path}: the plan has {len(entries)} {kind} jobs; a GitHub matrix runs at most "
+                f"{MAX_MATRIX_JOBS}",
+                hint="split the batch into several files, or plan some pairs per workflow with "
+                f"`cecai-convert plan BATCH --pair PAIR` (pairs: {', '.join(PAIRS)})",
+            )
+    return {"make": {"include": make}, "check": {"include": check}}
+
+
+def build_matrix(batch: Batch, pairs: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The check matrix alone (one entry per model and pair), as earlier releases' single matrix.
+
+    Raises:
+        ConfigError: as :func:`build_plan`.
+    """
+    return build_plan(batch, pairs)["check"]
 
 
 def matrix_line(matrix: dict[str, Any]) -> str:
@@ -76,12 +119,20 @@ def matrix_line(matrix: dict[str, Any]) -> str:
     return "matrix=" + json.dumps(matrix, separators=(",", ":"), sort_keys=True)
 
 
+def output_lines(plan: dict[str, Any]) -> str:
+    """The plan as ``$GITHUB_OUTPUT`` lines: ``make=…``, ``check=…`` and ``matrix=…`` (the check matrix)."""
+    dump = lambda m: json.dumps(m, separators=(",", ":"), sort_keys=True)  # noqa: E731
+    return "\n".join([f"make={dump(plan['make'])}", f"check={dump(plan['check'])}", matrix_line(plan["check"])])
+
+
 def _run(args: argparse.Namespace, out: Output) -> int:
     batch = load_batch(Path(args.batch))
-    matrix = build_matrix(batch, args.pair or None)
-    out.result(matrix_line(matrix), matrix)
-    models = len(batch.models)
-    out.info(f"planned {len(matrix['include'])} job(s) for {models} model(s) from {args.batch}")
+    plan = build_plan(batch, args.pair or None)
+    out.result(output_lines(plan), plan)
+    out.info(
+        f"planned {len(plan['make']['include'])} make and {len(plan['check']['include'])} check job(s) "
+        f"for {len(batch.models)} model(s) from {args.batch}"
+    )
     return 0
 
 
@@ -89,10 +140,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``plan`` command."""
     parser = subparsers.add_parser(
         "plan",
-        help="turn a batch file (conversions.yaml) into a GitHub Actions job matrix",
-        description="Print a GitHub Actions job matrix for a batch file: one entry per model and pair, each carrying "
-        "the runner labels of its pair. Default output: one line `matrix=<json>` for $GITHUB_OUTPUT; "
-        "with --format json, the matrix object.",
+        help="turn a batch file (conversions.yaml) into the release flow's make and check job matrices",
+        description="Print the job matrices of a batch file: make (one job per model, on the builder labels) and "
+        "check (one job per model and pair, on the pair's labels). Default output: `make=<json>`, `check=<json>` "
+        "and `matrix=<json>` (the check matrix) lines for $GITHUB_OUTPUT; with --format json, "
+        '{"make": {...}, "check": {...}}.',
     )
     parser.add_argument("batch", metavar="BATCH", help="the batch file, e.g. conversions.yaml")
     parser.add_argument(

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConverterError, UsageError
+from .names import check_plain_name, check_stem, control_character, show
 from .output import Output, get_logger
 from .pairs import PAIRS
 
@@ -66,6 +67,7 @@ NOTES_START: Final = "<!-- cecai-converter:assets -->"
 NOTES_END: Final = "<!-- /cecai-converter:assets -->"
 _SPLIT_NAME: Final = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _CHUNK: Final = 1 << 20
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 _log = get_logger("publish")
 
 
@@ -73,6 +75,20 @@ class PublishFailed(ConverterError):
     """Publishing to GitHub or the Hugging Face Hub failed; the release was left as it was."""
 
     title = "publish failed"
+
+
+class ChecksFailed(PublishFailed):
+    """A pair's check failed or is missing: the files were uploaded, the release was left a draft.
+
+    Attributes:
+        result: what was done.
+    """
+
+    title = "check failed"
+
+    def __init__(self, message: str, *, hint: str | None = None, result: PublishResult) -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
 
 
 class GitHubAPIError(PublishFailed):
@@ -121,6 +137,7 @@ class PublishResult:
     created: bool
     uploaded: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
     split: dict[str, list[str]] = field(default_factory=dict)
     hub_commit_url: str | None = None
 
@@ -134,6 +151,7 @@ class PublishResult:
             "created": self.created,
             "uploaded": self.uploaded,
             "unchanged": self.unchanged,
+            "replaced": self.replaced,
             "split": self.split,
             "hub_commit_url": self.hub_commit_url,
         }
@@ -227,6 +245,72 @@ def _add(found: dict[str, LocalAsset], asset: LocalAsset) -> None:
         )
 
 
+def _manifest_files(manifest_path: Path, manifest: object) -> list[tuple[Path, str, str | None]]:
+    """The files a manifest lists, as ``(path, sha256, precision)``, each checked before anything is uploaded.
+
+    A manifest is data from an artifact, not an instruction: every ``files[].name`` must be a plain file name of a
+    regular file in the manifest's own folder (no path, no ``..``, no symbolic link, not hidden), and every file must
+    carry a ``sha256`` that its bytes match. Otherwise a manifest could publish any file of the machine (an
+    absolute name, ``../../.ssh/id_rsa``), or a file nobody checked.
+
+    Raises:
+        UsageError: naming the manifest, the entry and why.
+    """
+    hint = (
+        "a manifest lists the files of its own folder by name, each with its sha256, as `cecai-convert` writes it; "
+        "convert again instead of editing it"
+    )
+
+    def refuse(where: str, why: str) -> UsageError:
+        return UsageError(f"{manifest_path}: {where}: {why}; nothing was published", hint=hint)
+
+    if not isinstance(manifest, dict):
+        raise refuse("the manifest", f"expected a JSON object, found {type(manifest).__name__}")
+    model_name = manifest.get("model_name")
+    if model_name is not None:  # names the manifest's own asset, <model>.<pair>.manifest.json
+        try:
+            check_stem(model_name, "model_name")
+        except UsageError as exc:
+            raise refuse("model_name", exc.message.removeprefix("model_name: ")) from None
+    entries = manifest.get("files")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise refuse("files", f"expected a list, found {type(entries).__name__}")
+    folder = manifest_path.parent.resolve()
+    out: list[tuple[Path, str, str | None]] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise refuse(f"files[{index}]", f"expected an object with `name` and `sha256`, found {show(entry)}")
+        name = entry.get("name")
+        why = check_plain_name(name)
+        if why is None and str(name).startswith("."):
+            why = f"{show(name)} is a hidden file; conversions never write one"
+        if why is not None:
+            raise refuse(f"files[{index}].name", why)
+        path = folder / str(name)
+        where = f"files[{index}] ({name})"
+        if path.is_symlink():
+            raise refuse(where, f"{path} is a symbolic link; only regular files in the manifest's folder are published")
+        if not path.is_file():
+            raise refuse(where, f"the file is not in {folder}")
+        recorded = entry.get("sha256")
+        if not isinstance(recorded, str) or not _SHA256_HEX.fullmatch(recorded):
+            raise refuse(f"{where}.sha256", f"missing or not a SHA-256 (64 lowercase hex digits): {show(recorded)}")
+        precision = entry.get("precision")
+        if precision is not None and (not isinstance(precision, str) or control_character(precision)):
+            raise refuse(f"{where}.precision", f"expected a precision name, found {show(precision)}")
+        digest = sha256_file(path)
+        if digest != recorded:
+            raise UsageError(
+                f"{path} does not match its manifest {manifest_path} "
+                f"(sha256 {digest[:12]}…, manifest {recorded[:12]}…); nothing was published",
+                hint="the file changed or was damaged in transfer; convert it again",
+            )
+        out.append((path, digest, precision))
+    return out
+
+
 def collect_assets(inputs: Sequence[Path]) -> list[LocalAsset]:
     """What to publish from conversion output folders (each with a ``manifest.json``) and loose ``.gguf`` files.
 
@@ -256,26 +340,105 @@ def collect_assets(inputs: Sequence[Path]) -> list[LocalAsset]:
             )
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{manifest_path}: unreadable manifest: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise UsageError(f"{manifest_path}: unreadable manifest: {show(str(exc))}") from None
         folder = manifest_path.parent
-        for entry in manifest.get("files") or []:
-            path = folder / str(entry.get("name", ""))
-            if not entry.get("name") or not path.is_file():
-                raise UsageError(f"{manifest_path} lists {entry.get('name')!r}, which is not in {folder}")
-            digest = sha256_file(path)
-            if entry.get("sha256") and entry["sha256"] != digest:
-                raise UsageError(
-                    f"{path} does not match its manifest (sha256 {digest[:12]}…, manifest {entry['sha256'][:12]}…)",
-                    hint="the file changed or was damaged in transfer; convert it again",
-                )
-            precision = entry.get("precision")
+        for path, digest, precision in _manifest_files(manifest_path, manifest):
             _add(found, LocalAsset(path.name, path, path.stat().st_size, digest, "gguf", precision=precision))
         name = _manifest_asset_name(manifest, folder)
         _add(
             found, LocalAsset(name, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path), "manifest")
         )
     return sorted(found.values(), key=lambda a: (a.kind != "gguf", a.name))
+
+
+#: Manifest keys whose values change from run to run without the files changing: a re-run that differs only here
+#: publishes nothing new.
+VOLATILE_KEYS: Final = frozenset(
+    {"timings", "mtime_ns", "prompt_tps", "gen_tps", "peak_rss_mib", "reused", "tool", "verify_s", "fidelity_s"}
+)
+
+
+def stable_view(data: Any) -> Any:
+    """``data`` without :data:`VOLATILE_KEYS` (at any depth): what two runs must agree on to be the same release."""
+    if isinstance(data, dict):
+        return {k: stable_view(v) for k, v in data.items() if k not in VOLATILE_KEYS}
+    if isinstance(data, list):
+        return [stable_view(v) for v in data]
+    return data
+
+
+def release_manifest(manifest: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The manifest as published: no host paths, and one check record per pair (``checks: {pair: record}``).
+
+    The builder's manifest records where the source was on its machine and when each file was written; neither
+    means anything to a downloader, and both change between runs.
+    """
+    out = {k: v for k, v in manifest.items() if k != "manifest_path"}
+    source = dict(out.get("source") or {})
+    if source.get("kind") == "local":
+        source.pop("path", None)
+        source["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in source.get("files") or []]
+    out["source"] = source
+    out["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in out.get("files") or []]
+    if checks:
+        out["checks"] = {str(r["pair"]): dict(r) for r in sorted(checks, key=lambda r: str(r["pair"]))}
+    return out
+
+
+def _attach_checks(
+    assets: list[LocalAsset], records: Sequence[Mapping[str, Any]], staging: Path
+) -> tuple[list[LocalAsset], dict[str, dict[str, Any]]]:
+    """Replace each manifest asset by its release manifest (see :func:`release_manifest`) in ``staging``.
+
+    Returns the new asset list and, per model name, the release manifest.
+
+    Raises:
+        UsageError: a check record belongs to no manifest being published, or its files are not that manifest's.
+    """
+    by_model: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_model.setdefault(str(record.get("model_name")), []).append(record)
+    out: list[LocalAsset] = []
+    published: dict[str, dict[str, Any]] = {}
+    for asset in assets:
+        if asset.kind != "manifest":
+            out.append(asset)
+            continue
+        manifest = json.loads(asset.path.read_text(encoding="utf-8"))
+        model = str(manifest.get("model_name"))
+        own = by_model.pop(model, [])
+        shas = {f.get("name"): f.get("sha256") for f in manifest.get("files") or []}
+        for record in own:
+            for row in record.get("files") or []:
+                if shas.get(row.get("name")) not in (None, row.get("sha256")) and row.get("sha256_match"):
+                    raise UsageError(f"the {record['pair']} check of {model} checked other bytes of {row['name']}")
+        data = release_manifest(manifest, own)
+        staged = staging / asset.name
+        staged.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        out.append(LocalAsset(asset.name, staged, staged.stat().st_size, sha256_file(staged), "manifest"))
+        published[model] = data
+    if by_model:
+        raise UsageError(
+            f"check records for {', '.join(sorted(by_model))}, whose files are not being published",
+            hint="pass the make artifact of every model whose check records you pass",
+        )
+    return out, published
+
+
+def check_failures(manifests: Mapping[str, Mapping[str, Any]], expected: Sequence[tuple[str, str]] | None) -> list[str]:
+    """Why the release must stay a draft: failed checks, and expected (model, pair) checks with no record."""
+    problems: list[str] = []
+    from .check import failure_message
+
+    for model, manifest in manifests.items():
+        for record in (manifest.get("checks") or {}).values():
+            if not record.get("passed"):
+                problems.append(f"{model}: {failure_message(record)}")
+    for model, pair in expected or ():
+        if pair not in ((manifests.get(model) or {}).get("checks") or {}):
+            problems.append(f"{model}: no check record from {pair} (its check job failed before writing one)")
+    return problems
 
 
 def _split_large(assets: Iterable[LocalAsset], staging: Path, size_limit: int) -> tuple[list[LocalAsset], dict]:
@@ -326,8 +489,50 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _check_cell(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return "–"
+    agr = row.get("agreement") or {}
+    if not row.get("passed"):
+        return "❌ " + "; ".join(str(p) for p in row.get("problems") or ["failed"]).replace("|", "\\|")[:120]
+    speed = f"{agr['gen_tps']:.0f} tok/s" if isinstance(agr.get("gen_tps"), (int, float)) else ""
+    kld = f"KLD {agr['kld_mean']:.1e}" if isinstance(agr.get("kld_mean"), (int, float)) else ""
+    top1 = f"top-1 {agr['top1_agreement']:.0%}" if isinstance(agr.get("top1_agreement"), (int, float)) else ""
+    return "✅ " + " · ".join(x for x in (speed, kld, top1) if x)
+
+
+def checks_table(manifests: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: per model, a files × pairs table of the check results (runtime, speed, agreement)."""
+    lines: list[str] = []
+    for model, manifest in sorted(manifests.items()):
+        checks = manifest.get("checks") or {}
+        if not checks:
+            continue
+        pairs = [p for p in PAIRS if p in checks]
+        runtime = {p: checks[p].get("runtime") or {} for p in pairs}
+        runtimes = ", ".join(f"{p}: {runtime[p].get('device')} on {runtime[p].get('machine')}" for p in pairs)
+        lines += [f"#### Checked on each pair's runtime: {model}", "", f"Runtimes: {runtimes}.", ""]
+        lines += ["| File | " + " | ".join(pairs) + " |", "| --- |" + " --- |" * len(pairs)]
+        for entry in manifest.get("files") or []:
+            cells = []
+            for pair in pairs:
+                rows = {r.get("name"): r for r in checks[pair].get("files") or []}
+                cells.append(_check_cell(rows.get(entry.get("name"))))
+            lines.append(f"| `{entry.get('name')}` | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "KLD and top-1: agreement of the pair's runtime with the builder's on the same file (0 and 100% = "
+            "identical predictions); tok/s: generation speed on the pair's runner.",
+            "",
+        ]
+    return lines
+
+
 def release_notes(
-    existing: str | None, rows: Sequence[tuple[str, int, str, str]], split: Mapping[str, Sequence[str]]
+    existing: str | None,
+    rows: Sequence[tuple[str, int, str, str]],
+    split: Mapping[str, Sequence[str]],
+    manifests: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The release body: the user's text kept, this tool's section (between markers) replaced.
 
@@ -335,11 +540,14 @@ def release_notes(
         existing: the current body.
         rows: (asset name, size, sha256, precision) for every GGUF asset and part on the release.
         split: original file name -> part names, for files that were split.
+        manifests: model name → release manifest, for the table of per-pair checks.
     """
     lines = [NOTES_START, "### GGUF files", "", "| File | Precision | Size | SHA-256 |", "| --- | --- | ---: | --- |"]
     lines += [
         f"| `{name}` | {precision or ''} | {_size(size)} | `{digest[:16]}` |" for name, size, digest, precision in rows
     ]
+    if manifests:
+        lines += ["", *checks_table(manifests)]
     lines += [
         "",
         f"Verify downloads with `sha256sum -c {CHECKSUMS_NAME}`. Each `*.manifest.json` records how a file "
@@ -572,8 +780,15 @@ def publish_release(
     retries: int = 2,
     client: GitHubClient | None = None,
     on_progress: Callable[[str], None] | None = None,
+    checks: Sequence[Path] = (),
+    expected_checks: Sequence[tuple[str, str]] | None = None,
 ) -> PublishResult:
     """Attach the conversion outputs in ``inputs`` to the release for ``tag`` (see the module docstring).
+
+    With ``checks`` (check records of ``cecai-convert check``, files or folders), each model's manifest is published
+    with a record per pair and the notes get a files × pairs table. A failed check, or a pair of
+    ``expected_checks`` ((model, pair) pairs) without a record, leaves the release a draft: everything is uploaded,
+    nothing is published, and :class:`ChecksFailed` says why.
 
     Args:
         inputs: conversion output folders and/or ``.gguf`` files (see :func:`collect_assets`).
@@ -587,6 +802,8 @@ def publish_release(
         retries: extra attempts per upload after a failure.
         client: a ready client (tests).
         on_progress: called with one line per step.
+        checks: check records, or folders holding them.
+        expected_checks: (model name, pair name) pairs that must each have a record.
 
     Raises:
         UsageError: bad inputs (see :func:`collect_assets`).
@@ -597,9 +814,14 @@ def publish_release(
         raise UsageError(f"the split size must be between 1 and {SIZE_LIMIT} bytes, got {size_limit}")
     say = on_progress or _log.info
     gh = client or GitHubClient(repo, token, api_url=api_url)
+    from .check import read_records
+
     files = collect_assets(inputs)
+    records = read_records(list(checks)) if checks else []
     with tempfile.TemporaryDirectory(prefix="cecai-publish-") as tmp:
         staging = Path(tmp)
+        files, manifests = _attach_checks(files, records, staging)
+        failures = check_failures(manifests, expected_checks)
         assets, split = _split_large(files, staging, size_limit)
 
         release = gh.find_release(tag)
@@ -618,6 +840,8 @@ def publish_release(
 
         to_upload: list[LocalAsset] = []
         unchanged: list[str] = []
+        replaced: list[str] = []
+        kept: dict[str, str] = {}  # manifests kept as they are on the release: name -> their sha256
         stale: list[dict[str, Any]] = []
         conflicts: list[str] = []
         for asset in assets:
@@ -631,6 +855,18 @@ def publish_release(
                 same = _identical(remote, asset, remote_sums)
                 if same:
                     unchanged.append(asset.name)
+                elif asset.kind == "manifest":
+                    # A manifest is ours and derived: the same content but other timings is the same release; other
+                    # content (a check re-run, a new pair) replaces it where the release still accepts changes.
+                    body = gh.download_asset(int(remote["id"]))
+                    if _same_manifest(body, asset.path):
+                        unchanged.append(asset.name)
+                        kept[asset.name] = hashlib.sha256(body).hexdigest()
+                    elif draft_or_mutable(release):
+                        to_upload.append(asset)
+                        replaced.append(asset.name)
+                    else:
+                        conflicts.append(f"{asset.name} (the check records changed)")
                 else:
                     conflicts.append(asset.name if same is False else f"{asset.name} (no checksum to compare)")
         stale += [a for n, a in existing.items() if n.endswith(PARTIAL_SUFFIX)]
@@ -649,6 +885,7 @@ def publish_release(
             if ours and name not in sums and isinstance(digest, str) and digest.startswith("sha256:"):
                 sums[name] = digest.removeprefix("sha256:")
         sums.update({a.name: a.sha256 for a in assets})
+        sums.update(kept)
         sums = {n: d for n, d in sums.items() if not n.endswith(PARTIAL_SUFFIX)}
         sums_path = staging / CHECKSUMS_NAME
         sums_path.write_text(checksums_text(sums), encoding="utf-8")
@@ -712,6 +949,9 @@ def publish_release(
                 ) from exc
             raise
         result.uploaded = [a.name for a in to_upload]
+        result.replaced = replaced
+        for name in replaced:
+            say(f"replaced {name}: the check records in it changed")
 
         final = {a["name"]: a for a in gh.list_assets(result.release_id)}
         rows = []
@@ -724,11 +964,11 @@ def publish_release(
             m = _SPLIT_NAME.match(name)
             if m:
                 all_split.setdefault(f"{m['stem']}.gguf", []).append(name)
-        body = release_notes(release.get("body"), rows, all_split)
+        body = release_notes(release.get("body"), rows, all_split, manifests)
         changes: dict[str, Any] = {}
         if body != (release.get("body") or "") and (draft or not release.get("immutable")):
             changes["body"] = body
-        if draft and publish:
+        if draft and publish and not failures:
             changes["draft"] = False
         if changes:
             if changes.get("draft") is False:
@@ -736,7 +976,29 @@ def publish_release(
             release = gh.update_release(result.release_id, **changes)
             result.draft = bool(release.get("draft"))
             result.html_url = str(release.get("html_url", result.html_url))
+        if failures:
+            state = "left a draft" if result.draft else "already published, left as it was"
+            raise ChecksFailed(
+                f"release {tag} {state}: " + "; ".join(failures),
+                hint="every file was uploaded; fix the failing pair (or relax its limits) and re-run the workflow: "
+                "identical files are skipped and the draft is published once every check passes",
+                result=result,
+            )
         return result
+
+
+def draft_or_mutable(release: Mapping[str, Any]) -> bool:
+    """Whether the release still accepts replaced assets: a draft, or a published release that is not immutable."""
+    return bool(release.get("draft")) or not release.get("immutable")
+
+
+def _same_manifest(remote: bytes, local: Path) -> bool:
+    try:
+        theirs = json.loads(remote.decode("utf-8"))
+        ours = json.loads(local.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return stable_view(theirs) == stable_view(ours)
 
 
 def _upload_with_retries(
@@ -838,12 +1100,15 @@ def _run(args: argparse.Namespace, out: Output) -> int:
             size_limit=args.split_size,
             target_commitish=args.target,
             on_progress=out.info,
+            checks=[Path(c) for c in args.checks or []],
+            expected_checks=[_expected(e) for e in args.expect_check or []] or None,
         )
         data = result.as_dict()
         state = "draft" if result.draft else "published"
         lines.append(f"release {result.tag} ({state}): {result.html_url}")
         lines += [f"  uploaded  {n}" for n in result.uploaded]
         lines += [f"  unchanged {n}" for n in result.unchanged]
+        lines += [f"  replaced  {n}" for n in result.replaced]
         lines += [f"  split     {orig} -> {len(parts)} parts" for orig, parts in result.split.items()]
     if args.hf_repo:
         url = push_to_hub(inputs, args.hf_repo, token=os.environ.get("HF_TOKEN") or None, revision=args.hf_revision)
@@ -851,6 +1116,15 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         lines.append(f"pushed to {args.hf_repo}: {url}")
     out.result("\n".join(lines), data)
     return 0
+
+
+def _expected(value: str) -> tuple[str, str]:
+    model, sep, pair = value.rpartition(":")
+    if not sep or not model:
+        raise UsageError(f"--expect-check wants MODEL:PAIR, got {value!r}")
+    from .pairs import parse_pair
+
+    return model, parse_pair(pair).name
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -874,6 +1148,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=SIZE_LIMIT,
         metavar="BYTES",
         help=f"split GGUF files of this size or more (default and maximum {SIZE_LIMIT})",
+    )
+    parser.add_argument(
+        "--checks",
+        action="append",
+        metavar="PATH",
+        help="check records (`cecai-convert check`), or folders holding them: merged into each model's manifest and "
+        "the release notes; a failed one leaves the release a draft (repeatable)",
+    )
+    parser.add_argument(
+        "--expect-check",
+        action="append",
+        metavar="MODEL:PAIR",
+        help="a check that must have a record, else the release stays a draft (repeatable)",
     )
     parser.add_argument("--hf-repo", metavar="REPO_ID", help="also push to this Hugging Face model repo (HF_TOKEN)")
     parser.add_argument("--hf-revision", metavar="BRANCH", help="the Hub branch to commit to (default: main)")

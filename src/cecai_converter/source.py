@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from .errors import ConversionFailed, UnsupportedModel, UsageError
 from .fsutil import sha256_file
+from .names import check_plain_name, show
 from .toolchain import LLAMA_CPP_PYTHON_VERSION
 
 __all__ = [
@@ -48,6 +49,22 @@ HUB_PATTERNS: Final = (
 )
 _PICKLE_SUFFIXES: Final = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS_MAX_HEADER: Final = 100 * 1024 * 1024  # the safetensors format's own limit
+#: Bits per element of each safetensors dtype (the format's list; F4 and F6 are packed).
+_DTYPE_BITS: Final = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "U16": 16, "I16": 16, "F16": 16, "BF16": 16,
+    "U32": 32, "I32": 32, "F32": 32,
+    "U64": 64, "I64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+#: More dimensions than any model tensor has; bounds the work of checking a hostile shape.
+_MAX_DIMS: Final = 16
+#: llama.cpp keeps vocabulary, width and context sizes in 32-bit integers.
+_GGUF_INT_LIMIT: Final = 2**31
+#: config.json sizes that must be positive 32-bit integers when present (top level or ``text_config``).
+_CONFIG_INT_KEYS: Final = (
+    "vocab_size", "hidden_size", "n_embd", "d_model", "max_position_embeddings", "n_positions", "n_ctx",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,36 +101,167 @@ def supported_architectures(converter_dir: Path) -> frozenset[str]:
     return frozenset()
 
 
-def _check_safetensors(path: Path) -> None:
-    """Check that a safetensors file's header parses and its data section has exactly the size the header says."""
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_safetensors(path: Path) -> int:
+    """Check a safetensors file against its own header, as the safetensors library does before it maps the data.
+
+    The header is a JSON object; each tensor has a known ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets`` ``[begin, end]`` inside the data section, whose span is exactly the shape's element count times
+    the dtype's size; sorted by offset, the tensors cover the data section without overlap or gap, up to the end of
+    the file.
+
+    Returns:
+        The size of the data section (the weight bytes), for the bounds on ``config.json``.
+
+    Raises:
+        UsageError: ``<file> is truncated or corrupt: <why>``.
+    """
     size = path.stat().st_size
-    bad = UsageError(
-        f"{path.name} is truncated or corrupt",
-        hint="the file does not match its own header: download or copy it again "
-        "(an interrupted `git lfs pull` or copy leaves such files)",
-    )
+
+    def bad(why: str) -> UsageError:
+        return UsageError(
+            f"{path.name} is truncated or corrupt: {why}",
+            hint="the file does not match its own header: download or copy it again "
+            "(an interrupted `git lfs pull` or copy leaves such files)",
+        )
+
     if size < 8:
-        raise bad
+        raise bad("it is shorter than the 8-byte header length")
     with path.open("rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         if header_len > min(_SAFETENSORS_MAX_HEADER, size - 8):
-            raise bad
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise bad from None
+            raise bad(f"the header length {header_len} is larger than the file or the format's limit")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nested deeper than the parser's stack
+        raise bad("the header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise bad
-    end = 0
+        raise bad("the header is not a JSON object")
+    data_size = size - 8 - header_len
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise bad
-        end = max(end, int(offsets[1]))
-    if 8 + header_len + end != size:
-        raise bad
+        label = f"tensor {show(name)}"
+        if not isinstance(info, dict):
+            raise bad(f"{label}: expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        bits = _DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+        if bits is None:
+            raise bad(f"{label}: unknown dtype {show(dtype)}")
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape)):
+            raise bad(f"{label}: the shape {show(shape)} is not a list of at most {_MAX_DIMS} non-negative integers")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise bad(f"{label}: data_offsets {show(offsets)} are not [begin, end] within the {data_size} data bytes")
+        span_bits = (offsets[1] - offsets[0]) * 8
+        elements = 0 if 0 in shape else 1
+        for dim in shape if elements else ():
+            elements *= dim
+            if elements * bits > span_bits:  # stop early: a shape of huge dimensions is a huge integer
+                break
+        if elements * bits != span_bits:
+            raise bad(f"{label}: the shape {show(shape)} of {dtype} does not fill its data_offsets {show(offsets)}")
+        spans.append((offsets[0], offsets[1], name))
+    # Like the safetensors library: sorted by offsets, the tensors tile the data section (no overlap, no gap).
+    end, previous = 0, ""
+    for begin, stop, name in sorted(spans):
+        if begin < end:
+            raise bad(f"the data of tensors {show(previous)} and {show(name)} overlap")
+        if begin > end:
+            raise bad(f"bytes {end} to {begin} of the data section belong to no tensor (before {show(name)})")
+        end, previous = stop, name
+    if end != data_size:
+        raise bad(f"the tensors end at byte {end} of a data section of {data_size} bytes")
+    return data_size
+
+
+def _check_index(path: Path, index: Path) -> None:
+    """``model.safetensors.index.json``: its ``weight_map`` names shards that are plain files in the model folder.
+
+    The converter opens every shard the index names; a name such as ``../../x.safetensors`` would read weights from
+    outside the folder, which the fingerprint does not cover (so a changed file there would go unnoticed).
+    """
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nested too deep
+        raise UsageError(f"{index} is not valid JSON: {show(str(exc))}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UsageError(
+            f"{index}: `weight_map` must be an object mapping tensor names to shard files, found "
+            f"{type(weight_map).__name__}",
+            hint="download the repository's index again, or remove it for a single-file model",
+        )
+    shards: set[str] = set()
+    for tensor, shard in weight_map.items():
+        why = check_plain_name(shard)
+        if why is None and not shard.endswith(".safetensors"):
+            why = f"{show(shard)} is not a .safetensors file"
+        if why is not None:
+            raise UsageError(
+                f"{index}: weight_map[{show(tensor)}]: {why}",
+                hint="every shard must be a .safetensors file in the model folder, named without a path",
+            )
+        shards.add(shard)
+    root = path.resolve()
+    missing = sorted(s for s in shards if not (path / s).is_file())
+    if missing:
+        raise UsageError(
+            f"{path}: the safetensors index names shards that are missing: {', '.join(missing)}",
+            hint="download the complete repository",
+        )
+    outside = sorted(s for s in shards if not (path / s).resolve().is_relative_to(root))
+    if outside:
+        raise UsageError(
+            f"{path}: the safetensors index names shards that link outside the model folder: {', '.join(outside)}",
+            hint="copy the shard files into the model folder instead of linking to them",
+        )
+
+
+def _config_int(config: Mapping[str, Any], key: str, config_path: Path) -> int | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 < value < _GGUF_INT_LIMIT:
+        raise UsageError(
+            f"{config_path}: {key} must be a positive integer below 2**31, got {show(value)}",
+            hint="llama.cpp stores it as a 32-bit integer; check config.json against the model's original",
+        )
+    return value
+
+
+def _check_config_bounds(config: Mapping[str, Any], config_path: Path, weight_bytes: int) -> None:
+    """Sizes in ``config.json`` that the weights cannot back are refused before the converter allocates them.
+
+    The converter builds one vocabulary entry per ``vocab_size`` (it pads a short tokenizer with placeholder
+    tokens), so ``vocab_size: 2**62`` made it grow until the kernel killed it. The token embedding holds
+    ``vocab_size × hidden_size`` weights, and no safetensors dtype stores a weight in fewer than 4 bits (F4), so a
+    real checkpoint always has ``vocab_size × hidden_size × 0.5 <= weight bytes``; a factorized embedding (ALBERT)
+    is the only exception we know of, and even it stays far inside this bound, since its other layers are
+    ``hidden_size`` wide. Every size must also fit the 32-bit fields llama.cpp keeps it in.
+    """
+    for scope in (config, config.get("text_config")):
+        if not isinstance(scope, Mapping):
+            continue
+        for key in _CONFIG_INT_KEYS:
+            _config_int(scope, key, config_path)
+        vocab = _config_int(scope, "vocab_size", config_path)
+        hidden = next((v for k in ("hidden_size", "n_embd", "d_model") if (v := scope.get(k)) is not None), 1)
+        if vocab is not None and vocab * hidden > 2 * weight_bytes:
+            raise UsageError(
+                f"{config_path}: vocab_size {vocab} × hidden size {hidden} is more than the weights can hold "
+                f"({weight_bytes} bytes of weights: at most {2 * weight_bytes // max(hidden, 1)} tokens)",
+                hint="config.json does not belong to these weights, or was edited: copy it again from the model",
+            )
 
 
 def check_model_dir(
@@ -146,8 +294,8 @@ def check_model_dir(
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{config_path} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nested deeper than the parser's stack
+        raise UsageError(f"{config_path} is not valid JSON: {show(str(exc))}") from None
     archs = config.get("architectures") if isinstance(config, dict) else None
     if not archs or not isinstance(archs, list):
         raise UnsupportedModel(
@@ -160,20 +308,10 @@ def check_model_dir(
     pickles = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _PICKLE_SUFFIXES)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{index} is not valid JSON: {exc}") from None
-        missing = sorted(s for s in shards if not (path / s).is_file())
-        if missing:
-            raise UsageError(
-                f"{path}: the safetensors index names shards that are missing: {', '.join(missing)}",
-                hint="download the complete repository",
-            )
+        _check_index(path, index)
     is_pickle = False
     if safetensors:
-        for weights_file in safetensors:
-            _check_safetensors(weights_file)
+        weight_bytes = sum(_check_safetensors(weights_file) for weights_file in safetensors)
         weights = tuple(p.name for p in safetensors)
     elif pickles:
         if not allow_pickle:
@@ -184,12 +322,14 @@ def check_model_dir(
                 "model you trust, pass --allow-pickle (ALLOW_PICKLE: true)",
             )
         weights = tuple(p.name for p in pickles)
+        weight_bytes = sum(p.stat().st_size for p in pickles)  # a pickle's overhead only loosens the bound
         is_pickle = True
     else:
         raise UsageError(
             f"{path} holds no weights (*.safetensors)",
             hint="the folder needs the model's *.safetensors files next to config.json",
         )
+    _check_config_bounds(config, config_path, weight_bytes)
 
     if converter_dir is not None:
         known = supported_architectures(converter_dir)

