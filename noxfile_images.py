@@ -4,30 +4,40 @@
     nox -s convert-gpu -- PATH [options]        `cecai-convert run PATH --pair GPU_LLM_LLAMA --backend docker [...]`
     nox -s convert-arm -- PATH [options]        the same for ARM_LLM_LLAMA
     nox -s convert-agx-orin -- PATH [options]   the same for AGX_ORIN_LLM_LLAMA
-    nox -s build-images [-- TARGET ...]         `docker buildx bake [TARGET ...]`; without buildx, the CPU image
-                                                with a plain build (scripts/build-cpu-image.sh)
+    nox -s build-images [-- TARGET ...]         `docker buildx bake [TARGET ...]`; without buildx, each pair of
+                                                the targets with scripts/build-image.sh
+    nox -s check-arm                            the arm64 image built on x86-64 (cross-compiled llama.cpp, QEMU),
+                                                a conversion in it compared byte for byte with one made here, and
+                                                `cecai-convert check` of this machine's files under the arm64 image
 
-convert-cpu converts on this machine (``--backend local``); the other pairs run in the pair's image
-(``--backend docker``), which needs only the package and the docker SDK here: no torch, no llama.cpp. CECAI_BACKEND,
-or ``--backend`` after ``--``, chooses otherwise.
+The convert sessions come from the pair table (src/cecai_converter/pairs.py), one per pair. convert-cpu converts on
+this machine (``--backend local``); the other pairs run in the pair's image (``--backend docker``), which needs only
+the package and the docker SDK here: no torch, no llama.cpp. CECAI_BACKEND, or ``--backend`` after ``--``, chooses
+otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nox
 
 ROOT = Path(__file__).parent
-#: session name → (pair, default backend): the CPU pair converts here, the others in their pair's image.
+sys.path.insert(0, str(ROOT / "src"))  # the pair table, without installing the package into nox's own Python
+from cecai_converter.pairs import PAIRS  # noqa: E402
+
+#: The pair of the machines nox runs on (x86-64 CPUs): it converts here; every other pair in its image.
+LOCAL_PAIR = "CPU_LLM_LLAMA"
+#: session name → (pair, default backend), one per pair of the table.
 CONVERT_SESSIONS = {
-    "convert-cpu": ("CPU_LLM_LLAMA", "local"),
-    "convert-gpu": ("GPU_LLM_LLAMA", "docker"),
-    "convert-arm": ("ARM_LLM_LLAMA", "docker"),
-    "convert-agx-orin": ("AGX_ORIN_LLM_LLAMA", "docker"),
+    f"convert-{pair.slug}": (pair.name, "local" if pair.name == LOCAL_PAIR else "docker") for pair in PAIRS.values()
 }
 
 
@@ -67,18 +77,141 @@ def _has_buildx() -> bool:
     return subprocess.run([docker, "buildx", "version"], capture_output=True, check=False).returncode == 0
 
 
+def _bake_pairs(targets: list[str]) -> list[str]:
+    """The pairs a list of bake targets and groups (default, an architecture, a slug) stands for."""
+    slugs: list[str] = []
+    for target in targets:
+        if target == "default":
+            slugs += [p.slug for p in PAIRS.values()]
+        elif target in {p.arch for p in PAIRS.values()}:
+            slugs += [p.slug for p in PAIRS.values() if p.arch == target]
+        elif target in {p.slug for p in PAIRS.values()}:
+            slugs.append(target)
+        else:
+            raise ValueError(f"not a bake target or group of docker-bake.hcl: {target}")
+    return list(dict.fromkeys(slugs))
+
+
 @nox.session(name="build-images", python=False, default=False)
 def build_images(session: nox.Session) -> None:
-    """Build the pair images with docker buildx bake (or, without buildx, the CPU image with a plain build)."""
+    """Build the pair images with docker buildx bake (or, without buildx, each with scripts/build-image.sh)."""
     targets = session.posargs or ["default"]
     if _has_buildx():
         session.run("docker", "buildx", "bake", "--file", str(ROOT / "docker-bake.hcl"), *targets, external=True)
         return
+    try:
+        slugs = _bake_pairs(targets)
+    except ValueError as exc:
+        session.error(str(exc))
     session.warn(
-        "docker buildx is not available, so `docker buildx bake` cannot run here: only the CPU image can be built, "
-        "with a plain build (podman or docker). Install the buildx plugin to build every pair "
-        "(https://github.com/docker/buildx#installing); build arm64 images on an arm64 machine."
+        "docker buildx is not available: building with scripts/build-image.sh (podman or docker) instead. The CUDA "
+        "and L4T bases must be pullable; another architecture needs QEMU (see the README)."
     )
-    if set(targets) - {"default", "cpu", "amd64"}:
-        session.error(f"without buildx only the cpu target can be built, not: {', '.join(targets)}")
-    session.run("bash", str(ROOT / "scripts" / "build-cpu-image.sh"), external=True)
+    for slug in slugs:
+        session.run("bash", str(ROOT / "scripts" / "build-image.sh"), slug, external=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _readable(root: Path) -> None:
+    """``chmod -R a+rX``: a root caller's containers run as the images' uid 10001, which must read the model."""
+    for path in (root, *root.rglob("*")):
+        path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+
+
+@nox.session(name="check-arm", default=False)
+def check_arm(session: nox.Session) -> None:
+    """Build the arm64 image here (cross-compiled llama.cpp, QEMU), convert in it, compare with x86-64, check.
+
+    Env: CECAI_CHECK_ARM_DIR (work folder, default .nox/check-arm-work), CECAI_TORCH_VERSION (passed to
+    scripts/build-image.sh), CECAI_PRECISIONS (default "Q8_0 Q4_K_M"). Writes DIR/check-arm.json: durations, the
+    SHA-256 of each file on each architecture and whether they are equal, and the check's exit status. The bytes are
+    reported, not asserted: llama.cpp's K-quants may round differently on arm64 (see the README).
+    """
+    wheels = os.environ.get("CECAI_WHEEL_CACHE", str(Path.home() / ".cache" / "cecai-converter" / "wheels"))
+    session.install("--find-links", wheels, "-e", ".[local,docker]")
+    work = Path(os.environ.get("CECAI_CHECK_ARM_DIR", str(ROOT / ".nox" / "check-arm-work"))).resolve()
+    precisions = os.environ.get("CECAI_PRECISIONS", "Q8_0 Q4_K_M").split()
+    durations: dict[str, float] = {}
+
+    def timed(step: str, *args: str) -> None:
+        start = time.monotonic()
+        session.run(*args)
+        durations[step] = round(time.monotonic() - start, 1)
+        session.log(f"{step}: {durations[step]} s")
+
+    pair = PAIRS["ARM_LLM_LLAMA"]
+    start = time.monotonic()
+    session.run("bash", str(ROOT / "scripts" / "build-image.sh"), pair.name, external=True, silent=False)
+    durations["build arm64 image"] = round(time.monotonic() - start, 1)
+    repo = os.environ.get("CECAI_IMAGE_REPO", "localhost/cecai-converter")
+    from cecai_converter import __version__
+
+    image = f"{repo}:{__version__}-{pair.slug}"
+    if work.exists():
+        shutil.rmtree(work)
+    model = work / "models" / "tiny"
+    timed(
+        "make the tiny model",
+        "python",
+        "-c",
+        "import sys; from pathlib import Path; from cecai_converter.modelgen import build_model; "
+        "build_model(Path(sys.argv[1]), 'llama', size='tiny')",
+        str(model),
+    )
+    _readable(work)
+    options = [arg for p in precisions for arg in ("--precision", p)]
+    amd64, arm64 = work / "amd64", work / "arm64"
+    timed("convert on x86-64", "cecai-convert", "convert", str(model), *options, "--outdir", str(amd64))
+    timed(
+        "convert in the arm64 image (QEMU)",
+        "cecai-convert",
+        "convert",
+        str(model),
+        *options,
+        "--outdir",
+        str(arm64),
+        "--pair",
+        pair.name,
+        "--backend",
+        "docker",
+        "--image",
+        image,
+        "--no-fidelity",
+    )
+    files = {}
+    for precision in precisions:
+        ours = sorted(amd64.glob(f"*{precision}*.gguf"))
+        theirs = sorted(arm64.glob(f"*{precision}*.gguf"))
+        if len(ours) != 1 or len(theirs) != 1:
+            session.error(f"{precision}: expected one file each, found {ours} and {theirs}")
+        a, b = _sha256(ours[0]), _sha256(theirs[0])
+        files[precision] = {"file": ours[0].name, "amd64_sha256": a, "arm64_sha256": b, "equal": a == b}
+        session.log(f"{precision}: x86-64 {a[:16]}…  arm64 {b[:16]}…  {'EQUAL' if a == b else 'DIFFERENT'}")
+    # The files made here, checked on the arm64 runtime: the builder/checker split the project works by.
+    check_start = time.monotonic()
+    proc = subprocess.run(
+        ["cecai-convert", "check", str(amd64), "--pair", pair.name, "--backend", "docker", "--image", image],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(session.bin)}{os.pathsep}{os.environ['PATH']}"},
+        check=False,
+    )
+    durations["check x86-64 files in the arm64 image (QEMU)"] = round(time.monotonic() - check_start, 1)
+    session.log(proc.stdout + proc.stderr)
+    result = {
+        "image": image,
+        "precisions": files,
+        "check": {"exit_status": proc.returncode, "output": (proc.stdout + proc.stderr)[-8000:]},
+        "durations_s": durations,
+    }
+    (work / "check-arm.json").write_text(json.dumps(result, indent=2) + "\n")
+    session.log(json.dumps({"durations_s": durations, "equal": {p: f["equal"] for p, f in files.items()}}))
+    if proc.returncode != 0:
+        session.error(f"cecai-convert check failed on the arm64 image (exit {proc.returncode})")

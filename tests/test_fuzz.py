@@ -25,6 +25,7 @@ from cecai_converter.source import check_model_dir
 FUZZ = settings(
     max_examples=int(os.environ.get("CECAI_FUZZ_EXAMPLES", "150")),
     deadline=None,
+    database=None,  # no .hypothesis/ folder in the checkout; failures print their example (and @reproduce_failure)
     suppress_health_check=[HealthCheck.too_slow],
 )
 

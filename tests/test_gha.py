@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -174,9 +173,18 @@ def test_publish_masks_the_token_and_reports_the_release(tmp_path):
 _EXPR = re.compile(r"\$\{\{\s*([^}]+?)\s*\}\}")
 
 
-def run_composite(action: Path, inputs: dict[str, str], tmp_path: Path, *, path_dir: Path | None = None) -> dict:
+def run_composite(
+    action: Path,
+    inputs: dict[str, str],
+    tmp_path: Path,
+    *,
+    path_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> dict:
     """Run a composite action's `run:` steps like the runner: defaults applied, `${{ inputs.* }}` evaluated into
-    env:, `if: inputs.x == 'y'` honoured, GITHUB_OUTPUT per step, one GITHUB_STEP_SUMMARY, GITHUB_ACTION_PATH."""
+    env:, `if: inputs.x == 'y'` honoured, GITHUB_OUTPUT per step, one GITHUB_STEP_SUMMARY, GITHUB_ACTION_PATH.
+    ``env`` is the job's environment (e.g. GITHUB_API_URL), under each step's own env:."""
+    job_env = dict(env or {})
     doc = yaml.safe_load(action.read_text(encoding="utf-8"))
     values = {name: str(spec.get("default", "")) for name, spec in doc["inputs"].items()}
     values.update(inputs)
@@ -206,9 +214,10 @@ def run_composite(action: Path, inputs: dict[str, str], tmp_path: Path, *, path_
                 continue
         output = tmp_path / f"output-{index}"
         output.touch()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_"))}
-        env.update({k: evaluate(v) for k, v in (step.get("env") or {}).items()})
-        env.update(
+        step_env = {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_"))}
+        step_env.update(job_env)
+        step_env.update({k: evaluate(v) for k, v in (step.get("env") or {}).items()})
+        step_env.update(
             {
                 "GITHUB_OUTPUT": str(output),
                 "GITHUB_STEP_SUMMARY": str(summary),
@@ -219,11 +228,11 @@ def run_composite(action: Path, inputs: dict[str, str], tmp_path: Path, *, path_
             }
         )
         if path_dir is not None:
-            env["PATH"] = f"{path_dir}{os.pathsep}{env['PATH']}"
+            step_env["PATH"] = f"{path_dir}{os.pathsep}{step_env['PATH']}"
         assert "${{" not in step["run"]
         proc = subprocess.run(
             ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
-            env=env,
+            env=step_env,
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -236,15 +245,6 @@ def run_composite(action: Path, inputs: dict[str, str], tmp_path: Path, *, path_
             steps[step["id"]] = read_outputs(output)
     outputs = {name: evaluate(spec["value"]) for name, spec in (doc.get("outputs") or {}).items()}
     return {"returncode": 0, "stdout": "".join(stdout), "outputs": outputs, "summary": summary.read_text()}
-
-
-@pytest.fixture
-def cli_on_path(tmp_path_factory) -> Path:
-    """A folder with `cecai-convert` of this checkout on it, as install: true would leave it."""
-    folder = tmp_path_factory.mktemp("bin")
-    exe = Path(sys.executable).parent / "cecai-convert"
-    (folder / "cecai-convert").symlink_to(exe)
-    return folder
 
 
 def test_plan_action_runs_as_on_a_runner(tmp_path, cli_on_path):

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,7 +91,7 @@ def test_convert_model_name_cannot_write_outside_outdir(cli, tmp_path, kind):
     before = tree_digest(tmp_path)
     result = cli("convert", model, "--precision", "Q8_0", "--outdir", outdir, "--no-fidelity",
                  "--model-name", name[kind])  # fmt: skip
-    assert_refused(result, 2, "--model-name", "cannot be the stem of the output files")
+    assert_refused(result, 2, "--model-name", "cannot be a file name stem")
     assert tree_digest(tmp_path) == before  # nothing written anywhere, the victim untouched
     assert not outdir.exists()
 
@@ -127,7 +131,7 @@ def test_run_refuses_model_name_dot(cli, tmp_path):
 def test_batch_name_uses_the_shared_rule(tmp_path):
     batch = tmp_path / "conversions.yaml"
     batch.write_text("models: [{path: 'models/my model', precisions: Q8_0, pairs: cpu}]\n")
-    with pytest.raises(ConfigError, match="cannot be the stem") as info:
+    with pytest.raises(ConfigError, match="cannot be a file name stem") as info:
         load_batch(batch)
     assert "give the model a `name:`" in (info.value.hint or "")
 
@@ -270,7 +274,10 @@ def test_index_of_the_wrong_shape_is_refused(tmp_path, index):
         ({"a": {"dtype": "Q4", "shape": [8], "data_offsets": [0, 32]}}, bytes(32), "unknown dtype"),
         ({"a": {"dtype": "F32", "shape": [8], "data_offsets": [32, 0]}}, bytes(32), "data_offsets"),
         ({"a": [1, 2]}, bytes(32), "expected an object"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}, bytes(32), "belong to no tensor"),
     ],
+    ids=["overlap", "string-offset", "float-offset", "three-offsets", "string-dim", "negative-dim", "short-shape",
+         "huge-shape", "unknown-dtype", "reversed-offsets", "not-an-object", "gap"],
 )  # fmt: skip
 def test_safetensors_header_bounds(tmp_path, tensors, data, why):
     model = write_model(tmp_path / "model", tensors=tensors, data=data)
@@ -348,15 +355,30 @@ def test_convert_outdir_inside_the_model_or_a_file_is_refused(cli, tmp_path):
     assert tree_digest(model) == before
 
 
+def test_convert_outdir_on_a_read_only_mount_is_refused(cli, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr!r}")
+    try:
+        result = cli("convert", write_model(tmp_path / "model"), "--precision", "Q8_0", "--outdir", mount / "out")
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+    assert_refused(result, 2, "--outdir", "cannot write in", "read-only")
+
+
 # ---------------------------------------------------------------------------- 5. workflow commands via data
 
 
 @pytest.mark.parametrize(
     "model",
     [
-        "{path: \"models/a\\n::warning::injected\", precisions: Q8_0, pairs: cpu}",
-        "{repo: o/m, revision: \"main\\r\\n::add-mask::x\", precisions: Q8_0, pairs: cpu}",
-        "{repo: o/m, name: \"m\\u2028x\", precisions: Q8_0, pairs: cpu}",
+        '{path: "models/a\\n::warning::injected", precisions: Q8_0, pairs: cpu}',
+        '{repo: o/m, revision: "main\\r\\n::add-mask::x", precisions: Q8_0, pairs: cpu}',
+        '{repo: o/m, name: "m\\u2028x", precisions: Q8_0, pairs: cpu}',
     ],
 )
 def test_batch_values_with_control_characters_are_refused(tmp_path, model):
@@ -378,6 +400,27 @@ def test_plan_never_echoes_a_workflow_command_from_the_batch(tmp_path):
     assert "U+000A" in stdout.getvalue()
 
 
+def test_action_log_lines_cannot_start_a_workflow_command(tmp_path):
+    model = tmp_path / "a\n::warning::injected" / "model"
+    model.mkdir(parents=True)  # no config.json: refused right after the pipeline logged the model's path
+    (tmp_path / "summary.md").touch()
+    env = {
+        **os.environ,
+        "GITHUB_OUTPUT": str(tmp_path / "o"),
+        "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+        "INPUT_MODEL": str(model),
+        "INPUT_MODEL_NAME": "m",
+        "INPUT_PRECISIONS": "Q8_0",
+        "INPUT_OUTDIR": str(tmp_path / "out"),
+    }
+    proc = subprocess.run([sys.executable, "-m", "cecai_converter.gha", "convert"], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "injected" in proc.stderr  # the path was logged ...
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in lines if line.lstrip().startswith("::warning::")]  # ... but never as a command
+
+
 def test_runner_labels_may_not_end_in_a_newline(tmp_path):
     batch = tmp_path / "conversions.yaml"
     batch.write_text('runner-labels: {cpu: ["linux\\n"]}\nmodels: [{repo: o/m, precisions: Q8_0, pairs: cpu}]\n')
@@ -389,6 +432,58 @@ def test_summary_cells_stay_on_one_line():
     md = gha.conversion_summary({"files": [{"name": "a\r\n::warning::x|y", "precision": "Q8_0"}]}, None, title="t")
     row = next(line for line in md.splitlines() if line.startswith("| `a"))
     assert "\r" not in row and "::warning::x\\|y" in row
+
+
+# ------------------------------------------------------------------------------------ 9. a bad manifest.json
+
+
+GOOD_MANIFEST = {"schema": 1, "model_name": "m", "pair": None,
+                 "files": [{"name": "m.q8_0.gguf", "precision": "Q8_0", "sha256": "ab" * 32, "bytes": 3}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"files": ["m.q8_0.gguf"]}, "files[0]: expected an object"),
+        ({"files": {"name": "x"}}, "files: expected a list"),
+        ({"files": [{**GOOD_MANIFEST["files"][0], "bytes": "3"}]}, "files[0].bytes"),
+        ({"files": [{**GOOD_MANIFEST["files"][0], "name": "../../etc/passwd"}]}, "files[0].name"),
+        ({"source": {"files": [{"path": "a"}]}}, "source.files[0]"),
+        ({"runtime": [1]}, "runtime: expected an object"),
+    ],
+)
+def test_a_malformed_manifest_is_no_record_and_says_which_field(tmp_path, change, field):
+    import logging
+
+    from cecai_converter.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps(GOOD_MANIFEST))
+    assert read_manifest(tmp_path) == GOOD_MANIFEST
+    (tmp_path / "manifest.json").write_text(json.dumps({**GOOD_MANIFEST, **change}))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("cecai.manifest")
+    logger.addHandler(handler)
+    try:
+        assert read_manifest(tmp_path) is None
+    finally:
+        logger.removeHandler(handler)
+    (message,) = [r.getMessage() for r in records]
+    assert str(tmp_path / "manifest.json") in message and field in message
+
+
+@pytest.mark.slow
+def test_run_redoes_a_folder_whose_manifest_was_damaged(cli, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    first = cli("convert", tiny_llama, "--precision", "Q8_0", "--outdir", out, "--no-fidelity")
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "files": ["tiny.q8_0.gguf"]}))
+    again = cli("convert", tiny_llama, "--precision", "Q8_0", "--outdir", out, "--no-fidelity")
+    assert_refused(again, 0, "files[0]: expected an object")
+    redone = json.loads((out / "manifest.json").read_text())
+    assert [f["name"] for f in redone["files"]] == [f["name"] for f in manifest["files"]]
 
 
 # ------------------------------------------------------------------------------------------------ 7. YAML

@@ -21,6 +21,7 @@ from cecai_converter.publish import (
     parse_checksums,
     publish_release,
     push_to_hub,
+    release_manifest,
     split_gguf,
 )
 
@@ -145,7 +146,8 @@ def test_first_publish_makes_a_draft_uploads_then_publishes(server, tmp_path):
     gguf_bytes = (out / "tiny.q8_0.gguf").read_bytes()
     assert sums["tiny.q8_0.gguf"] == hashlib.sha256(gguf_bytes).hexdigest()
     assert set(sums) == {"tiny.q8_0.gguf", "tiny.cpu.manifest.json"}
-    assert server.asset_data(release["id"], "tiny.cpu.manifest.json") == (out / "manifest.json").read_bytes()
+    published = json.loads(server.asset_data(release["id"], "tiny.cpu.manifest.json"))
+    assert published == release_manifest(json.loads((out / "manifest.json").read_text()), [])
     # every upload happened while the release was a draft; publishing was the last write
     writes = [(m, p) for m, p, _ in server.requests if m != "GET"]
     assert writes[0][0] == "POST" and writes[0][1].endswith("/releases")

@@ -12,13 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
-from act_harness import ActRun, act_binary, copy_project, init_repo, job_env, labels_for, run_act, wheel_cache
+from act_harness import (
+    ActRun,
+    act_binary,
+    copy_project,
+    init_repo,
+    job_env,
+    labels_for,
+    run_act,
+    shared_site_packages,
+    wheel_cache,
+)
 from github_stand_in import FakeGitHubServer
 
 from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
@@ -30,12 +41,15 @@ REPOSITORY = "octo/models"
 TAG = "v1.0"
 MODEL = "tiny-llama"
 PRECISIONS = ("Q8_0", "Q4_K_M")
-PAIRS = ("CPU_LLM_LLAMA",)
+# Both pairs' checks run on this host (the harness maps every runner label the plan emits, ARM64 included): two
+# check jobs from one make job, whose records must both reach the release. The ARM pair's record says honestly
+# that it ran on this machine's CPU architecture.
+PAIRS = ("CPU_LLM_LLAMA", "ARM_LLM_LLAMA")
 #: Seconds one act run may take (CI is a 2-core machine; a run takes ~2-3 minutes there).
 ACT_TIMEOUT = 420
 
 BATCH = f"""\
-# The batch of tests/test_release_workflow.py: one tiny model, checked on this host's CPU runtime.
+# The batch of tests/test_release_workflow.py: one tiny model, made once, checked by each pair's local runtime.
 version: 1
 check:
   backend: local
@@ -92,6 +106,7 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
     (repo / "conversions.yaml").write_text(BATCH, encoding="utf-8")
     init_repo(repo, remote=f"https://github.com/{REPOSITORY}.git", tag=TAG)
     labels = labels_for(repo, WORKFLOW, "conversions.yaml", [sys.executable, "-m", "cecai_converter"])
+    site_packages = shared_site_packages(tmp_path / "site-packages")
     payload = {"ref": f"refs/tags/{TAG}", "ref_name": TAG, "repository": {"full_name": REPOSITORY}}
 
     with FakeGitHubServer(repo=REPOSITORY) as server:
@@ -103,7 +118,12 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
                 event="push",
                 payload=payload,
                 labels=labels,
-                env=job_env(artifacts=tmp_path / f"artifacts-{n}", api_url=server.api_url),
+                env=job_env(
+                    artifacts=tmp_path / f"artifacts-{n}",
+                    api_url=server.api_url,
+                    wheels=tmp_path / "wheels",
+                    site_packages=site_packages,
+                ),
                 secrets={"GITHUB_TOKEN": server.token},
                 work=tmp_path / f"act-{n}",
                 timeout=ACT_TIMEOUT,
@@ -121,7 +141,7 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
         ggufs = sorted(n for n in names if n.endswith(".gguf"))
         assert len(ggufs) == len(PRECISIONS), ggufs
         for precision in PRECISIONS:
-            assert [g for g in ggufs if precision in g], f"no {precision} file in {ggufs}"
+            assert [g for g in ggufs if precision.lower() in g.lower()], f"no {precision} file in {ggufs}"
 
         sums = {}
         for line in server.asset_data(rid, "SHA256SUMS").decode().splitlines():
@@ -138,8 +158,13 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
         for pair in PAIRS:
             mine = [r for r in records if r["pair"] == pair]
             assert mine, f"no check record for {pair} in {manifests}"
-            assert all(r["runtime"] for r in mine), mine
-            assert all(r["runtime"].get("backend", "local") == "local" for r in mine), mine
+            for record in mine:
+                assert record["runtime"].get("backend") == "local", record
+                assert record["runtime"].get("machine") == platform.machine(), record
+                assert record["runtime"].get("device"), record
+            assert pair in release["body"], f"the release notes do not name {pair}:\n{release['body']}"
+        for name in ggufs:
+            assert name in release["body"], f"the release notes do not name {name}:\n{release['body']}"
 
         before = _uploads(server)
         assets_before = {a["id"]: (a["name"], a["digest"]) for a in server.assets.values()}

@@ -94,8 +94,21 @@ def test_script_reports_a_missing_cli(tmp_path: Path) -> None:
     assert "cecai-convert is not on PATH" in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["start-podman.sh", "build-cpu-image.sh"])
+@pytest.mark.parametrize("name", ["start-podman.sh", "build-image.sh", "build-cpu-image.sh"])
 def test_helper_scripts_parse(name: str) -> None:
     script = SCRIPTS / name
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+
+
+def test_build_cpu_image_is_build_image_for_the_cpu_pair() -> None:
+    text = (SCRIPTS / "build-cpu-image.sh").read_text()
+    assert 'exec bash "$(dirname "${BASH_SOURCE[0]}")/build-image.sh" CPU_LLM_LLAMA "$@"' in text
+
+
+@pytest.mark.parametrize("args", [(), ("NOT_A_PAIR",)], ids=["no-pair", "unknown-pair"])
+def test_build_image_refuses_a_missing_or_unknown_pair(args: tuple[str, ...]) -> None:
+    # Fails before any engine or network is touched: the pair is read from pairs.py first.
+    proc = _run(SCRIPTS / "build-image.sh", *args, PYTHON=sys.executable)
+    assert proc.returncode == 2, proc.stderr
+    assert ("usage: scripts/build-image.sh PAIR" in proc.stderr) if not args else ("unknown pair" in proc.stderr)

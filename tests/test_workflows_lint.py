@@ -35,7 +35,7 @@ def _tool(name: str) -> str:
 def test_there_is_something_to_lint():
     names = {p.name for p in WORKFLOWS}
     assert {"ci.yml", "images.yml", "release-convert.yml"} <= names
-    assert all(p.is_file() for p in ACTIONS) and len(ACTIONS) == 4
+    assert all(p.is_file() for p in ACTIONS) and len(ACTIONS) == 5
 
 
 @pytest.mark.parametrize("path", WORKFLOWS + ACTIONS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -138,8 +138,12 @@ def make_reference(
     if not files:
         return {"schema": REFERENCE_SCHEMA, "tokens": [], "top_k": TOP_K, "files": {}}
     first = next(iter(files.values()))
-    tokens = _run_worker({"role": "tokenize", "model": str(first), "text": str(text or default_eval_text())},
-                         n_gpu_layers, threads, label=first.name)["tokens"]  # fmt: skip
+    tokens = _run_worker(
+        {"role": "tokenize", "model": str(first), "text": str(text or default_eval_text())},
+        n_gpu_layers,
+        threads,
+        label=first.name,
+    )["tokens"]
     result: dict[str, Any] = {
         "schema": REFERENCE_SCHEMA,
         "tokens": tokens,
@@ -148,8 +152,9 @@ def make_reference(
         "files": {},
     }
     for name, path in files.items():
-        out = _run_worker({"role": "reference", "model": str(path), "tokens": tokens}, n_gpu_layers, threads,
-                          label=name)  # fmt: skip
+        out = _run_worker(
+            {"role": "reference", "model": str(path), "tokens": tokens}, n_gpu_layers, threads, label=name
+        )
         result["files"][name] = {"ids": out["ids"], "logprobs": out["logprobs"]}
     return result
 
@@ -201,10 +206,17 @@ def compare(
     if entry is None:
         raise ConfigError(f"the runtime reference has no entry for {name}", hint="make the files again")
     out = _run_worker(
-        {"role": "compare", "model": str(path), "tokens": reference["tokens"], "ids": entry["ids"],
-         "logprobs": entry["logprobs"]},
-        n_gpu_layers, threads, label=name,
-    )  # fmt: skip
+        {
+            "role": "compare",
+            "model": str(path),
+            "tokens": reference["tokens"],
+            "ids": entry["ids"],
+            "logprobs": entry["logprobs"],
+        },
+        n_gpu_layers,
+        threads,
+        label=name,
+    )
     return Agreement(**out)
 
 
@@ -243,9 +255,16 @@ class _Usage(Exception):
 def _load(model: str, n_ctx: int, job: Mapping[str, Any], *, logits_all: bool, vocab_only: bool = False) -> Any:
     import llama_cpp
 
-    kwargs: dict[str, Any] = {"model_path": model, "n_ctx": n_ctx, "n_batch": n_ctx, "logits_all": logits_all,
-                              "n_gpu_layers": int(job["n_gpu_layers"]), "verbose": False, "seed": 0,
-                              "vocab_only": vocab_only}  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "model_path": model,
+        "n_ctx": n_ctx,
+        "n_batch": n_ctx,
+        "logits_all": logits_all,
+        "n_gpu_layers": int(job["n_gpu_layers"]),
+        "verbose": False,
+        "seed": 0,
+        "vocab_only": vocab_only,
+    }
     if job.get("threads"):
         kwargs["n_threads"] = kwargs["n_threads_batch"] = int(job["threads"])
     return llama_cpp.Llama(**kwargs)
@@ -271,12 +290,12 @@ def _layers(model: str, n_gpu_layers: int) -> tuple[int, int]:
 
 
 def _tokenize(job: Mapping[str, Any]) -> dict[str, Any]:
-    from .fidelity import _bos
+    from .fidelity import bos_token
 
     n_ctx = _n_ctx(job["model"])
     llm = _load(job["model"], n_ctx, job, logits_all=False, vocab_only=True)
     text = Path(job["text"]).read_text(encoding="utf-8")
-    bos = _bos(llm)
+    bos = bos_token(llm)
     room = n_ctx - (1 if bos is not None else 0)
     tokens = ([bos] if bos is not None else []) + llm.tokenize(text.encode("utf-8"), add_bos=False)[:room]
     if len(tokens) < 8:
@@ -286,14 +305,14 @@ def _tokenize(job: Mapping[str, Any]) -> dict[str, Any]:
 
 def _logprobs(job: Mapping[str, Any]) -> tuple[Any, Any, float]:
     """Load the model, evaluate the job's tokens once; (llm, log-probabilities per position, seconds)."""
-    from .fidelity import _log_softmax_rows
+    from .fidelity import log_softmax_rows
 
     tokens = list(job["tokens"])
     llm = _load(job["model"], max(len(tokens), 8), job, logits_all=True)
     t0 = time.perf_counter()
     llm.eval(tokens)
     elapsed = time.perf_counter() - t0
-    return llm, _log_softmax_rows(llm.scores[: len(tokens)]), elapsed
+    return llm, log_softmax_rows(llm.scores[: len(tokens)]), elapsed
 
 
 def _reference(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -309,7 +328,7 @@ def _reference(job: Mapping[str, Any]) -> dict[str, Any]:
 def _compare(job: Mapping[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from .fidelity import _gen_speed
+    from .fidelity import generation_speed
 
     llm, logq, elapsed = _logprobs(job)
     ids = np.asarray(job["ids"], dtype=np.int64)
@@ -329,7 +348,7 @@ def _compare(job: Mapping[str, Any]) -> dict[str, Any]:
         raise RuntimeError("the runtime produced non-finite logits (NaN or inf)")
     tokens = list(job["tokens"])
     bos = tokens[0] if tokens else None
-    gen = _gen_speed(llm, tokens[1:], bos)
+    gen = generation_speed(llm, tokens[1:], bos)
     offloaded, total = _layers(job["model"], int(job["n_gpu_layers"]))
     llm.close()
     return {

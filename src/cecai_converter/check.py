@@ -271,9 +271,15 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         from .backends.docker import check_spec, run_check
 
         spec = check_spec(
-            folder, record_path, pair=pair, image=args.image, limits=limits, n_gpu_layers=args.n_gpu_layers,
-            threads=args.threads, verbose=out.verbose,
-        )  # fmt: skip
+            folder,
+            record_path,
+            pair=pair,
+            image=args.image,
+            limits=limits,
+            n_gpu_layers=args.n_gpu_layers,
+            threads=args.threads,
+            verbose=out.verbose,
+        )
         run_check(spec, Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr))
         record = _read_record(record_path)
     else:

@@ -340,7 +340,7 @@ def _chunks(tokens: list[int], n_ctx: int, bos: int | None) -> list[list[int]]:
     return out
 
 
-def _log_softmax_rows(logits: Any) -> Any:
+def log_softmax_rows(logits: Any) -> Any:
     """Row-wise log-softmax in float64 blocks, returned as float32 (n_rows × n_vocab)."""
     import numpy as np
 
@@ -361,10 +361,11 @@ def _eval_chunk(llm: Any, chunk: list[int]) -> tuple[Any, float]:
     elapsed = time.perf_counter() - start
     first = len(chunk) // 2
     logits = llm.scores[first : len(chunk) - 1]
-    return _log_softmax_rows(logits), elapsed
+    return log_softmax_rows(logits), elapsed
 
 
-def _gen_speed(llm: Any, tokens: list[int], bos: int | None) -> float:
+def generation_speed(llm: Any, tokens: list[int], bos: int | None) -> float:
+    """Tokens per second of greedy one-token decoding after a short prompt from ``tokens``."""
     import numpy as np
 
     prompt = ([bos] if bos is not None else []) + list(tokens[:_GEN_PROMPT])
@@ -377,7 +378,8 @@ def _gen_speed(llm: Any, tokens: list[int], bos: int | None) -> float:
     return _GEN_TOKENS / (time.perf_counter() - start)
 
 
-def _bos(llm: Any) -> int | None:
+def bos_token(llm: Any) -> int | None:
+    """The BOS token a prompt starts with for this model's vocabulary, or None when it adds none."""
     model = llm._model  # llama-cpp-python's internal model wrapper: the one place add_bos is exposed
     return int(model.token_bos()) if model.add_bos_token() and model.token_bos() >= 0 else None
 
@@ -409,7 +411,7 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
         n_ctx = len(tokens)  # a short text: one chunk of all of it
         llm.close()
         llm = _load(job, n_ctx)
-    bos = _bos(llm)
+    bos = bos_token(llm)
     chunks = _chunks(tokens, n_ctx, bos)
     np.save(work / "tokens.npy", np.asarray(tokens, dtype=np.int32))
     nll_sum, n_scored, eval_s = 0.0, 0, 0.0
@@ -443,7 +445,7 @@ def _evaluate_candidate(job: Mapping[str, Any]) -> dict[str, Any]:
             f"the vocabulary differs from the base's ({llm.n_vocab()} vs {job['n_vocab']} tokens): "
             "not a quantization of the same model"
         )
-    bos = _bos(llm)
+    bos = bos_token(llm)
     chunks = _chunks(tokens, n_ctx, bos)
     kld_sum, nll_sum, top1_same, n_scored, eval_s = 0.0, 0.0, 0, 0, 0.0
     for i, chunk in enumerate(chunks):
@@ -466,7 +468,7 @@ def _evaluate_candidate(job: Mapping[str, Any]) -> dict[str, Any]:
         "top1_same": top1_same,
         "n_tokens": n_scored,
         "prompt_tps": n_ctx * len(chunks) / eval_s,
-        "gen_tps": _gen_speed(llm, tokens, bos),
+        "gen_tps": generation_speed(llm, tokens, bos),
         "device": runtime_name(int(job["n_gpu_layers"])),
     }
 

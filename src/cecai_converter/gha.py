@@ -74,6 +74,14 @@ def error_annotation(exc: ConverterError) -> str:
     return annotation("error", message, title=f"cecai-converter: {exc.title}")
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Each log record on one line (CR/LF escaped): the runner reads workflow commands from stderr too, so a path or
+    name holding ``\\n::warning::…`` must not start a line of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_data(super().format(record))
+
+
 def mask_secrets(env: Mapping[str, str], stream: TextIO) -> None:
     """``::add-mask::`` every secret value (each line of a multi-line one) so the log never shows it."""
     for name in SECRET_VARIABLES:
@@ -372,8 +380,12 @@ def _check(env: Mapping[str, str], stdout: TextIO) -> int:
     if backend not in ("local", "docker"):
         raise UsageError(f"the `backend` input must be local or docker, got {backend!r}")
     argv += ["--backend", backend]
-    for key, flag in (("INPUT_IMAGE", "--image"), ("INPUT_RECORD", "--record"), ("INPUT_MAX_KLD", "--max-kld"),
-                      ("INPUT_MIN_TOP1", "--min-top1")):  # fmt: skip
+    for key, flag in (
+        ("INPUT_IMAGE", "--image"),
+        ("INPUT_RECORD", "--record"),
+        ("INPUT_MAX_KLD", "--max-kld"),
+        ("INPUT_MIN_TOP1", "--min-top1"),
+    ):
         if env.get(key, "").strip():
             argv += [flag, env[key].strip()]
     result = _run_cli(argv, annotations=stdout, allow_failure=True)
@@ -529,7 +541,7 @@ def main(
     logger = logging.getLogger(LOGGER_NAME)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_OneLineFormatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False

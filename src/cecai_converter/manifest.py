@@ -22,13 +22,85 @@ SCHEMA: Final = 1
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest in ``folder``, or None when there is none or it is unreadable (treated as no record)."""
+    """The manifest in ``folder``, or None when there is none or it is unreadable (treated as no record).
+
+    A manifest that is there but malformed (edited by hand, damaged) is also no record: a warning names the file and
+    the field, and ``run`` redoes the folder and writes a new one, instead of failing on a wrong type later.
+    """
     path = folder / MANIFEST_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
+    except (OSError, ValueError, RecursionError) as exc:
+        problem = f"not readable JSON ({type(exc).__name__})"
+    else:
+        problem = _manifest_problem(data)
+    if problem is not None:
+        from .output import get_logger
+
+        get_logger("manifest").warning(f"ignoring {path}: {problem}; the folder is treated as having no record")
+        return None
+    return data
+
+
+def _manifest_problem(data: object) -> str | None:
+    """The first field of a manifest that readers would trip over, as ``field: why``; None when it is sound."""
+    from .names import check_plain_name
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found {type(data).__name__}"
+    if data.get("schema") != SCHEMA:
+        return f"schema: expected {SCHEMA}"
+    for key in ("source", "timings", "runtime", "base", "toolchain"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"{key}: expected an object"
+    for key in ("model_name", "pair"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"{key}: expected a string"
+    files = data.get("files", [])
+    if not isinstance(files, list):
+        return "files: expected a list"
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            return f"files[{i}]: expected an object"
+        why = check_plain_name(entry.get("name"))
+        if why is not None:
+            return f"files[{i}].name: {why}"
+        for key, ok in (
+            ("precision", lambda v: isinstance(v, str)),
+            ("sha256", lambda v: isinstance(v, str)),
+            ("bytes", is_int),
+        ):
+            if not ok(entry.get(key)):
+                return f"files[{i}].{key}: missing or of the wrong type"
+        for key, ok in (
+            ("mtime_ns", is_int),
+            ("inputs_key", lambda v: isinstance(v, str)),
+            ("verification", lambda v: isinstance(v, dict)),
+            ("fidelity", lambda v: isinstance(v, dict)),
+        ):
+            if entry.get(key) is not None and not ok(entry[key]):
+                return f"files[{i}].{key}: of the wrong type"
+    source = data.get("source") or {}
+    if source.get("path") is not None and not isinstance(source["path"], str):
+        return "source.path: expected a string"
+    records = source.get("files", [])
+    if not isinstance(records, list):
+        return "source.files: expected a list"
+    for i, record in enumerate(records):
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("path"), str)
+            and isinstance(record.get("sha256"), str)
+            and is_int(record.get("bytes"))
+            and is_int(record.get("mtime_ns"))
+        ):
+            return f"source.files[{i}]: expected an object with path, bytes, mtime_ns and sha256"
+    return None
 
 
 def write_manifest(folder: Path, data: dict[str, Any]) -> Path:

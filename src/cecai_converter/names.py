@@ -81,7 +81,10 @@ def check_stem(value: object, where: str, *, error: type[UsageError] = UsageErro
             why = f"it is longer than {MAX_STEM} characters"
         else:
             why = "it holds characters other than letters, digits, '.', '_' and '-', or does not start with one"
-        raise error(f"{where}: {show(value)} cannot be the stem of the output files: {why}", hint=_STEM_HINT)
+        raise error(
+            f"{where}: {show(value)} cannot be a file name stem (every output file is named <stem>.<type>.gguf): {why}",
+            hint=_STEM_HINT,
+        )
     return value
 
 

@@ -411,8 +411,9 @@ def container_spec(
         mounts=mounts,
         user=f"{uid}:{gid}",
         network_mode="none" if model_is_local else None,
-        gpus=pair.accelerator == "cuda",
-        runtime="nvidia" if pair.accelerator == "jetson" else None,
+        # What the pair's containers need from the engine is a fact of the pair table (pairs.py).
+        gpus=pair.docker_gpus,
+        runtime=pair.docker_runtime,
         environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1"}),
         passthrough_env=_PASS_ALWAYS + (() if model_is_local else _PASS_WITH_NETWORK),
         labels=MappingProxyType(
@@ -487,8 +488,8 @@ def convert_spec(
         mounts=(*mounts, *input_mounts),
         user=f"{uid}:{gid}",
         network_mode="none" if local is not None else None,
-        gpus=pair.accelerator == "cuda",
-        runtime="nvidia" if pair.accelerator == "jetson" else None,
+        gpus=pair.docker_gpus,
+        runtime=pair.docker_runtime,
         environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1"}),
         passthrough_env=_PASS_ALWAYS + (() if local is not None else _PASS_WITH_NETWORK),
         labels=MappingProxyType(
