@@ -165,6 +165,8 @@ def check_arm(session: nox.Session) -> None:
         "build_model(Path(sys.argv[1]), 'llama', size='tiny')",
         str(model),
     )
+    if not model.is_dir():
+        return  # `nox --install-only`: nothing ran
     _readable(work)
     options = [arg for p in precisions for arg in ("--precision", p)]
     amd64, arm64 = work / "amd64", work / "arm64"

@@ -94,8 +94,9 @@ def _uses(doc: Mapping[str, Any]) -> list[str]:
 def third_party_refs(workflow: Path, actions_root: Path | None = None) -> list[tuple[str, str]]:
     """The (OWNER/REPO, REF) of every third-party action the workflow runs, its local composite actions included.
 
-    Local actions (``./actions/x``) are followed one level into their ``action.yml``; docker:// images are not
-    actions of a repository and are returned as errors by :func:`local_repository_args`.
+    Local actions (``./actions/x``, relative to ``actions_root``, default the workflow's repository) are followed
+    into their ``action.yml``, and so on. A ``docker://`` image has no stand-in: :func:`local_repository_args` says
+    so.
     """
     root = actions_root or workflow.parents[2]
     found: list[tuple[str, str]] = []
@@ -374,6 +375,7 @@ def run_act(
         "--action-cache-path",
         str(work / "act-cache"),
         "--action-offline-mode",
+        "--no-cache-server",
         "--env-file",
         os.devnull,
         "--secret-file",
@@ -392,6 +394,7 @@ def run_act(
         cmd += ["--secret", key]
     proc_env = _host_environ()
     proc_env.update(secrets)
+    proc_env["ACT_DISABLE_VERSION_CHECK"] = "1"  # act asks its home page for notices otherwise
     # act asks which default image to use when it has no config file: give it an empty one of its own.
     config_home = work / "config"
     (config_home / "act").mkdir(parents=True, exist_ok=True)

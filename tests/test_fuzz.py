@@ -278,3 +278,33 @@ def test_batch_file_is_refused_clearly_or_valid(data):
 @given(text=st.text(max_size=200))
 def test_batch_file_text_is_refused_clearly_or_valid(text):
     _check_batch_file(text)
+
+
+# ---------------------------------------------------------------------------------- the Converter configuration
+
+GENERAL = st.dictionaries(
+    st.sampled_from(["MODEL_NAME", "OUTPUTS_PATH", "LOGS_PATH", "MODELS_PATH", "TRAINED", "THRESHOLDS", "MODLE_NAME"]),
+    st.sampled_from(["m", "org/m", ".", "..", "../out", "../models/m/out", "a b", "x\n::warning::y", "/abs"]) | VALUE,
+    max_size=4,
+)
+
+
+@FUZZ
+@given(general=GENERAL)
+def test_converter_configuration_is_refused_clearly_or_safe(general):
+    from cecai_converter.config import load_converter_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        converter = Path(tmp) / "Converter"
+        pair = converter / "configurations" / "CPU_LLM_LLAMA"
+        pair.mkdir(parents=True)
+        (converter / "configurations" / "converter_args.yaml").write_text(yaml.safe_dump(general, allow_unicode=True))
+        (pair / "converter_args_cpu_llm_llama.yaml").write_text("PRECISION: Q8_0\n")
+        try:
+            (job,) = load_converter_dir(converter)
+        except ConverterError as exc:
+            assert exc.exit_code == 2 and exc.message
+            return
+        assert check_stem(job.stem, "stem") == job.stem
+        assert job.model_dir.is_relative_to((converter / "models").resolve()) or "MODELS_PATH" in general
+        assert not job.outputs_dir.is_relative_to(job.model_dir) and not job.logs_dir.is_relative_to(job.model_dir)

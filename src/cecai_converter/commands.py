@@ -20,7 +20,7 @@ from .output import Output
 from .pairs import PairInfo, parse_pair
 from .pipeline import Job, Options, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
-from .source import looks_like_repo_id
+from .source import check_repo_id, looks_like_repo_id
 
 __all__ = ["register"]
 
@@ -270,6 +270,8 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
         )
     if args.revision and not hub:
         raise UsageError("--revision applies to Hub repositories only", hint="drop --revision for a local folder")
+    if hub:
+        check_repo_id(args.model)
     pair = parse_pair(args.pair) if args.pair else None
     if args.model_name is not None:
         name = check_stem(args.model_name, "--model-name")

@@ -46,7 +46,8 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def _manifest_problem(data: object) -> str | None:
     """The first field of a manifest that readers would trip over, as ``field: why``; None when it is sound."""
-    from .names import check_plain_name
+    from .errors import UsageError
+    from .names import check_plain_name, check_stem
 
     def is_int(value: object) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -58,9 +59,13 @@ def _manifest_problem(data: object) -> str | None:
     for key in ("source", "timings", "runtime", "base", "toolchain"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key}: expected an object"
-    for key in ("model_name", "pair"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            return f"{key}: expected a string"
+    if data.get("pair") is not None and not isinstance(data["pair"], str):
+        return "pair: expected a string"
+    if data.get("model_name") is not None:  # names files next to the manifest: never a path
+        try:
+            check_stem(data["model_name"], "model_name")
+        except UsageError as exc:
+            return exc.message
     files = data.get("files", [])
     if not isinstance(files, list):
         return "files: expected a list"
