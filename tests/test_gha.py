@@ -288,3 +288,24 @@ def test_convert_action_on_a_real_model_with_the_local_backend(tmp_path, cli_on_
     assert "| File | Precision | Size | SHA-256 | Time |" in summary
     for entry in manifest["files"]:
         assert f"`{entry['sha256'][:12]}`" in summary
+
+
+@pytest.mark.slow
+def test_a_gpu_pair_on_a_cpu_only_runtime_is_a_warning_annotation_and_a_summary_line(tmp_path, tiny_llama, monkeypatch):
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python can offload to a GPU")
+    env = runner_env(
+        tmp_path, model=str(tiny_llama), precisions="Q8_0", pair="GPU_LLM_LLAMA", outdir="gguf-out", model_name="tiny"
+    )
+    stdout = io.StringIO()
+    monkeypatch.chdir(tmp_path)  # a runner's workspace: outdir relative to it
+    assert gha.main(["convert"], env=env, stdout=stdout) == 0
+    annotations = [line for line in stdout.getvalue().splitlines() if line.startswith("::warning")]
+    assert len(annotations) == 1
+    assert "GPU_LLM_LLAMA is a GPU pair but this llama-cpp-python has no GPU" in annotations[0]
+    assert "> [!WARNING]" in (tmp_path / "summary.md").read_text()
+    outputs = read_outputs(tmp_path / "output")
+    assert outputs["outdir"] == "gguf-out" and outputs["manifest"] == "gguf-out/manifest.json"
+    assert outputs["files"] == "gguf-out/tiny.q8_0.gguf"

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from .errors import ConfigError, ConverterError
 from .gguf_header import read_header
-from .tools import runtime_env, runtime_name
+from .tools import child_kwargs, runtime_env, runtime_name
 
 __all__ = [
     "DEFAULT_EVAL_TEXT",
@@ -244,7 +244,9 @@ def _run_worker(
     try:
         with log_file.open("wb") as log:
             env = {**os.environ, **runtime_env(int(job["n_gpu_layers"]))}
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, env=env)
+            proc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, env=env, **child_kwargs()
+            )
     except subprocess.TimeoutExpired:
         raise MeasurementFailed(
             f"fidelity: evaluating {label} ({model.name}) took longer than {timeout_s:g} s",

@@ -460,7 +460,7 @@ def _expected_checks(value: str) -> list[tuple[str, str]] | None:
 
 
 def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
-    from .publish import SIZE_LIMIT, publish_release, push_to_hub
+    from .publish import SIZE_LIMIT, ChecksFailed, publish_release, push_to_hub
 
     inputs = _expand(env.get("INPUT_PATH"), "path")
     # A check job that died before writing its record uploads nothing: the expected checks then name it.
@@ -480,19 +480,23 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
     if tag:
         repo = env.get("INPUT_REPOSITORY", "").strip() or env.get("GITHUB_REPOSITORY", "")
         size_limit = int(env.get("CECAI_SPLIT_SIZE") or SIZE_LIMIT)  # smaller only in tests
-        result = publish_release(
-            inputs,
-            repo=repo,
-            tag=tag,
-            token=env.get("GITHUB_TOKEN", ""),
-            api_url=env.get("GITHUB_API_URL") or None,
-            publish=not _truthy(env.get("INPUT_DRAFT")),
-            size_limit=size_limit,
-            target_commitish=env.get("GITHUB_SHA") or None,
-            on_progress=lambda line: stdout.write(escape_data(line) + "\n"),
-            checks=checks,
-            expected_checks=expected,
-        )
+        failed: ChecksFailed | None = None
+        try:
+            result = publish_release(
+                inputs,
+                repo=repo,
+                tag=tag,
+                token=env.get("GITHUB_TOKEN", ""),
+                api_url=env.get("GITHUB_API_URL") or None,
+                publish=not _truthy(env.get("INPUT_DRAFT")),
+                size_limit=size_limit,
+                target_commitish=env.get("GITHUB_SHA") or None,
+                on_progress=lambda line: stdout.write(escape_data(line) + "\n"),
+                checks=checks,
+                expected_checks=expected,
+            )
+        except ChecksFailed as exc:  # everything was uploaded and the draft kept: say where, then fail the step
+            failed, result = exc, exc.result
         outputs.update(
             {
                 "release-url": result.html_url,
@@ -507,6 +511,10 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
         lines += [f"| `{_cell(n)}` | replaced (check records changed) |" for n in result.replaced]
         if result.split:
             lines += ["", "Split below 2 GB (llama.cpp split format): " + ", ".join(f"`{n}`" for n in result.split)]
+        if failed is not None:
+            write_outputs(env.get("GITHUB_OUTPUT"), outputs)
+            append_summary(env.get("GITHUB_STEP_SUMMARY"), "\n".join(lines) + "\n\n")
+            raise failed
     if hf_repo:
         url = push_to_hub(
             inputs, hf_repo, token=env.get("HF_TOKEN") or None, revision=env.get("INPUT_HF_REVISION") or None

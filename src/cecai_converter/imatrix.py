@@ -34,6 +34,7 @@ from typing import Any, Final
 from . import llama_vocab
 from .errors import ConfigError, ConversionFailed, ToolchainError, ToolNotFound, UsageError
 from .output import get_logger
+from .tools import child_kwargs
 
 __all__ = [
     "CMAKE_ARGS",
@@ -148,7 +149,7 @@ def build_tools(
                 for cmd in (configure, build):
                     log.write(f"$ {' '.join(cmd)}\n")
                     log.flush()
-                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, **child_kwargs())
                     if proc.returncode != 0:
                         raise ToolchainError(
                             f"building {', '.join(wanted)} from {Path(sdist).name} failed "
@@ -378,7 +379,13 @@ def compute(
         try:
             with log_file.open("wb") as log:
                 proc = subprocess.run(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, cwd=text.parent
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout_s,
+                    check=False,
+                    cwd=text.parent,
+                    **child_kwargs(),
                 )
         except subprocess.TimeoutExpired:
             tmp_out.unlink(missing_ok=True)

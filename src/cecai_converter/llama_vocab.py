@@ -79,7 +79,9 @@ def count_tokens(model: Path, text: Path, *, add_special: bool = True) -> int | 
     cmd = [sys.executable, "-m", "cecai_converter.llama_vocab", str(model), str(text)]
     if not add_special:
         cmd.append("--no-special")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    from .tools import child_kwargs
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL, **child_kwargs())
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].isdigit():
         return None

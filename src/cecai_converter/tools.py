@@ -8,17 +8,66 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .output import get_logger
 
-__all__ = ["ToolRun", "run_tool", "runtime_env", "runtime_name"]
+__all__ = ["ToolRun", "child_kwargs", "run_tool", "runtime_env", "runtime_name"]
 
 _log = get_logger("tools")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+# Resolved once in the parent: the function that runs between fork and exec only calls it.
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it dies (``kill -9`` of the CLI
+    included), so that no converter or llama.cpp worker outlives the run and keeps writing into its staging folder.
+
+    The parent-death signal survives ``exec`` (not for set-user-ID programs, which none of ours is). A parent that
+    died between ``fork`` and ``prctl`` is caught by comparing the parent pid.
+    """
+
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def child_kwargs() -> dict[str, Any]:
+    """Keyword arguments for every ``subprocess`` call that starts a long-running child (converter, llama.cpp
+    workers, builds): on Linux the child dies with this process, even when this process is killed with SIGKILL and
+    cannot clean up. Elsewhere an empty dict (the process group and Ctrl-C handling still stop children)."""
+    if _PRCTL is None:
+        return {}
+    return {"preexec_fn": _die_with_parent(os.getpid())}
 
 
 @dataclass(frozen=True)
@@ -73,6 +122,7 @@ def run_tool(
         errors="replace",
         bufsize=1,
         start_new_session=True,  # Ctrl-C reaches us only; we stop the child ourselves, then clean up
+        **child_kwargs(),  # and a SIGKILL of this process takes the child with it
     ) as proc:
         try:
             assert proc.stdout is not None
