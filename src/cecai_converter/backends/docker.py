@@ -502,22 +502,28 @@ def convert_spec(
     )
 
 
+def _run_one(spec: ContainerSpec, out: Output, what: str) -> int:
+    """Check the image and the readable folders, run the container, return its status (Ctrl-C re-raised)."""
+    client = connect()
+    try:
+        _check_image(client, spec)
+        check_readable(spec)
+        out.info(f"==> {spec.pair.name}: {what} in {spec.image} (container, network {spec.network_mode or 'default'})")
+        status = run_container(client, spec, out)
+    finally:
+        client.close()
+    if status == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
+    return status
+
+
 def run_convert(spec: ContainerSpec, out: Output) -> None:
     """Run one ``convert`` container, its output streamed to ``out`` (the caller prints the result).
 
     Raises:
         EngineUnreachable, ImageNotFound, ContainerFailed; KeyboardInterrupt after the container is removed.
     """
-    client = connect()
-    try:
-        _check_image(client, spec)
-        check_readable(spec)
-        out.info(f"==> {spec.pair.name}: {spec.image} (container, network {spec.network_mode or 'default'})")
-        status = run_container(client, spec, out)
-    finally:
-        client.close()
-    if status == EXIT_INTERRUPTED:
-        raise KeyboardInterrupt
+    status = _run_one(spec, out, "converting")
     if status != 0:
         raise ContainerFailed(
             f"the conversion failed inside the {spec.pair.name} container (exit {status}); "
@@ -592,16 +598,7 @@ def run_check(spec: ContainerSpec, out: Output) -> None:
     Raises:
         EngineUnreachable, ImageNotFound, ContainerFailed (the container could not run the check at all).
     """
-    client = connect()
-    try:
-        _check_image(client, spec)
-        check_readable(spec)
-        out.info(f"==> {spec.pair.name}: checking in {spec.image} (container, no network)")
-        status = run_container(client, spec, out)
-    finally:
-        client.close()
-    if status == EXIT_INTERRUPTED:
-        raise KeyboardInterrupt
+    status = _run_one(spec, out, "checking")
     if status not in (0, EXIT_FAILED):
         raise ContainerFailed(
             f"the check could not run inside the {spec.pair.name} container (exit {status})",
