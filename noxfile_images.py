@@ -150,6 +150,7 @@ def check_arm(session: nox.Session) -> None:
     start = time.monotonic()
     session.run("bash", str(ROOT / "scripts" / "build-image.sh"), pair.name, external=True, silent=False)
     durations["build arm64 image"] = round(time.monotonic() - start, 1)
+    session.log(f"build arm64 image: {durations['build arm64 image']} s")
     repo = os.environ.get("CECAI_IMAGE_REPO", "localhost/cecai-converter")
     from cecai_converter import __version__
 
@@ -189,17 +190,25 @@ def check_arm(session: nox.Session) -> None:
     )
     files = {}
     for precision in precisions:
-        ours = sorted(amd64.glob(f"*{precision}*.gguf"))
-        theirs = sorted(arm64.glob(f"*{precision}*.gguf"))
+        ours, theirs = (
+            [f for f in d.glob("*.gguf") if f.name.lower().endswith(f".{precision.lower()}.gguf")]
+            for d in (amd64, arm64)
+        )
         if len(ours) != 1 or len(theirs) != 1:
             session.error(f"{precision}: expected one file each, found {ours} and {theirs}")
         a, b = _sha256(ours[0]), _sha256(theirs[0])
         files[precision] = {"file": ours[0].name, "amd64_sha256": a, "arm64_sha256": b, "equal": a == b}
         session.log(f"{precision}: x86-64 {a[:16]}…  arm64 {b[:16]}…  {'EQUAL' if a == b else 'DIFFERENT'}")
     # The files made here, checked on the arm64 runtime: the builder/checker split the project works by.
+    # The record goes next to, not into, the builder's folder: that folder stays as `convert` made it.
+    record = work / "checks" / f"tiny.{pair.slug}.check.json"
+    record.parent.mkdir(parents=True)
     check_start = time.monotonic()
     proc = subprocess.run(
-        ["cecai-convert", "check", str(amd64), "--pair", pair.name, "--backend", "docker", "--image", image],
+        [
+            *("cecai-convert", "check", str(amd64), "--pair", pair.name),
+            *("--backend", "docker", "--image", image, "--record", str(record)),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "PATH": f"{Path(session.bin)}{os.pathsep}{os.environ['PATH']}"},
@@ -210,7 +219,11 @@ def check_arm(session: nox.Session) -> None:
     result = {
         "image": image,
         "precisions": files,
-        "check": {"exit_status": proc.returncode, "output": (proc.stdout + proc.stderr)[-8000:]},
+        "check": {
+            "exit_status": proc.returncode,
+            "record": str(record),
+            "output": (proc.stdout + proc.stderr)[-8000:],
+        },
         "durations_s": durations,
     }
     (work / "check-arm.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,27 @@ def run_cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None, ti
         check=False,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: the signal's default action, whatever this
+    process inherited.
+
+    A shell starts a background job (``./dev test &``) with SIGINT ignored, and an ignored signal stays ignored
+    across ``exec``: Python then never installs its KeyboardInterrupt handler, and the child would not notice the
+    test's Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Run the block as a background job would: SIGINT ignored in this process (and so in what it starts)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ggufs_under, tree_digest
+from conftest import ggufs_under, sigint_default, sigint_ignored, tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -119,25 +119,16 @@ def test_disk_full_fails_cleanly(cli, model, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_run_removes_temporary_files_and_next_run_starts_clean(model, tmp_path, cli, sig):
     outdir = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cecai_converter",
-            "convert",
-            str(model),
-            "--precision",
-            "Q8_0",
-            "--precision",
-            "Q4_K_M",
-            "--outdir",
-            str(outdir),
-            "--no-fidelity",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    argv = ["convert", str(model), "--precision", "Q8_0", "--precision", "Q4_K_M", "--outdir", str(outdir)]
+    # Started as under `./dev test &` (SIGINT ignored, and inherited): the child gets SIGINT's default back.
+    with sigint_ignored():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cecai_converter", *argv, "--no-fidelity"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=sigint_default,
+        )
     deadline = time.monotonic() + 120
     while not list(outdir.glob(".cecai-tmp-*")) and time.monotonic() < deadline:
         time.sleep(0.05)

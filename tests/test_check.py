@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CliResult, tree_digest
+from conftest import CliResult, engine, tree_digest
 
 from cecai_converter.agreement import N_POSITIONS, REFERENCE_NAME, TOP_K, read_reference
 from cecai_converter.check import Limits, record_name
@@ -169,3 +169,19 @@ def test_an_up_to_date_rerun_keeps_the_reference(made: Path, tiny_llama: Path, c
     assert result.returncode == 0, result.stderr
     assert "up to date" in result.stderr
     assert (made / REFERENCE_NAME).read_bytes() == before
+
+
+@pytest.mark.engine
+@engine
+def test_check_in_the_cpu_image_keeps_the_files_read_only_and_writes_the_record_beside_them(
+    made: Path, tmp_path: Path, cli: Callable[..., CliResult], cpu_image: str
+) -> None:
+    files = copy_of(made, tmp_path)
+    before = tree_digest(files)
+    result = cli("check", files, "--pair", "cpu", "--backend", "docker", "--image", cpu_image)
+    assert result.returncode == 0, result.stderr
+    record = record_of(files)
+    assert record["passed"] and record["runtime"]["backend"] == "docker" and record["runtime"]["image"] == cpu_image
+    assert all(row["agreement"]["top1_agreement"] == 1.0 for row in record["files"])
+    after = tree_digest(files)
+    assert after.pop(record_name("tiny", PAIRS["CPU_LLM_LLAMA"])) and after == before

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import engine, tree_digest
+from conftest import engine, sigint_default, tree_digest
 
 from cecai_converter import __version__
 from cecai_converter.backends.docker import (
@@ -226,9 +226,10 @@ def test_build_command_hint_says_how_to_get_the_image() -> None:
     cpu = PAIRS["CPU_LLM_LLAMA"]
     published = build_command_hint(default_image(cpu, {}), cpu)
     assert published.startswith(f"pull it:  docker pull {DEFAULT_IMAGE_REPO}:")
-    assert "docker buildx bake cpu" in published and "scripts/build-cpu-image.sh" in published
+    assert "docker buildx bake cpu" in published and "scripts/build-image.sh cpu" in published
     local = build_command_hint("localhost/conv:dev", PAIRS["GPU_LLM_LLAMA"])
-    assert local.startswith("build it:  docker buildx bake gpu") and "--target gpu -t localhost/conv:dev" in local
+    assert local.startswith("build it:  docker buildx bake gpu")
+    assert "scripts/build-image.sh gpu localhost/conv:dev" in local
 
 
 def test_engine_unreachable_is_a_clear_error(tmp_path: Path) -> None:
@@ -405,6 +406,7 @@ def test_engine_ctrl_c_removes_the_container(cpu_image: str, seed: Callable[[str
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=sigint_default,  # even when the suite runs in the background with SIGINT ignored
     )
     with _killed_on_exit(proc):
         deadline = time.monotonic() + 120

@@ -201,7 +201,9 @@ def test_build_stages_take_the_optional_ca_secret_and_wheels() -> None:
         assert runs and all("--mount=type=secret,id=ca," in run for run in runs), name
         assert all("--mount=type=bind,from=wheels,target=/wheels" in run for run in runs), name
     build_runs = [line for line in stages["build"]["lines"] if line.startswith("RUN ")]
-    assert any("--mount=type=bind,from=cross,source=/cross,target=/cross" in run for run in build_runs)
+    lines = stages["build"]["lines"]
+    assert lines.index("COPY --from=cross /cross /cross") < lines.index(build_runs[0]), "the cross-built wheel first"
+    assert lines.index("COPY pyproject.toml /src/") < lines.index(build_runs[0]) < lines.index("COPY src /src/src")
     assert any('CMAKE_ARGS="${CMAKE_ARGS}" cecai-image-install deps' in run for run in build_runs)
     assert any("cecai-image-install project" in run for run in build_runs)
     cross_run = next(line for line in stages["cross"]["lines"] if line.startswith("RUN "))

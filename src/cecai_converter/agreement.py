@@ -39,7 +39,7 @@ from typing import Any, Final
 
 from .errors import ConfigError, ConverterError
 from .gguf_header import read_header
-from .tools import run_tool, runtime_env, runtime_name
+from .tools import failure_summary, run_tool, runtime_env, runtime_name
 
 __all__ = [
     "N_POSITIONS",
@@ -235,7 +235,7 @@ def _run_worker(job: dict[str, Any], n_gpu_layers: int, threads: int | None, *, 
         data = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
     if run.returncode != 0 or "error" in data or not data:
         reason = data.get("error") or f"the worker exited with status {run.returncode}"
-        last = " | ".join([ln for ln in run.tail.splitlines() if ln.strip()][-3:])[:400]
+        last = failure_summary(run.tail) if run.tail.strip() else ""
         if data.get("kind") == "usage":
             raise ConfigError(f"{label}: {reason}")
         raise AgreementFailed(

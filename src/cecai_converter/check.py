@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .fsutil import atomic_write_json, sha256_file
 from .manifest import MANIFEST_NAME, read_manifest
 from .output import Output
 from .pairs import PairInfo, parse_pair
+from .tools import thread_count
 
 __all__ = [
     "CHECK_SCHEMA",
@@ -270,18 +272,23 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     if args.backend == "docker":
         from .backends.docker import check_spec, run_check
 
-        spec = check_spec(
-            folder,
-            record_path,
-            pair=pair,
-            image=args.image,
-            limits=limits,
-            n_gpu_layers=args.n_gpu_layers,
-            threads=args.threads,
-            verbose=out.verbose,
-        )
-        run_check(spec, Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr))
-        record = _read_record(record_path)
+        # The container writes its record into a folder of its own: OUTDIR stays a read-only mount even when the
+        # record is meant to end up inside it.
+        with tempfile.TemporaryDirectory(prefix="cecai-check-") as tmp:
+            spec = check_spec(
+                folder,
+                Path(tmp) / record_path.name,
+                pair=pair,
+                image=args.image,
+                limits=limits,
+                n_gpu_layers=args.n_gpu_layers,
+                threads=args.threads,
+                verbose=out.verbose,
+            )
+            run_check(spec, Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr))
+            record = _read_record(Path(tmp) / record_path.name)
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record_path, record)
     else:
         record = check_folder(
             folder, pair, limits=limits, n_gpu_layers=args.n_gpu_layers, threads=args.threads, out=out
@@ -355,7 +362,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--min-top1", type=float, help=f"smallest top-1 agreement allowed (default {DEFAULT_LIMITS.min_top1})"
     )
     p.add_argument("--n-gpu-layers", type=int, help="layers to offload (default: all on GPU pairs, else 0)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads (default: all cores)")
     p.add_argument(
         "--backend",
         choices=("local", "docker"),

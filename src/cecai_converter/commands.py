@@ -21,6 +21,7 @@ from .pairs import PairInfo, parse_pair
 from .pipeline import Job, Options, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
 from .source import check_repo_id, looks_like_repo_id
+from .tools import thread_count
 
 __all__ = ["register"]
 
@@ -32,7 +33,9 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conversion")
     g.add_argument("--force", action="store_true", help="redo the work even when the outputs are current")
     g.add_argument("--keep-base", action="store_true", default=None, help="also publish the unquantized base file")
-    g.add_argument("--threads", type=int, help="threads for quantization and verification (default: all cores)")
+    g.add_argument(
+        "--threads", type=thread_count, help="threads for quantization and verification (default: all cores)"
+    )
     g.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -345,15 +348,18 @@ def _cmd_precisions(args: argparse.Namespace, out: Output) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    from .verify import load_check, read_back
+    from .verify import file_type_label, load_check, read_back
 
     results: list[dict[str, Any]] = []
+    labels: list[str] = []
     failed = 0
     for path in args.files:
         row: dict[str, Any] = {"file": str(path)}
+        labels.append("")
         try:
             facts = read_back(path)
             row.update(dataclasses.asdict(facts))
+            labels[-1] = file_type_label(facts)
             if not args.no_load:
                 row["load"] = load_check(path, n_gpu_layers=args.n_gpu_layers or 0).as_dict()
             row["ok"] = True
@@ -362,10 +368,10 @@ def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
             failed += 1
         results.append(row)
     lines = []
-    for r in results:
+    for r, label in zip(results, labels, strict=True):
         if r["ok"]:
             load = f", generated {len(r['load']['generated_tokens'])} tokens" if "load" in r else ""
-            lines.append(f"ok    {r['file']}: {r['architecture']} {r['precision']} {r['tensor_count']} tensors{load}")
+            lines.append(f"ok    {r['file']}: {r['architecture']} {label} {r['tensor_count']} tensors{load}")
         else:
             lines.append(f"FAIL  {r['file']}: {r['error']}")
     out.result("\n".join(lines), results)

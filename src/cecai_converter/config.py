@@ -377,7 +377,11 @@ def _make_job(
         _expect(merged, key, bool, pair_path)
     for key in ("IMATRIX", "CALIBRATION_TEXT", "EVAL_TEXT", "IMAGE_NAME"):
         _expect(merged, key, str, pair_path)
-    _expect(merged, "THRESHOLDS", dict, pair_path)
+    # Checked now, not after the conversion: a mistake costs nothing, and counts with FIDELITY off too.
+    from .fidelity import validate_thresholds
+
+    if merged.get("THRESHOLDS") is not None:
+        merged["THRESHOLDS"] = validate_thresholds(merged["THRESHOLDS"], where=f"{pair_path}: THRESHOLDS")
     model_dir = safe_child(paths["MODELS_PATH"], model_name, key="MODEL_NAME")
     for key in ("OUTPUTS_PATH", "LOGS_PATH"):
         # Files written into the model folder would change its fingerprint (every run converts again) and could

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from .errors import ConfigError, ConverterError
 from .gguf_header import read_header
-from .tools import child_kwargs, runtime_env, runtime_name
+from .tools import child_kwargs, quiet_abort_env, runtime_env, runtime_name
 
 __all__ = [
     "DEFAULT_EVAL_TEXT",
@@ -46,6 +46,7 @@ __all__ = [
     "check_thresholds",
     "default_eval_text",
     "measure",
+    "validate_thresholds",
 ]
 
 #: The shipped evaluation text (self-written English prose, ~2,700 Llama tokens).
@@ -187,6 +188,42 @@ def measure(
     return results
 
 
+def validate_thresholds(thresholds: object, where: str = "THRESHOLDS") -> dict[str, dict[str, float]]:
+    """Check a ``THRESHOLDS`` value and return it keyed by canonical precision names (``q4_k_m`` → ``Q4_K_M``).
+
+    The configuration calls this when it is read, so a mistake is reported before anything is converted, with
+    fidelity on or off.
+
+    Raises:
+        ConfigError: not a mapping; an unknown precision; limits that are not a mapping; an unknown limit name; a
+            limit that is not a finite number.
+    """
+    from .names import show
+    from .precisions import parse_precision
+
+    example = "e.g. THRESHOLDS: {Q4_K_M: {max_kld: 0.1, max_ppl_delta_pct: 5}}"
+    if thresholds is None:
+        return {}
+    if not isinstance(thresholds, Mapping):
+        raise ConfigError(f"{where}: expected a mapping PRECISION -> limits, got {show(thresholds)}", hint=example)
+    checked: dict[str, dict[str, float]] = {}
+    for precision, limits in thresholds.items():
+        info = parse_precision(precision, where=where)
+        if not isinstance(limits, Mapping):
+            raise ConfigError(f"{where}: {info.name}: expected a mapping of limits, got {show(limits)}", hint=example)
+        checked[info.name] = {}
+        for name, limit in limits.items():
+            if name not in THRESHOLD_KEYS:
+                raise ConfigError(
+                    f"{where}: {info.name}: unknown limit {show(name)}",
+                    hint=f"known limits: {', '.join(THRESHOLD_KEYS)}",
+                )
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+                raise ConfigError(f"{where}: {info.name}.{name} must be a number, got {show(limit)}")
+            checked[info.name][name] = float(limit)
+    return checked
+
+
 def check_thresholds(
     results: Mapping[str, Mapping[str, Any]], thresholds: Mapping[str, Mapping[str, float]]
 ) -> list[str]:
@@ -201,21 +238,9 @@ def check_thresholds(
     """
     by_upper = {label.upper(): label for label in results}
     violations: list[str] = []
-    for precision, limits in thresholds.items():
-        if not isinstance(limits, Mapping):
-            raise ConfigError(
-                f"THRESHOLDS: {precision}: expected a mapping of limits, got {limits!r}",
-                hint="e.g. THRESHOLDS: {Q4_K_M: {max_kld: 0.1, max_ppl_delta_pct: 5}}",
-            )
-        label = by_upper.get(str(precision).upper())
+    for precision, limits in validate_thresholds(thresholds).items():
+        label = by_upper.get(precision.upper())
         for name, limit in limits.items():
-            if name not in THRESHOLD_KEYS:
-                raise ConfigError(
-                    f"THRESHOLDS: {precision}: unknown limit {name!r}",
-                    hint=f"known limits: {', '.join(THRESHOLD_KEYS)}",
-                )
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)):
-                raise ConfigError(f"THRESHOLDS: {precision}.{name} must be a number, got {limit!r}")
             if label is None:
                 continue
             key, is_max = THRESHOLD_KEYS[name]
@@ -243,7 +268,7 @@ def _run_worker(
     cmd = [sys.executable, "-m", "cecai_converter.fidelity", "--worker", str(job_file)]
     try:
         with log_file.open("wb") as log:
-            env = {**os.environ, **runtime_env(int(job["n_gpu_layers"]))}
+            env = {**quiet_abort_env(), **os.environ, **runtime_env(int(job["n_gpu_layers"]))}
             proc = subprocess.run(
                 cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, env=env, **child_kwargs()
             )

@@ -8,6 +8,9 @@ length against the file size, and that the data section holds every tensor's byt
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,9 @@ _DEFAULT_ALIGNMENT: Final = 32
 # value type → struct format of one item (GGUF spec: uint8 … float64; 8 = string, 9 = array)
 _SCALARS: Final = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# Real files nest arrays one level at most; the limit keeps a hostile file from exhausting the stack.
+_MAX_ARRAY_DEPTH: Final = 8
+_MAX_DIMS: Final = 4  # GGML_MAX_DIMS
 
 
 class GGUFHeaderError(ValueError):
@@ -75,13 +81,15 @@ class _Reader:
             raise GGUFHeaderError(f"truncated: an array runs past the end of the file ({self.size} bytes)")
         self.fh.seek(n, 1)
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
             item_type, count = self.unpack("<I"), self.unpack("<Q")
+            if item_type == _ARRAY and depth + 1 >= _MAX_ARRAY_DEPTH:
+                raise GGUFHeaderError(f"metadata arrays nested more than {_MAX_ARRAY_DEPTH} deep")
             if item_type in _SCALARS:
                 self.skip(count * struct.calcsize(_SCALARS[item_type]))
             elif item_type == _STRING:
@@ -89,7 +97,7 @@ class _Reader:
                     self.skip(self.unpack("<Q"))
             else:
                 for _ in range(count):
-                    self.value(item_type)
+                    self.value(item_type, depth + 1)
             return None  # arrays (vocabularies, scores) are not needed to verify a file
         raise GGUFHeaderError(f"unknown metadata value type {vtype}")
 
@@ -108,11 +116,19 @@ def read_header(path: Path) -> GGUFHeader:
     """Read and check ``path``'s header.
 
     Raises:
-        GGUFHeaderError: bad magic or version, a length past the end of the file, an unknown type, or a data section
-            too short for the tensors it declares.
+        GGUFHeaderError: not a regular file (a FIFO would block forever), bad magic or version, a length past the end
+            of the file, an unknown type, arrays nested too deep, a ``general.alignment`` that is not a power of
+            two, more than 4 dimensions, or a data section too short for the tensors it declares.
+        OSError: the file cannot be opened.
     """
-    size = path.stat().st_size
-    with path.open("rb") as fh:
+    # Opened without blocking and checked on the open descriptor: opening a FIFO for reading would wait forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise GGUFHeaderError("not a regular file (a folder, FIFO, socket or device)")
+    with contextlib.closing(os.fdopen(fd, "rb")) as fh:
+        size = info.st_size
         r = _Reader(fh, size)
         if r.take(4) != _MAGIC:
             raise GGUFHeaderError("not a GGUF file (bad magic)")
@@ -128,9 +144,18 @@ def read_header(path: Path) -> GGUFHeader:
         for _ in range(n_tensors):
             name = r.string()
             n_dims = r.unpack("<I")
+            if n_dims > _MAX_DIMS:
+                raise GGUFHeaderError(f"tensor {name[:100]!r} has {n_dims} dimensions; llama.cpp allows {_MAX_DIMS}")
             shape = tuple(r.unpack("<Q") for _ in range(n_dims))
             tensors.append(TensorInfo(name, shape, r.unpack("<I"), r.unpack("<Q")))
-        alignment = int(metadata.get("general.alignment") or _DEFAULT_ALIGNMENT)
+        alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if (
+            not isinstance(alignment, int)
+            or isinstance(alignment, bool)
+            or alignment <= 0
+            or alignment & (alignment - 1)
+        ):
+            raise GGUFHeaderError(f"general.alignment is {alignment!r:.40}: not a power of two (llama.cpp needs one)")
         data_offset = -(-fh.tell() // alignment) * alignment
     end = max((data_offset + t.offset + _tensor_bytes(t) for t in tensors), default=data_offset)
     if end > size:

@@ -34,7 +34,7 @@ from typing import Any, Final
 from . import llama_vocab
 from .errors import ConfigError, ConversionFailed, ToolchainError, ToolNotFound, UsageError
 from .output import get_logger
-from .tools import child_kwargs
+from .tools import child_kwargs, quiet_abort_env
 
 __all__ = [
     "CMAKE_ARGS",
@@ -385,6 +385,7 @@ def compute(
                     timeout=timeout_s,
                     check=False,
                     cwd=text.parent,
+                    env={**quiet_abort_env(), **os.environ},
                     **child_kwargs(),
                 )
         except subprocess.TimeoutExpired:

@@ -11,6 +11,7 @@ instead of remade.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any
 from .agreement import REFERENCE_NAME, make_reference
 from .convert import run_converter
 from .errors import ConfigError, ConversionFailed, UsageError
-from .fsutil import atomic_write_json, publish_file, remove_stale_staging, sha256_file, staging_dir
+from .fsutil import atomic_write_json, outputs_lock, publish_file, remove_stale_staging, sha256_file, staging_dir
 from .manifest import MANIFEST_NAME, file_is_current, inputs_key, read_manifest, write_manifest
 from .output import Output, get_logger
 from .pairs import PairInfo
@@ -271,7 +272,12 @@ def run_job(job: Job, out: Output) -> list[dict[str, Any]]:
 def _run(job: Job, out: Output) -> list[dict[str, Any]]:
     run = _Run(job, out)
     try:
-        return _execute(run, time.perf_counter())
+        with contextlib.ExitStack() as locks:
+            # One run per outputs folder: a second run waits (and then usually finds the work done), and the
+            # leftovers removed below are never a live run's. Sorted, so two multi-target runs cannot deadlock.
+            for folder in sorted({t.outputs_dir.resolve() for t in job.targets}):
+                locks.enter_context(outputs_lock(folder, on_wait=out.info))
+            return _execute(run, time.perf_counter())
     finally:
         # On failure or Ctrl-C nothing waits for hashes of files that are being removed.
         run.pool.shutdown(wait=False, cancel_futures=True)

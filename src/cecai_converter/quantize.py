@@ -11,13 +11,14 @@ import argparse
 import ctypes
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConversionFailed, UsageError
 from .precisions import PrecisionInfo
-from .tools import run_tool
+from .tools import failure_summary, run_tool
 
 __all__ = ["quantize"]
 
@@ -57,19 +58,43 @@ def quantize(
 
     result = run_tool(argv, on_line=on_line)
     if result.returncode != 0 or not dest.is_file():
-        if "No space left on device" in result.tail or "failed to write" in result.tail:
-            hint = "the disk may be full: free space next to the outputs folder and re-run"
+        written = dest.stat().st_size if dest.is_file() else 0
+        free = _free_bytes(dest.parent)
+        dest.unlink(missing_ok=True)  # a partial file is no use to anyone
+        # llama.cpp writes with C++ streams: a full disk reaches us only as "basic_ios::clear: iostream error".
+        write_failed = any(s in result.tail for s in ("iostream error", "No space left on device", "failed to write"))
+        if write_failed and free is not None and free < max(base.stat().st_size - written, 1 << 20):
+            raise ConversionFailed(
+                f"quantizing to {precision.name} failed: the disk is full: llama.cpp could not finish writing "
+                f"{dest.name} in {dest.parent} ({free / 1e6:.1f} MB were free there, "
+                f"{written / 1e6:.1f} MB written); the partial file was removed",
+                return_code=result.returncode,
+                output_tail=result.tail,
+                hint=f"free space on the filesystem of {dest.parent} (a quantized file needs up to the base's "
+                f"{base.stat().st_size / 1e6:.1f} MB), then re-run",
+            )
+        if write_failed:
+            hint = (
+                f"writing {dest} failed (llama.cpp says only 'iostream error'): check that the filesystem is "
+                "writable and not full, then re-run"
+            )
         elif "imatrix" in result.tail.lower():
             hint = "this type needs an importance matrix that covers every tensor: give --imatrix or --calibration-text"
         else:
             hint = "the quantizer's full output is in the log; run with -v to see it live"
-        last = [ln for ln in result.tail.strip().splitlines() if ln.strip()][-3:]
         raise ConversionFailed(
-            f"quantizing to {precision.name} failed (exit {result.returncode}): {' | '.join(last)[:500]}",
+            f"quantizing to {precision.name} failed (exit {result.returncode}): {failure_summary(result.tail)}",
             return_code=result.returncode,
             output_tail=result.tail,
             hint=hint,
         )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _worker(argv: list[str] | None = None) -> int:

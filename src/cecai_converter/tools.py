@@ -6,11 +6,13 @@ blocking C call would not notice Ctrl-C: a child can be stopped and its temporar
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,11 +22,38 @@ from typing import Any
 
 from .output import get_logger
 
-__all__ = ["ToolRun", "child_kwargs", "run_tool", "runtime_env", "runtime_name"]
+__all__ = [
+    "MAX_THREADS",
+    "ToolRun",
+    "child_kwargs",
+    "failure_summary",
+    "quiet_abort_env",
+    "run_tool",
+    "runtime_env",
+    "runtime_name",
+    "thread_count",
+]
 
 _log = get_logger("tools")
 
 _PR_SET_PDEATHSIG = 1
+#: llama.cpp's GGML_MAX_N_THREADS: ggml has room for no more threads than this
+MAX_THREADS = 512
+
+
+def thread_count(text: str) -> int:
+    """The ``--threads`` argument type: a whole number of threads from 1 to :data:`MAX_THREADS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of threads") from None
+    if not 1 <= value <= MAX_THREADS:
+        cores = os.cpu_count() or 1
+        raise argparse.ArgumentTypeError(
+            f"{value} threads: give 1 to {MAX_THREADS} (llama.cpp's limit); this machine has {cores} cores, "
+            "and leaving --threads out uses them all"
+        )
+    return value
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -78,6 +107,37 @@ class ToolRun:
     tail: str
 
 
+def quiet_abort_env() -> dict[str, str]:
+    """Environment for a child that runs llama.cpp: an assertion ends it without attaching gdb for a backtrace.
+
+    ggml's abort handler runs gdb on the process; its dozens of trailer lines (``[Inferior 1 … detached]``) would
+    push llama.cpp's own message (``GGML_ASSERT(eps >= 0.0f) failed``) out of the error. ``CECAI_DEBUG=1`` keeps
+    the backtrace for developers.
+    """
+    return {} if os.environ.get("CECAI_DEBUG") else {"GGML_NO_BACKTRACE": "1"}
+
+
+# Lines a debugger or a backtrace adds to a crashed child's output: never the reason it failed.
+_NOISE = re.compile(
+    r"^(#\d+\s|\[Inferior |\[New (LWP|Thread) |\[Thread debugging|Using host libthread_db|warning: |ptrace: |"
+    r"No stack\.|The program is not being run\.|\d+\s+\S+: No such file or directory\.|add-auto-load-safe-path|"
+    r"line to your configuration file|To completely disable|For more information about this security|"
+    r"\"Auto-loading safe path\"|info \"\(gdb\)|set auto-load|Downloading separate debug info|"
+    r"(/\S+/)?lib\S*\.so[.\d]*\(|\S*\(\+0x[0-9a-f]+\)|0x[0-9a-f]+ in )"
+)
+_ASSERTION = re.compile(r"GGML_ASSERT\(.*\) failed|GGML_ABORT|GGML_ASSERT|terminate called|what\(\):")
+
+
+def failure_summary(tail: str, lines: int = 3) -> str:
+    """The part of a failed child's last output lines that says why: llama.cpp's assertion when there is one
+    (file and line, without the build folder), else the last ``lines`` lines that are not debugger noise."""
+    kept = [ln.strip() for ln in tail.splitlines() if ln.strip() and not _NOISE.match(ln.strip())]
+    asserts = [ln for ln in kept if _ASSERTION.search(ln)]
+    if asserts:
+        return re.sub(r"^\S*/vendor/llama\.cpp/", "", asserts[-1])[:400]
+    return " | ".join(kept[-lines:])[:500] or "(no output)"
+
+
 def runtime_env(n_gpu_layers: int) -> dict[str, str]:
     """Environment for a llama.cpp worker process that offloads ``n_gpu_layers`` layers.
 
@@ -111,7 +171,7 @@ def run_tool(
     On KeyboardInterrupt (Ctrl-C or SIGTERM) the child is terminated, waited for, and the interrupt re-raised.
     """
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    merged_env = {**os.environ, **(env or {})}
+    merged_env = {**quiet_abort_env(), **os.environ, **(env or {})}
     with subprocess.Popen(
         list(argv),
         stdout=subprocess.PIPE,

@@ -19,7 +19,7 @@ from typing import Any
 from .errors import VerificationFailed
 from .gguf_header import GGUFHeaderError, read_header
 from .precisions import PRECISIONS, PrecisionInfo
-from .tools import run_tool, runtime_env, runtime_name
+from .tools import failure_summary, run_tool, runtime_env, runtime_name
 
 __all__ = ["FileFacts", "LoadCheck", "load_check", "load_check_many", "read_back"]
 
@@ -55,6 +55,29 @@ class LoadCheck:
         return asdict(self)
 
 
+def _is_known_ftype(value: object) -> bool:
+    from gguf.constants import LlamaFileType
+
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    try:
+        LlamaFileType(value)
+    except ValueError:
+        return False
+    return True
+
+
+def file_type_label(facts: FileFacts) -> str:
+    """How a file's type reads in a listing: the precision name, else llama.cpp's name for it, else 'no file type'."""
+    if facts.precision is not None:
+        return facts.precision
+    if facts.file_type is None:
+        return "(no general.file_type)"
+    from gguf.constants import LlamaFileType
+
+    return f"{LlamaFileType(facts.file_type).name} (file type {facts.file_type})"
+
+
 def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
     """Read a GGUF file's header, metadata and tensor infos, and check them against ``expected``.
 
@@ -74,6 +97,11 @@ def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
         raise VerificationFailed(f"{path.name} has no general.architecture")
     if not header.tensors:
         raise VerificationFailed(f"{path.name} holds no tensors")
+    if file_type is not None and not _is_known_ftype(file_type):
+        raise VerificationFailed(
+            f"{path.name}: general.file_type is {file_type!r:.40}, which is not a llama.cpp file type "
+            "(an integer of gguf.LlamaFileType)"
+        )
     by_ftype = {info.ftype: info.name for info in PRECISIONS.values()}
     precision = by_ftype.get(int(file_type)) if file_type is not None else None
     if expected is not None and (file_type is None or int(file_type) != expected.ftype):
@@ -124,9 +152,9 @@ def load_check_many(paths: list[Path], *, n_gpu_layers: int = 0, threads: int | 
     for path in paths:
         check = done.get(path)
         if check is None:
-            last = [ln for ln in result.tail.strip().splitlines() if ln.strip()][-3:]
             raise VerificationFailed(
-                f"llama-cpp-python could not load {path.name} (exit {result.returncode}): {' | '.join(last)[:400]}",
+                f"llama-cpp-python could not load {path.name} (exit {result.returncode}): "
+                f"{failure_summary(result.tail)}",
                 hint="the file was not published; the log has the runtime's full output",
             )
         if not check.generated_tokens:

@@ -573,8 +573,8 @@ def check_spec(
         ),
         user=f"{uid}:{gid}",
         network_mode="none",
-        gpus=pair.accelerator == "cuda",
-        runtime="nvidia" if pair.accelerator == "jetson" else None,
+        gpus=pair.docker_gpus,
+        runtime=pair.docker_runtime,
         environment=MappingProxyType(
             {
                 "HOME": _CONTAINER_HOME,
@@ -612,11 +612,9 @@ def build_command_hint(image: str, pair: PairInfo) -> str:
     """How to get a missing image: pull it when it is a published tag, else build it."""
     repo = os.environ.get(IMAGE_REPO_ENV) or DEFAULT_IMAGE_REPO
     build = (
-        f"docker buildx bake {pair.slug}   (from a checkout; or: docker build -f images/Dockerfile "
-        f"--target {pair.slug} -t {image} .)"
+        f"docker buildx bake {pair.slug}   (from a checkout; without buildx: scripts/build-image.sh {pair.slug} "
+        f"{image})"
     )
-    if pair.slug == "cpu":
-        build += "\n  without buildx: scripts/build-cpu-image.sh " + image
     if image.startswith(repo + ":") and not image.startswith("localhost/"):
         return f"pull it:  docker pull {image}\nor build it:  {build}"
     return f"build it:  {build}\nor pull it if it is published:  docker pull {image}"
