@@ -3,6 +3,7 @@
     nox -s tests                      the test suite (pytest args after --)
     nox -s lint                       ruff check + format check, zizmor, actionlint
     nox -s demo                       the embedded default conversion
+    nox -s fuzz                       a long Hypothesis run of the untrusted-input readers (CECAI_FUZZ_EXAMPLES)
     nox -s convert-cpu -- PATH [...]  `cecai-convert run PATH --pair CPU_LLM_LLAMA --backend local [...]`
     nox -s convert-gpu -- PATH [...]  the same in the GPU_LLM_LLAMA image (also convert-arm, convert-agx-orin)
     nox -s build-images               `docker buildx bake` (without buildx: the CPU image, plain build)
@@ -38,6 +39,14 @@ def tests(session: nox.Session) -> None:
     _install(session, "local,docker,dev")
     session.run("cecai-convert", "toolchain", "--fetch")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """A long property-based run of the readers of untrusted bytes (CI runs 150 examples each; this 5,000)."""
+    _install(session, "local,dev")
+    examples = os.environ.get("CECAI_FUZZ_EXAMPLES", "5000")
+    session.run("pytest", "tests/test_fuzz.py", "-q", *session.posargs, env={"CECAI_FUZZ_EXAMPLES": examples})
 
 
 @nox.session

@@ -21,6 +21,7 @@ from typing import Final
 
 from .errors import ToolchainError, ToolNotFound
 from .fsutil import sha256_file
+from .tools import child_kwargs
 
 __all__ = [
     "LLAMA_CPP_PYTHON_VERSION",
@@ -98,7 +99,7 @@ def sdist_path(*, fetch: bool = True, source: Path | None = None) -> Path:
             sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
             "-d", tmpdir, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **child_kwargs())
         downloaded = Path(tmpdir) / _SDIST_NAME
         if proc.returncode != 0 or not downloaded.is_file():
             raise ToolchainError(
