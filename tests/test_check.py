@@ -171,6 +171,19 @@ def test_an_up_to_date_rerun_keeps_the_reference(made: Path, tiny_llama: Path, c
     assert (made / REFERENCE_NAME).read_bytes() == before
 
 
+def test_a_run_without_a_reference_removes_one_of_other_bytes(
+    made: Path, tmp_path: Path, cli: Callable[..., CliResult], model_factory: Callable[..., Path]
+) -> None:
+    files = copy_of(made, tmp_path)
+    other = model_factory("llama", seed=1)  # other weights: other bytes under the same file name
+    result = cli("convert", other, "--precision", "Q8_0", "--outdir", files, "--model-name", "tiny",
+                 "--no-fidelity", "--no-reference")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not (files / REFERENCE_NAME).exists()
+    result = cli("check", files, "--pair", "cpu")
+    assert result.returncode == 2 and "no runtime reference" in result.stderr
+
+
 @pytest.mark.engine
 @engine
 def test_check_in_the_cpu_image_keeps_the_files_read_only_and_writes_the_record_beside_them(

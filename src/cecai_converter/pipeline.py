@@ -659,6 +659,9 @@ def _publish(
         names = {f["name"] for f in files}
         own = {**reference, "files": {n: e for n, e in reference["files"].items() if n in names}}
         atomic_write_json(target.outputs_dir / REFERENCE_NAME, own)
+    elif not _reference_current(target.outputs_dir, {"files": files}):
+        # A reference of earlier bytes would make every later check fail with "other bytes": none is better.
+        (target.outputs_dir / REFERENCE_NAME).unlink(missing_ok=True)
     path = write_manifest(target.outputs_dir, manifest)
     _log.info("wrote %s", path)
     # Files of earlier runs that this run no longer asked for are left alone; the manifest lists this run's files.
