@@ -112,7 +112,7 @@ def default_gpu_layers(pair: PairInfo | None) -> int:
     return -1 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
-def _file_problems(entry: Mapping[str, Any], agreement: Mapping[str, Any] | None, limits: Limits) -> list[str]:
+def _file_problems(agreement: Mapping[str, Any] | None, limits: Limits) -> list[str]:
     problems: list[str] = []
     if agreement is None:
         return problems
@@ -210,7 +210,7 @@ def check_folder(
                 row["problems"].append(exc.message)
                 continue
             row["agreement"] = agreement.as_dict()
-            row["problems"] += _file_problems(row, row["agreement"], limits)
+            row["problems"] += _file_problems(row["agreement"], limits)
     for row in files:
         row["passed"] = not row["problems"] and not problems and "agreement" in row
     record = {
