@@ -18,7 +18,6 @@ otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ import nox
 
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT / "src"))  # the pair table, without installing the package into nox's own Python
+from cecai_converter.fsutil import sha256_file  # noqa: E402
 from cecai_converter.pairs import PAIRS  # noqa: E402
 
 #: The pair of the machines nox runs on (x86-64 CPUs): it converts here; every other pair in its image.
@@ -111,14 +111,6 @@ def build_images(session: nox.Session) -> None:
         session.run("bash", str(ROOT / "scripts" / "build-image.sh"), slug, external=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _readable(root: Path) -> None:
     """``chmod -R a+rX``: a root caller's containers run as the images' uid 10001, which must read the model."""
     for path in (root, *root.rglob("*")):
@@ -196,7 +188,7 @@ def check_arm(session: nox.Session) -> None:
         )
         if len(ours) != 1 or len(theirs) != 1:
             session.error(f"{precision}: expected one file each, found {ours} and {theirs}")
-        a, b = _sha256(ours[0]), _sha256(theirs[0])
+        a, b = sha256_file(ours[0]), sha256_file(theirs[0])
         files[precision] = {"file": ours[0].name, "amd64_sha256": a, "arm64_sha256": b, "equal": a == b}
         session.log(f"{precision}: x86-64 {a[:16]}…  arm64 {b[:16]}…  {'EQUAL' if a == b else 'DIFFERENT'}")
     # The files made here, checked on the arm64 runtime: the builder/checker split the project works by.

@@ -39,7 +39,7 @@ from typing import Any, Final
 
 from .errors import ConfigError, ConverterError
 from .gguf_header import read_header
-from .tools import failure_summary, run_tool, runtime_env, runtime_name
+from .tools import WorkerUsage, failure_summary, run_tool, runtime_env, runtime_name, serve_job
 
 __all__ = [
     "N_POSITIONS",
@@ -248,10 +248,6 @@ def _run_worker(job: dict[str, Any], n_gpu_layers: int, threads: int | None, *, 
 # --- the worker (a separate process: llama.cpp may abort) ---------------------------------------------------------
 
 
-class _Usage(Exception):
-    pass
-
-
 def _load(model: str, n_ctx: int, job: Mapping[str, Any], *, logits_all: bool, vocab_only: bool = False) -> Any:
     import llama_cpp
 
@@ -299,7 +295,7 @@ def _tokenize(job: Mapping[str, Any]) -> dict[str, Any]:
     room = n_ctx - (1 if bos is not None else 0)
     tokens = ([bos] if bos is not None else []) + llm.tokenize(text.encode("utf-8"), add_bos=False)[:room]
     if len(tokens) < 8:
-        raise _Usage(f"the reference text gave only {len(tokens)} tokens")
+        raise WorkerUsage(f"the reference text gave only {len(tokens)} tokens")
     return {"tokens": [int(t) for t in tokens]}
 
 
@@ -333,7 +329,7 @@ def _compare(job: Mapping[str, Any]) -> dict[str, Any]:
     llm, logq, elapsed = _logprobs(job)
     ids = np.asarray(job["ids"], dtype=np.int64)
     if ids.size and int(ids.max()) >= logq.shape[1]:
-        raise _Usage(f"the reference names token {int(ids.max())}, beyond this file's {logq.shape[1]} tokens")
+        raise WorkerUsage(f"the reference names token {int(ids.max())}, beyond this file's {logq.shape[1]} tokens")
     lp = np.asarray(job["logprobs"], dtype=np.float64)
     lq = np.take_along_axis(logq.astype(np.float64), ids, axis=1)
     p, q = np.exp(lp), np.exp(lq)
@@ -372,18 +368,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cecai_converter.agreement")
     parser.add_argument("job", type=Path, help="a job file written by the parent")
     args = parser.parse_args(argv)
-    job = json.loads(args.job.read_text(encoding="utf-8"))
-    result_file = Path(job["result"])
-    try:
-        result = _ROLES[job["role"]](job)
-    except _Usage as exc:
-        result_file.write_text(json.dumps({"error": str(exc), "kind": "usage"}), encoding="utf-8")
-        return 2
-    except Exception as exc:
-        result_file.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "kind": "failed"}))
-        raise
-    result_file.write_text(json.dumps(result), encoding="utf-8")
-    return 0
+    return serve_job(args.job, lambda job: _ROLES[job["role"]](job))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,6 @@ __all__ = [
 ]
 
 CHECK_SCHEMA: Final = 1
-#: Pairs whose runtime offloads to a GPU.
-GPU_ACCELERATORS: Final = ("cuda", "jetson")
 
 
 class CheckFailed(ConverterError):
@@ -103,7 +101,7 @@ def record_name(model_name: str, pair: PairInfo) -> str:
 
 def default_gpu_layers(pair: PairInfo | None) -> int:
     """Layers a pair's runtime offloads by default: all (-1) on GPU pairs when this runtime can, else 0."""
-    if pair is None or pair.accelerator not in GPU_ACCELERATORS:
+    if pair is None or not pair.gpu:
         return 0
     try:
         import llama_cpp
@@ -161,7 +159,7 @@ def check_folder(
     runtime = {**runtime_facts(layers), "backend": os.environ.get("CECAI_CHECK_BACKEND", "local")}
     if os.environ.get("CECAI_CHECK_IMAGE"):
         runtime["image"] = os.environ["CECAI_CHECK_IMAGE"]
-    if pair.accelerator in GPU_ACCELERATORS and n_gpu_layers is None and layers == 0:
+    if pair.gpu and n_gpu_layers is None and layers == 0:
         problems.append(
             f"{pair.name} is a GPU pair but this llama-cpp-python cannot offload to a GPU: checking it here would "
             "prove nothing about its runtime (run the check in the pair's image, --backend docker, or pass "

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .check import default_gpu_layers
 from .config import PairJob, check_writable_dir, load_converter_dir
 from .errors import EXIT_FAILED, EXIT_OK, ConverterError, UsageError
 from .manifest import MANIFEST_NAME, read_manifest
@@ -21,11 +22,10 @@ from .pairs import PairInfo, parse_pair
 from .pipeline import Job, Options, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
 from .source import check_repo_id, looks_like_repo_id
+from .toolchain import installed_runtime_version
 from .tools import thread_count
 
 __all__ = ["register"]
-
-_GPU_ACCELERATORS = ("cuda", "jetson")
 
 
 # -- shared options ------------------------------------------------------------------------------------------------
@@ -76,15 +76,9 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
 def _gpu_layers(args: argparse.Namespace, pair: PairInfo | None, out: Output) -> int:
     if args.n_gpu_layers is not None:
         return int(args.n_gpu_layers)
-    if pair is None or pair.accelerator not in _GPU_ACCELERATORS:
-        return 0
-    try:
-        import llama_cpp
-
-        if llama_cpp.llama_supports_gpu_offload():
-            return -1
-    except ImportError:
-        return 0
+    layers = default_gpu_layers(pair)
+    if layers != 0 or pair is None or not pair.gpu or installed_runtime_version() is None:
+        return layers
     out.warning(
         f"{pair.name} is a GPU pair but this llama-cpp-python has no GPU support: verifying on the CPU "
         "(use the pair's image, --backend docker, to verify on its runtime)"

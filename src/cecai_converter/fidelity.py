@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from .errors import ConfigError, ConverterError
 from .gguf_header import read_header
-from .tools import child_kwargs, quiet_abort_env, runtime_env, runtime_name
+from .tools import WorkerUsage, child_kwargs, quiet_abort_env, runtime_env, runtime_name, serve_job
 
 __all__ = [
     "DEFAULT_EVAL_TEXT",
@@ -319,23 +319,8 @@ def _tail(path: Path) -> str:
 # --- the worker (a separate process: llama.cpp may abort) -------------------------------------------------------
 
 
-class _WorkerUsageError(Exception):
-    pass
-
-
 def _worker_main(job_file: Path) -> int:
-    job = json.loads(job_file.read_text(encoding="utf-8"))
-    result_file = Path(job["result"])
-    try:
-        result = _evaluate_base(job) if job["role"] == "base" else _evaluate_candidate(job)
-    except _WorkerUsageError as exc:
-        result_file.write_text(json.dumps({"error": str(exc), "kind": "usage"}), encoding="utf-8")
-        return 2
-    except Exception as exc:
-        result_file.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "kind": "failed"}))
-        raise
-    result_file.write_text(json.dumps(result), encoding="utf-8")
-    return 0
+    return serve_job(job_file, lambda job: _evaluate_base(job) if job["role"] == "base" else _evaluate_candidate(job))
 
 
 def _load(job: Mapping[str, Any], n_ctx: int) -> Any:
@@ -418,7 +403,7 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
     try:
         text = Path(job["text"]).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise _WorkerUsageError(f"cannot read the evaluation text {job['text']}: {exc}") from None
+        raise WorkerUsage(f"cannot read the evaluation text {job['text']}: {exc}") from None
     # One load in the common case: the context length comes from the header. (A vocabulary-only load followed by
     # a full one in this process ended in SIGSEGV during the second load on a CUDA build; the cause was not
     # isolated, and one load is faster anyway.)
@@ -432,7 +417,7 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
         tokens = tokens[: int(job["max_tokens"])]
     if len(tokens) < n_ctx:
         if len(tokens) < 2 * _MIN_CHUNK:
-            raise _WorkerUsageError(
+            raise WorkerUsage(
                 f"the evaluation text has only {len(tokens)} tokens; at least {2 * _MIN_CHUNK} are needed"
             )
         n_ctx = len(tokens)  # a short text: one chunk of all of it
@@ -468,7 +453,7 @@ def _evaluate_candidate(job: Mapping[str, Any]) -> dict[str, Any]:
     tokens = np.load(work / "tokens.npy").tolist()
     llm = _load(job, n_ctx)
     if int(llm.n_vocab()) != int(job["n_vocab"]):
-        raise _WorkerUsageError(
+        raise WorkerUsage(
             f"the vocabulary differs from the base's ({llm.n_vocab()} vs {job['n_vocab']} tokens): "
             "not a quantization of the same model"
         )

@@ -314,7 +314,7 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
 
 def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
     from .batch import load_batch
-    from .plan import build_plan
+    from .plan import build_plan, matrix_json
 
     batch_path = Path(env.get("INPUT_BATCH", "").strip() or "conversions.yaml")
     if_missing = env.get("INPUT_IF_MISSING", "").strip() or "fail"
@@ -330,13 +330,12 @@ def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
         return 0
     plan = build_plan(load_batch(batch_path), split_list(env.get("INPUT_PAIRS")) or None)
     make, check = plan["make"]["include"], plan["check"]["include"]
-    dump = lambda m: json.dumps(m, separators=(",", ":"), sort_keys=True)  # noqa: E731
     write_outputs(
         env.get("GITHUB_OUTPUT"),
         {
-            "make": dump(plan["make"]),
-            "check": dump(plan["check"]),
-            "matrix": dump(plan["check"]),
+            "make": matrix_json(plan["make"]),
+            "check": matrix_json(plan["check"]),
+            "matrix": matrix_json(plan["check"]),
             "make-count": str(len(make)),
             "check-count": str(len(check)),
             "count": str(len(check)),

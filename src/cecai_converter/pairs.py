@@ -57,6 +57,11 @@ class PairInfo:
         return f"converter_args_{self.name.lower()}.yaml"
 
     @property
+    def gpu(self) -> bool:
+        """Whether the pair's runtime offloads to a GPU (CUDA on x86-64, or Jetson's)."""
+        return self.accelerator != "cpu"
+
+    @property
     def arch(self) -> str:
         """The platform's architecture as Docker names it (``amd64``, ``arm64``): the runner a build needs."""
         return self.platform.rpartition("/")[2]

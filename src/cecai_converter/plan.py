@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .output import Output
 from .pairs import PAIRS, parse_pair
 
-__all__ = ["MAX_MATRIX_JOBS", "build_matrix", "build_plan", "matrix_line", "output_lines", "register"]
+__all__ = ["MAX_MATRIX_JOBS", "build_matrix", "build_plan", "matrix_json", "matrix_line", "output_lines", "register"]
 
 #: GitHub runs at most 256 jobs from one matrix.
 MAX_MATRIX_JOBS: Final = 256
@@ -114,15 +114,21 @@ def build_matrix(batch: Batch, pairs: list[str] | None = None) -> dict[str, list
     return build_plan(batch, pairs)["check"]
 
 
+def matrix_json(matrix: dict[str, Any]) -> str:
+    """A matrix as one line of compact JSON with sorted keys, as ``fromJSON`` takes it from ``$GITHUB_OUTPUT``."""
+    return json.dumps(matrix, separators=(",", ":"), sort_keys=True)
+
+
 def matrix_line(matrix: dict[str, Any]) -> str:
     """``matrix=<json>`` on one line, for ``$GITHUB_OUTPUT``."""
-    return "matrix=" + json.dumps(matrix, separators=(",", ":"), sort_keys=True)
+    return "matrix=" + matrix_json(matrix)
 
 
 def output_lines(plan: dict[str, Any]) -> str:
     """The plan as ``$GITHUB_OUTPUT`` lines: ``make=…``, ``check=…`` and ``matrix=…`` (the check matrix)."""
-    dump = lambda m: json.dumps(m, separators=(",", ":"), sort_keys=True)  # noqa: E731
-    return "\n".join([f"make={dump(plan['make'])}", f"check={dump(plan['check'])}", matrix_line(plan["check"])])
+    return "\n".join(
+        [f"make={matrix_json(plan['make'])}", f"check={matrix_json(plan['check'])}", matrix_line(plan["check"])]
+    )
 
 
 def _run(args: argparse.Namespace, out: Output) -> int:

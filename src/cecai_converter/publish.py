@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConverterError, UsageError
+from .fsutil import sha256_file
 from .names import check_plain_name, check_stem, control_character, show
 from .output import Output, get_logger
 from .pairs import PAIRS
@@ -66,7 +67,6 @@ PARTIAL_SUFFIX: Final = ".cecai-partial"
 NOTES_START: Final = "<!-- cecai-converter:assets -->"
 NOTES_END: Final = "<!-- /cecai-converter:assets -->"
 _SPLIT_NAME: Final = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-_CHUNK: Final = 1 << 20
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 _log = get_logger("publish")
 
@@ -158,15 +158,6 @@ class PublishResult:
 
 
 # --------------------------------------------------------------------------------------------------- local files
-
-
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_gguf(path: Path, outdir: Path, *, size_limit: int = SIZE_LIMIT) -> list[Path]:

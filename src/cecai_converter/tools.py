@@ -11,6 +11,7 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .output import get_logger
@@ -25,12 +27,14 @@ from .output import get_logger
 __all__ = [
     "MAX_THREADS",
     "ToolRun",
+    "WorkerUsage",
     "child_kwargs",
     "failure_summary",
     "quiet_abort_env",
     "run_tool",
     "runtime_env",
     "runtime_name",
+    "serve_job",
     "thread_count",
 ]
 
@@ -209,3 +213,30 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+class WorkerUsage(Exception):
+    """A worker's job cannot be done as asked (a text too short, a vocabulary that does not fit): exit 2."""
+
+
+def serve_job(job_file: Path, handler: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> int:
+    """The worker side of a JSON job: read the job, run ``handler``, write its result to ``job["result"]``.
+
+    The parent reads ``{"error", "kind": "usage"|"failed"}`` from the same file when the job could not be done; a
+    crash inside llama.cpp leaves no file, which the parent reports with the exit status.
+
+    Returns:
+        0 on success, 2 for :class:`WorkerUsage`; any other exception is recorded, then re-raised.
+    """
+    job = json.loads(job_file.read_text(encoding="utf-8"))
+    result_file = Path(job["result"])
+    try:
+        result = handler(job)
+    except WorkerUsage as exc:
+        result_file.write_text(json.dumps({"error": str(exc), "kind": "usage"}), encoding="utf-8")
+        return 2
+    except Exception as exc:
+        result_file.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "kind": "failed"}))
+        raise
+    result_file.write_text(json.dumps(result), encoding="utf-8")
+    return 0
