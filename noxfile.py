@@ -4,8 +4,8 @@
     nox -s lint                       ruff check + format check, zizmor, actionlint
     nox -s demo                       the embedded default conversion
     nox -s fuzz                       a long Hypothesis run of the untrusted-input readers (CECAI_FUZZ_EXAMPLES)
-    nox -s convert-cpu -- PATH [...]  `cecai-convert run PATH --pair CPU_LLM_LLAMA --backend local [...]`
-    nox -s convert-gpu -- PATH [...]  the same in the GPU_LLM_LLAMA image (also convert-arm, convert-agx-orin)
+    nox -s convert-cpu -- PATH [...]  `cecai-convert run PATH --pair CPU_LLM_LLAMA [...]` (the CLI's default backend)
+    nox -s convert-gpu -- PATH [...]  the same for GPU_LLM_LLAMA (also convert-arm, convert-agx-orin)
     nox -s build-images               `docker buildx bake` (without buildx: the CPU image, plain build)
 
 The convert and image sessions live in noxfile_images.py and are registered from here.
@@ -30,6 +30,10 @@ WHEELS = os.environ.get("CECAI_WHEEL_CACHE", str(Path.home() / ".cache" / "cecai
 
 
 def _install(session: nox.Session, extras: str) -> None:
+    if "local" in extras.split(","):
+        # The same torch decision as ./dev: the CPU build from the PyTorch CPU index where it answers, else a
+        # listing of what pip is about to download (PyPI's torch is the multi-GB CUDA build on Linux).
+        session.run("python", "scripts/lib/dev_install.py", "torch")
     session.install("--find-links", WHEELS, "-e", f".[{extras}]")
 
 

@@ -1,7 +1,7 @@
 """nox sessions that use the pair images; noxfile.py imports this module, which registers them.
 
-    nox -s convert-cpu -- PATH [options]        `cecai-convert run PATH --pair CPU_LLM_LLAMA --backend local [...]`
-    nox -s convert-gpu -- PATH [options]        `cecai-convert run PATH --pair GPU_LLM_LLAMA --backend docker [...]`
+    nox -s convert-cpu -- PATH [options]        `cecai-convert run PATH --pair CPU_LLM_LLAMA [...]`
+    nox -s convert-gpu -- PATH [options]        `cecai-convert run PATH --pair GPU_LLM_LLAMA [...]`
     nox -s convert-arm -- PATH [options]        the same for ARM_LLM_LLAMA
     nox -s convert-agx-orin -- PATH [options]   the same for AGX_ORIN_LLM_LLAMA
     nox -s build-images [-- TARGET ...]         `docker buildx bake [TARGET ...]`; without buildx, each pair of
@@ -10,10 +10,9 @@
                                                 a conversion in it compared byte for byte with one made here, and
                                                 `cecai-convert check` of this machine's files under the arm64 image
 
-The convert sessions come from the pair table (src/cecai_converter/pairs.py), one per pair. convert-cpu converts on
-this machine (``--backend local``); the other pairs run in the pair's image (``--backend docker``), which needs only
-the package and the docker SDK here: no torch, no llama.cpp. CECAI_BACKEND, or ``--backend`` after ``--``, chooses
-otherwise.
+The convert sessions come from the pair table (src/cecai_converter/pairs.py), one per pair. The CLI picks the
+backend (cecai_converter.backends.default_backend: CECAI_BACKEND, else local); ``--backend docker`` after ``--`` runs
+in the pair's image, which needs only the package and the docker SDK here: no torch, no llama.cpp.
 """
 
 from __future__ import annotations
@@ -30,22 +29,20 @@ import nox
 
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT / "src"))  # the pair table, without installing the package into nox's own Python
+from cecai_converter.backends import default_backend  # noqa: E402
 from cecai_converter.fsutil import sha256_file  # noqa: E402
 from cecai_converter.pairs import PAIRS  # noqa: E402
 
-#: The pair of the machines nox runs on (x86-64 CPUs): it converts here; every other pair in its image.
-LOCAL_PAIR = "CPU_LLM_LLAMA"
-#: session name → (pair, default backend), one per pair of the table.
-CONVERT_SESSIONS = {
-    f"convert-{pair.slug}": (pair.name, "local" if pair.name == LOCAL_PAIR else "docker") for pair in PAIRS.values()
-}
+#: session name → (pair, its description), one per pair of the table.
+CONVERT_SESSIONS = {f"convert-{pair.slug}": (pair.name, pair.description) for pair in PAIRS.values()}
 
 
-def _convert(session: nox.Session, pair: str, default_backend: str) -> None:
+def _convert(session: nox.Session, pair: str) -> None:
     if not session.posargs:
         session.error(f"usage: nox -s {session.name} -- path/to/<NAME>/Converter [cecai-convert run options]")
     path, *options = session.posargs
-    backend = os.environ.get("CECAI_BACKEND", default_backend)
+    # Only to choose the extra to install (docker needs no torch); the CLI decides the backend itself.
+    backend = default_backend(os.environ)
     for i, option in enumerate(options):  # the last --backend wins, as in argparse
         if option == "--backend" and i + 1 < len(options):
             backend = options[i + 1]
@@ -53,21 +50,20 @@ def _convert(session: nox.Session, pair: str, default_backend: str) -> None:
             backend = option.partition("=")[2]
     wheels = os.environ.get("CECAI_WHEEL_CACHE", str(Path.home() / ".cache" / "cecai-converter" / "wheels"))
     session.install("--find-links", wheels, "-e", ".[local]" if backend == "local" else ".[docker]")
-    session.run("cecai-convert", "run", path, "--pair", pair, "--backend", backend, *options)
+    session.run("cecai-convert", "run", path, "--pair", pair, *options)
 
 
-def _make_convert_session(name: str, pair: str, default_backend: str) -> None:
+def _make_convert_session(name: str, pair: str, description: str) -> None:
     def session_func(session: nox.Session) -> None:
-        _convert(session, pair, default_backend)
+        _convert(session, pair)
 
-    where = "here" if default_backend == "local" else "in its image"
-    session_func.__doc__ = f"Convert a Converter folder for {pair} {where}: nox -s {name} -- PATH [options]."
+    session_func.__doc__ = f"Convert a Converter folder for {pair} ({description}): nox -s {name} -- PATH [options]."
     session_func.__name__ = name.replace("-", "_")
     nox.session(name=name, default=False)(session_func)
 
 
-for _name, (_pair, _backend) in CONVERT_SESSIONS.items():
-    _make_convert_session(_name, _pair, _backend)
+for _name, (_pair, _description) in CONVERT_SESSIONS.items():
+    _make_convert_session(_name, _pair, _description)
 
 
 def _has_buildx() -> bool:
@@ -105,7 +101,7 @@ def build_images(session: nox.Session) -> None:
         session.error(str(exc))
     session.warn(
         "docker buildx is not available: building with scripts/build-image.sh (podman or docker) instead. The CUDA "
-        "and L4T bases must be pullable; another architecture needs QEMU (see the README)."
+        "and L4T bases must be pullable; another architecture needs QEMU (see docs/images.md)."
     )
     for slug in slugs:
         session.run("bash", str(ROOT / "scripts" / "build-image.sh"), slug, external=True)
@@ -124,7 +120,7 @@ def check_arm(session: nox.Session) -> None:
     Env: CECAI_CHECK_ARM_DIR (work folder, default .nox/check-arm-work), CECAI_TORCH_VERSION (passed to
     scripts/build-image.sh), CECAI_PRECISIONS (default "Q8_0 Q4_K_M"). Writes DIR/check-arm.json: durations, the
     SHA-256 of each file on each architecture and whether they are equal, and the check's exit status. The bytes are
-    reported, not asserted: llama.cpp's K-quants may round differently on arm64 (see the README).
+    reported, not asserted: llama.cpp's K-quants may round differently on arm64 (see docs/images.md).
     """
     wheels = os.environ.get("CECAI_WHEEL_CACHE", str(Path.home() / ".cache" / "cecai-converter" / "wheels"))
     session.install("--find-links", wheels, "-e", ".[local,docker]")

@@ -43,10 +43,10 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from cecai_converter.manifest import Manifest, load_manifest
 from cecai_converter.modelgen import SIZES, build_model
 from cecai_converter.precisions import PRECISIONS
 from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION, ensure_converter
@@ -91,7 +91,7 @@ class Results:
     n_params: int = 0
     a_raw: list[Measured] = field(default_factory=list)
     a_pipe: Measured | None = None
-    a_manifest: dict[str, Any] = field(default_factory=dict)
+    a_manifest: Manifest = field(default_factory=Manifest)
     a_raw_totals: list[float] = field(default_factory=list)
     a_pipe_totals: list[float] = field(default_factory=list)
     b_pipe: Measured | None = None
@@ -261,7 +261,7 @@ def bench_a(res: Results, converter_dir: Path, model: Path, work: Path, threads:
     def pipeline() -> None:
         shutil.rmtree(pipe_out, ignore_errors=True)
         run = measure("pipeline: cecai-convert convert", argv, log)
-        manifest = json.loads((pipe_out / "manifest.json").read_text())
+        manifest = load_manifest(pipe_out / "manifest.json")
         shutil.rmtree(pipe_out)
         res.a_pipe_totals.append(run.wall_s)
         if res.a_pipe is None or run.wall_s < res.a_pipe.wall_s:
@@ -312,22 +312,21 @@ def check_done_when(res: Results, converter: Path, log: Path) -> None:
     """The issue's "Done when": the CPU pair's Q8_0 and Q4_K_M files, from the real-sized model, are verified."""
     print("\nchecking the CPU pair's outputs (issue 2, 'Done when')", flush=True)
     folder = converter / "outputs" / "CPU_LLM_LLAMA"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    entries = {e["precision"]: e for e in manifest["files"]}
+    entries = load_manifest(folder / "manifest.json").by_precision()
     ok = True
     for precision in ("Q8_0", "Q4_K_M"):
         entry = entries.get(precision)
-        ver = (entry or {}).get("verification") or {}
-        if entry is None or not ver.get("generated_tokens") or not (folder / entry["name"]).is_file():
+        ver = (entry.verification if entry else None) or {}
+        if entry is None or not ver.get("generated_tokens") or not (folder / entry.name).is_file():
             res.done_when.append(f"{precision}: MISSING or unverified in {folder / 'manifest.json'}")
             ok = False
             continue
         res.done_when.append(
-            f"`{entry['name']}`: {entry['bytes'] / 1e6:.1f} MB, {entry['tensor_count']} tensors, "
-            f"architecture {entry['architecture']}, file_type {entry['file_type']}, verification runtime "
+            f"`{entry.name}`: {entry.bytes / 1e6:.1f} MB, {entry.tensor_count} tensors, "
+            f"architecture {entry.architecture}, file_type {entry.file_type}, verification runtime "
             f"{ver.get('runtime')}, {len(ver['generated_tokens'])} tokens generated"
         )
-    files = [str(folder / entries[p]["name"]) for p in ("Q8_0", "Q4_K_M") if p in entries]
+    files = [str(folder / entries[p].name) for p in ("Q8_0", "Q4_K_M") if p in entries]
     try:
         measure("cecai-convert verify (CPU pair, Q8_0 + Q4_K_M)", cli_argv("verify", *files), log)
         res.done_when.append("`cecai-convert verify` on both files again (read-back + load + generate): exit 0")
@@ -380,9 +379,9 @@ def report(res: Results, args: argparse.Namespace, command: str) -> str:
     if res.a_pipe is not None:
         raw = _sum(res.a_raw)
         ratio = res.a_pipe.wall_s / raw
-        t = res.a_manifest.get("timings", {})
-        verify = sum((t.get("verify_s") or {}).values())
-        steps = float(t.get("convert_s", 0)) + sum((t.get("quantize_s") or {}).values())
+        t = res.a_manifest
+        verify = sum(t.seconds("verify_s").values())
+        steps = (t.total_seconds("convert_s") or 0.0) + sum(t.seconds("quantize_s").values())
         rows.append(
             (
                 "(a) pipeline / tools by hand, convert + Q8_0 + Q4_K_M",

@@ -3,5 +3,6 @@
 #
 #   bash scripts/converter_agx_orin_llm_llama.sh /path/to/<NAME>/Converter [cecai-convert run options]
 #
-# A thin caller of the CLI (see lib/converter_pair.sh): the pair's image converts (CECAI_BACKEND=local: this machine).
+# A thin caller of the CLI (see lib/converter_pair.sh), which picks the backend (CECAI_BACKEND=docker: the
+# pair's image).
 exec bash "$(dirname "$0")/lib/converter_pair.sh" AGX_ORIN_LLM_LLAMA "$@"

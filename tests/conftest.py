@@ -200,3 +200,35 @@ def cli_on_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exe = Path(sys.executable).parent / "cecai-convert"
     (folder / "cecai-convert").symlink_to(exe)
     return folder
+
+
+@pytest.fixture(scope="session")
+def llama_tools(pytestconfig: pytest.Config) -> Callable[..., dict[str, Path]]:
+    """``build(*targets)``: llama.cpp's tools built from the pinned sdist (cached in the toolchain folder).
+
+    A first build compiles llama.cpp (about 10 minutes on 2 cores). What it builds, where, how long it should take
+    and cmake's progress are written through pytest's terminal reporter with capturing suspended, so a test run
+    shows them (with or without ``-s``) instead of a silent dot.
+    """
+    import shutil
+
+    from cecai_converter import llama_tools as tools
+
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def say(message: str) -> None:
+        line = f"[llama.cpp tools] {message}"
+        if reporter is None or capture is None:
+            print(line, file=sys.stderr, flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    def build(*targets: str) -> dict[str, Path]:
+        pytest.importorskip("llama_cpp")
+        if shutil.which("cmake") is None:
+            pytest.skip("cmake is not installed")
+        return tools.build_tools(targets=targets or tools.TOOL_TARGETS, progress=say)
+
+    return build

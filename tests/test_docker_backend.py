@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -31,6 +33,7 @@ from cecai_converter.backends.docker import (
     IMAGE_GID,
     IMAGE_UID,
     ContainerFailed,
+    ContainerSpec,
     EngineUnreachable,
     ImageNotFound,
     Mount,
@@ -48,6 +51,7 @@ from cecai_converter.errors import ConfigError, UsageError
 from cecai_converter.fsutil import STAGING_PREFIX
 from cecai_converter.output import Output
 from cecai_converter.pairs import PAIRS
+from cecai_converter.request import REQUEST_ENV, Request, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = (1000, 1000)
@@ -79,15 +83,34 @@ def _job(converter: Path, pair: str) -> PairJob:
     return load_converter_dir(converter, [pair])[0]
 
 
+def _request(
+    job: PairJob, cli: dict[str, object] | None = None, environ: dict[str, str] | None = None, cwd: Path | None = None
+) -> Request:
+    """The job's request as ``run`` resolves it (its YAML, then ``environ``, then ``cli``)."""
+    return resolve(
+        cli or {}, job.settings, environ or {}, config_dir=job.config_dir, yaml_where=str(job.pair_file), cwd=cwd
+    )
+
+
+def _spec(job: PairJob, request: Request | None = None, **kwargs: Any) -> ContainerSpec:
+    return container_spec(job, request or _request(job), **kwargs)
+
+
+def _sent(spec: ContainerSpec) -> Request:
+    """The request the container receives, as its CLI reads it back."""
+    return Request.from_json(spec.environment[REQUEST_ENV])
+
+
 # -- specification tests --------------------------------------------------------------------------------------------
 def test_spec_cpu_mounts_user_network_and_command(tmp_path: Path) -> None:
     converter = _layout(tmp_path)
-    spec = container_spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    spec = _spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
     assert spec.image == f"{DEFAULT_IMAGE_REPO}:{__version__}-cpu"
     assert spec.entrypoint == ("cecai-convert",)
     assert spec.command == (
         "--format", "human", "run", "/job", "--pair", "CPU_LLM_LLAMA", "--backend", "local",
         "--models-path", "/job/models", "--outputs-path", "/job/outputs", "--logs-path", "/job/logs",
+        "--request", "env:CECAI_REQUEST",
     )  # fmt: skip
     assert spec.mounts == (
         Mount(converter / "configurations", "/job/configurations", read_only=True),
@@ -106,7 +129,7 @@ def test_spec_cpu_mounts_user_network_and_command(tmp_path: Path) -> None:
 
 
 def test_spec_gpu_requests_every_gpu(tmp_path: Path) -> None:
-    spec = container_spec(_job(_layout(tmp_path), "GPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    spec = _spec(_job(_layout(tmp_path), "GPU_LLM_LLAMA"), uid_gid=USER, environ={})
     assert spec.image.endswith(f":{__version__}-gpu")
     assert spec.gpus and spec.runtime is None
     assert spec.device_requests == [
@@ -119,7 +142,7 @@ def test_spec_gpu_requests_every_gpu(tmp_path: Path) -> None:
 
 
 def test_spec_agx_orin_uses_the_nvidia_runtime(tmp_path: Path) -> None:
-    spec = container_spec(_job(_layout(tmp_path), "AGX_ORIN_LLM_LLAMA"), uid_gid=USER, environ={})
+    spec = _spec(_job(_layout(tmp_path), "AGX_ORIN_LLM_LLAMA"), uid_gid=USER, environ={})
     assert spec.image.endswith(f":{__version__}-agx-orin")
     assert spec.runtime == "nvidia" and not spec.gpus
     kwargs = spec.create_kwargs(environ={})
@@ -129,17 +152,17 @@ def test_spec_agx_orin_uses_the_nvidia_runtime(tmp_path: Path) -> None:
 
 
 def test_spec_arm_is_a_plain_cpu_container(tmp_path: Path) -> None:
-    spec = container_spec(_job(_layout(tmp_path), "ARM_LLM_LLAMA"), uid_gid=USER, environ={})
+    spec = _spec(_job(_layout(tmp_path), "ARM_LLM_LLAMA"), uid_gid=USER, environ={})
     assert spec.image.endswith(f":{__version__}-arm")
     assert not spec.gpus and spec.runtime is None and spec.network_mode == "none"
 
 
 def test_spec_root_caller_runs_as_the_image_user(tmp_path: Path) -> None:
     job = _job(_layout(tmp_path), "CPU_LLM_LLAMA")
-    spec = container_spec(job, uid_gid=(0, 0), environ={})
+    spec = _spec(job, uid_gid=(0, 0), environ={})
     assert spec.user == f"{IMAGE_UID}:{IMAGE_GID}", "never root inside the container"
     assert spec.chown_dirs == (job.outputs_dir, job.logs_dir)
-    assert container_spec(job, uid_gid=USER, environ={}).chown_dirs == ()
+    assert _spec(job, uid_gid=USER, environ={}).chown_dirs == ()
 
 
 def test_spec_unreadable_model_is_found_before_the_start(tmp_path: Path) -> None:
@@ -148,24 +171,24 @@ def test_spec_unreadable_model_is_found_before_the_start(tmp_path: Path) -> None
     weights.write_bytes(b"x")
     weights.chmod(0o600)  # what safetensors writes
     job = _job(converter, "CPU_LLM_LLAMA")
-    as_root = container_spec(job, uid_gid=(0, 0), environ={})
+    as_root = _spec(job, uid_gid=(0, 0), environ={})
     assert unreadable_paths(as_root) == [weights], "uid 10001 may not read a root-owned 0600 file"
     with pytest.raises(UsageError, match="could not read") as info:
         check_readable(as_root)
     assert "chmod -R a+rX" in (info.value.hint or "")
     owner = weights.stat()
     if owner.st_uid != 0:  # a non-root caller's container runs as the caller, who owns the file
-        assert unreadable_paths(container_spec(job, uid_gid=(owner.st_uid, owner.st_gid), environ={})) == []
+        assert unreadable_paths(_spec(job, uid_gid=(owner.st_uid, owner.st_gid), environ={})) == []
     weights.chmod(0o644)
     assert unreadable_paths(as_root) == []
 
 
 def test_spec_image_choice(tmp_path: Path) -> None:
     job = _job(_layout(tmp_path, extra={"IMAGE_NAME": "registry.example/team/conv:7"}), "CPU_LLM_LLAMA")
-    assert container_spec(job, uid_gid=USER, environ={}).image == "registry.example/team/conv:7", "IMAGE_NAME"
-    assert container_spec(job, image="mine:1", uid_gid=USER, environ={}).image == "mine:1", "--image wins"
+    assert _spec(job, uid_gid=USER, environ={}).image == "registry.example/team/conv:7", "IMAGE_NAME"
+    assert _spec(job, image="mine:1", uid_gid=USER, environ={}).image == "mine:1", "--image wins"
     plain = _job(_layout(tmp_path / "b"), "GPU_LLM_LLAMA")
-    assert container_spec(plain, uid_gid=USER, environ={"CECAI_IMAGE_REPO": "localhost/cc"}).image == (
+    assert _spec(plain, uid_gid=USER, environ={"CECAI_IMAGE_REPO": "localhost/cc"}).image == (
         f"localhost/cc:{__version__}-gpu"
     )
     env = {"CECAI_IMAGE_TEMPLATE": "{repo}/{slug}:{version}", "CECAI_IMAGE_REPO": "r.io/x"}
@@ -176,50 +199,73 @@ def test_spec_image_choice(tmp_path: Path) -> None:
 
 def test_spec_network_and_token_only_when_the_model_must_be_downloaded(tmp_path: Path) -> None:
     job = _job(_layout(tmp_path, with_model=False), "CPU_LLM_LLAMA")
-    spec = container_spec(job, uid_gid=USER, environ={})
+    spec = _spec(job, uid_gid=USER, environ={})
     assert spec.network_mode is None
     assert "HF_TOKEN" in spec.passthrough_env
     secret = "hf_not_a_real_token_123"
     assert secret not in repr(spec), "values are read at run time, never kept in the spec"
     assert spec.create_kwargs(environ={"HF_TOKEN": secret})["environment"]["HF_TOKEN"] == secret
-    local = container_spec(_job(_layout(tmp_path / "b"), "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    local = _spec(_job(_layout(tmp_path / "b"), "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
     assert "HF_TOKEN" not in local.create_kwargs(environ={"HF_TOKEN": secret})["environment"]
 
 
 def test_spec_nested_model_name_mounts_models_path(tmp_path: Path) -> None:
     converter = _layout(tmp_path, model_name="org/tiny")
-    spec = container_spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    spec = _spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
     assert Mount(converter / "models", "/job/models", read_only=True) in spec.mounts
 
 
 def test_spec_format_and_verbose_follow_the_caller(tmp_path: Path) -> None:
     job = _job(_layout(tmp_path), "CPU_LLM_LLAMA")
-    spec = container_spec(job, fmt="json", verbose=True, forward_args=["--force", "--threads", "2"], uid_gid=USER)
+    spec = _spec(job, fmt="json", verbose=True, uid_gid=USER)
     assert spec.command[:4] == ("-v", "--format", "json", "run")
-    assert spec.command[-3:] == ("--force", "--threads", "2")
 
 
-def test_spec_file_options_become_read_only_mounts(tmp_path: Path) -> None:
+def test_spec_sends_the_resolved_request_as_json_not_flags(tmp_path: Path) -> None:
+    job = _job(_layout(tmp_path, extra={"KEEP_BASE": True, "THREADS": 3}), "CPU_LLM_LLAMA")
+    request = _request(job, {"force": True, "threads": 2}, {"CECAI_FIDELITY": "0"})
+    spec = _spec(job, request, uid_gid=USER, environ={})
+    assert spec.command[-2:] == ("--request", f"env:{REQUEST_ENV}")
+    assert not {"--force", "--threads", "--keep-base", "--no-fidelity"} & set(spec.command), "no rebuilt flags"
+    sent = _sent(spec)
+    assert sent == request, "the same values and sources, read back as the container reads them"
+    assert (sent["force"], sent["threads"], sent["keep_base"], sent["fidelity"]) == (True, 2, True, False)
+    assert (sent.sources["threads"], sent.sources["keep_base"], sent.sources["fidelity"]) == ("cli", "yaml", "env")
+    argv = spec.docker_run_args()
+    assert f"{REQUEST_ENV}={request.to_json()}" in argv, "the printed docker run line carries it too"
+    assert spec.create_kwargs(environ={})["environment"][REQUEST_ENV] == request.to_json()
+
+
+def test_spec_request_files_become_read_only_mounts(tmp_path: Path) -> None:
     job = _job(_layout(tmp_path), "CPU_LLM_LLAMA")
     calib = tmp_path / "calib.txt"
     calib.write_text("text")
-    spec = container_spec(job, forward_args=[f"--calibration-text={calib}", "--force"], uid_gid=USER, cwd=tmp_path)
+    spec = _spec(job, _request(job, {"calibration_text": "calib.txt", "imatrix": "auto"}, cwd=tmp_path), uid_gid=USER)
     assert Mount(calib, "/job/inputs/0/calib.txt", read_only=True) in spec.mounts
-    assert spec.command[-3:] == ("--calibration-text", "/job/inputs/0/calib.txt", "--force")
-    with pytest.raises(UsageError, match="no such file"):
-        container_spec(job, forward_args=["--imatrix", "missing.dat"], uid_gid=USER, cwd=tmp_path)
+    sent = _sent(spec)
+    assert sent["calibration_text"] == Path("/job/inputs/0/calib.txt") and sent["imatrix"] == "auto"
+    assert sent.sources["calibration_text"] == "cli"
+    with pytest.raises(UsageError, match=r"--imatrix .*missing.dat: no such file"):
+        _spec(job, _request(job, {"imatrix": str(tmp_path / "missing.dat")}), uid_gid=USER)
+    with pytest.raises(UsageError, match=r"CECAI_EVAL_TEXT .*gone.txt: no such file"):
+        _spec(job, _request(job, environ={"CECAI_EVAL_TEXT": str(tmp_path / "gone.txt")}), uid_gid=USER)
 
 
-def test_spec_yaml_file_keys_outside_configurations(tmp_path: Path) -> None:
-    converter = _layout(tmp_path, extra={"EVAL_TEXT": "../eval.txt", "IMATRIX": "imatrix.dat"})
-    spec = container_spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
-    # ../eval.txt (relative to configurations/) is mounted where the same relative path leads inside the container;
-    # imatrix.dat is inside configurations/, already mounted.
-    assert Mount(converter / "eval.txt", "/job/eval.txt", read_only=True) in spec.mounts
-    assert len(spec.mounts) == 5
-    outside = _layout(tmp_path / "b", extra={"EVAL_TEXT": "../../../eval.txt"})
-    with pytest.raises(ConfigError, match="outside the Converter folder"):
-        container_spec(_job(outside, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+def test_spec_yaml_file_keys_anywhere_are_mounted_from_the_resolved_paths(tmp_path: Path) -> None:
+    converter = _layout(tmp_path, extra={"EVAL_TEXT": "../../../eval.txt", "IMATRIX": "imatrix.dat"})
+    (tmp_path / "eval.txt").write_text("text")
+    (converter / "configurations" / "imatrix.dat").write_bytes(b"m")
+    spec = _spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+    # One resolution (request.py, against configurations/), wherever the file lies: each gets its own mount.
+    assert Mount(converter / "configurations" / "imatrix.dat", "/job/inputs/0/imatrix.dat", read_only=True) in (
+        spec.mounts
+    )
+    assert Mount(tmp_path / "eval.txt", "/job/inputs/1/eval.txt", read_only=True) in spec.mounts
+    assert len(spec.mounts) == 6
+    sent = _sent(spec)
+    assert sent["eval_text"] == Path("/job/inputs/1/eval.txt") and sent.sources["eval_text"] == "yaml"
+    with pytest.raises(UsageError, match=r"IMATRIX .*no such file"):
+        _spec(_job(_layout(tmp_path / "b", extra={"IMATRIX": "none.dat"}), "CPU_LLM_LLAMA"), uid_gid=USER)
 
 
 def test_build_command_hint_says_how_to_get_the_image() -> None:
@@ -344,7 +390,12 @@ def test_engine_seed_script_converts_in_the_image(
         ["bash", str(ROOT / "scripts" / "converter_cpu_llm_llama.sh"), str(converter)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        # The script leaves the backend to the CLI, whose one default CECAI_BACKEND sets.
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "CECAI_BACKEND": "docker",
+        },
         timeout=900,
         check=False,
     )
@@ -360,7 +411,8 @@ def test_engine_image_missing(tmp_path: Path) -> None:
     converter = _layout(tmp_path, pairs=("CPU_LLM_LLAMA",))
     missing = "localhost/cecai-converter:no-such-tag"
     with pytest.raises(ImageNotFound) as info:
-        run_jobs(load_converter_dir(converter), image=missing, forward_args=[], out=Output(stderr=io.StringIO()))
+        jobs = load_converter_dir(converter)
+        run_jobs(jobs, [_request(j) for j in jobs], image=missing, out=Output(stderr=io.StringIO()))
     assert missing in info.value.message and "build it:" in (info.value.hint or "")
     proc = _cli("run", converter, "--backend", "docker", "--image", missing)
     assert proc.returncode == 1
@@ -383,16 +435,17 @@ def test_engine_failing_container_status_reaches_the_caller(
     assert not _containers("broken-model")
     # run_container reports any status unchanged
     job = load_converter_dir(converter)[0]
-    spec = container_spec(job, image=cpu_image, forward_args=["--threads", "not-a-number"])
+    spec = _spec(job, image=cpu_image)
+    spec = dataclasses.replace(spec, environment={**spec.environment, REQUEST_ENV: '{"values": {}}'})
     client = connect()
     try:
         err = io.StringIO()
         assert run_container(client, spec, Output(stderr=err)) == 2
-        assert "--threads" in err.getvalue()
+        assert "--request env:CECAI_REQUEST is not a cecai-converter request" in err.getvalue()
     finally:
         client.close()
     with pytest.raises(ContainerFailed) as info:
-        run_jobs([job], image=cpu_image, forward_args=[], out=Output(stderr=io.StringIO()))
+        run_jobs([job], [_request(job)], image=cpu_image, out=Output(stderr=io.StringIO()))
     assert info.value.exit_code == 2 and info.value.return_code == 2
 
 
@@ -439,16 +492,21 @@ def test_spec_convert_mounts_the_model_read_only_and_runs_non_root(tmp_path: Pat
 
     model = tmp_path / "m"
     model.mkdir()
+    request = resolve({"threads": 2}, {}, {}, command="convert")
     spec = convert_spec(
-        str(model), tmp_path / "out", pair=PAIRS["GPU_LLM_LLAMA"], model_name="m", image="img",
-        convert_args=["--precision", "Q8_0"], uid_gid=(0, 0),
+        str(model), tmp_path / "out", request, pair=PAIRS["GPU_LLM_LLAMA"], model_name="m", image="img",
+        precisions=["Q8_0"], uid_gid=(0, 0),
     )  # fmt: skip
     mounts = {m.target: m for m in spec.mounts}
     assert mounts["/job/model"].read_only and mounts["/job/model"].source == model.resolve()
     assert not mounts["/job/outputs"].read_only
     assert spec.user == f"{IMAGE_UID}:{IMAGE_UID}" and spec.network_mode == "none" and spec.gpus
     assert spec.command[:6] == ("convert", "/job/model", "--outdir", "/job/outputs", "--model-name", "m")
-    hub = convert_spec("org/repo", tmp_path / "out", pair=PAIRS["AGX_ORIN_LLM_LLAMA"], model_name="repo")
+    assert spec.command[-6:] == ("--precision", "Q8_0", "--backend", "local", "--request", f"env:{REQUEST_ENV}")
+    assert _sent(spec) == request and _sent(spec)["reference"] is True, "convert's own default, resolved outside"
+    hub = convert_spec(
+        "org/repo", tmp_path / "out", request, pair=PAIRS["AGX_ORIN_LLM_LLAMA"], model_name="repo", precisions=["Q8_0"]
+    )
     assert hub.network_mode is None and hub.runtime == "nvidia" and "HF_TOKEN" in hub.passthrough_env
     assert "org/repo" in hub.command and not any(m.target == "/job/model" for m in hub.mounts)
 

@@ -63,6 +63,8 @@ def test_numbers_are_complete_and_finite(results: dict[str, dict]) -> None:
         assert 0 <= res["top1_agreement"] <= 1
         assert res["prompt_tps"] > 0 and res["gen_tps"] > 0
         assert res["kld_mean"] >= -1e-9
+        assert 0 <= res["kld_median"] <= res["kld_p99"] <= res["kld_p99_9"] <= res["kld_max"], label
+        assert res["ppl_ratio"] == pytest.approx(res["ppl"] / res["ppl_base"], rel=1e-9)
     # Every candidate is judged on the same positions against the same base.
     assert len({r["n_tokens"] for r in results.values()}) == 1
     assert len({r["ppl_base"] for r in results.values()}) == 1
@@ -74,6 +76,21 @@ def test_base_against_itself_is_lossless(results: dict[str, dict]) -> None:
     assert abs(same["kld_mean"]) < 1e-6
     assert abs(same["ppl_delta_pct"]) < 1e-6
     assert same["top1_agreement"] == 1.0
+    assert same["kld_max"] < 1e-6 and same["kld_mean_se"] < 1e-7 and same["top1_agreement_se"] == 0
+    assert same["ppl_ratio"] == pytest.approx(1.0) and same["ppl_ratio_se"] < 1e-6
+
+
+@pytest.mark.slow
+def test_error_bars_are_real_and_order_the_quantizations(results: dict[str, dict]) -> None:
+    for p in QUANTS:
+        res = results[p]
+        assert 0 < res["kld_mean_se"] < res["kld_mean"], p
+        assert 0 < res["ppl_ratio_se"] < 1 and 0 < res["top1_agreement_se"] < 0.05, p
+        assert res["kld_mean"] < res["kld_max"], p  # per-token values vary: the maximum is above the mean
+    # Q2_K is worse than Q8_0 by far more than both errors
+    q8, q2 = results["Q8_0"], results["Q2_K"]
+    assert q2["kld_mean"] - q8["kld_mean"] > 3 * (q2["kld_mean_se"] + q8["kld_mean_se"])
+    assert q2["kld_p99"] > q8["kld_p99"]
 
 
 @pytest.mark.slow
@@ -112,7 +129,8 @@ def test_report_and_plot_from_real_numbers(ggufs: dict[str, Path], results: dict
     markdown = report.render_markdown([manifest])
     for p in QUANTS:
         line = next(ln for ln in markdown.splitlines() if f"| {p} |" in ln)
-        assert f"{100 * results[p]['top1_agreement']:.1f}%" in line
+        assert f"{100 * results[p]['top1_agreement']:.1f} ± {100 * results[p]['top1_agreement_se']:.1f}%" in line
+        assert line.count("±") == 3  # KLD, PPL ratio, top-1
         assert "≈" not in line  # bits per weight measured from the GGUF next to the manifest
     png = report.plot(manifest, tmp_path / "tiny.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,8 +202,6 @@ def test_thresholds_validation_and_edge_cases() -> None:
 
 
 def test_a_killed_worker_is_described() -> None:
-    assert "SIGKILL" in fidelity._describe_exit(-9)
-    assert "status 3" in fidelity._describe_exit(3)
     error = fidelity._as_error("failed", "fidelity: evaluating X failed", "GGML_ASSERT(x) failed", "candidate")
     assert isinstance(error, MeasurementFailed) and isinstance(error, ConverterError)
     assert "GGML_ASSERT" in error.message and error.exit_code == 1

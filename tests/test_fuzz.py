@@ -130,7 +130,7 @@ def near_valid_files(draw: st.DrawFn) -> tuple[dict, int]:
             entry["data_offsets"][draw(st.integers(0, 1))] = draw(st.integers(-2, offset + 8) | JSON)
         elif what == "shape":
             entry["shape"] = draw(st.lists(DIMS, max_size=3) | JSON)
-        elif what == "dim" and entry["shape"]:
+        elif what == "dim" and isinstance(entry["shape"], list) and entry["shape"]:  # an earlier draw may be JSON
             entry["shape"][draw(st.integers(0, len(entry["shape"]) - 1))] = draw(DIMS)
         elif what == "dtype":
             entry["dtype"] = draw(DTYPES | JSON)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from test_publish import make_output
 
 from cecai_converter import gha
 from cecai_converter.errors import ConfigError
+from cecai_converter.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,12 +84,22 @@ def test_conversion_summary_table():
             {"name": "m.q4_k_m.gguf", "precision": "Q4_K_M", "bytes": 900, "sha256": "cd" * 32},
         ]
     }
-    manifest = {"timings": {"convert_s": 2.0, "quantize_s": {"Q4_K_M": 3.0}, "verify_s": {"Q8_0": 1.0}, "total_s": 9}}
+    # verify_s and fidelity_s are keyed by runtime label, as the pipeline writes them ("all" for one runtime)
+    timings = {"convert_s": 2.0, "quantize_s": {"Q4_K_M": 3.0}, "verify_s": {"all": 1.5}, "fidelity_s": {"all": 4.4}}
+    manifest = Manifest.from_dict({"schema": 1, "timings": {**timings, "total_s": 9}})
     md = gha.conversion_summary(result, manifest, title="m (CPU_LLM_LLAMA)")
     assert "| File | Precision | Size | SHA-256 | Time |" in md
-    assert "| `m.q8_0.gguf` | Q8_0 | 1.5 MB | `abababababab` | 3.0 s |" in md
+    assert "| `m.q8_0.gguf` | Q8_0 | 1.5 MB | `abababababab` | 2.0 s |" in md  # written by the converter
     assert "| `m.q4_k_m.gguf` | Q4_K_M | 900 B | `cdcdcdcdcdcd` | 3.0 s |" in md
+    assert "Verification (load and generate, every file): 1.5 s." in md
+    assert "Fidelity (against the base, every new file): 4.4 s." in md
     assert "Total: 9.0 s." in md
+
+
+def test_conversion_summary_names_each_runtime_verified_on():
+    timings = {"verify_s": {"n_gpu_layers=0": 1.0, "n_gpu_layers=-1": 2.0}}
+    md = gha.conversion_summary({"files": []}, Manifest.from_dict({"schema": 1, "timings": timings}), title="t")
+    assert "Verification (load and generate, every file): 1.0 s (n_gpu_layers=0), 2.0 s (n_gpu_layers=-1)." in md
 
 
 # ------------------------------------------------------------------------------------------ the commands
@@ -113,6 +125,20 @@ def test_plan_writes_the_matrix_and_a_summary(tmp_path):
     assert matrix["include"][1]["runner_labels"] == ["self-hosted", "linux", "ARM64", "agx-orin"]
     assert [e["id"] for e in json.loads(outputs["make"])["include"]] == ["tiny"]
     assert "### Conversion plan: 1 make job(s), 2 check job(s)" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_adapter_shares_the_cli_boundary_without_importing_the_cli(tmp_path):
+    """gha.main turns a ConverterError into an annotation, a summary and the CLI's exit code through the same
+    errors.boundary as cli.main, and never imports cli (which registers gha as a command)."""
+    env = {**os.environ, **runner_env(tmp_path, model=str(tmp_path / "missing"), precisions="Q8_0")}
+    code = (
+        "import sys; from cecai_converter import gha; rc = gha.main(['convert']); "
+        "sys.exit(rc + 100 * ('cecai_converter.cli' in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # a usage error; and cli was never imported
+    assert "::error title=cecai-converter%3A bad input::model not found" in proc.stdout  # raised by the handler
+    assert "bad input" in (tmp_path / "summary.md").read_text()
 
 
 def test_plan_can_skip_a_missing_batch_file(tmp_path):
@@ -182,7 +208,8 @@ def run_composite(
     env: dict[str, str] | None = None,
 ) -> dict:
     """Run a composite action's `run:` steps like the runner: defaults applied, `${{ inputs.* }}` evaluated into
-    env:, `if: inputs.x == 'y'` honoured, GITHUB_OUTPUT per step, one GITHUB_STEP_SUMMARY, GITHUB_ACTION_PATH.
+    env:, `if: inputs.x == 'y'` (or `steps.s.outputs.o != ''`) honoured, GITHUB_OUTPUT per step, one
+    GITHUB_STEP_SUMMARY, GITHUB_ACTION_PATH.
     ``env`` is the job's environment (e.g. GITHUB_API_URL), under each step's own env:."""
     job_env = dict(env or {})
     doc = yaml.safe_load(action.read_text(encoding="utf-8"))
@@ -208,9 +235,9 @@ def run_composite(
     for index, step in enumerate(doc["runs"]["steps"]):
         condition = step.get("if")
         if condition:
-            m = re.fullmatch(r"inputs\.([\w-]+) (==|!=) '([^']*)'", condition.strip())
+            m = re.fullmatch(r"((?:inputs|steps)\.[\w.-]+) (==|!=) '([^']*)'", condition.strip())
             assert m, f"unsupported condition {condition}"
-            if (values[m[1]] == m[3]) != (m[2] == "=="):
+            if (evaluate("${{ " + m[1] + " }}") == m[3]) != (m[2] == "=="):
                 continue
         output = tmp_path / f"output-{index}"
         output.touch()

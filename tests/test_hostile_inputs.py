@@ -466,7 +466,8 @@ def test_a_malformed_manifest_is_no_record_and_says_which_field(tmp_path, change
     from cecai_converter.manifest import read_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps(GOOD_MANIFEST))
-    assert read_manifest(tmp_path) == GOOD_MANIFEST
+    good = read_manifest(tmp_path)
+    assert good is not None and good.to_dict() == GOOD_MANIFEST
     (tmp_path / "manifest.json").write_text(json.dumps({**GOOD_MANIFEST, **change}))
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

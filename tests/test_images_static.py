@@ -1,4 +1,4 @@
-"""Static checks of the image files against the pair table: the Dockerfile, the bake file, the workflow, the README.
+"""Static checks of the image files against the pair table: the Dockerfile, the bake file, the workflow, docs/images.md.
 
 The CPU image is built and run for real in ``test_docker_backend.py`` (and the arm64 one by ``nox -s check-arm``);
 these tests hold every pair to the same contract without an engine: one hadolint-clean build chain whose per-pair
@@ -282,17 +282,18 @@ def test_generated_files_are_up_to_date() -> None:
 
 
 def test_check_notices_a_stale_file(tmp_path: Path) -> None:
-    for name in ("pyproject.toml", "docker-bake.hcl", "README.md"):
+    for name in ("pyproject.toml", "docker-bake.hcl", images.TABLES_DOC):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text((ROOT / name).read_text())
     (tmp_path / ".github").mkdir()
     (tmp_path / ".github" / "actionlint.yaml").write_text((ROOT / ".github" / "actionlint.yaml").read_text())
     assert images.check(tmp_path) == []
     bake = tmp_path / "docker-bake.hcl"
     bake.write_text(bake.read_text().replace('-DGGML_CPU_ARM_ARCH=armv8.2-a"', '-DGGML_CPU_ARM_ARCH=native"', 1))
-    readme = tmp_path / "README.md"
-    readme.write_text(readme.read_text().replace("`ghcr.io/cecai/cecai-converter:0.1.0-arm`", "`x`"))
-    assert images.check(tmp_path) == [bake, readme]
-    assert images.write(tmp_path) == [bake, readme] and images.check(tmp_path) == []
+    doc = tmp_path / images.TABLES_DOC
+    doc.write_text(doc.read_text().replace("`ghcr.io/cecai/cecai-converter:0.1.0-arm`", "`x`"))
+    assert images.check(tmp_path) == [bake, doc]
+    assert images.write(tmp_path) == [bake, doc] and images.check(tmp_path) == []
 
 
 def test_module_cli_prints_build_args() -> None:
@@ -483,8 +484,8 @@ def test_every_pair_once_in_every_place() -> None:
     data = _load_bake()
     targets = [name for name in _blocks(data, "target") if name != "_common"]
     groups = {name: _unquote(body["targets"]) for name, body in _blocks(data, "group").items()}
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index(images.README_BEGIN) : readme.index(images.README_END)]
+    doc = (ROOT / images.TABLES_DOC).read_text()
+    table = doc[doc.index(images.TABLES_BEGIN) : doc.index(images.TABLES_END)]
     sessions = noxfile_images.CONVERT_SESSIONS
     labels = yaml.safe_load((ROOT / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
     for pair in PAIRS.values():

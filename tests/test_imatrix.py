@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import ctypes
 import io
+import shutil
 import struct
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import convert_to_f32, write_tiny_gguf
 
-from cecai_converter import imatrix, llama_vocab
+from cecai_converter import imatrix, llama_tools, llama_vocab
 from cecai_converter.errors import ConversionFailed, ToolchainError, ToolNotFound, UsageError
 
 
@@ -149,44 +151,87 @@ def fake_sdist(tmp_path: Path, cmakelists: str) -> Path:
 
 
 def test_missing_cmake_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imatrix.shutil, "which", lambda name: None)
+    monkeypatch.setattr(llama_tools.shutil, "which", lambda name: None)
     with pytest.raises(ToolNotFound, match="cmake") as info:
-        imatrix.build_tools(sdist=fake_sdist(tmp_path, ""), cache=tmp_path / "cache")
+        llama_tools.build_tools(sdist=fake_sdist(tmp_path, ""), cache=tmp_path / "cache")
     assert "apt-get install cmake" in (info.value.hint or "")
 
 
-def test_failed_build_keeps_the_log_tail(tmp_path: Path) -> None:
-    if imatrix.shutil.which("cmake") is None:
+def test_failed_build_says_what_it_builds_and_keeps_the_log_tail(tmp_path: Path) -> None:
+    if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     sdist = fake_sdist(tmp_path, 'cmake_minimum_required(VERSION 3.14)\nmessage(FATAL_ERROR "vendored tree broken")\n')
+    said: list[str] = []
     with pytest.raises(ToolchainError, match="vendored tree broken") as info:
-        imatrix.build_tools(sdist=sdist, cache=tmp_path / "cache")
-    assert "build.log" in info.value.message
-    assert not (
-        tmp_path / "cache" / "llama.cpp-tools" / "llama_cpp_python-0.0.0-cpu" / "bin" / "llama-imatrix"
-    ).exists()
+        llama_tools.build_tools(
+            sdist=sdist, cache=tmp_path / "cache", targets=["llama-perplexity"], progress=said.append
+        )
+    root = tmp_path / "cache" / "llama.cpp-tools" / "llama_cpp_python-0.0.0-cpu"
+    assert "build.log" in info.value.message and str(root) in (info.value.hint or "")
+    assert not (root / "bin" / "llama-perplexity").exists()
+    # announced before it started: what, from what, where, for about how long, and where the log is
+    assert len(said) == 1 and said[0].startswith("building llama-perplexity from llama_cpp_python-0.0.0.tar.gz in ")
+    assert str(root) in said[0] and "minutes" in said[0] and str(root / "build.log") in said[0]
+    # the source was extracted once and is kept for the next attempt
+    marker = root / "src" / ".cecai-source.json"
+    first = marker.stat().st_mtime_ns
+    with pytest.raises(ToolchainError, match="vendored tree broken"):
+        llama_tools.build_tools(
+            sdist=sdist, cache=tmp_path / "cache", targets=["llama-perplexity"], progress=said.append
+        )
+    assert marker.stat().st_mtime_ns == first
+
+
+def test_build_progress_lines_are_read_from_cmake() -> None:
+    assert llama_tools._percent("[ 42%] Building CXX object src/llama.cpp.o\n") == 42
+    assert llama_tools._percent("[100%] Built target llama-imatrix\n") == 100
+    assert llama_tools._percent("[12/48] Building CXX object ggml.c.o\n") == 25  # Ninja
+    assert llama_tools._percent("-- Configuring done\n") is None
 
 
 def test_sdist_without_llama_cpp(tmp_path: Path) -> None:
-    if imatrix.shutil.which("cmake") is None:
+    if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     sdist = tmp_path / "llama_cpp_python-0.0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         member = tarfile.TarInfo("llama_cpp_python-0.0.0/setup.py")
         tar.addfile(member, io.BytesIO(b""))
     with pytest.raises(ToolchainError, match=r"holds no vendor/llama\.cpp"):
-        imatrix.build_tools(sdist=sdist, cache=tmp_path / "cache")
+        llama_tools.build_tools(sdist=sdist, cache=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "llama.cpp-tools" / "llama_cpp_python-0.0.0-cpu" / "src").exists()
+
+
+def test_one_extraction_for_converter_and_tools_stays_inside(tmp_path: Path) -> None:
+    """toolchain.extract_llama_cpp serves both the converter (some prefixes) and the tools (all of the tree)."""
+    from cecai_converter.toolchain import extract_llama_cpp
+
+    sdist = tmp_path / "llama_cpp_python-0.0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in (
+            ("vendor/llama.cpp/CMakeLists.txt", b"project(x)\n"),
+            ("vendor/llama.cpp/gguf-py/gguf/__init__.py", b""),
+            ("vendor/llama.cpp/../escaped.txt", b"outside"),
+            ("setup.py", b""),
+        ):
+            member = tarfile.TarInfo(f"llama_cpp_python-0.0.0/{name}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    some = extract_llama_cpp(sdist, tmp_path / "some", ("gguf-py/",))
+    assert [p.relative_to(some).as_posix() for p in sorted(some.rglob("*")) if p.is_file()] == [
+        "gguf-py/gguf/__init__.py"
+    ]
+    whole = extract_llama_cpp(sdist, tmp_path / "whole")
+    assert (whole / "CMakeLists.txt").read_bytes() == b"project(x)\n"
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("*"))  # dest/../escaped.txt: refused
+    assert not (whole / "setup.py").exists()
 
 
 # --- the real tool (slow: the first build compiles llama.cpp, ~5-10 min on 2 cores; cached afterwards) ----------
 
 
 @pytest.fixture(scope="module")
-def tools() -> dict[str, Path]:
-    pytest.importorskip("llama_cpp")
-    if imatrix.shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
-    return imatrix.build_tools()
+def tools(llama_tools: Callable[..., dict[str, Path]]) -> dict[str, Path]:
+    return llama_tools()
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +251,10 @@ def computed(tools: dict[str, Path], base: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.mark.slow
 def test_build_is_cached(tools: dict[str, Path]) -> None:
-    assert set(tools) == set(imatrix.TOOL_TARGETS)
+    assert set(tools) == set(llama_tools.TOOL_TARGETS)
     assert all(path.is_file() for path in tools.values())
     start = time.perf_counter()
-    assert imatrix.build_tools() == tools
+    assert llama_tools.build_tools() == tools
     assert time.perf_counter() - start < 5
 
 

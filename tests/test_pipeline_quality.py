@@ -85,7 +85,7 @@ def test_each_runtime_verifies_and_measures_the_shared_files_itself(tiny_llama, 
         ),
         options=Options(fidelity=True),
     )
-    manifests = run_job(job, Output(stderr=err))
+    manifests = [m.to_dict() for m in run_job(job, Output(stderr=err))]
     by_pair = {m["pair"]: m for m in manifests}
     assert by_pair["CPU_LLM_LLAMA"]["runtime"] == {"n_gpu_layers": 0}
     assert by_pair["GPU_LLM_LLAMA"]["runtime"] == {"n_gpu_layers": -1}
@@ -102,7 +102,7 @@ def test_each_runtime_verifies_and_measures_the_shared_files_itself(tiny_llama, 
     # Another runtime setting for a target is not "up to date": its files are reused, its manifest is rewritten.
     err = io.StringIO()
     cpu_only = dataclasses.replace(job, targets=(job.targets[0], dataclasses.replace(job.targets[1], n_gpu_layers=0)))
-    again = run_job(cpu_only, Output(stderr=err))
+    again = [m.to_dict() for m in run_job(cpu_only, Output(stderr=err))]
     assert "up to date" not in err.getvalue() and "quantizing" not in err.getvalue()
     assert [m["runtime"]["n_gpu_layers"] for m in again] == [0, 0]
     assert all(f["reused"] for m in again for f in m["files"])

@@ -12,11 +12,11 @@ import pytest
 from github_stand_in import FakeGitHubServer
 
 from cecai_converter import cli
-from cecai_converter.errors import UsageError
+from cecai_converter.errors import PublishFailed, UsageError
+from cecai_converter.manifest import load_manifest
 from cecai_converter.publish import (
     CHECKSUMS_NAME,
     PARTIAL_SUFFIX,
-    PublishFailed,
     collect_assets,
     parse_checksums,
     publish_release,
@@ -147,7 +147,7 @@ def test_first_publish_makes_a_draft_uploads_then_publishes(server, tmp_path):
     assert sums["tiny.q8_0.gguf"] == hashlib.sha256(gguf_bytes).hexdigest()
     assert set(sums) == {"tiny.q8_0.gguf", "tiny.cpu.manifest.json"}
     published = json.loads(server.asset_data(release["id"], "tiny.cpu.manifest.json"))
-    assert published == release_manifest(json.loads((out / "manifest.json").read_text()), [])
+    assert published == release_manifest(load_manifest(out / "manifest.json"), []).to_dict()
     # every upload happened while the release was a draft; publishing was the last write
     writes = [(m, p) for m, p, _ in server.requests if m != "GET"]
     assert writes[0][0] == "POST" and writes[0][1].endswith("/releases")

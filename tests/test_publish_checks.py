@@ -16,9 +16,9 @@ from github_stand_in import FakeGitHubServer
 from test_publish import REPO, TOKEN, make_output
 
 from cecai_converter.check import CHECK_SCHEMA, record_name
-from cecai_converter.errors import UsageError
+from cecai_converter.errors import ChecksFailed, UsageError
 from cecai_converter.pairs import PAIRS
-from cecai_converter.publish import CHECKSUMS_NAME, ChecksFailed, parse_checksums, publish_release
+from cecai_converter.publish import CHECKSUMS_NAME, parse_checksums, publish_release
 
 
 def made(folder: Path) -> Path:

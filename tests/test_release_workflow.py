@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from act_harness import (
     ROOT,
     ActRun,
@@ -75,6 +76,39 @@ def _records(doc: Any) -> Iterator[Mapping[str, Any]]:
     elif isinstance(doc, list):
         for item in doc:
             yield from _records(item)
+
+
+#: Steps of the publish job that need GitHub's OIDC token service (Sigstore signing, build provenance), which act
+#: does not have: each must be guarded so that it is skipped under act, and nowhere else.
+NEEDS_OIDC = {"Sign the release's files (model.sig)": "cecai-convert sign", "Attest build provenance": "attest-build"}
+SKIPPED_UNDER_ACT = "${{ !env.ACT }}"
+
+
+def _jobs() -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / WORKFLOW).read_text(encoding="utf-8"))["jobs"])
+
+
+def test_the_steps_that_need_oidc_are_skipped_under_act_only():
+    jobs = _jobs()
+    steps = {s["name"]: s for s in jobs["publish"]["steps"] if s.get("name") in NEEDS_OIDC}
+    assert set(steps) == set(NEEDS_OIDC), f"the publish job lost a step: {sorted(steps)}"
+    for name, what in NEEDS_OIDC.items():
+        step = steps[name]
+        assert what in step.get("run", "") + step.get("uses", ""), (name, step)
+        assert step.get("if") == SKIPPED_UNDER_ACT, f"{name}: if: {step.get('if')!r}"
+    # the OIDC token and the attestation store are the publish job's only
+    assert jobs["publish"]["permissions"] == {"contents": "write", "id-token": "write", "attestations": "write"}
+    for name, job in jobs.items():
+        if name != "publish":
+            assert not {"id-token", "attestations"} & set(job.get("permissions") or {}), name
+
+
+def _skipped_oidc_steps(run: ActRun) -> None:
+    """act saw the OIDC steps (it resolved the attestation action to its stand-in, which fails if run) and ran none."""
+    assert "actions/attest-build-provenance with ref" in run.log, "act did not resolve the attestation step"
+    for name in NEEDS_OIDC:
+        assert f"Run Main {name}" not in run.log, f"{name} ran under act"
+    assert "the release's SHA256SUMS (" in run.log, "the publish action did not fetch the release's SHA256SUMS"
 
 
 def _uploads(server: FakeGitHubServer) -> list[str]:
@@ -236,6 +270,7 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
 
         first = run(1)
         _succeeded(first, "first run")
+        _skipped_oidc_steps(first)
 
         release = server.release_by_tag(TAG)
         assert release["draft"] is False, "the release was left a draft"

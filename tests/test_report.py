@@ -13,8 +13,8 @@ from cecai_converter import report
 from cecai_converter.cli import main
 
 
-def fid(kld: float, delta: float, top1: float) -> dict:
-    return {
+def fid(kld: float, delta: float, top1: float, *, error_bars: bool = True) -> dict:
+    numbers = {
         "kld_mean": kld,
         "ppl": 10.0 * (1 + delta / 100),
         "ppl_base": 10.0,
@@ -25,6 +25,18 @@ def fid(kld: float, delta: float, top1: float) -> dict:
         "device": "cpu",
         "n_tokens": 2040,
     }
+    if error_bars:  # as fidelity.measure records them since the error bars came in
+        numbers |= {
+            "kld_mean_se": kld / 24,
+            "kld_median": kld / 3,
+            "kld_p99": kld * 7.5,
+            "kld_p99_9": kld * 20,
+            "kld_max": kld * 40,
+            "ppl_ratio": 1 + delta / 100,
+            "ppl_ratio_se": 0.0021,
+            "top1_agreement_se": (top1 * (1 - top1) / 2039) ** 0.5,
+        }
+    return numbers
 
 
 def manifest(pair: str | None = "CPU_LLM_LLAMA", *, with_fidelity: bool = True) -> dict:
@@ -71,17 +83,37 @@ def test_markdown_table() -> None:
     assert "Fidelity vs the F32 base on 2040 scored tokens (base perplexity 10) measured on cpu." in md
     assert "Importance matrix: `tiny.imatrix.gguf` (computed)." in md
     header = next(i for i, ln in enumerate(lines) if ln.startswith("| File"))
-    assert lines[header] == "| File | Precision | Size | BPW | KLD | PPL Δ% | Top-1 | Prompt tok/s | Gen tok/s |"
+    assert lines[header] == (
+        "| File | Precision | Size | BPW | KLD | KLD p99 | PPL ratio | Top-1 | Prompt tok/s | Gen tok/s |"
+    )
+    assert lines[header + 1] == "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
     rows = lines[header + 2 : header + 5]
-    assert rows[0] == "| `tiny.q8_0.gguf` | Q8_0 | 1.87 MiB | ≈8.50 | 0.0029 | -0.17 | 92.0% | 812.2 | 95.5 |"
-    assert rows[2].startswith("| `tiny.q2_k.gguf` | Q2_K | 786.75 KiB | ≈3.16 | 1.82 | +3.10 | 1.5% |")
+    # KLD 0.0029 ± 0.000121 (two significant digits of the error), p99 0.02175, top-1 92 % ± 0.60 %
+    assert rows[0] == (
+        "| `tiny.q8_0.gguf` | Q8_0 | 1.87 MiB | ≈8.50 | 0.00290 ± 0.00012 | 0.0217 | 0.9983 ± 0.0021 "
+        "| 92.0 ± 0.6% | 812.2 | 95.5 |"
+    )
+    assert rows[2].startswith("| `tiny.q2_k.gguf` | Q2_K | 786.75 KiB | ≈3.16 | 1.820 ± 0.076 | 13.7 |")
+    assert "| 1.0310 ± 0.0021 | 1.5 ± 0.3% |" in rows[2]
+
+
+def test_markdown_of_a_manifest_without_error_bars() -> None:
+    """A manifest written before the error bars: its numbers as before, a dash where a number was not recorded."""
+    data = manifest()
+    old_keys = set(fid(0, 0, 0, error_bars=False))
+    for entry in data["files"]:
+        entry["fidelity"] = {k: v for k, v in entry["fidelity"].items() if k in old_keys}
+    rows = [ln for ln in report.render_markdown([data]).splitlines() if ln.startswith("| `tiny.")]
+    # the PPL ratio is ppl / ppl_base, which old manifests hold; it has no error bar
+    assert rows[0] == "| `tiny.q8_0.gguf` | Q8_0 | 1.87 MiB | ≈8.50 | 0.0029 | — | 0.9983 | 92.0% | 812.2 | 95.5 |"
+    assert "±" not in "".join(rows)
 
 
 def test_markdown_without_fidelity_and_several_models() -> None:
     md = report.render_markdown([manifest(), manifest(None, with_fidelity=False)])
     assert md.count("### tiny") == 2 and "### tiny\n" in md
     assert "FIDELITY was off" in md
-    assert "| `tiny.q4_k_m.gguf` | Q4_K_M | 1.12 MiB | ≈4.89 | — | — | — | — | — |" in md
+    assert "| `tiny.q4_k_m.gguf` | Q4_K_M | 1.12 MiB | ≈4.89 | — | — | — | — | — | — |" in md
 
 
 def test_bits_per_weight_measured_from_the_gguf(tmp_path: Path) -> None:

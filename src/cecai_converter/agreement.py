@@ -23,23 +23,21 @@ fidelity: a file that makes llama.cpp abort becomes an error naming it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import ConfigError, ConverterError
+from .errors import AgreementFailed, ConfigError, WorkerFailed
 from .gguf_header import read_header
-from .tools import WorkerUsage, failure_summary, run_tool, runtime_env, runtime_name, serve_job
+from .tools import WorkerUsage, run_worker, runtime_env, runtime_name, serve_job
 
 __all__ = [
     "N_POSITIONS",
@@ -61,12 +59,6 @@ N_POSITIONS: Final = 128
 #: Tokens kept per position.
 TOP_K: Final = 32
 _TAIL_FLOOR: Final = 1e-12
-
-
-class AgreementFailed(ConverterError):
-    """A runtime could not evaluate a file for the agreement check (it failed to load or crashed)."""
-
-    title = "runtime check failed"
 
 
 def runtime_facts(n_gpu_layers: int) -> dict[str, Any]:
@@ -112,7 +104,8 @@ def read_reference(path: Path) -> dict[str, Any]:
         lps = entry.get("logprobs") if isinstance(entry, dict) else None
         if not (isinstance(rows, list) and isinstance(lps, list) and len(rows) == len(lps) == len(data["tokens"])):
             raise ConfigError(f"{path}: the entry for {name!r} does not have one row per token")
-    return data
+    reference: dict[str, Any] = data
+    return reference
 
 
 def make_reference(
@@ -224,25 +217,22 @@ def compare(
 
 
 def _run_worker(job: dict[str, Any], n_gpu_layers: int, threads: int | None, *, label: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="cecai-agree-") as tmp:
-        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(
-            json.dumps({**job, "n_gpu_layers": n_gpu_layers, "threads": threads, "result": str(result_file)}),
-            encoding="utf-8",
-        )
-        argv = [sys.executable, "-m", "cecai_converter.agreement", str(job_file)]
-        run = run_tool(argv, env=runtime_env(n_gpu_layers))
-        data = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
-    if run.returncode != 0 or "error" in data or not data:
-        reason = data.get("error") or f"the worker exited with status {run.returncode}"
-        last = failure_summary(run.tail) if run.tail.strip() else ""
-        if data.get("kind") == "usage":
-            raise ConfigError(f"{label}: {reason}")
+    try:
+        return run_worker(
+            "cecai_converter.agreement",
+            {**job, "n_gpu_layers": n_gpu_layers, "threads": threads},
+            timeout=None,  # a check job has its own limit; one file's evaluation has no natural one
+            name=f"agreement {job['role']}",
+            env=runtime_env(n_gpu_layers),
+        ).data
+    except WorkerFailed as exc:
+        if exc.kind == "usage":
+            raise ConfigError(f"{label}: {exc.reason}") from None
+        shown = f" ({exc.summary})" if exc.summary else ""
         raise AgreementFailed(
-            f"this runtime could not evaluate {label}: {reason}" + (f" ({last})" if last else ""),
+            f"this runtime could not evaluate {label}: {exc.reason}{shown}",
             hint="the file may use a type this llama-cpp-python build cannot run; `cecai-convert verify` shows more",
-        )
-    return data
+        ) from None
 
 
 # --- the worker (a separate process: llama.cpp may abort) ---------------------------------------------------------
@@ -365,10 +355,7 @@ _ROLES = {"tokenize": _tokenize, "reference": _reference, "compare": _compare}
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cecai_converter.agreement")
-    parser.add_argument("job", type=Path, help="a job file written by the parent")
-    args = parser.parse_args(argv)
-    return serve_job(args.job, lambda job: _ROLES[job["role"]](job))
+    return serve_job(lambda job: _ROLES[job["role"]](job), argv)
 
 
 if __name__ == "__main__":

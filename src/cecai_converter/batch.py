@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
+from .backends import BACKENDS, RELEASE_CHECK_BACKEND
 from .config import load_yaml_mapping
 from .errors import ConfigError, UsageError
 from .names import check_stem, control_character, show
@@ -69,7 +70,6 @@ CHECK_PAIR_KEYS: Final[Mapping[str, str]] = {
     "backend": "docker or local, for this pair",
     "image": "the image a docker check runs (default: the pair's published tag)",
 }
-_BACKENDS: Final = ("docker", "local")
 #: Keys of ``defaults``.
 DEFAULTS_KEYS: Final[Mapping[str, str]] = {
     "precisions": "one llama.cpp type or a list of them",
@@ -115,7 +115,7 @@ class BatchModel:
 class PairCheck:
     """How one pair's runtime checks the files a make job produced."""
 
-    backend: str = "docker"
+    backend: str = RELEASE_CHECK_BACKEND
     image: str = ""
 
 
@@ -237,11 +237,11 @@ def _parse_check(value: object, where: str) -> tuple[dict[str, PairCheck], float
 
     def backend_of(raw: object, here: str) -> str:
         backend = _string(raw, here).lower()
-        if backend not in _BACKENDS:
-            raise ConfigError(f"{here}: expected docker or local, got {raw!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"{here}: expected {' or '.join(sorted(BACKENDS))}, got {raw!r}")
         return backend
 
-    default_backend = backend_of(data["backend"], f"{where}.backend") if "backend" in data else "docker"
+    default_backend = backend_of(data["backend"], f"{where}.backend") if "backend" in data else RELEASE_CHECK_BACKEND
     checks = {name: PairCheck(backend=default_backend) for name in PAIRS}
     for key, pair in pair_keys.items():
         here = f"{where}.{key}"

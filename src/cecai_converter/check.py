@@ -30,9 +30,10 @@ from typing import Any, Final
 
 from . import __version__
 from .agreement import REFERENCE_NAME, compare, read_reference, runtime_facts
-from .errors import EXIT_OK, ConfigError, ConverterError, UsageError
+from .backends import BACKENDS
+from .errors import EXIT_OK, CheckFailed, ConfigError, ConverterError, UsageError
 from .fsutil import atomic_write_json, sha256_file
-from .manifest import MANIFEST_NAME, read_manifest
+from .manifest import MANIFEST_NAME, load_manifest, read_manifest
 from .output import Output
 from .pairs import PairInfo, parse_pair
 from .tools import thread_count
@@ -49,12 +50,6 @@ __all__ = [
 ]
 
 CHECK_SCHEMA: Final = 1
-
-
-class CheckFailed(ConverterError):
-    """A pair's runtime disagreed with the builder's, could not run a file, or saw other bytes."""
-
-    title = "check failed"
 
 
 @dataclass(frozen=True)
@@ -137,20 +132,22 @@ def check_folder(
         The check record (see the module docstring); ``record["passed"]`` says whether every file passed.
 
     Raises:
-        UsageError: the folder is not a builder's outputs folder (no manifest, no reference, a file missing).
+        UsageError: the folder is not a builder's outputs folder (no manifest, no reference, a file missing);
+            ManifestError (a UsageError) when its manifest is malformed.
         ConverterError: the runtime is not installed.
     """
     from .toolchain import require_runtime
     from .verify import load_check_many
 
-    manifest = read_manifest(folder)
-    if manifest is None:
+    try:
+        manifest = load_manifest(folder / MANIFEST_NAME)
+    except FileNotFoundError:
         raise UsageError(
-            f"{folder}: no {MANIFEST_NAME} (or an unreadable one)",
+            f"{folder}: no {MANIFEST_NAME}",
             hint="pass the folder `cecai-convert convert` wrote (the release flow's make artifact)",
-        )
+        ) from None
     reference = read_reference(folder / REFERENCE_NAME)
-    entries = [e for e in manifest.get("files") or [] if isinstance(e, dict)]
+    entries = manifest.files
     if not entries:
         raise UsageError(f"{folder / MANIFEST_NAME} lists no files to check")
     require_runtime()
@@ -167,7 +164,7 @@ def check_folder(
         )
     files: list[dict[str, Any]] = []
     for entry in entries:
-        name = str(entry.get("name", ""))
+        name = entry.name
         path = folder / name
         if not name or Path(name).name != name or not path.is_file():
             raise UsageError(f"{folder / MANIFEST_NAME} lists {name!r}, which is not a file in {folder}")
@@ -175,14 +172,14 @@ def check_folder(
         ref_sha = (reference["files"].get(name) or {}).get("sha256")
         row: dict[str, Any] = {
             "name": name,
-            "precision": entry.get("precision"),
+            "precision": entry.precision,
             "sha256": digest,
-            "sha256_match": digest == entry.get("sha256") and (ref_sha is None or digest == ref_sha),
+            "sha256_match": digest == entry.sha256 and (ref_sha is None or digest == ref_sha),
             "problems": [],
         }
         if not row["sha256_match"]:
             row["problems"].append(
-                f"sha256 {digest[:12]}… is not the builder's {str(entry.get('sha256'))[:12]}…: other bytes than "
+                f"sha256 {digest[:12]}… is not the builder's {entry.sha256[:12]}…: other bytes than "
                 "the ones made and measured"
             )
         files.append(row)
@@ -215,7 +212,7 @@ def check_folder(
         "schema": CHECK_SCHEMA,
         "tool": {"name": "cecai-converter", "version": __version__},
         "pair": pair.name,
-        "model_name": manifest.get("model_name"),
+        "model_name": manifest.model_name,
         "passed": all(r["passed"] for r in files) and not problems,
         "runtime": runtime,
         "reference_runtime": reference.get("runtime"),
@@ -265,7 +262,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     manifest = read_manifest(folder)
-    model_name = str((manifest or {}).get("model_name") or folder.name)
+    model_name = (manifest.model_name if manifest else None) or folder.name
     record_path: Path = (args.record or folder / record_name(model_name, pair)).resolve()
     if args.backend == "docker":
         from .backends.docker import check_spec, run_check
@@ -363,7 +360,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--threads", type=thread_count, help="CPU threads (default: all cores)")
     p.add_argument(
         "--backend",
-        choices=("local", "docker"),
+        choices=BACKENDS,
         default="local",
         help="docker: run the check in the pair's image (OUTDIR read-only, GPUs per pair)",
     )

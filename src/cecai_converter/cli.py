@@ -1,9 +1,9 @@
 """``cecai-convert``: the one front door. Parsing and wiring only; the work happens in the pipeline modules.
 
 Each command group lives in its own module and exposes ``register(subparsers)``, which adds its parser and sets
-``handler=fn(args, out) -> int``. :func:`main` is the single error boundary: a :class:`ConverterError` becomes a
-clean message and its exit code; anything else is a bug and keeps its traceback. ``CECAI_DEBUG=1`` shows the
-traceback of a ``ConverterError`` too.
+``handler=fn(args, out) -> int``. :func:`main` runs it inside the one error boundary (:func:`errors.boundary`, which
+the GitHub Actions adapter shares): a :class:`ConverterError` becomes a clean message and its exit code; anything
+else is a bug and keeps its traceback. ``CECAI_DEBUG=1`` shows the traceback of a ``ConverterError`` too.
 
 Exit codes: 0 success, 1 a conversion/tool/check failed, 2 bad input or configuration, 130 interrupted.
 """
@@ -16,12 +16,11 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from types import FrameType
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ConverterError
+from .errors import ConverterError, boundary
 from .output import LOGGER_NAME, Output
 
 __all__ = ["build_parser", "main"]
@@ -32,8 +31,10 @@ _COMMAND_MODULES = (
     "cecai_converter.check",
     "cecai_converter.plan",
     "cecai_converter.publish",
+    "cecai_converter.signing_commands",
     "cecai_converter.report",
     "cecai_converter.gha",
+    "cecai_converter.card_commands",
 )
 
 
@@ -90,24 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Output(args.format, verbose=args.verbose)
     _configure_logging(args.verbose)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return int(args.handler(args, out))
-    except ConverterError as exc:
-        if os.environ.get("CECAI_DEBUG"):
-            traceback.print_exc()
+
+    def report(exc: ConverterError) -> None:
         out.error(exc.message, exc.hint)
         if not os.environ.get("CECAI_DEBUG"):
             print("(set CECAI_DEBUG=1 for the full traceback)", file=out.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
+
+    def interrupted() -> None:
         out.end_progress()
         out.error("interrupted; temporary files were removed")
-        return EXIT_INTERRUPTED
+
+    try:
+        return boundary(lambda: int(args.handler(args, out)), report=report, interrupted=interrupted)
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def usage_error(message: str) -> int:
-    """Print a usage problem found after parsing and return the usage exit code."""
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE

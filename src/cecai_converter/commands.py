@@ -1,6 +1,8 @@
 """The core commands: ``run``, ``convert``, ``precisions``, ``verify``, ``toolchain`` and ``demo``.
 
-Handlers translate arguments into pipeline calls and print results; they decide nothing else.
+Handlers translate arguments into pipeline calls and print results; they decide nothing else: the options come
+resolved from :mod:`cecai_converter.request`, the pair grouping from :func:`cecai_converter.config.group_jobs`, the
+default backend from :mod:`cecai_converter.backends`.
 """
 
 from __future__ import annotations
@@ -8,152 +10,71 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .check import default_gpu_layers
-from .config import PairJob, check_writable_dir, load_converter_dir
+from .backends import BACKEND_ENV, BACKENDS, default_backend
+from .config import check_writable_dir, group_jobs, load_converter_dir
 from .errors import EXIT_FAILED, EXIT_OK, ConverterError, UsageError
-from .manifest import MANIFEST_NAME, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .names import check_stem, show
 from .output import Output
-from .pairs import PairInfo, parse_pair
-from .pipeline import Job, Options, Target, run_job
+from .pairs import parse_pair
+from .pipeline import Job, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
+from .request import OPTIONS, Command, Request, add_arguments, gpu_layers, load_request, resolve
 from .source import check_repo_id, looks_like_repo_id
-from .toolchain import installed_runtime_version
-from .tools import thread_count
 
 __all__ = ["register"]
 
 
-# -- shared options ------------------------------------------------------------------------------------------------
-def _add_conversion_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("conversion")
-    g.add_argument("--force", action="store_true", help="redo the work even when the outputs are current")
-    g.add_argument("--keep-base", action="store_true", default=None, help="also publish the unquantized base file")
-    g.add_argument(
-        "--threads", type=thread_count, help="threads for quantization and verification (default: all cores)"
-    )
-    g.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        default=None,
-        help="accept pickle .bin weights (unpickling runs code from the file: only for models you trust)",
-    )
-    g.add_argument(
-        "--imatrix",
-        metavar="FILE|auto",
-        help="importance matrix for quantization (needed by IQ* types): a file, or `auto` to compute one with "
-        "llama-imatrix on the calibration text",
-    )
-    g.add_argument(
-        "--calibration-text", type=Path, help="text to compute the importance matrix from (default: shipped text)"
-    )
-    g.add_argument(
-        "--fidelity",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="measure KL-divergence and perplexity of every file against the base (default: on)",
-    )
-    g.add_argument("--eval-text", type=Path, help="the text fidelity is measured on (default: shipped text)")
-    g.add_argument(
-        "--reference",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="write reference.json: this runtime's predictions for each file, which `cecai-convert check` compares "
-        "other runtimes against (default: on for convert, off for run)",
-    )
-    g.add_argument(
-        "--n-gpu-layers",
-        type=int,
-        help="layers to offload when verifying/measuring (default: all on GPU pairs when the runtime has a GPU, "
-        "else 0)",
-    )
+# -- shared ---------------------------------------------------------------------------------------------------------
+_BACKEND_HELP = f"where the conversion runs (default: ${BACKEND_ENV}, else local)"
 
 
-def _gpu_layers(args: argparse.Namespace, pair: PairInfo | None, out: Output) -> int:
-    if args.n_gpu_layers is not None:
-        return int(args.n_gpu_layers)
-    layers = default_gpu_layers(pair)
-    if layers != 0 or pair is None or not pair.gpu or installed_runtime_version() is None:
-        return layers
-    out.warning(
-        f"{pair.name} is a GPU pair but this llama-cpp-python has no GPU support: verifying on the CPU "
-        "(use the pair's image, --backend docker, to verify on its runtime)"
-    )
-    return 0
+def _backend(args: argparse.Namespace) -> str:
+    """``--backend``, else the one default (:func:`cecai_converter.backends.default_backend`)."""
+    backend: str = args.backend or default_backend()
+    if backend not in BACKENDS:
+        raise UsageError(
+            f"{BACKEND_ENV}={backend!r} is not a backend",
+            hint=f"choose one of {', '.join(BACKENDS)} (or unset {BACKEND_ENV}: the default is local)",
+        )
+    return backend
 
 
-def _fidelity_default() -> bool:
-    try:
-        from . import fidelity  # noqa: F401  (present once the fidelity module is installed)
-    except ImportError:
-        return False
-    return True
+def _request_for(
+    args: argparse.Namespace, settings: Mapping[str, Any], config_dir: Path | None, where: str, command: Command
+) -> Request:
+    """The options of one conversion: the container's request when given, else resolved from flag/YAML/env."""
+    if args.request is not None:
+        given = [spec.flag for spec in OPTIONS if getattr(args, spec.name, None) is not None]
+        if given:
+            raise UsageError(
+                f"--request carries every option; {', '.join(given)} would be ignored",
+                hint="drop them, or drop --request and give the options as flags",
+            )
+        return load_request(args.request)
+    return resolve(args, settings, os.environ, command=command, config_dir=config_dir, yaml_where=where)
 
 
-def _options(
-    args: argparse.Namespace,
-    settings: dict[str, Any],
-    n_gpu_layers: int,
-    config_dir: Path | None,
-    *,
-    reference: bool = False,
-) -> Options:
-    def path_of(flag: Path | None, key: str) -> Path | None:
-        if flag is not None:
-            return flag.resolve()
-        value = settings.get(key)
-        return (config_dir / str(value)).resolve() if value is not None and config_dir is not None else None
-
-    def flag_or(flag: bool | None, key: str, default: bool) -> bool:
-        if flag is not None:
-            return bool(flag)
-        value = settings.get(key)
-        return default if value is None else bool(value)
-
-    imatrix_value = args.imatrix if args.imatrix is not None else settings.get("IMATRIX")
-    compute_imatrix = str(imatrix_value).strip().lower() == "auto"
-    if imatrix_value is None or compute_imatrix:
-        imatrix = None
-    elif args.imatrix is not None:
-        imatrix = Path(args.imatrix).resolve()
-    else:
-        imatrix = path_of(None, "IMATRIX")
-    return Options(
-        force=bool(args.force),
-        keep_base=flag_or(args.keep_base, "KEEP_BASE", False),
-        threads=args.threads,
-        allow_pickle=flag_or(args.allow_pickle, "ALLOW_PICKLE", False),
-        imatrix=imatrix,
-        compute_imatrix=compute_imatrix,
-        calibration_text=path_of(args.calibration_text, "CALIBRATION_TEXT"),
-        fidelity=flag_or(args.fidelity, "FIDELITY", _fidelity_default()),
-        eval_text=path_of(args.eval_text, "EVAL_TEXT"),
-        thresholds=settings.get("THRESHOLDS") or {},
-        n_gpu_layers=n_gpu_layers,
-        reference=reference if args.reference is None else bool(args.reference),
-    )
-
-
-def _file_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    folder = Path(manifest["manifest_path"]).parent if "manifest_path" in manifest else None
+def _file_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    folder = manifest.folder
     rows = []
-    for entry in manifest.get("files", []):
-        row = dict(entry)
+    for entry in manifest.files:
+        row = entry.to_dict()
         if folder is not None:
-            row["path"] = str(folder / entry["name"])
+            row["path"] = str(folder / entry.name)
         rows.append(row)
     return rows
 
 
-def _human_table(manifests: Sequence[dict[str, Any]]) -> str:
+def _human_table(manifests: Sequence[Manifest]) -> str:
     lines = []
     for manifest in manifests:
-        head = manifest.get("pair") or "output"
-        lines.append(f"{head}: {manifest.get('manifest_path', '')}")
+        head = manifest.pair or "output"
+        lines.append(f"{head}: {manifest.path or ''}")
         for row in _file_rows(manifest):
             fid = row.get("fidelity") or {}
             kld = f"  kld={fid['kld_mean']:.5f}" if isinstance(fid.get("kld_mean"), (int, float)) else ""
@@ -165,12 +86,8 @@ def _human_table(manifests: Sequence[dict[str, Any]]) -> str:
 
 
 # -- run -----------------------------------------------------------------------------------------------------------
-def _group_key(job: PairJob) -> tuple[Any, ...]:
-    settings = {k: v for k, v in job.settings.items() if k not in ("PRECISION", "IMAGE_NAME")}
-    return (str(job.model_dir), job.model_name, repr(sorted(settings.items())))
-
-
 def _cmd_run(args: argparse.Namespace, out: Output) -> int:
+    backend = _backend(args)
     overrides = {
         key: value
         for key, value in (
@@ -181,38 +98,37 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
         if value is not None
     }
     jobs = load_converter_dir(args.converter_dir, args.pair, path_overrides=overrides)
-    if args.backend == "docker":
+    requests = [_request_for(args, job.settings, job.config_dir, str(job.pair_file), "run") for job in jobs]
+    if backend == "docker":
         from .backends.docker import run_jobs
 
         # Containers print for people (to stderr); the result, one document for all pairs, comes from the
         # manifests they left on this machine, with this machine's paths.
-        run_jobs(jobs, image=args.image, forward_args=_forward_args(args), out=_to_stderr(out))
+        run_jobs(jobs, requests, image=args.image, out=_to_stderr(out))
         _print_results([_manifest_of(job.outputs_dir) for job in jobs], out)
         return EXIT_OK
 
-    # Pairs that agree on everything but PRECISION share one conversion.
-    groups: dict[tuple[Any, ...], list[PairJob]] = {}
-    for job in jobs:
-        groups.setdefault(_group_key(job), []).append(job)
-    manifests: list[dict[str, Any]] = []
-    for members in groups.values():
-        first = members[0]
-        union = parse_precisions([p.name for m in members for p in m.precisions])
-        # The files are shared; each pair verifies and measures them on its own runtime (GPU pairs offload).
+    manifests: list[Manifest] = []
+    for members in group_jobs(list(zip(jobs, requests, strict=True))):
+        (first, request), *_ = members
+        union = parse_precisions([p.name for m, _ in members for p in m.precisions])
+        # The files are shared; each pair verifies and measures them on its own runtime (GPU pairs offload), and
+        # records its own request.
         targets = tuple(
             Target(
-                m.outputs_dir, m.pair, m.log_file, tuple(p.name for p in m.precisions), _gpu_layers(args, m.pair, out)
+                m.outputs_dir, m.pair, m.log_file, tuple(p.name for p in m.precisions),
+                gpu_layers(r, m.pair, out.warning), request=r.record(),
             )
-            for m in members
-        )
-        out.info(f"==> {first.model_name}: pairs {', '.join(m.pair.name for m in members)}")
+            for m, r in members
+        )  # fmt: skip
+        out.info(f"==> {first.model_name}: pairs {', '.join(m.pair.name for m, _ in members)}")
         manifests += run_job(
             Job(
                 model=str(first.model_dir),
                 model_name=first.stem,
                 precisions=union,
                 targets=targets,
-                options=_options(args, dict(first.settings), 0, first.config_dir),
+                options=request.to_options(),
                 trained=first.trained,
             ),
             out,
@@ -221,44 +137,24 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _forward_args(args: argparse.Namespace) -> list[str]:
-    forwarded: list[str] = []
-    for flag in ("force", "keep_base", "allow_pickle"):
-        if getattr(args, flag):
-            forwarded.append("--" + flag.replace("_", "-"))
-    for flag in ("fidelity", "reference"):
-        value = getattr(args, flag)
-        if value is not None:
-            forwarded.append(f"--{flag}" if value else f"--no-{flag}")
-    for flag in ("threads", "n_gpu_layers"):
-        value = getattr(args, flag)
-        if value is not None:
-            forwarded += ["--" + flag.replace("_", "-"), str(value)]
-    # File options travel as they are: the docker backend mounts each file read-only into the container.
-    for flag in ("imatrix", "calibration_text", "eval_text"):
-        value = getattr(args, flag)
-        if value is not None:
-            forwarded += ["--" + flag.replace("_", "-"), str(value)]
-    return forwarded
-
-
 def _to_stderr(out: Output) -> Output:
     """An Output that prints everything, results included, for people on ``out``'s stderr (container logs)."""
     return Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr)
 
 
-def _manifest_of(folder: Path) -> dict[str, Any]:
-    """The manifest a run left in ``folder``, with its path (as ``run_job`` returns it)."""
-    return {**(read_manifest(folder) or {}), "manifest_path": str(folder / MANIFEST_NAME)}
+def _manifest_of(folder: Path) -> Manifest:
+    """The manifest a run left in ``folder`` (as ``run_job`` returns it); an empty one when it left none."""
+    return read_manifest(folder) or Manifest(path=folder / MANIFEST_NAME)
 
 
-def _print_results(manifests: Sequence[dict[str, Any]], out: Output) -> None:
-    data = [{"pair": m.get("pair"), "manifest": m.get("manifest_path"), "files": _file_rows(m)} for m in manifests]
+def _print_results(manifests: Sequence[Manifest], out: Output) -> None:
+    data = [{"pair": m.pair, "manifest": str(m.path) if m.path else None, "files": _file_rows(m)} for m in manifests]
     out.result(_human_table(manifests), {"results": data})
 
 
 # -- convert -------------------------------------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
+    backend = _backend(args)
     precisions = parse_precisions(args.precision, where="--precision")
     hub = not Path(args.model).exists() and looks_like_repo_id(args.model)
     if not hub and not Path(args.model).exists():
@@ -287,21 +183,20 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
         )
     check_writable_dir(outdir, "--outdir")
     log_file = args.log_file.resolve() if args.log_file else None
-    if args.backend == "docker":
+    request = _request_for(args, {}, None, "convert", "convert")
+    if backend == "docker":
         from .backends.docker import convert_spec, run_convert
         from .pairs import PAIRS
 
-        forwarded = [a for p in precisions for a in ("--precision", p.name)]
-        forwarded += ["--revision", args.revision] if args.revision else []
         spec = convert_spec(
-            args.model, outdir, pair=pair or PAIRS["CPU_LLM_LLAMA"], model_name=name, image=args.image,
-            convert_args=forwarded + _forward_args(args), verbose=out.verbose,
+            args.model, outdir, request, pair=pair or PAIRS["CPU_LLM_LLAMA"], model_name=name, image=args.image,
+            precisions=[p.name for p in precisions], revision=args.revision, verbose=out.verbose,
         )  # fmt: skip
         run_convert(spec, _to_stderr(out))
         manifests = [_manifest_of(outdir)]
         out.result(
             _human_table(manifests),
-            {"manifest": manifests[0]["manifest_path"], "outdir": str(outdir), "files": _file_rows(manifests[0])},
+            {"manifest": str(manifests[0].path), "outdir": str(outdir), "files": _file_rows(manifests[0])},
         )
         return EXIT_OK
     manifests = run_job(
@@ -309,8 +204,8 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
             model=args.model,
             model_name=name,
             precisions=precisions,
-            targets=(Target(outdir, pair, log_file),),
-            options=_options(args, {}, _gpu_layers(args, pair, out), None, reference=True),
+            targets=(Target(outdir, pair, log_file, request=request.record()),),
+            options=request.to_options(gpu_layers(request, pair, out.warning)),
             hub=hub,
             revision=args.revision,
         ),
@@ -319,7 +214,7 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
     manifest = manifests[0]
     out.result(
         _human_table(manifests),
-        {"manifest": manifest.get("manifest_path"), "outdir": str(outdir), "files": _file_rows(manifest)},
+        {"manifest": str(manifest.path), "outdir": str(outdir), "files": _file_rows(manifest)},
     )
     return EXIT_OK
 
@@ -420,12 +315,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="convert a <NAME>/Converter folder for its pairs")
     p.add_argument("converter_dir", type=Path, metavar="CONVERTER_DIR")
     p.add_argument("--pair", action="append", help="pair to run (repeatable; default: every pair folder)")
-    p.add_argument("--backend", choices=("local", "docker"), default=os.environ.get("CECAI_BACKEND", "local"))
+    p.add_argument("--backend", choices=BACKENDS, help=_BACKEND_HELP)
     p.add_argument("--image", help="docker backend: the image to run (default: IMAGE_NAME, else the pair's tag)")
     p.add_argument("--models-path", type=Path, help="replace MODELS_PATH")
     p.add_argument("--outputs-path", type=Path, help="replace OUTPUTS_PATH")
     p.add_argument("--logs-path", type=Path, help="replace LOGS_PATH")
-    _add_conversion_options(p)
+    add_arguments(p, "run")
     p.set_defaults(handler=_cmd_run)
 
     p = sub.add_parser("convert", help="convert one model folder or Hub repo to some precisions")
@@ -438,12 +333,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--log-file", type=Path, help="write the full log here too")
     p.add_argument(
         "--backend",
-        choices=("local", "docker"),
-        default="local",
-        help="docker: convert inside the pair's image (--pair, default CPU_LLM_LLAMA), model folder read-only",
+        choices=BACKENDS,
+        help=_BACKEND_HELP + "; docker converts in the --pair's image (default CPU_LLM_LLAMA), model folder read-only",
     )
     p.add_argument("--image", help="docker backend: the image to run (default: the pair's tag)")
-    _add_conversion_options(p)
+    add_arguments(p, "convert")
     p.set_defaults(handler=_cmd_convert)
 
     p = sub.add_parser("precisions", help="list the precisions: bits per weight, importance-matrix need")
@@ -466,5 +360,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--backend", choices=("local",), default="local")
     p.add_argument("--image", default=None)
     p.add_argument("--models-path", "--outputs-path", "--logs-path", dest="unused_paths", help=argparse.SUPPRESS)
-    _add_conversion_options(p)
+    add_arguments(p, "run")
     p.set_defaults(handler=_cmd_demo, models_path=None, outputs_path=None, logs_path=None)

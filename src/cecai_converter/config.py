@@ -6,6 +6,9 @@ Existing users keep this layout, so its keys and paths are frozen:
   (paths relative to ``configurations/``; defaults ``../models``, ``../logs``, ``../outputs``).
 * ``configurations/<PAIR>/converter_args_<pair>.yaml``: PRECISION (one value or a list).
 
+The conversion options' keys (KEEP_BASE, IMATRIX, THRESHOLDS, …) come from the one table,
+:data:`cecai_converter.request.OPTIONS`, which also says what each takes.
+
 The pair file is merged over the general file (the pair file wins). Newer optional keys are listed in
 :data:`OPTIONAL_KEYS`; any other key is an error that names the closest known key.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -25,6 +28,7 @@ from .errors import ConfigError, UsageError
 from .names import check_stem, show
 from .pairs import PAIRS, PairInfo, parse_pair
 from .precisions import PrecisionInfo, parse_precisions
+from .request import YAML_KEYS, Request, check_yaml
 
 __all__ = [
     "GENERAL_FILENAME",
@@ -51,16 +55,8 @@ LEGACY_KEYS: Final[Mapping[str, str]] = {
     "OUTPUTS_PATH": "where GGUF files go, relative to configurations/ (default ../outputs)",
     "PRECISION": "one llama.cpp type or a list of them (see `cecai-convert precisions`)",
 }
-#: Keys added by this project; all optional.
-OPTIONAL_KEYS: Final[Mapping[str, str]] = {
-    "KEEP_BASE": "also publish the unquantized base GGUF (true/false, default false)",
-    "IMATRIX": "an importance-matrix file (relative to configurations/), or `auto` to compute one",
-    "CALIBRATION_TEXT": "the text `IMATRIX: auto` computes from (relative to configurations/; default: shipped text)",
-    "FIDELITY": "measure KL-divergence/perplexity of every file against the base (true/false, default true)",
-    "EVAL_TEXT": "the text fidelity is measured on (relative to configurations/)",
-    "THRESHOLDS": "mapping PRECISION -> {max_kld: float, max_ppl_delta_pct: float}; exceeding fails the run",
-    "ALLOW_PICKLE": "allow pickle .bin weights (runs code from the model; default false)",
-}
+#: Keys added by this project, all optional: the conversion options' keys from the one table (request.py).
+OPTIONAL_KEYS: Final[Mapping[str, str]] = {key: spec.help for key, spec in YAML_KEYS.items()}
 KNOWN_KEYS: Final[frozenset[str]] = frozenset(LEGACY_KEYS) | frozenset(OPTIONAL_KEYS)
 
 _PATH_DEFAULTS: Final = {"MODELS_PATH": "../models", "LOGS_PATH": "../logs", "OUTPUTS_PATH": "../outputs"}
@@ -107,10 +103,20 @@ class PairJob:
         """``logs/<PAIR>/Converter_<PAIR>_<MODEL_NAME>.log``, the name the old flow used."""
         return self.logs_dir / f"Converter_{self.pair.name}_{self.stem}.log"
 
-    def option_path(self, key: str) -> Path | None:
-        """An optional path-valued key (IMATRIX, CALIBRATION_TEXT, EVAL_TEXT) resolved against configurations/."""
-        value = self.settings.get(key)
-        return None if value is None else (self.config_dir / str(value)).resolve()
+    @property
+    def pair_file(self) -> Path:
+        """``configurations/<PAIR>/converter_args_<pair>.yaml``, which messages about this pair's keys name."""
+        return self.config_dir / self.pair.name / self.pair.config_filename
+
+
+def group_jobs(jobs: Sequence[tuple[PairJob, Request]]) -> list[list[tuple[PairJob, Request]]]:
+    """Pairs that share one conversion: the same model and TRAINED, and requests that agree on everything but the
+    per-target options (n_gpu_layers); they differ in PRECISION and IMAGE_NAME only. Order is kept."""
+    groups: dict[tuple[str, str, bool | None, str], list[tuple[PairJob, Request]]] = {}
+    for job, request in jobs:
+        key = (str(job.model_dir), job.model_name, job.trained, request.group_key())
+        groups.setdefault(key, []).append((job, request))
+    return list(groups.values())
 
 
 def load_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -373,15 +379,13 @@ def _make_job(
         value = _expect(merged, key, str, general_path) or default
         override = path_overrides.get(key)
         paths[key] = Path(override).resolve() if override is not None else (config_dir / value).resolve()
-    for key in ("KEEP_BASE", "FIDELITY", "ALLOW_PICKLE", "TRAINED"):
-        _expect(merged, key, bool, pair_path)
-    for key in ("IMATRIX", "CALIBRATION_TEXT", "EVAL_TEXT", "IMAGE_NAME"):
-        _expect(merged, key, str, pair_path)
-    # Checked now, not after the conversion: a mistake costs nothing, and counts with FIDELITY off too.
-    from .fidelity import validate_thresholds
-
-    if merged.get("THRESHOLDS") is not None:
-        merged["THRESHOLDS"] = validate_thresholds(merged["THRESHOLDS"], where=f"{pair_path}: THRESHOLDS")
+    _expect(merged, "TRAINED", bool, pair_path)
+    _expect(merged, "IMAGE_NAME", str, pair_path)
+    # The option keys are checked now, not after the conversion: a mistake costs nothing, and counts with FIDELITY
+    # off too (THRESHOLDS). The table in request.py says what each key takes.
+    parsed = check_yaml(merged, str(pair_path), config_dir)
+    if "thresholds" in parsed:
+        merged["THRESHOLDS"] = parsed["thresholds"]  # keyed by canonical names (q4_k_m → Q4_K_M), as written back
     model_dir = safe_child(paths["MODELS_PATH"], model_name, key="MODEL_NAME")
     for key in ("OUTPUTS_PATH", "LOGS_PATH"):
         # Files written into the model folder would change its fingerprint (every run converts again) and could

@@ -1,25 +1,51 @@
 """The one error type users see, and its kinds.
 
 Every failure a user can act on is a :class:`ConverterError`. It carries the exit code the CLI returns and an
-optional hint (the next thing to try). The CLI renders it once (see ``cli.main``); library code never calls
-``sys.exit``. Anything that is not a ``ConverterError`` is a bug and keeps its traceback.
+optional hint (the next thing to try). It is rendered once, at :func:`boundary` (run by ``cli.main`` and by the
+GitHub Actions adapter ``gha.main``); library code never calls ``sys.exit``. Anything that is not a
+``ConverterError`` is a bug and keeps its traceback. Every kind lives in this module, so the kinds a command can
+end with are in one place.
 """
 
 from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .publish import PublishResult
 
 __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "AgreementFailed",
+    "CheckFailed",
+    "ChecksFailed",
     "ConfigError",
+    "ContainerFailed",
     "ConversionFailed",
     "ConverterError",
+    "EngineUnreachable",
+    "GGUFHeaderError",
+    "GitHubAPIError",
+    "ImageNotFound",
+    "ManifestError",
+    "MeasurementFailed",
+    "PublishFailed",
+    "SignatureRefused",
+    "SigningFailed",
     "ToolNotFound",
     "ToolchainError",
     "UnsupportedModel",
     "UsageError",
     "VerificationFailed",
+    "WorkerFailed",
+    "WorkerFailure",
+    "boundary",
 ]
 
 EXIT_OK = 0
@@ -49,6 +75,36 @@ class ConverterError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def boundary(
+    work: Callable[[], int],
+    *,
+    report: Callable[[ConverterError], None],
+    interrupted: Callable[[], None],
+) -> int:
+    """The one error boundary: run ``work`` and turn what the user can act on into an exit code.
+
+    The CLI (``cli.main``) and the GitHub Actions adapter (``gha.main``) both run through here; they differ only in
+    how they tell the user (``report``: a message on stderr, or an ``::error`` annotation and a job summary).
+    Anything that is not a :class:`ConverterError` is a bug and propagates with its traceback. ``CECAI_DEBUG=1``
+    prints the traceback of a ``ConverterError`` too.
+
+    Args:
+        work: the command; returns its exit code.
+        report: shows a ``ConverterError`` (its exit code is returned afterwards).
+        interrupted: called on Ctrl-C or SIGTERM (raised as ``KeyboardInterrupt``), before returning 130.
+    """
+    try:
+        return int(work())
+    except ConverterError as exc:
+        if os.environ.get("CECAI_DEBUG"):
+            traceback.print_exc()
+        report(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        interrupted()
+        return EXIT_INTERRUPTED
 
 
 class UsageError(ConverterError):
@@ -109,3 +165,143 @@ class VerificationFailed(ConverterError):
     """An output file did not pass its read-back or load check; it was not published."""
 
     title = "verification failed"
+
+
+class ManifestError(UsageError):
+    """A ``manifest.json`` (or a published ``*.manifest.json``) is unreadable or has a malformed field."""
+
+    title = "bad manifest"
+
+
+class MeasurementFailed(ConverterError):
+    """The fidelity measurement of a file could not be completed (the model failed to load or crashed)."""
+
+    title = "fidelity measurement failed"
+
+
+class AgreementFailed(ConverterError):
+    """A runtime could not evaluate a file for the agreement check (it failed to load or crashed)."""
+
+    title = "runtime check failed"
+
+
+class CheckFailed(ConverterError):
+    """A pair's runtime disagreed with the builder's, could not run a file, or saw other bytes."""
+
+    title = "check failed"
+
+
+class EngineUnreachable(ConverterError):
+    """No container engine answers where ``DOCKER_HOST`` (or the default socket) points."""
+
+    title = "container engine unreachable"
+
+
+class ImageNotFound(ConverterError):
+    """The pair's image is not present in the engine; the hint says how to build or pull it."""
+
+    title = "image not found"
+
+
+class ContainerFailed(ConversionFailed):
+    """The conversion inside a container failed; ``exit_code`` is the container's own exit status."""
+
+    title = "container failed"
+
+    def __init__(self, message: str, *, return_code: int, hint: str | None = None) -> None:
+        super().__init__(message, return_code=return_code, hint=hint)
+        self.exit_code = return_code if 0 < return_code < 256 else EXIT_FAILED
+
+
+class PublishFailed(ConverterError):
+    """Publishing to GitHub or the Hugging Face Hub failed; the release was left as it was."""
+
+    title = "publish failed"
+
+
+class ChecksFailed(PublishFailed):
+    """A pair's check failed or is missing: the files were uploaded, the release was left a draft.
+
+    Attributes:
+        result: what was done.
+    """
+
+    title = "check failed"
+
+    def __init__(self, message: str, *, hint: str | None = None, result: PublishResult) -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
+
+
+class GitHubAPIError(PublishFailed):
+    """GitHub answered a REST call with an error status.
+
+    Attributes:
+        status: the HTTP status (0 when the server could not be reached).
+    """
+
+    def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+#: How a worker process failed (:class:`WorkerFailed`).
+WorkerFailure = Literal["usage", "failed", "crashed", "timeout"]
+
+
+class WorkerFailed(ConversionFailed):
+    """A worker process gave no result: it refused the job, failed, crashed or ran out of time.
+
+    Callers turn it into their own kind (``VerificationFailed``, ``MeasurementFailed`` …) with the attributes.
+
+    Attributes:
+        worker: the worker's name, as messages show it.
+        kind: ``usage`` (the job cannot be done as asked: exit code 2), ``failed`` (the job raised an error),
+            ``crashed`` (no result: a signal, a non-zero exit, no or an unreadable result file) or ``timeout``.
+        reason: why, in a few words (the job's error, the signal, the time limit).
+        summary: the part of the output tail that says why (:func:`failure_summary`), without the worker's
+            Python traceback.
+        return_code / output_tail: the exit status and the last output lines (the full output is in the log).
+    """
+
+    title = "worker failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker: str,
+        kind: WorkerFailure,
+        reason: str,
+        summary: str,
+        return_code: int | None,
+        output_tail: str,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, return_code=return_code, output_tail=output_tail, hint=hint)
+        self.worker = worker
+        self.kind: WorkerFailure = kind
+        self.reason = reason
+        self.summary = summary
+        if kind == "usage":
+            self.exit_code = EXIT_USAGE
+
+
+class SigningFailed(ConverterError):
+    """The folder could not be signed; no signature was written."""
+
+    title = "signing failed"
+
+
+class SignatureRefused(VerificationFailed):
+    """A signature does not match the folder, or was not made by the expected key or identity."""
+
+    title = "signature refused"
+
+
+class GGUFHeaderError(ValueError):
+    """A file is not a well-formed GGUF file.
+
+    A ``ValueError``, not a :class:`ConverterError`: the header reader is a parser, and its callers (verify,
+    fidelity, agreement) turn this into the user-facing kind with the file's name.
+    """

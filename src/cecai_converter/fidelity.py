@@ -1,14 +1,19 @@
 """What each quantization cost: KL-divergence, perplexity and top-1 agreement against the base GGUF.
 
-The method follows llama.cpp's ``llama-perplexity --kl-divergence``: the evaluation text is tokenized once, cut
-into chunks of ``n_ctx`` tokens (the first token of each chunk replaced by BOS when the vocabulary adds one), each
-chunk is evaluated with logits for every position, and only the second half of each chunk is scored, so every
-scored token has at least ``n_ctx / 2`` tokens of context. Over the scored positions:
+The method follows llama.cpp's ``llama-perplexity --kl-divergence``: the evaluation text is tokenized once (with
+BOS when the vocabulary adds one, as the tool does), cut into chunks of ``n_ctx`` tokens (the first token of each
+chunk replaced by BOS when the vocabulary adds one), each chunk is evaluated with logits for every position, and
+only the second half of each chunk is scored, so every scored token has at least ``n_ctx / 2`` tokens of context.
+Over the scored positions:
 
-* ``kld_mean``: mean of KL(base ‖ candidate) = Σ p_base · (log p_base − log p_candidate), in nats;
+* ``kld_mean``: mean of the per-token KL(base ‖ candidate) = Σ p_base · (log p_base − log p_candidate), in nats;
+  ``kld_mean_se`` its standard error; ``kld_median``, ``kld_p99``, ``kld_p99_9``, ``kld_max``: the median, 99th and
+  99.9th percentiles and maximum of the per-token values (the tail is where a quantization breaks);
 * ``ppl`` / ``ppl_base``: exp of the mean negative log-likelihood of the actual next token;
-* ``ppl_delta_pct``: ``(ppl / ppl_base − 1) · 100``;
-* ``top1_agreement``: the fraction of positions where both models rank the same token first;
+* ``ppl_delta_pct``: ``(ppl / ppl_base − 1) · 100``; ``ppl_ratio``: ``ppl / ppl_base`` and ``ppl_ratio_se`` its
+  standard error, from the covariance of the two per-token log-likelihood series;
+* ``top1_agreement``: the fraction of positions where both models rank the same token first; ``top1_agreement_se``:
+  ``sqrt(p (1 − p) / (n − 1))``;
 * ``prompt_tps`` / ``gen_tps``: tokens per second of the chunk evaluation (batched) and of greedy one-token
   decoding, on the machine and device that ran it;
 * ``device``: ``cuda`` when layers were offloaded to a GPU build, else ``cpu``; ``n_tokens``: scored positions.
@@ -21,22 +26,22 @@ temporary folder removed afterwards. llama.cpp runs in a worker subprocess: a mo
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from .errors import ConfigError, ConverterError
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+from .errors import ConfigError, ConverterError, MeasurementFailed, WorkerFailed
 from .gguf_header import read_header
-from .tools import WorkerUsage, child_kwargs, quiet_abort_env, runtime_env, runtime_name, serve_job
+from .tools import WorkerUsage, run_worker, runtime_env, runtime_name, serve_job
 
 __all__ = [
     "DEFAULT_EVAL_TEXT",
@@ -45,6 +50,7 @@ __all__ = [
     "MeasurementFailed",
     "check_thresholds",
     "default_eval_text",
+    "error_bars",
     "measure",
     "validate_thresholds",
 ]
@@ -54,10 +60,18 @@ DEFAULT_EVAL_TEXT: Final = "eval.txt"
 #: The keys of one result, as the manifest's ``files[].fidelity`` holds them.
 RESULT_KEYS: Final = (
     "kld_mean",
+    "kld_mean_se",
+    "kld_median",
+    "kld_p99",
+    "kld_p99_9",
+    "kld_max",
     "ppl",
     "ppl_base",
     "ppl_delta_pct",
+    "ppl_ratio",
+    "ppl_ratio_se",
     "top1_agreement",
+    "top1_agreement_se",
     "prompt_tps",
     "gen_tps",
     "device",
@@ -77,12 +91,6 @@ _GEN_TOKENS: Final = 48
 # Rows of a chunk turned into log-probabilities at once (bounds the float64 scratch memory).
 _ROW_BLOCK: Final = 64
 _TAIL_CHARS: Final = 3000
-
-
-class MeasurementFailed(ConverterError):
-    """The fidelity measurement of a file could not be completed (the model failed to load or crashed)."""
-
-    title = "fidelity measurement failed"
 
 
 def default_eval_text() -> Path:
@@ -115,8 +123,8 @@ def measure(
         timeout_s: give up on one model's evaluation after this many seconds.
 
     Returns:
-        label → ``{kld_mean, ppl, ppl_base, ppl_delta_pct, top1_agreement, prompt_tps, gen_tps, device, n_tokens}``
-        (see the module docstring), in the order of ``candidates``.
+        label → a dict with the keys of :data:`RESULT_KEYS` (see the module docstring), in the order of
+        ``candidates``.
 
     Raises:
         UsageError: a file is missing or the text is unreadable or too short.
@@ -151,7 +159,6 @@ def measure(
                 "n_ctx": n_ctx,
                 "max_tokens": max_tokens,
             },
-            work / "base",
             label="base",
             model=Path(base),
             timeout_s=timeout_s,
@@ -167,19 +174,27 @@ def measure(
                     "n_ctx": base_info["n_ctx"],
                     "n_vocab": base_info["n_vocab"],
                 },
-                work / f"cand-{len(results)}",
                 label=label,
                 model=Path(path),
                 timeout_s=timeout_s,
             )
             ppl = math.exp(res["nll_sum"] / res["n_tokens"])
             ppl_base = math.exp(base_info["nll_sum"] / base_info["n_tokens"])
+            bars = res["error_bars"]
             results[label] = {
                 "kld_mean": res["kld_sum"] / res["n_tokens"],
+                "kld_mean_se": bars["kld_mean_se"],
+                "kld_median": bars["kld_median"],
+                "kld_p99": bars["kld_p99"],
+                "kld_p99_9": bars["kld_p99_9"],
+                "kld_max": bars["kld_max"],
                 "ppl": ppl,
                 "ppl_base": ppl_base,
                 "ppl_delta_pct": (ppl / ppl_base - 1.0) * 100.0,
+                "ppl_ratio": bars["ppl_ratio"],
+                "ppl_ratio_se": bars["ppl_ratio_se"],
                 "top1_agreement": res["top1_same"] / res["n_tokens"],
+                "top1_agreement_se": bars["top1_agreement_se"],
                 "prompt_tps": res["prompt_tps"],
                 "gen_tps": res["gen_tps"],
                 "device": res["device"],
@@ -246,7 +261,7 @@ def check_thresholds(
             key, is_max = THRESHOLD_KEYS[name]
             value = results[label].get(key)
             finite = isinstance(value, (int, float)) and math.isfinite(value)
-            if finite and (value <= limit if is_max else value >= limit):
+            if isinstance(value, (int, float)) and finite and (value <= limit if is_max else value >= limit):
                 continue
             shown = f"{value:.6g}" if finite else repr(value)
             relation = "above the maximum" if is_max else "below the minimum"
@@ -254,46 +269,85 @@ def check_thresholds(
     return violations
 
 
+def error_bars(kld: ArrayLike, nll: ArrayLike, nll_base: ArrayLike, n_same_top: int) -> dict[str, float]:
+    """The statistics ``llama-perplexity --kl-divergence`` prints, from per-token values.
+
+    Args:
+        kld: KL(base ‖ candidate) of each scored token, in nats.
+        nll, nll_base: the candidate's and the base's negative log-likelihood of each scored token's actual next
+            token (same positions, same order).
+        n_same_top: how many of the positions both models rank the same token first.
+
+    Returns:
+        ``kld_mean`` ± ``kld_mean_se``, ``kld_median``, ``kld_p99``, ``kld_p99_9``, ``kld_max``, ``ppl_ratio`` ±
+        ``ppl_ratio_se`` and ``top1_agreement`` ± ``top1_agreement_se``, computed as tools/perplexity/perplexity.cpp
+        does: a mean's standard error is ``sqrt(var / (n − 1))`` (0 for ten tokens or fewer), percentiles
+        interpolate linearly at ``fraction × (n − 1)`` of the sorted values, the top-1 error is
+        ``sqrt(p (1 − p) / (n − 1))``, and ``ln(PPL(Q)/PPL(base))`` gets its error from both series' errors and
+        their covariance (the two models' losses on a token go together, so the ratio is far surer than either
+        perplexity); ``ppl_ratio_se`` is ``ppl_ratio × `` that error.
+
+    Raises:
+        ValueError: no tokens, or series of different lengths.
+    """
+    import numpy as np
+
+    k = np.asarray(kld, dtype=np.float64)
+    a = np.asarray(nll, dtype=np.float64)
+    b = np.asarray(nll_base, dtype=np.float64)
+    n = int(k.size)
+    if n == 0 or a.size != n or b.size != n:
+        raise ValueError(f"error_bars: expected three series of one length > 0, got {n}, {a.size}, {b.size}")
+
+    def mean_se(x: Any) -> tuple[float, float]:
+        mean = float(x.mean())
+        var = float(np.mean((x - mean) ** 2))  # = sum2/n - mean² (perplexity.cpp), without the cancellation
+        return mean, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
+
+    kld_mean, kld_se = mean_se(k)
+    ordered = np.sort(k)
+    log_ppl, log_ppl_se = mean_se(a)
+    log_base, log_base_se = mean_se(b)
+    cov = float(np.mean((a - log_ppl) * (b - log_base))) / (n - 1) if n >= 10 else 0.0
+    log_ratio_se = math.sqrt(max(log_ppl_se**2 + log_base_se**2 - 2.0 * cov, 0.0))
+    ratio = math.exp(log_ppl - log_base)
+    same = n_same_top / n
+    return {
+        "kld_mean": kld_mean,
+        "kld_mean_se": kld_se,
+        "kld_median": float(np.median(ordered)),
+        "kld_p99": float(np.percentile(ordered, 99.0)),
+        "kld_p99_9": float(np.percentile(ordered, 99.9)),
+        "kld_max": float(ordered[-1]),
+        "ppl_ratio": ratio,
+        "ppl_ratio_se": ratio * log_ratio_se,
+        "top1_agreement": same,
+        "top1_agreement_se": math.sqrt(same * (1.0 - same) / (n - 1)) if n > 1 else 0.0,
+    }
+
+
 # --- the parent side of the worker -----------------------------------------------------------------------------
 
 
-def _run_worker(
-    role: str, job: dict[str, Any], prefix: Path, *, label: str, model: Path, timeout_s: float | None
-) -> dict[str, Any]:
-    job_file = prefix.with_suffix(".job.json")
-    result_file = prefix.with_suffix(".result.json")
-    log_file = prefix.with_suffix(".log")
-    job["result"] = str(result_file)
-    job_file.write_text(json.dumps(job), encoding="utf-8")
-    cmd = [sys.executable, "-m", "cecai_converter.fidelity", "--worker", str(job_file)]
+def _run_worker(role: str, job: dict[str, Any], *, label: str, model: Path, timeout_s: float | None) -> dict[str, Any]:
     try:
-        with log_file.open("wb") as log:
-            env = {**quiet_abort_env(), **os.environ, **runtime_env(int(job["n_gpu_layers"]))}
-            proc = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, env=env, **child_kwargs()
-            )
-    except subprocess.TimeoutExpired:
-        raise MeasurementFailed(
-            f"fidelity: evaluating {label} ({model.name}) took longer than {timeout_s:g} s",
-            hint="evaluate fewer tokens (max_tokens), offload layers to a GPU, or turn fidelity off (FIDELITY: false)",
-        ) from None
-    tail = _tail(log_file)
-    if proc.returncode != 0 or not result_file.is_file():
-        problem = json.loads(result_file.read_text()) if result_file.is_file() else {}
-        reason = problem.get("error") or _describe_exit(proc.returncode)
-        raise _as_error(problem.get("kind"), f"fidelity: evaluating {label} ({model}) failed: {reason}", tail, role)
-    return json.loads(result_file.read_text(encoding="utf-8"))
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        import signal  # only needed to name a signal
-
-        try:
-            return f"the worker was killed by {signal.Signals(-code).name} (llama.cpp aborted or ran out of memory)"
-        except ValueError:
-            return f"the worker was killed by signal {-code}"
-    return f"the worker exited with status {code}"
+        run = run_worker(
+            "cecai_converter.fidelity",
+            job,
+            timeout=timeout_s,
+            name=f"fidelity {role}",
+            env=runtime_env(int(job["n_gpu_layers"])),
+        )
+    except WorkerFailed as exc:
+        if exc.kind == "timeout":
+            raise MeasurementFailed(
+                f"fidelity: evaluating {label} ({model.name}) took longer than {timeout_s:g} s; it was stopped",
+                hint="evaluate fewer tokens (max_tokens), offload layers to a GPU, or turn fidelity off "
+                "(FIDELITY: false)",
+            ) from None
+        tail = exc.output_tail[-_TAIL_CHARS:].strip()
+        raise _as_error(exc.kind, f"fidelity: evaluating {label} ({model}) failed: {exc.reason}", tail, role) from None
+    return run.data
 
 
 def _as_error(kind: str | None, message: str, tail: str, role: str) -> ConverterError:
@@ -308,19 +362,11 @@ def _as_error(kind: str | None, message: str, tail: str, role: str) -> Converter
     return MeasurementFailed(f"{message}\n--- llama.cpp log (tail) ---\n{tail}" if tail else message, hint=hint)
 
 
-def _tail(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-_TAIL_CHARS:].decode("utf-8", "replace").strip()
-
-
 # --- the worker (a separate process: llama.cpp may abort) -------------------------------------------------------
 
 
-def _worker_main(job_file: Path) -> int:
-    return serve_job(job_file, lambda job: _evaluate_base(job) if job["role"] == "base" else _evaluate_candidate(job))
+def _evaluate(job: Mapping[str, Any]) -> dict[str, Any]:
+    return _evaluate_base(job) if job["role"] == "base" else _evaluate_candidate(job)
 
 
 def _load(job: Mapping[str, Any], n_ctx: int) -> Any:
@@ -412,7 +458,8 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
     n_ctx_train = int(header.metadata.get(f"{arch}.context_length", 0) or 0)
     n_ctx = min(int(job["n_ctx"]), n_ctx_train) if n_ctx_train > 0 else int(job["n_ctx"])
     llm = _load(job, n_ctx)
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    # BOS as llama-perplexity's common_tokenize(ctx, text, add_special=true): the same chunk boundaries
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
     if job.get("max_tokens"):
         tokens = tokens[: int(job["max_tokens"])]
     if len(tokens) < n_ctx:
@@ -427,13 +474,16 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
     chunks = _chunks(tokens, n_ctx, bos)
     np.save(work / "tokens.npy", np.asarray(tokens, dtype=np.int32))
     nll_sum, n_scored, eval_s = 0.0, 0, 0.0
+    nll_tokens = []
     for i, chunk in enumerate(chunks):
         logp, elapsed = _eval_chunk(llm, chunk)
         eval_s += elapsed
         targets = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int64)
-        nll_sum -= float(logp[np.arange(len(targets)), targets].astype(np.float64).sum())
+        nll_tokens.append(-logp[np.arange(len(targets)), targets].astype(np.float64))
+        nll_sum += float(nll_tokens[-1].sum())
         n_scored += len(targets)
         np.save(work / f"base-{i}.npy", logp)
+    np.save(work / "base-nll.npy", np.concatenate(nll_tokens))  # n_tokens floats: for the ratio's error
     return {
         "n_ctx": n_ctx,
         "n_vocab": int(llm.n_vocab()),
@@ -459,7 +509,9 @@ def _evaluate_candidate(job: Mapping[str, Any]) -> dict[str, Any]:
         )
     bos = bos_token(llm)
     chunks = _chunks(tokens, n_ctx, bos)
-    kld_sum, nll_sum, top1_same, n_scored, eval_s = 0.0, 0.0, 0, 0, 0.0
+    top1_same, eval_s = 0, 0.0
+    # Per-token values (n_tokens floats each), for the percentiles and the standard errors.
+    kld_tokens, nll_tokens = [], []
     for i, chunk in enumerate(chunks):
         logq, elapsed = _eval_chunk(llm, chunk)
         eval_s += elapsed
@@ -468,28 +520,29 @@ def _evaluate_candidate(job: Mapping[str, Any]) -> dict[str, Any]:
         for r in range(0, logp.shape[0], _ROW_BLOCK):
             p_block = logp[r : r + _ROW_BLOCK].astype(np.float64)
             q_block = logq[r : r + _ROW_BLOCK].astype(np.float64)
-            kld_sum += float((np.exp(p_block) * (p_block - q_block)).sum())
-        nll_sum -= float(logq[np.arange(len(targets)), targets].astype(np.float64).sum())
+            kld_tokens.append((np.exp(p_block) * (p_block - q_block)).sum(axis=1))
+        nll_tokens.append(-logq[np.arange(len(targets)), targets].astype(np.float64))
         top1_same += int((logp.argmax(axis=1) == logq.argmax(axis=1)).sum())
-        n_scored += len(targets)
+    kld = np.concatenate(kld_tokens)
+    nll = np.concatenate(nll_tokens)
+    kld_sum, nll_sum = float(kld.sum()), float(nll.sum())
     if not math.isfinite(kld_sum) or not math.isfinite(nll_sum):
         raise RuntimeError("the model produced non-finite logits (NaN or inf): the quantized weights are broken")
+    gen_tokens = tokens[1:] if bos is not None and tokens and tokens[0] == bos else tokens  # no double BOS
     return {
         "kld_sum": kld_sum,
         "nll_sum": nll_sum,
         "top1_same": top1_same,
-        "n_tokens": n_scored,
+        "n_tokens": int(kld.size),
+        "error_bars": error_bars(kld, nll, np.load(work / "base-nll.npy"), top1_same),
         "prompt_tps": n_ctx * len(chunks) / eval_s,
-        "gen_tps": generation_speed(llm, tokens, bos),
+        "gen_tps": generation_speed(llm, gen_tokens, bos),
         "device": runtime_name(int(job["n_gpu_layers"])),
     }
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cecai_converter.fidelity", description=__doc__)
-    parser.add_argument("--worker", type=Path, required=True, help="a job file written by measure()")
-    args = parser.parse_args(argv)
-    return _worker_main(args.worker)
+    return serve_job(_evaluate, argv)
 
 
 if __name__ == "__main__":

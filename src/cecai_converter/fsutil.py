@@ -1,8 +1,9 @@
 """Files that appear whole or not at all.
 
 Work happens in a staging folder inside the outputs folder (same filesystem, so the final move is an atomic
-rename). Nothing half-written ever sits at a final path: a file is written under a hidden temporary name and
-renamed into place. Staging folders carry the owner's pid; a later run removes those whose owner is gone.
+rename; :func:`install_file`). Nothing half-written ever sits at a final path: a file is written under a hidden
+temporary name and renamed into place. Staging folders carry the owner's pid; a later run removes those whose owner
+is gone.
 
 One run at a time per outputs folder: a run holds :func:`outputs_lock` (``flock`` on ``.cecai.lock``, which records
 its pid, host, command and start time) while it works there, and only the holder removes leftovers, so a live
@@ -36,8 +37,8 @@ __all__ = [
     "LOCK_TIMEOUT_ENV",
     "STAGING_PREFIX",
     "atomic_write_text",
+    "install_file",
     "outputs_lock",
-    "publish_file",
     "remove_stale_staging",
     "sha256_file",
     "staging_dir",
@@ -235,8 +236,10 @@ def _disk_full(exc: OSError, where: Path) -> ConversionFailed:
     )
 
 
-def publish_file(src: Path, dest: Path) -> None:
+def install_file(src: Path, dest: Path) -> None:
     """Place ``src``'s content at ``dest`` atomically: hard link when possible, else copy, then rename.
+
+    ``src`` stays where it is (a staged file may be installed into several outputs folders).
 
     Raises:
         ConversionFailed: the disk filled up (the partial copy is removed).

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from .errors import GGUFHeaderError
+
 __all__ = ["GGUFHeader", "GGUFHeaderError", "TensorInfo", "read_header"]
 
 _MAGIC: Final = b"GGUF"
@@ -26,10 +28,6 @@ _STRING, _ARRAY = 8, 9
 # Real files nest arrays one level at most; the limit keeps a hostile file from exhausting the stack.
 _MAX_ARRAY_DEPTH: Final = 8
 _MAX_DIMS: Final = 4  # GGML_MAX_DIMS
-
-
-class GGUFHeaderError(ValueError):
-    """The file is not a well-formed GGUF file."""
 
 
 @dataclass(frozen=True)

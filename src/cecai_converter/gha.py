@@ -3,10 +3,12 @@
 It reads the action's inputs from ``INPUT_*`` environment variables (``action.yml`` maps every input into ``env:``;
 no input is ever expanded inside a shell script), calls the same code as the CLI, and speaks the runner's protocol:
 
-* a :class:`~cecai_converter.errors.ConverterError` becomes one ``::error title=…::`` annotation (newlines as
-  ``%0A``) plus a Markdown explanation in ``$GITHUB_STEP_SUMMARY``, and the exit code of the CLI;
+* a :class:`~cecai_converter.errors.ConverterError` (caught by the CLI's boundary, :func:`errors.boundary`)
+  becomes one ``::error title=…::`` annotation (newlines as ``%0A``) plus a Markdown explanation in
+  ``$GITHUB_STEP_SUMMARY``, and the exit code of the CLI;
 * results go to ``$GITHUB_OUTPUT`` as ``key=value`` lines, multi-line values with a random heredoc delimiter;
-* each conversion adds a table to the job summary (file, precision, size, sha256 prefix, time);
+* each conversion adds a table to the job summary (file, precision, size, sha256 prefix, time to make it),
+  then the verification and fidelity time;
 * tokens (``HF_TOKEN``, ``GITHUB_TOKEN``) are masked with ``::add-mask::`` before anything else is printed.
 
 Commands: ``convert``, ``plan``, ``publish``; run as ``cecai-convert gha COMMAND`` (or ``python -m
@@ -28,7 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import EXIT_USAGE, ConverterError, UsageError
+from .backends import BACKENDS, RELEASE_CHECK_BACKEND, default_backend
+from .errors import EXIT_USAGE, CheckFailed, ChecksFailed, ConverterError, UsageError, boundary
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .names import check_stem
 from .output import LOGGER_NAME, Output
 
@@ -149,15 +153,19 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _seconds(manifest: Mapping[str, Any], precision: str) -> float | None:
-    timings = manifest.get("timings") or {}
-    quantize = timings.get("quantize_s") or {}
-    verify = timings.get("verify_s") or {}
-    parts = [quantize.get(precision), verify.get(precision)]
-    if precision not in quantize:  # written by the converter itself (F16, BF16, Q8_0...)
-        parts.append(timings.get("convert_s"))
-    known = [float(p) for p in parts if isinstance(p, (int, float))]
-    return sum(known) if known else None
+def _seconds(manifest: Manifest, precision: str) -> float | None:
+    """How long making one file took: its quantization, or the conversion for a file the converter wrote."""
+    quantize = manifest.seconds("quantize_s")
+    if precision in quantize:
+        return quantize[precision]
+    return manifest.total_seconds("convert_s")  # written by the converter itself (F16, BF16, Q8_0...)
+
+
+def _per_runtime(seconds: Mapping[str, float]) -> str:
+    """``verify_s``/``fidelity_s`` (keyed by runtime label: ``all`` or ``n_gpu_layers=N``) as one phrase."""
+    if set(seconds) == {"all"}:
+        return f"{seconds['all']:.1f} s"
+    return ", ".join(f"{value:.1f} s ({_cell(label)})" for label, value in seconds.items())
 
 
 def _cell(value: object) -> str:
@@ -165,9 +173,11 @@ def _cell(value: object) -> str:
     return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", str(value)).replace("|", "\\|")
 
 
-def conversion_summary(result: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, title: str) -> str:
-    """A Markdown section for one conversion: one row per file (file, precision, size, sha256 prefix, time)."""
-    manifest = manifest or {}
+def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, title: str) -> str:
+    """A Markdown section for one conversion: one row per file (file, precision, size, sha256 prefix, the time it
+    took to make), then the time verification and fidelity took (one load per file and runtime, all files
+    together) and the total."""
+    manifest = manifest or Manifest()
     lines = [
         f"### {_cell(title)}",
         "",
@@ -181,8 +191,15 @@ def conversion_summary(result: Mapping[str, Any], manifest: Mapping[str, Any] | 
             f"| {_size(int(entry.get('bytes', 0)))} | `{_cell(str(entry.get('sha256', ''))[:12])}` "
             f"| {'' if seconds is None else f'{seconds:.1f} s'} |"
         )
-    total = (manifest.get("timings") or {}).get("total_s")
-    if isinstance(total, (int, float)):
+    verify, fidelity = manifest.seconds("verify_s"), manifest.seconds("fidelity_s")
+    if verify or fidelity:
+        lines.append("")
+    if verify:
+        lines.append(f"Verification (load and generate, every file): {_per_runtime(verify)}.")
+    if fidelity:
+        lines.append(f"Fidelity (against the base, every new file): {_per_runtime(fidelity)}.")
+    total = manifest.total_seconds("total_s")
+    if total is not None:
         lines += ["", f"Total: {total:.1f} s."]
     return "\n".join(lines) + "\n\n"
 
@@ -225,17 +242,17 @@ def _run_cli(
 ) -> Any:
     """Run one CLI command in this process, in JSON mode, and return its result object.
 
+    The command's errors propagate to :func:`main`, whose boundary is the CLI's (:func:`errors.boundary`).
+
     Args:
         argv: the command line after ``cecai-convert``.
         annotations: where warnings go as ``::warning::`` workflow commands (the step's stdout).
         warnings: collects the warnings' text (for the job summary).
         allow_failure: a command that printed its result and then failed (``check``) returns that result.
     """
-    from .cli import build_parser  # the full parser: every command module registered
-
-    parser = build_parser()
+    parser = _command_parser()
     try:
-        args = parser.parse_args(["--format", "json", *argv])
+        args = parser.parse_args(list(argv))
     except SystemExit as exc:  # argparse already printed why
         raise UsageError(
             f"the action's inputs make an invalid command line: cecai-convert {' '.join(argv)}",
@@ -258,6 +275,23 @@ def _run_cli(
     return json.loads(text) if text else {}
 
 
+def _command_parser() -> argparse.ArgumentParser:
+    """A parser for the CLI commands the actions drive (``convert``, ``check``), from their own modules.
+
+    Not ``cli.build_parser``: ``cli`` registers this module as the ``gha`` command, and the adapter needs only
+    these two commands (results are JSON through :class:`_ActionsOutput`, so no ``--format``).
+    """
+    from . import check, commands
+
+    parser = argparse.ArgumentParser(prog="cecai-convert")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    commands.register(sub)
+    check.register(sub)
+    return parser
+
+
 def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     model = env.get("INPUT_MODEL", "").strip()
     if not model:
@@ -274,11 +308,11 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     for key, flag in (("INPUT_PAIR", "--pair"), ("INPUT_REVISION", "--revision"), ("INPUT_MODEL_NAME", "--model-name")):
         if env.get(key, "").strip():
             argv += [flag, env[key].strip()]
-    backend = env.get("INPUT_BACKEND", "").strip() or "local"
+    backend = env.get("INPUT_BACKEND", "").strip() or default_backend(env)
     if env.get("INPUT_HF_TOKEN"):
         os.environ["HF_TOKEN"] = env["INPUT_HF_TOKEN"]  # masked in main(); read by huggingface_hub
-    if backend not in ("local", "docker"):
-        raise UsageError(f"the `backend` input must be local or docker, got {backend!r}")
+    if backend not in BACKENDS:
+        raise UsageError(f"the `backend` input must be {' or '.join(BACKENDS)}, got {backend!r}")
     if backend == "docker":
         # The docker backend decides the container (read-only model, non-root, GPUs per pair); see backends/docker.py.
         argv += ["--backend", "docker"]
@@ -288,10 +322,8 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     result = _run_cli(argv, annotations=stdout, warnings=warnings)
     # Every path output is written the way `outdir` was given (relative to the workspace when it was), so the
     # outputs can be joined and passed on alike.
-    manifest_path = str(Path(outdir) / "manifest.json")
-    manifest: dict[str, Any] | None = None
-    if Path(manifest_path).is_file():
-        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    manifest_path = str(Path(outdir) / MANIFEST_NAME)
+    manifest = read_manifest(Path(outdir))
     files = [str(Path(outdir) / f["name"]) for f in result.get("files") or []]
     write_outputs(
         env.get("GITHUB_OUTPUT"),
@@ -375,9 +407,9 @@ def _check(env: Mapping[str, str], stdout: TextIO) -> int:
     if not folder or not pair:
         raise UsageError("the `path` and `pair` inputs are required", hint="path: the make artifact's folder")
     argv = ["check", folder, "--pair", pair]
-    backend = env.get("INPUT_BACKEND", "").strip() or "docker"
-    if backend not in ("local", "docker"):
-        raise UsageError(f"the `backend` input must be local or docker, got {backend!r}")
+    backend = env.get("INPUT_BACKEND", "").strip() or RELEASE_CHECK_BACKEND
+    if backend not in BACKENDS:
+        raise UsageError(f"the `backend` input must be {' or '.join(BACKENDS)}, got {backend!r}")
     argv += ["--backend", backend]
     for key, flag in (
         ("INPUT_IMAGE", "--image"),
@@ -392,8 +424,6 @@ def _check(env: Mapping[str, str], stdout: TextIO) -> int:
     write_outputs(env.get("GITHUB_OUTPUT"), {"passed": str(bool(result.get("passed"))).lower(), "record": record_path})
     append_summary(env.get("GITHUB_STEP_SUMMARY"), check_summary(result))
     if not result.get("passed"):
-        from .check import CheckFailed
-
         raise CheckFailed(failure_message(result), hint=f"the record is in {record_path}")
     stdout.write(f"{escape_data(pair)}: every file passed on this runtime\n")
     return 0
@@ -459,7 +489,7 @@ def _expected_checks(value: str) -> list[tuple[str, str]] | None:
 
 
 def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
-    from .publish import SIZE_LIMIT, ChecksFailed, publish_release, push_to_hub
+    from .publish import SIZE_LIMIT, publish_release, push_to_hub
 
     inputs = _expand(env.get("INPUT_PATH"), "path")
     # A check job that died before writing its record uploads nothing: the expected checks then name it.
@@ -490,7 +520,7 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
                 publish=not _truthy(env.get("INPUT_DRAFT")),
                 size_limit=size_limit,
                 target_commitish=env.get("GITHUB_SHA") or None,
-                on_progress=lambda line: stdout.write(escape_data(line) + "\n"),
+                on_progress=lambda line: print(escape_data(line), file=stdout),
                 checks=checks,
                 expected_checks=expected,
             )
@@ -552,16 +582,16 @@ def main(
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    try:
-        return command(environ, out)
-    except ConverterError as exc:
+
+    def report(exc: ConverterError) -> None:
         out.write(error_annotation(exc) + "\n")
         out.flush()
         append_summary(environ.get("GITHUB_STEP_SUMMARY"), _failure_summary(exc, what))
-        return exc.exit_code
-    except KeyboardInterrupt:
+
+    def interrupted() -> None:
         out.write(annotation("error", "interrupted", title="cecai-converter: cancelled") + "\n")
-        return 130
+
+    return boundary(lambda: command(environ, out), report=report, interrupted=interrupted)
 
 
 def _run(args: argparse.Namespace, out: Output) -> int:

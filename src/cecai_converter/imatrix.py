@@ -1,8 +1,6 @@
 """Importance matrices: build llama.cpp's ``llama-imatrix``, compute an imatrix, hand it to the quantizer.
 
-* :func:`build_tools` compiles ``llama-imatrix`` (CPU only, portable: ``GGML_NATIVE=OFF``, static) from the
-  llama.cpp tree vendored in the pinned llama-cpp-python sdist, once, into the toolchain cache. Later calls find
-  the binary and return at once.
+* ``llama-imatrix`` is built from the pinned sdist by :func:`.llama_tools.build_tools`.
 * :func:`compute` runs it on the base GGUF and a calibration text (default: the shipped ``data/calibration.txt``,
   public-domain prose) and writes a GGUF-format imatrix.
 * :func:`load_for_quantize` reads an imatrix file (GGUF, or llama.cpp's legacy ``.dat``) the way
@@ -14,34 +12,23 @@ IQ1/IQ2 types, IQ3_XXS and Q2_K_S are refused by llama.cpp without an imatrix; K
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
-import json
-import os
 import re
-import shutil
-import subprocess
-import tarfile
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Final
 
 from . import llama_vocab
-from .errors import ConfigError, ConversionFailed, ToolchainError, ToolNotFound, UsageError
+from .errors import ConfigError, ConversionFailed, ToolNotFound, UsageError
+from .llama_tools import build_tools
 from .output import get_logger
-from .tools import child_kwargs, quiet_abort_env
+from .tools import run_tool
 
 __all__ = [
-    "CMAKE_ARGS",
     "DEFAULT_CALIBRATION_TEXT",
-    "TOOL_TARGETS",
     "ImatrixData",
-    "build_tools",
     "compute",
     "default_calibration_text",
     "explain_failure",
@@ -53,26 +40,6 @@ _log = get_logger("imatrix")
 
 #: The shipped calibration text (public domain: Declaration of Independence, two Lincoln addresses).
 DEFAULT_CALIBRATION_TEXT: Final = "calibration.txt"
-#: The cmake targets :func:`build_tools` builds: the imatrix tool, and the reference quantizer (seconds more; the
-#: tests check that quantizing through :func:`load_for_quantize` gives the same bytes as `llama-quantize --imatrix`).
-TOOL_TARGETS: Final = ("llama-imatrix", "llama-quantize")
-#: A CPU-only, portable, self-contained build of just the tools; nothing is downloaded.
-CMAKE_ARGS: Final = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=OFF",
-    "-DGGML_CUDA=OFF",
-    "-DGGML_METAL=OFF",
-    "-DGGML_VULKAN=OFF",
-    "-DLLAMA_CURL=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DBUILD_SHARED_LIBS=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_APP=OFF",
-)
-_VENDOR: Final = "vendor/llama.cpp"
-_STAMP: Final = "build.json"
 _TAIL_CHARS: Final = 4000
 # Metadata keys llama-quantize writes when it uses an imatrix (tools/quantize/quantize.cpp).
 _KV_FILE: Final = b"quantize.imatrix.file"
@@ -82,194 +49,10 @@ _KV_N_CHUNKS: Final = b"quantize.imatrix.chunks_count"
 _KV_TAG_INT: Final = 0
 _KV_TAG_STR: Final = 3
 
-_INSTALL_HINT: Final = (
-    "install a C/C++ toolchain and cmake >= 3.14 (Debian/Ubuntu: `apt-get install cmake build-essential`; "
-    "macOS: `xcode-select --install && brew install cmake`), or pass an existing imatrix file (IMATRIX: file)"
-)
-
 
 def default_calibration_text() -> Path:
     """The calibration text that ships with the package."""
     return Path(str(resources.files("cecai_converter") / "data" / DEFAULT_CALIBRATION_TEXT))
-
-
-# --- building llama-imatrix ---------------------------------------------------------------------------------------
-
-
-def build_tools(
-    *,
-    sdist: Path | None = None,
-    cache: Path | None = None,
-    targets: Sequence[str] = TOOL_TARGETS,
-    jobs: int | None = None,
-) -> dict[str, Path]:
-    """Build llama.cpp's tools from the pinned sdist once; return ``target name → executable``.
-
-    Args:
-        sdist: the llama-cpp-python sdist tarball (default: ``toolchain.sdist_path()``, fetched and verified).
-        cache: the cache root (default: ``toolchain.cache_root()``); the tools go to
-            ``<cache>/llama.cpp-tools/<sdist stem>-cpu/bin``.
-        targets: cmake targets to build (``llama-imatrix``; ``llama-quantize``, ``llama-perplexity`` also work).
-        jobs: parallel compile jobs (default: the number of CPUs).
-
-    Raises:
-        ToolNotFound: cmake or a C++ compiler is missing.
-        ToolchainError: the sdist lacks the vendored llama.cpp, or the build failed (the message keeps the tail
-            of the build log, whose path it names).
-    """
-    if sdist is None or cache is None:
-        from . import toolchain  # the toolchain module fetches the sdist; only needed here
-
-        sdist = toolchain.sdist_path() if sdist is None else sdist
-        cache = toolchain.cache_root() if cache is None else cache
-    stem = _sdist_stem(Path(sdist))
-    root = Path(cache) / "llama.cpp-tools" / f"{stem}-cpu"
-    wanted = tuple(dict.fromkeys(targets))
-    found = _built(root, wanted)
-    if found is not None:
-        return found
-    root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / ".lock"):
-        found = _built(root, wanted)  # another process may have built it while we waited
-        if found is not None:
-            return found
-        _check_build_tools()
-        _log.info("building %s from %s (once; cached in %s)", ", ".join(wanted), Path(sdist).name, root)
-        start = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="build-", dir=root) as tmp:
-            work = Path(tmp)
-            src = _extract_vendored(Path(sdist), work / "src")
-            log_file = root / "build.log"
-            build_dir = work / "build"
-            configure = ["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_ARGS]
-            build = ["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2)]
-            for target in wanted:
-                build += ["--target", target]
-            with log_file.open("w", encoding="utf-8") as log:
-                for cmd in (configure, build):
-                    log.write(f"$ {' '.join(cmd)}\n")
-                    log.flush()
-                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, **child_kwargs())
-                    if proc.returncode != 0:
-                        raise ToolchainError(
-                            f"building {', '.join(wanted)} from {Path(sdist).name} failed "
-                            f"(`{cmd[0]} {cmd[1]}` exited with {proc.returncode}); full log: {log_file}\n"
-                            f"--- build log (tail) ---\n{_tail(log_file)}",
-                            hint="check the compiler error above; a C++17 compiler and cmake >= 3.14 are needed. "
-                            "Or give a ready imatrix file (IMATRIX: file) to skip the build.",
-                        )
-            bin_dir = root / "bin"
-            bin_dir.mkdir(exist_ok=True)
-            for target in wanted:
-                exe = _find_executable(build_dir, target)
-                if exe is None:
-                    raise ToolchainError(
-                        f"the build finished but produced no {target} executable; log: {log_file}",
-                        hint="the vendored llama.cpp may have renamed the target; "
-                        "check `cmake --build . --target help`",
-                    )
-                tmp_exe = bin_dir / f".{exe.name}.tmp"
-                shutil.copy2(exe, tmp_exe)
-                tmp_exe.replace(bin_dir / exe.name)
-        stamp = {"sdist": Path(sdist).name, "targets": sorted({*_stamp_targets(root), *wanted})}
-        stamp["cmake_args"] = list(CMAKE_ARGS)
-        stamp["build_s"] = round(time.monotonic() - start, 1)
-        (root / _STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
-        _log.info("built %s in %.0f s", ", ".join(wanted), stamp["build_s"])
-        found = _built(root, wanted)
-        assert found is not None
-        return found
-
-
-def _sdist_stem(sdist: Path) -> str:
-    name = sdist.name
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return sdist.stem
-
-
-def _exe_name(target: str) -> str:
-    return f"{target}.exe" if os.name == "nt" else target
-
-
-def _stamp_targets(root: Path) -> list[str]:
-    try:
-        return list(json.loads((root / _STAMP).read_text(encoding="utf-8"))["targets"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def _built(root: Path, targets: Sequence[str]) -> dict[str, Path] | None:
-    done = set(_stamp_targets(root))
-    paths = {t: root / "bin" / _exe_name(t) for t in targets}
-    if all(t in done and os.access(p, os.X_OK) for t, p in paths.items()):
-        return paths
-    return None
-
-
-def _check_build_tools() -> None:
-    if shutil.which("cmake") is None:
-        raise ToolNotFound("cmake is needed to build llama-imatrix but is not on PATH", hint=_INSTALL_HINT)
-    if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX") or "c++", "g++", "clang++")):
-        raise ToolNotFound("a C++ compiler is needed to build llama-imatrix but none is on PATH", hint=_INSTALL_HINT)
-
-
-def _extract_vendored(sdist: Path, dest: Path) -> Path:
-    """Extract ``*/vendor/llama.cpp/**`` from the sdist (skipping the rest) and return the llama.cpp folder."""
-    try:
-        with tarfile.open(sdist) as tar:
-            members = []
-            top = None
-            for m in tar.getmembers():
-                parts = PurePosixPath(m.name).parts
-                if len(parts) >= 3 and "/".join(parts[1:3]) == _VENDOR:
-                    members.append(m)
-                    top = parts[0]
-            if top is None:
-                raise ToolchainError(
-                    f"{sdist.name} holds no {_VENDOR}/ tree",
-                    hint="the file is not a llama-cpp-python sdist; delete it and run `cecai-convert toolchain`",
-                )
-            kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(dest, members=members, **kwargs)  # noqa: S202 - members are filtered (and "data" filter)
-    except (OSError, tarfile.TarError) as exc:
-        raise ToolchainError(
-            f"cannot extract llama.cpp from {sdist}: {exc}",
-            hint="the cached sdist may be damaged; delete it and run `cecai-convert toolchain`",
-        ) from None
-    return dest / top / _VENDOR
-
-
-def _find_executable(build_dir: Path, target: str) -> Path | None:
-    name = _exe_name(target)
-    for candidate in (build_dir / "bin" / name, build_dir / "bin" / "Release" / name):
-        if candidate.is_file():
-            return candidate
-    return next((p for p in build_dir.rglob(name) if p.is_file()), None)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl  # POSIX only
-    except ImportError:  # pragma: no cover - Windows: no lock, builds are rare there
-        yield
-        return
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _tail(path: Path, chars: int = _TAIL_CHARS) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-chars:].decode("utf-8", "replace").strip()
 
 
 # --- computing an imatrix ----------------------------------------------------------------------------------------
@@ -374,30 +157,17 @@ def compute(
     if max_chunks:
         cmd += ["--chunks", str(max_chunks)]
     _log.debug("$ %s", " ".join(cmd))
-    with tempfile.TemporaryDirectory(prefix="cecai-imatrix-") as tmp:
-        log_file = Path(tmp) / "imatrix.log"
-        try:
-            with log_file.open("wb") as log:
-                proc = subprocess.run(
-                    cmd,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout_s,
-                    check=False,
-                    cwd=text.parent,
-                    env={**quiet_abort_env(), **os.environ},
-                    **child_kwargs(),
-                )
-        except subprocess.TimeoutExpired:
-            tmp_out.unlink(missing_ok=True)
-            raise ConversionFailed(
-                f"llama-imatrix did not finish within {timeout_s:g} s",
-                hint="limit the chunks (max_chunks), use a shorter calibration text, or give an IMATRIX file",
-            ) from None
-        output = log_file.read_bytes().decode("utf-8", "replace")
-    if proc.returncode != 0 or not tmp_out.is_file():
+    # A long tail: explain_failure looks for the tool's "too short" message and for any llama.cpp log line in it.
+    run = run_tool(cmd, cwd=text.parent, timeout=timeout_s, tail_lines=2000)
+    if run.timed_out:
         tmp_out.unlink(missing_ok=True)
-        raise explain_failure(output, base_name=Path(base).name, text_name=text.name, return_code=proc.returncode)
+        raise ConversionFailed(
+            f"llama-imatrix did not finish within {timeout_s:g} s; it was stopped",
+            hint="limit the chunks (max_chunks), use a shorter calibration text, or give an IMATRIX file",
+        )
+    if run.returncode != 0 or not tmp_out.is_file():
+        tmp_out.unlink(missing_ok=True)
+        raise explain_failure(run.tail, base_name=Path(base).name, text_name=text.name, return_code=run.returncode)
     tmp_out.replace(out)
     return out
 
@@ -608,7 +378,7 @@ def load_for_quantize(path: Path) -> ImatrixData:
     data, info = read_imatrix(path)
     keep: list[Any] = []
     entry_t = llama_cpp.llama_model_imatrix_data
-    array = (entry_t * (len(data) + 1))()
+    array: Any = (entry_t * (len(data) + 1))()  # ctypes fields: llama_cpp's annotations do not fit them
     for i, (name, values) in enumerate(sorted(data.items())):
         buf = np.ascontiguousarray(values, dtype=np.float32)
         cname = ctypes.create_string_buffer(name.encode("utf-8"))
@@ -625,7 +395,7 @@ def load_for_quantize(path: Path) -> ImatrixData:
     kvs.append((_KV_N_ENTRIES, _KV_TAG_INT, len(data)))
     if info["chunk_count"] > 0:
         kvs.append((_KV_N_CHUNKS, _KV_TAG_INT, int(info["chunk_count"])))
-    overrides = (kv_t * (len(kvs) + 1))()
+    overrides: Any = (kv_t * (len(kvs) + 1))()
     for i, (key, tag, value) in enumerate(kvs):
         overrides[i].key = key
         overrides[i].tag = tag

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["count_tokens", "tokenize"]
+from .errors import WorkerFailed
+from .output import get_logger
+from .tools import WorkerUsage, run_worker, serve_job
+
+__all__ = ["COUNT_TIMEOUT_S", "count_tokens", "tokenize"]
+
+_log = get_logger("llama_vocab")
+
+#: A vocabulary-only load takes well under a second even for large models; past this the worker is stuck.
+COUNT_TIMEOUT_S: Final = 300.0
 
 
 @contextlib.contextmanager
@@ -70,30 +78,32 @@ def _tokenize(llama_cpp: Any, vocab: Any, text: bytes, add_special: bool) -> lis
     return list(buf[:n])
 
 
-def count_tokens(model: Path, text: Path, *, add_special: bool = True) -> int | None:
+def count_tokens(
+    model: Path, text: Path, *, add_special: bool = True, timeout: float | None = COUNT_TIMEOUT_S
+) -> int | None:
     """How many tokens ``text`` (a UTF-8 file) is for ``model``'s tokenizer, counted in a worker process.
 
-    ``None`` when the worker cannot say (llama-cpp-python missing, an unreadable vocabulary): the caller then goes
-    on without the count.
+    ``None`` when the worker cannot say (llama-cpp-python missing, an unreadable vocabulary, a crash, the time
+    limit): the caller then goes on without the count.
     """
-    cmd = [sys.executable, "-m", "cecai_converter.llama_vocab", str(model), str(text)]
-    if not add_special:
-        cmd.append("--no-special")
-    from .tools import child_kwargs
-
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL, **child_kwargs())
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines or not lines[-1].isdigit():
+    job = {"model": str(model), "text": str(text), "add_special": add_special}
+    try:
+        result = run_worker("cecai_converter.llama_vocab", job, timeout=timeout, name="token count")
+    except WorkerFailed as exc:
+        _log.debug("no token count for %s: %s", text, exc.message)
         return None
-    return int(lines[-1])
+    n_tokens = result.data.get("n_tokens")
+    return n_tokens if isinstance(n_tokens, int) and not isinstance(n_tokens, bool) else None
+
+
+def _count(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The worker's job: the token count of one text."""
+    try:
+        tokens = tokenize(Path(job["model"]), Path(job["text"]).read_bytes(), add_special=bool(job["add_special"]))
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise WorkerUsage(f"cannot count tokens: {exc}") from None
+    return {"n_tokens": len(tokens)}
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    special = "--no-special" not in args
-    model_arg, text_arg = [a for a in args if a != "--no-special"]
-    try:
-        print(len(tokenize(Path(model_arg), Path(text_arg).read_bytes(), add_special=special)))
-    except (ImportError, OSError, RuntimeError) as exc:
-        print(f"cannot count tokens: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    sys.exit(serve_job(_count))

@@ -2,65 +2,298 @@
 
 It is also the memory of no-work re-runs: each file entry carries the ``inputs_key`` it was made from, and the
 size and modification time it had when published, so an unchanged re-run can trust it without re-hashing.
+
+Every reader goes through :class:`Manifest`: :meth:`Manifest.from_dict` checks the fields readers rely on and
+refuses bad input with a :class:`~cecai_converter.errors.ManifestError` that names the field, and
+:meth:`Manifest.to_dict` gives back exactly the JSON it came from (keys it does not know, written by a newer
+version, are kept in ``extra``). The published ``<model>[.<slug>].manifest.json`` (see
+``publish.release_manifest``) is the same document without host paths and mtimes, plus ``checks``; it is read
+through the same class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from . import __version__
+from .errors import ManifestError, UsageError
 from .fsutil import atomic_write_json
 
-__all__ = ["MANIFEST_NAME", "SCHEMA", "file_is_current", "inputs_key", "read_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA",
+    "FileEntry",
+    "Manifest",
+    "file_is_current",
+    "inputs_key",
+    "load_manifest",
+    "read_manifest",
+    "write_manifest",
+]
 
 MANIFEST_NAME: Final = "manifest.json"
 SCHEMA: Final = 1
 
+_HINT: Final = "a manifest is written by `cecai-convert convert`; convert again instead of editing it"
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One GGUF file of a manifest (``files[i]``).
+
+    Attributes:
+        name: the file name, in the manifest's folder.
+        precision: the precision name (``Q4_K_M``).
+        bytes: the file's size.
+        sha256: hex digest of its bytes.
+        mtime_ns: its modification time when published (builder manifests only; the published one drops it).
+        inputs_key: what its bytes were made from (no-work re-runs).
+        tensor_count, architecture, file_type, n_params: read back from the file.
+        bpw: bits per weight (bytes × 8 / parameters).
+        verification: the load-and-generate record (``runtime``, ``generated_tokens``, ``text``...).
+        fidelity: KL-divergence, perplexity, top-1 and speed against the base; a mapping so that keys added later
+            (error bars...) are kept as written.
+        reused: whether the file came from an earlier run.
+        extra: keys this version does not know, kept for the round trip.
+    """
+
+    name: str
+    precision: str
+    bytes: int
+    sha256: str
+    mtime_ns: int | None = None
+    inputs_key: str | None = None
+    tensor_count: int | None = None
+    architecture: str | None = None
+    file_type: int | None = None
+    n_params: int | None = None
+    bpw: float | None = None
+    verification: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
+    reused: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: optional keys the source document did not have (left out again by ``to_dict``, not written as null)
+    absent: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FileEntry:
+        """A file entry from its JSON object (checked by :meth:`Manifest.from_dict`)."""
+        known = {f.name for f in _ENTRY_FIELDS}
+        values = {k: data[k] for k in known if k in data}
+        return cls(
+            **values,
+            extra={k: v for k, v in data.items() if k not in known},
+            absent=frozenset(_ENTRY_OPTIONAL - data.keys()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object as written."""
+        out: dict[str, Any] = {}
+        for f in _ENTRY_FIELDS:
+            value = getattr(self, f.name)
+            if value is not None or f.name not in self.absent:
+                out[f.name] = value
+        return {**out, **self.extra}
+
+    def without_host_facts(self) -> FileEntry:
+        """The entry as published: no modification time (it means nothing on another machine)."""
+        return dataclasses.replace(self, mtime_ns=None, absent=self.absent | {"mtime_ns"})
+
+
+_ENTRY_FIELDS: Final = tuple(f for f in dataclasses.fields(FileEntry) if f.name not in ("extra", "absent"))
+_ENTRY_OPTIONAL: Final = frozenset(f.name for f in _ENTRY_FIELDS) - {"name", "precision", "bytes", "sha256"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` (schema 1; see ``docs/ARCHITECTURE.md``), or a published ``*.manifest.json``.
+
+    Attributes:
+        schema: the format version (:data:`SCHEMA`).
+        tool: ``{"name", "version"}`` of the writer.
+        toolchain: the llama.cpp the files were made with.
+        pair: the pair's name, None for a pair-less run.
+        model_name: the stem of the file names.
+        trained: TRAINED from the Converter folder.
+        source: where the model came from (``kind`` local or hub, ``fingerprint``, ``path``/``files`` or
+            ``repo_id``/``revision``).
+        base: ``{"precision", "kept"}``.
+        imatrix: the importance matrix's record, or None.
+        files: the GGUF files.
+        timings: ``convert_s``, ``quantize_s`` (per precision), ``verify_s`` and ``fidelity_s`` (per runtime
+            label: ``all`` or ``n_gpu_layers=N``), ``total_s``.
+        runtime: ``{"n_gpu_layers"}`` the files were verified and measured with.
+        inputs_key: a whole-run key, where a writer records one.
+        checks: published manifests only: pair name → check record.
+        extra: keys this version does not know, kept for the round trip.
+        path: where it was read from or written to (not part of the document).
+    """
+
+    schema: int = SCHEMA
+    tool: dict[str, Any] | None = None
+    toolchain: dict[str, Any] | None = None
+    pair: str | None = None
+    model_name: str | None = None
+    trained: bool | None = None
+    source: dict[str, Any] | None = None
+    base: dict[str, Any] | None = None
+    imatrix: dict[str, Any] | None = None
+    files: list[FileEntry] = field(default_factory=list)
+    timings: dict[str, Any] | None = None
+    runtime: dict[str, Any] | None = None
+    inputs_key: str | None = None
+    checks: dict[str, dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    absent: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    path: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: object, *, path: Path | None = None) -> Manifest:
+        """Check ``data`` (parsed JSON) and type it.
+
+        Raises:
+            ManifestError: the first field readers would trip over, as ``field: why`` (prefixed by ``path``).
+        """
+        problem = _manifest_problem(data)
+        if problem is not None:
+            raise ManifestError(f"{path}: {problem}" if path is not None else problem, hint=_HINT)
+        assert isinstance(data, dict)  # _manifest_problem refuses anything else
+        known = {f.name for f in _MANIFEST_FIELDS}
+        values = {k: data[k] for k in known if k in data and k != "files"}
+        return cls(
+            **values,
+            files=[FileEntry.from_dict(e) for e in data.get("files", [])],
+            extra={k: v for k, v in data.items() if k not in known},
+            absent=frozenset(_MANIFEST_OPTIONAL - data.keys()),
+            path=path,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, exactly as written (``from_dict(m.to_dict()) == m``)."""
+        out: dict[str, Any] = {}
+        for f in _MANIFEST_FIELDS:
+            value = getattr(self, f.name)
+            if f.name == "files":
+                if "files" not in self.absent or value:
+                    out["files"] = [e.to_dict() for e in value]
+            elif value is not None or f.name not in self.absent:
+                out[f.name] = value
+        return {**out, **self.extra}
+
+    # -- what readers ask -----------------------------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        """Whether the document has ``key`` (a null value counts; a key it never had does not)."""
+        return key in self.to_dict()
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder the manifest is in (its files are next to it), when it was read from disk."""
+        return None if self.path is None else self.path.parent
+
+    def by_precision(self) -> dict[str, FileEntry]:
+        """Entries by precision name."""
+        return {e.precision: e for e in self.files}
+
+    @property
+    def n_gpu_layers(self) -> int | None:
+        """The runtime setting the files were verified with."""
+        value = (self.runtime or {}).get("n_gpu_layers")
+        return value if _is_int(value) else None
+
+    @property
+    def source_path(self) -> str | None:
+        """The local source folder (builder manifests of a local model)."""
+        value = (self.source or {}).get("path")
+        return value if isinstance(value, str) else None
+
+    @property
+    def source_files(self) -> list[dict[str, Any]]:
+        """The local source's file records (``path``, ``bytes``, ``mtime_ns``, ``sha256``)."""
+        return list((self.source or {}).get("files") or [])
+
+    def seconds(self, key: str) -> dict[str, float]:
+        """A per-label timing (``quantize_s`` per precision; ``verify_s``/``fidelity_s`` per runtime label)."""
+        value = (self.timings or {}).get(key)
+        if not isinstance(value, dict):
+            return {}
+        return {str(k): float(v) for k, v in value.items() if _is_number(v)}
+
+    def total_seconds(self, key: str) -> float | None:
+        """A single timing (``convert_s``, ``total_s``), when recorded."""
+        value = (self.timings or {}).get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_MANIFEST_FIELDS: Final = tuple(f for f in dataclasses.fields(Manifest) if f.name not in ("extra", "absent", "path"))
+_MANIFEST_OPTIONAL: Final = frozenset(f.name for f in _MANIFEST_FIELDS) - {"schema"}
+
+
+def read_manifest(folder: Path) -> Manifest | None:
     """The manifest in ``folder``, or None when there is none or it is unreadable (treated as no record).
 
     A manifest that is there but malformed (edited by hand, damaged) is also no record: a warning names the file and
     the field, and ``run`` redoes the folder and writes a new one, instead of failing on a wrong type later.
+    Readers that must not go on without one use :func:`load_manifest`.
     """
     path = folder / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return load_manifest(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, RecursionError) as exc:
-        problem = f"not readable JSON ({type(exc).__name__})"
-    else:
-        problem = _manifest_problem(data)
-    if problem is not None:
+    except ManifestError as exc:
         from .output import get_logger
 
+        problem = exc.message.removeprefix(f"{path}: ")
         get_logger("manifest").warning(f"ignoring {path}: {problem}; the folder is treated as having no record")
         return None
-    return data
+
+
+def load_manifest(path: Path) -> Manifest:
+    """The manifest at ``path`` (a ``manifest.json`` or a published ``*.manifest.json``).
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        ManifestError: it is not readable JSON, or a field is malformed (the message names the file and the field).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({type(exc).__name__})", hint=_HINT) from None
+    return Manifest.from_dict(data, path=path)
 
 
 def _manifest_problem(data: object) -> str | None:
     """The first field of a manifest that readers would trip over, as ``field: why``; None when it is sound."""
-    from .errors import UsageError
-    from .names import check_plain_name, check_stem
-
-    def is_int(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
+    from .names import check_plain_name, check_stem, show
 
     if not isinstance(data, dict):
         return f"expected a JSON object, found {type(data).__name__}"
-    if data.get("schema") != SCHEMA:
-        return f"schema: expected {SCHEMA}"
-    for key in ("source", "timings", "runtime", "base", "toolchain"):
+    if data.get("schema") != SCHEMA or not _is_int(data.get("schema")):
+        return f"schema: expected {SCHEMA}, found {show(data.get('schema'))}: not a cecai-converter manifest it reads"
+    for key in ("source", "timings", "runtime", "base", "toolchain", "tool", "imatrix", "checks"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key}: expected an object"
-    if data.get("pair") is not None and not isinstance(data["pair"], str):
-        return "pair: expected a string"
+    for key in ("pair", "inputs_key"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"{key}: expected a string"
+    if data.get("trained") is not None and not isinstance(data["trained"], bool):
+        return "trained: expected true or false"
     if data.get("model_name") is not None:  # names files next to the manifest: never a path
         try:
             check_stem(data["model_name"], "model_name")
@@ -78,18 +311,27 @@ def _manifest_problem(data: object) -> str | None:
         for key, ok in (
             ("precision", lambda v: isinstance(v, str)),
             ("sha256", lambda v: isinstance(v, str)),
-            ("bytes", is_int),
+            ("bytes", _is_int),
         ):
             if not ok(entry.get(key)):
                 return f"files[{i}].{key}: missing or of the wrong type"
         for key, ok in (
-            ("mtime_ns", is_int),
+            ("mtime_ns", _is_int),
             ("inputs_key", lambda v: isinstance(v, str)),
+            ("tensor_count", _is_int),
+            ("architecture", lambda v: isinstance(v, str)),
+            ("file_type", _is_int),
+            ("n_params", _is_int),
+            ("bpw", _is_number),
             ("verification", lambda v: isinstance(v, dict)),
             ("fidelity", lambda v: isinstance(v, dict)),
+            ("reused", lambda v: isinstance(v, bool)),
         ):
             if entry.get(key) is not None and not ok(entry[key]):
                 return f"files[{i}].{key}: of the wrong type"
+    for pair, record in (data.get("checks") or {}).items():
+        if not isinstance(record, dict):
+            return f"checks.{pair}: expected an object"
     source = data.get("source") or {}
     if source.get("path") is not None and not isinstance(source["path"], str):
         return "source.path: expected a string"
@@ -101,19 +343,24 @@ def _manifest_problem(data: object) -> str | None:
             isinstance(record, dict)
             and isinstance(record.get("path"), str)
             and isinstance(record.get("sha256"), str)
-            and is_int(record.get("bytes"))
-            and is_int(record.get("mtime_ns"))
+            and _is_int(record.get("bytes"))
+            and (_is_int(record.get("mtime_ns")) or record.get("mtime_ns") is None)  # published: dropped
         ):
             return f"source.files[{i}]: expected an object with path, bytes, mtime_ns and sha256"
     return None
 
 
-def write_manifest(folder: Path, data: dict[str, Any]) -> Path:
-    """Write ``folder/manifest.json`` atomically and return its path."""
-    data = {"schema": SCHEMA, "tool": {"name": "cecai-converter", "version": __version__}, **data}
+def write_manifest(folder: Path, data: Mapping[str, Any]) -> Manifest:
+    """Write ``folder/manifest.json`` atomically and return it, as read back.
+
+    ``data`` is checked like any manifest first: a writer's mistake fails here, not in the next reader.
+    """
     path = folder / MANIFEST_NAME
-    atomic_write_json(path, data)
-    return path
+    manifest = Manifest.from_dict(
+        {"schema": SCHEMA, "tool": {"name": "cecai-converter", "version": __version__}, **data}, path=path
+    )
+    atomic_write_json(path, manifest.to_dict())
+    return manifest
 
 
 def inputs_key(**parts: Any) -> str:
@@ -121,13 +368,12 @@ def inputs_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_is_current(entry: Mapping[str, Any], folder: Path, key: str) -> bool:
+def file_is_current(entry: FileEntry, folder: Path, key: str) -> bool:
     """True when ``entry`` was made from ``key`` and its file is still there, unchanged in size and mtime."""
-    if entry.get("inputs_key") != key:
+    if entry.inputs_key != key:
         return False
-    path = folder / str(entry.get("name", ""))
     try:
-        st = path.stat()
+        st = (folder / entry.name).stat()
     except OSError:
         return False
-    return st.st_size == entry.get("bytes") and st.st_mtime_ns == entry.get("mtime_ns")
+    return st.st_size == entry.bytes and st.st_mtime_ns == entry.mtime_ns

@@ -99,6 +99,7 @@ def _config(arch: str, size: _Size, dtype: str) -> Any:
     import transformers as tf
 
     common: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    cfg: Any  # one of transformers' config classes, chosen by ``arch``
     if arch == "llama":
         cfg = tf.LlamaConfig(
             vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
@@ -163,7 +164,7 @@ def build_model(
     cfg = _config(arch, SIZES[size], dtype)
     torch.manual_seed(seed)
     with torch.no_grad():
-        model = tf.AutoModelForCausalLM.from_config(cfg)
+        model = tf.AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
         # Plain N(0, 0.02) weights and unit norms, whatever each class's own init does, so that every architecture
         # produces logits of a similar, finite scale.
         gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
-"""The conversion pipeline: convert once, quantize each precision once, verify, publish to every target.
+"""The conversion pipeline: convert once, quantize each precision once, verify, deliver to every target.
 
     resolve source → fingerprint → plan (what is already current) → convert base → [imatrix] → quantize
-    → verify → [fidelity] → publish atomically → manifest per target
+    → verify → [fidelity] → deliver (install each file atomically) → manifest per target
 
 A *target* is one outputs folder (``outputs/<PAIR>`` for a Converter folder, ``--outdir`` otherwise). GGUF bytes
 do not depend on the pair, so several targets share one base and one file per precision; a pair's own work is
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from .agreement import REFERENCE_NAME, make_reference
+from .card import source_card_field
 from .convert import run_converter
 from .errors import ConfigError, ConversionFailed, UsageError
-from .fsutil import atomic_write_json, outputs_lock, publish_file, remove_stale_staging, sha256_file, staging_dir
-from .manifest import MANIFEST_NAME, file_is_current, inputs_key, read_manifest, write_manifest
+from .fsutil import atomic_write_json, install_file, outputs_lock, remove_stale_staging, sha256_file, staging_dir
+from .manifest import Manifest, file_is_current, inputs_key, read_manifest, write_manifest
 from .output import Output, get_logger
 from .pairs import PairInfo
 from .precisions import PRECISIONS, PrecisionInfo
@@ -54,6 +56,9 @@ class Target:
     #: layers its runtime offloads when verifying and measuring (-1 all); None: the job's Options.n_gpu_layers.
     #: Targets of one job share the files, but each runtime loads and measures them itself.
     n_gpu_layers: int | None = None
+    #: the resolved request this target was made for, as the manifest records it under ``request``
+    #: (``{"values": …, "sources": …}``, see :meth:`cecai_converter.request.Request.record`)
+    request: Mapping[str, Any] | None = None
 
     def wants(self, name: str) -> bool:
         """Whether this target asked for the precision ``name``."""
@@ -109,13 +114,17 @@ def _hub_cache() -> Path:
     return base / "cecai-converter" / "hub"
 
 
+def _tensor_progress(out: Output, precision_name: str, done: int, total: int) -> None:
+    out.progress(f"    {precision_name}: tensor {done}/{total}")
+
+
 def _file_name(model_name: str, precision: PrecisionInfo) -> str:
     return f"{model_name}.{precision.suffix}.gguf"
 
 
 @dataclass
 class _Produced:
-    """A file made (or found) in this run, ready to publish."""
+    """A file made (or found) in this run, ready to deliver."""
 
     path: Path
     precision: PrecisionInfo
@@ -143,6 +152,14 @@ class _Run:
         self.imatrix = _ImatrixPlan.from_options(job.options)
         # Hashing (the source on a first run, each new output) overlaps the conversion and quantization steps.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cecai-hash")
+        self._previous: dict[Path, Manifest | None] = {}
+
+    def previous(self, folder: Path) -> Manifest | None:
+        """The manifest an earlier run left in ``folder``: read once per run (the targets' folders are locked by
+        then), then asked for every lookup (source records, reusable files, up-to-date checks)."""
+        if folder not in self._previous:
+            self._previous[folder] = read_manifest(folder)
+        return self._previous[folder]
 
     # -- source -----------------------------------------------------------------------------------------------
     def resolve_source(self) -> tuple[ModelSource, dict[str, Any], Future[tuple[str, list[dict[str, Any]]]] | None]:
@@ -159,17 +176,18 @@ class _Run:
                 local, resolved = fetch_from_hub(job.model, job.revision, _hub_cache())
             source = check_model_dir(local, self.converter_dir, allow_pickle=self.opts.allow_pickle)
             fingerprint, _ = fingerprint_files(local)
-            record = {"kind": "hub", "repo_id": job.model, "revision": resolved, "fingerprint": fingerprint}
+            record: dict[str, Any] = {"kind": "hub", "repo_id": job.model, "revision": resolved}
+            record.update(fingerprint=fingerprint, **source_card_field(local))
             return dataclasses.replace(source, repo_id=job.model, revision=resolved), record, None
         path = Path(job.model).resolve()
         source = check_model_dir(path, self.converter_dir, allow_pickle=self.opts.allow_pickle)
         previous: dict[str, Any] | None = None
         for folder in self.related_folders():
-            old = read_manifest(folder)
-            if old and old.get("source", {}).get("path") == str(path):
-                previous = {f["path"]: f for f in old["source"].get("files", [])}
+            old = self.previous(folder)
+            if old and old.source_path == str(path):
+                previous = {f["path"]: f for f in old.source_files}
                 break
-        record: dict[str, Any] = {"kind": "local", "path": str(path)}
+        record = {"kind": "local", "path": str(path), **source_card_field(path)}
         if previous is None:
             return source, record, self.pool.submit(fingerprint_files, path)
         fingerprint, files = fingerprint_files(path, previous)
@@ -199,17 +217,17 @@ class _Run:
     def find_existing(self, key: str, precision: PrecisionInfo) -> _Produced | None:
         """A current file for ``key`` in any target or sibling pair folder (reused instead of remade)."""
         for folder in self.related_folders():
-            manifest = read_manifest(folder)
-            for entry in (manifest or {}).get("files", []):
-                if entry.get("precision") == precision.name and file_is_current(entry, folder, key):
+            manifest = self.previous(folder)
+            for entry in manifest.files if manifest else []:
+                if entry.precision == precision.name and file_is_current(entry, folder, key):
                     return _Produced(
-                        path=folder / entry["name"],
+                        path=folder / entry.name,
                         precision=precision,
                         key=key,
-                        sha256=entry["sha256"],
-                        facts={k: entry[k] for k in _FACT_KEYS if k in entry},
-                        verification=entry.get("verification"),
-                        fidelity=entry.get("fidelity"),
+                        sha256=entry.sha256,
+                        facts={k: v for k, v in entry.to_dict().items() if k in _FACT_KEYS},
+                        verification=entry.verification,
+                        fidelity=entry.fidelity,
                         made_here=False,
                         origin=folder,
                     )
@@ -243,7 +261,7 @@ def _attach_logs(targets: Sequence[Target]) -> list[logging.Handler]:
     return handlers
 
 
-def run_job(job: Job, out: Output) -> list[dict[str, Any]]:
+def run_job(job: Job, out: Output) -> list[Manifest]:
     """Run one job and return the manifest written to each target (in target order).
 
     Raises:
@@ -269,7 +287,7 @@ def run_job(job: Job, out: Output) -> list[dict[str, Any]]:
             handler.close()
 
 
-def _run(job: Job, out: Output) -> list[dict[str, Any]]:
+def _run(job: Job, out: Output) -> list[Manifest]:
     run = _Run(job, out)
     try:
         with contextlib.ExitStack() as locks:
@@ -283,7 +301,7 @@ def _run(job: Job, out: Output) -> list[dict[str, Any]]:
         run.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
+def _execute(run: _Run, started: float) -> list[Manifest]:
     job, out, opts = run.job, run.out, run.opts
     for target in job.targets:
         for stale in remove_stale_staging(target.outputs_dir):
@@ -317,14 +335,15 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
                 run.produced[precision.name] = existing
             else:
                 missing.append(precision)
-        if not missing and all(_target_current(t, keys, _layers_of(job, t), opts.reference) for t in job.targets):
+        earlier = [run.previous(t.outputs_dir) for t in job.targets]
+        if not missing and all(
+            m is not None and _target_current(t, m, keys, _layers_of(job, t), opts.reference)
+            for t, m in zip(job.targets, earlier, strict=True)
+        ):
             out.info(
                 f"up to date: {job.model_name} ({', '.join(p.name for p in wanted)}); nothing to do (--force redoes)"
             )
-            return [
-                {**(read_manifest(t.outputs_dir) or {}), "manifest_path": str(t.outputs_dir / MANIFEST_NAME)}
-                for t in job.targets
-            ]
+            return [m for m in earlier if m is not None]
 
     require_runtime()
     anchor = job.targets[0].outputs_dir
@@ -341,7 +360,7 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
             item.key = item.key or keys[name]
         _read_back_all(run)
         # Each runtime among the targets (CPU, GPU offload) loads and measures the shared files itself; everything
-        # is checked before anything is published, so a failing check leaves every target as it was.
+        # is checked before anything is delivered, so a failing check leaves every target as it was.
         checked: dict[int, dict[str, _Produced]] = {}
         runtimes = _runtimes(job)
         for layers, targets in runtimes.items():
@@ -354,7 +373,7 @@ def _execute(run: _Run, started: float) -> list[dict[str, Any]]:
         reference = _make_reference(run, next(iter(runtimes))) if opts.reference else None
         run.timings["total_s"] = round(time.perf_counter() - started, 3)
         manifests = [
-            _publish(run, target, checked[_layers_of(job, target)], source_record, base_precision, reference)
+            _deliver(run, target, checked[_layers_of(job, target)], source_record, base_precision, reference)
             for target in job.targets
         ]
     return manifests
@@ -451,23 +470,24 @@ class _ImatrixPlan:
                 self.path = imatrix_mod.compute(base, self.calibration_text, out_path, n_threads=run.opts.threads)
                 run.timings["imatrix_s"] = round(time.perf_counter() - t0, 3)
             self.record = {**imatrix_mod.load_for_quantize(self.path).describe(), "source": "computed",
-                           "calibration_text": text.name}  # fmt: skip
-            # Published next to the GGUF files (see _publish), so it can be reused as IMATRIX: FILE.
+                           "calibration_text": text.name, "calibration_text_sha256": sha256_file(text)}  # fmt: skip
+            # Delivered next to the GGUF files (see _deliver), so it can be reused as IMATRIX: FILE.
             self.record["file"] = f"{run.job.model_name}.imatrix.gguf"
         elif self.path is not None and self.record is None:
             self.record = {**imatrix_mod.load_for_quantize(self.path).describe(), "source": "given"}
         return self.path
 
 
-def _target_current(target: Target, keys: Mapping[str, str], n_gpu_layers: int, need_reference: bool) -> bool:
-    manifest = read_manifest(target.outputs_dir)
-    if manifest is None:
+def _target_current(
+    target: Target, manifest: Manifest, keys: Mapping[str, str], n_gpu_layers: int, need_reference: bool
+) -> bool:
+    """Whether ``manifest`` (the target's, from an earlier run) already lists every wanted file, made from ``keys``
+    and verified with ``n_gpu_layers``."""
+    if need_reference and not _reference_current(target.outputs_dir, {e.name: e.sha256 for e in manifest.files}):
         return False
-    if need_reference and not _reference_current(target.outputs_dir, manifest):
-        return False
-    if (manifest.get("runtime") or {}).get("n_gpu_layers") != n_gpu_layers:
+    if manifest.n_gpu_layers != n_gpu_layers:
         return False  # verified and measured for another runtime setting: check again (the files are reused)
-    entries = {e.get("precision"): e for e in manifest.get("files", [])}
+    entries = manifest.by_precision()
     return all(
         name in entries and file_is_current(entries[name], target.outputs_dir, key)
         for name, key in keys.items()
@@ -475,8 +495,8 @@ def _target_current(target: Target, keys: Mapping[str, str], n_gpu_layers: int, 
     )
 
 
-def _reference_current(folder: Path, manifest: Mapping[str, Any]) -> bool:
-    """Whether ``folder`` has a reference for exactly the bytes its manifest lists."""
+def _reference_current(folder: Path, files: Mapping[str, str]) -> bool:
+    """Whether ``folder`` has a reference for exactly the bytes of ``files`` (name → sha256, as a manifest lists)."""
     from .agreement import read_reference
 
     try:
@@ -484,7 +504,7 @@ def _reference_current(folder: Path, manifest: Mapping[str, Any]) -> bool:
     except ConfigError:
         return False
     entries = reference["files"]
-    return all((entries.get(f.get("name")) or {}).get("sha256") == f.get("sha256") for f in manifest.get("files", []))
+    return all((entries.get(name) or {}).get("sha256") == sha256 for name, sha256 in files.items())
 
 
 def _produce(
@@ -530,7 +550,7 @@ def _produce(
                     precision,
                     threads=opts.threads,
                     imatrix=imatrix_path,
-                    on_progress=lambda i, n, p=precision: out.progress(f"    {p.name}: tensor {i}/{n}"),
+                    on_progress=functools.partial(_tensor_progress, out, precision.name),
                 )
                 run.timings["quantize_s"][precision.name] = round(time.perf_counter() - t0, 3)
             produced_path = dest
@@ -613,14 +633,14 @@ def _measure_fidelity(run: _Run, view: dict[str, _Produced], n_gpu_layers: int, 
             )
 
 
-def _publish(
+def _deliver(
     run: _Run,
     target: Target,
     view: dict[str, _Produced],
     source_record: dict[str, Any],
     base_precision: PrecisionInfo,
     reference: Mapping[str, Any] | None,
-) -> dict[str, Any]:
+) -> Manifest:
     job = run.job
     files: list[dict[str, Any]] = []
     kept_base = job.options.keep_base
@@ -631,7 +651,7 @@ def _publish(
         name = _file_name(job.model_name, precision)
         dest = target.outputs_dir / name
         if item.path.resolve() != dest.resolve():
-            publish_file(item.path, dest)
+            install_file(item.path, dest)
         st = dest.stat()
         files.append({
             "name": name, "precision": precision.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
@@ -642,7 +662,7 @@ def _publish(
         })  # fmt: skip
     record = run.imatrix.record
     if record is not None and record.get("source") == "computed" and run.imatrix.path is not None:
-        publish_file(run.imatrix.path, target.outputs_dir / record["file"])
+        install_file(run.imatrix.path, target.outputs_dir / record["file"])
     manifest = {
         "toolchain": toolchain_info().as_manifest(),
         "pair": target.pair.name if target.pair else None,
@@ -654,15 +674,16 @@ def _publish(
         "files": files,
         "timings": run.timings,
         "runtime": {"n_gpu_layers": _layers_of(job, target)},
+        "request": target.request,
     }
     if reference is not None:
         names = {f["name"] for f in files}
         own = {**reference, "files": {n: e for n, e in reference["files"].items() if n in names}}
         atomic_write_json(target.outputs_dir / REFERENCE_NAME, own)
-    elif not _reference_current(target.outputs_dir, {"files": files}):
+    elif not _reference_current(target.outputs_dir, {f["name"]: f["sha256"] for f in files}):
         # A reference of earlier bytes would make every later check fail with "other bytes": none is better.
         (target.outputs_dir / REFERENCE_NAME).unlink(missing_ok=True)
-    path = write_manifest(target.outputs_dir, manifest)
-    _log.info("wrote %s", path)
+    written = write_manifest(target.outputs_dir, manifest)
+    _log.info("wrote %s", written.path)
     # Files of earlier runs that this run no longer asked for are left alone; the manifest lists this run's files.
-    return {**manifest, "manifest_path": str(path)}
+    return written

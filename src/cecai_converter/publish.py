@@ -15,6 +15,11 @@ The rules GitHub imposes, and how this module keeps them:
   (a draft stays a draft). On a published, mutable release, new files are uploaded under temporary names and renamed
   only after all of them arrived.
 
+A run is three steps: :func:`plan_release` (checks the inputs, stages parts, release manifests and ``SHA256SUMS``,
+compares them with the release; reads from GitHub only, so every refusal comes before the first write),
+:func:`upload_release` (creates the draft if needed, uploads, renames into place) and :func:`finalize_release`
+(release notes, then publishing the draft unless a check failed).
+
 The REST calls use ``urllib`` against ``GITHUB_API_URL`` (``https://api.github.com`` by default) with the token from
 ``GITHUB_TOKEN``; the token is sent only in the ``Authorization`` header to that API and its upload host, and is
 never logged or put in a message.
@@ -23,6 +28,7 @@ never logged or put in a message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,26 +43,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import ConverterError, UsageError
+from .errors import ChecksFailed, ConverterError, GitHubAPIError, ManifestError, PublishFailed, UsageError
 from .fsutil import sha256_file
-from .names import check_plain_name, check_stem, control_character, show
+from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from .names import control_character, show
 from .output import Output, get_logger
 from .pairs import PAIRS
+from .request import without_host_paths
 
 __all__ = [
     "CHECKSUMS_NAME",
     "SIZE_LIMIT",
     "GitHubClient",
     "LocalAsset",
-    "PublishFailed",
     "PublishResult",
+    "ReleasePlan",
     "collect_assets",
+    "finalize_release",
     "parse_checksums",
+    "plan_release",
     "publish_release",
     "push_to_hub",
     "register",
+    "release_manifest",
     "release_notes",
     "split_gguf",
+    "upload_release",
 ]
 
 #: GitHub refuses release assets of 2 GiB or more; stay below 2,000,000,000 bytes (2 GB).
@@ -71,38 +83,6 @@ _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 _log = get_logger("publish")
 
 
-class PublishFailed(ConverterError):
-    """Publishing to GitHub or the Hugging Face Hub failed; the release was left as it was."""
-
-    title = "publish failed"
-
-
-class ChecksFailed(PublishFailed):
-    """A pair's check failed or is missing: the files were uploaded, the release was left a draft.
-
-    Attributes:
-        result: what was done.
-    """
-
-    title = "check failed"
-
-    def __init__(self, message: str, *, hint: str | None = None, result: PublishResult) -> None:
-        super().__init__(message, hint=hint)
-        self.result = result
-
-
-class GitHubAPIError(PublishFailed):
-    """GitHub answered a REST call with an error status.
-
-    Attributes:
-        status: the HTTP status (0 when the server could not be reached).
-    """
-
-    def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class LocalAsset:
     """A file to attach.
@@ -115,6 +95,7 @@ class LocalAsset:
         kind: ``gguf``, ``split`` (one part of a split GGUF file), ``manifest`` or ``checksums``.
         precision: the GGUF file's precision, when a manifest says it.
         split_of: for a part, the name of the GGUF file it was split from.
+        manifest: for a manifest asset, its content (read once, when collected).
     """
 
     name: str
@@ -124,6 +105,7 @@ class LocalAsset:
     kind: str
     precision: str | None = None
     split_of: str | None = None
+    manifest: Manifest | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -217,10 +199,9 @@ def split_gguf(path: Path, outdir: Path, *, size_limit: int = SIZE_LIMIT) -> lis
     return names
 
 
-def _manifest_asset_name(manifest: Mapping[str, Any], folder: Path) -> str:
-    model = str(manifest.get("model_name") or folder.name)
-    pair = manifest.get("pair")
-    info = PAIRS.get(str(pair)) if pair else None
+def _manifest_asset_name(manifest: Manifest, folder: Path) -> str:
+    model = manifest.model_name or folder.name
+    info = PAIRS.get(manifest.pair) if manifest.pair else None
     return f"{model}.{info.slug}.manifest.json" if info else f"{model}.manifest.json"
 
 
@@ -236,69 +217,66 @@ def _add(found: dict[str, LocalAsset], asset: LocalAsset) -> None:
         )
 
 
-def _manifest_files(manifest_path: Path, manifest: object) -> list[tuple[Path, str, str | None]]:
+_MANIFEST_HINT: Final = (
+    "a manifest lists the files of its own folder by name, each with its sha256, as `cecai-convert` writes it; "
+    "convert again instead of editing it"
+)
+
+
+def _load_for_publishing(manifest_path: Path) -> Manifest:
+    """The manifest at ``manifest_path``, refused (before any request) when unreadable or malformed.
+
+    Raises:
+        ManifestError: naming the manifest and the field, and saying that nothing was published.
+    """
+    try:
+        return load_manifest(manifest_path)
+    except ManifestError as exc:
+        raise ManifestError(f"{exc.message}; nothing was published", hint=_MANIFEST_HINT) from None
+
+
+def _manifest_files(manifest: Manifest) -> list[tuple[Path, str, str | None]]:
     """The files a manifest lists, as ``(path, sha256, precision)``, each checked before anything is uploaded.
 
     A manifest is data from an artifact, not an instruction: every ``files[].name`` must be a plain file name of a
-    regular file in the manifest's own folder (no path, no ``..``, no symbolic link, not hidden), and every file must
-    carry a ``sha256`` that its bytes match. Otherwise a manifest could publish any file of the machine (an
-    absolute name, ``../../.ssh/id_rsa``), or a file nobody checked.
+    regular file in the manifest's own folder (no path, no ``..``, no symbolic link, not hidden; the first two are
+    refused by :meth:`Manifest.from_dict` already), and every file must carry a ``sha256`` that its bytes match.
+    Otherwise a manifest could publish any file of the machine (an absolute name, ``../../.ssh/id_rsa``), or a file
+    nobody checked.
 
     Raises:
         UsageError: naming the manifest, the entry and why.
     """
-    hint = (
-        "a manifest lists the files of its own folder by name, each with its sha256, as `cecai-convert` writes it; "
-        "convert again instead of editing it"
-    )
+    assert manifest.path is not None  # read from disk by collect_assets
+    manifest_path = manifest.path
 
     def refuse(where: str, why: str) -> UsageError:
-        return UsageError(f"{manifest_path}: {where}: {why}; nothing was published", hint=hint)
+        return UsageError(f"{manifest_path}: {where}: {why}; nothing was published", hint=_MANIFEST_HINT)
 
-    if not isinstance(manifest, dict):
-        raise refuse("the manifest", f"expected a JSON object, found {type(manifest).__name__}")
-    model_name = manifest.get("model_name")
-    if model_name is not None:  # names the manifest's own asset, <model>.<pair>.manifest.json
-        try:
-            check_stem(model_name, "model_name")
-        except UsageError as exc:
-            raise refuse("model_name", exc.message.removeprefix("model_name: ")) from None
-    entries = manifest.get("files")
-    if entries is None:
-        return []
-    if not isinstance(entries, list):
-        raise refuse("files", f"expected a list, found {type(entries).__name__}")
     folder = manifest_path.parent.resolve()
     out: list[tuple[Path, str, str | None]] = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise refuse(f"files[{index}]", f"expected an object with `name` and `sha256`, found {show(entry)}")
-        name = entry.get("name")
-        why = check_plain_name(name)
-        if why is None and str(name).startswith("."):
-            why = f"{show(name)} is a hidden file; conversions never write one"
-        if why is not None:
-            raise refuse(f"files[{index}].name", why)
-        path = folder / str(name)
+    for index, entry in enumerate(manifest.files):
+        name = entry.name
+        if name.startswith("."):
+            raise refuse(f"files[{index}].name", f"{show(name)} is a hidden file; conversions never write one")
+        path = folder / name
         where = f"files[{index}] ({name})"
         if path.is_symlink():
             raise refuse(where, f"{path} is a symbolic link; only regular files in the manifest's folder are published")
         if not path.is_file():
             raise refuse(where, f"the file is not in {folder}")
-        recorded = entry.get("sha256")
-        if not isinstance(recorded, str) or not _SHA256_HEX.fullmatch(recorded):
-            raise refuse(f"{where}.sha256", f"missing or not a SHA-256 (64 lowercase hex digits): {show(recorded)}")
-        precision = entry.get("precision")
-        if precision is not None and (not isinstance(precision, str) or control_character(precision)):
-            raise refuse(f"{where}.precision", f"expected a precision name, found {show(precision)}")
+        if not _SHA256_HEX.fullmatch(entry.sha256):
+            raise refuse(f"{where}.sha256", f"not a SHA-256 (64 lowercase hex digits): {show(entry.sha256)}")
+        if control_character(entry.precision):
+            raise refuse(f"{where}.precision", f"expected a precision name, found {show(entry.precision)}")
         digest = sha256_file(path)
-        if digest != recorded:
+        if digest != entry.sha256:
             raise UsageError(
                 f"{path} does not match its manifest {manifest_path} "
-                f"(sha256 {digest[:12]}…, manifest {recorded[:12]}…); nothing was published",
+                f"(sha256 {digest[:12]}…, manifest {entry.sha256[:12]}…); nothing was published",
                 hint="the file changed or was damaged in transfer; convert it again",
             )
-        out.append((path, digest, precision))
+        out.append((path, digest, entry.precision))
     return out
 
 
@@ -310,8 +288,8 @@ def collect_assets(inputs: Sequence[Path]) -> list[LocalAsset]:
     on the pair) is kept once.
 
     Raises:
-        UsageError: a path is missing, a folder has no manifest, a file does not match its manifest, or two
-            different files would get the same name.
+        UsageError: a path is missing, a folder has no manifest, a manifest is malformed (:class:`ManifestError`),
+            a file does not match its manifest, or two different files would get the same name.
     """
     found: dict[str, LocalAsset] = {}
     if not inputs:
@@ -322,24 +300,19 @@ def collect_assets(inputs: Sequence[Path]) -> list[LocalAsset]:
         if item.is_file() and item.suffix == ".gguf":
             _add(found, LocalAsset(item.name, item, item.stat().st_size, sha256_file(item), "gguf"))
             continue
-        manifest_path = item / "manifest.json" if item.is_dir() else item
+        manifest_path = item / MANIFEST_NAME if item.is_dir() else item
         if not manifest_path.is_file():
             raise UsageError(
                 f"{item}: not a conversion output folder (no manifest.json) or a .gguf file",
                 hint="pass the --outdir of `cecai-convert convert`, or the folder a workflow artifact "
                 "was downloaded to (one per conversion)",
             )
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise UsageError(f"{manifest_path}: unreadable manifest: {show(str(exc))}") from None
-        folder = manifest_path.parent
-        for path, digest, precision in _manifest_files(manifest_path, manifest):
+        manifest = _load_for_publishing(manifest_path)
+        for path, digest, precision in _manifest_files(manifest):
             _add(found, LocalAsset(path.name, path, path.stat().st_size, digest, "gguf", precision=precision))
-        name = _manifest_asset_name(manifest, folder)
-        _add(
-            found, LocalAsset(name, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path), "manifest")
-        )
+        name = _manifest_asset_name(manifest, manifest_path.parent)
+        size, digest = manifest_path.stat().st_size, sha256_file(manifest_path)
+        _add(found, LocalAsset(name, manifest_path, size, digest, "manifest", manifest=manifest))
     return sorted(found.values(), key=lambda a: (a.kind != "gguf", a.name))
 
 
@@ -359,27 +332,36 @@ def stable_view(data: Any) -> Any:
     return data
 
 
-def release_manifest(manifest: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def release_manifest(manifest: Manifest, checks: Sequence[Mapping[str, Any]]) -> Manifest:
     """The manifest as published: no host paths, and one check record per pair (``checks: {pair: record}``).
 
     The builder's manifest records where the source was on its machine and when each file was written; neither
     means anything to a downloader, and both change between runs.
     """
-    out = {k: v for k, v in manifest.items() if k != "manifest_path"}
-    source = dict(out.get("source") or {})
+    source = dict(manifest.source or {})
     if source.get("kind") == "local":
         source.pop("path", None)
         source["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in source.get("files") or []]
-    out["source"] = source
-    out["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in out.get("files") or []]
+    extra = dict(manifest.extra)
+    if isinstance(extra.get("request"), dict):
+        extra["request"] = without_host_paths(extra["request"])
+    published = dataclasses.replace(
+        manifest,
+        extra=extra,
+        source=source,
+        files=[e.without_host_facts() for e in manifest.files],
+        absent=manifest.absent - {"source"},
+        path=None,
+    )
     if checks:
-        out["checks"] = {str(r["pair"]): dict(r) for r in sorted(checks, key=lambda r: str(r["pair"]))}
-    return out
+        by_pair = {str(r["pair"]): dict(r) for r in sorted(checks, key=lambda r: str(r["pair"]))}
+        published = dataclasses.replace(published, checks=by_pair, absent=published.absent - {"checks"})
+    return published
 
 
 def _attach_checks(
     assets: list[LocalAsset], records: Sequence[Mapping[str, Any]], staging: Path
-) -> tuple[list[LocalAsset], dict[str, dict[str, Any]]]:
+) -> tuple[list[LocalAsset], dict[str, Manifest]]:
     """Replace each manifest asset by its release manifest (see :func:`release_manifest`) in ``staging``.
 
     Returns the new asset list and, per model name, the release manifest.
@@ -391,23 +373,24 @@ def _attach_checks(
     for record in records:
         by_model.setdefault(str(record.get("model_name")), []).append(record)
     out: list[LocalAsset] = []
-    published: dict[str, dict[str, Any]] = {}
+    published: dict[str, Manifest] = {}
     for asset in assets:
-        if asset.kind != "manifest":
+        if asset.manifest is None:
             out.append(asset)
             continue
-        manifest = json.loads(asset.path.read_text(encoding="utf-8"))
-        model = str(manifest.get("model_name"))
+        manifest = asset.manifest
+        model = str(manifest.model_name)
         own = by_model.pop(model, [])
-        shas = {f.get("name"): f.get("sha256") for f in manifest.get("files") or []}
+        shas = {e.name: e.sha256 for e in manifest.files}
         for record in own:
             for row in record.get("files") or []:
                 if shas.get(row.get("name")) not in (None, row.get("sha256")) and row.get("sha256_match"):
                     raise UsageError(f"the {record['pair']} check of {model} checked other bytes of {row['name']}")
         data = release_manifest(manifest, own)
         staged = staging / asset.name
-        staged.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        out.append(LocalAsset(asset.name, staged, staged.stat().st_size, sha256_file(staged), "manifest"))
+        staged.write_text(json.dumps(data.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        size, digest = staged.stat().st_size, sha256_file(staged)
+        out.append(LocalAsset(asset.name, staged, size, digest, "manifest", manifest=data))
         published[model] = data
     if by_model:
         raise UsageError(
@@ -417,22 +400,25 @@ def _attach_checks(
     return out, published
 
 
-def check_failures(manifests: Mapping[str, Mapping[str, Any]], expected: Sequence[tuple[str, str]] | None) -> list[str]:
+def check_failures(manifests: Mapping[str, Manifest], expected: Sequence[tuple[str, str]] | None) -> list[str]:
     """Why the release must stay a draft: failed checks, and expected (model, pair) checks with no record."""
     problems: list[str] = []
     from .check import failure_message
 
     for model, manifest in manifests.items():
-        for record in (manifest.get("checks") or {}).values():
+        for record in (manifest.checks or {}).values():
             if not record.get("passed"):
                 problems.append(f"{model}: {failure_message(record)}")
     for model, pair in expected or ():
-        if pair not in ((manifests.get(model) or {}).get("checks") or {}):
+        known = manifests.get(model)
+        if known is None or pair not in (known.checks or {}):
             problems.append(f"{model}: no check record from {pair} (its check job failed before writing one)")
     return problems
 
 
-def _split_large(assets: Iterable[LocalAsset], staging: Path, size_limit: int) -> tuple[list[LocalAsset], dict]:
+def _split_large(
+    assets: Iterable[LocalAsset], staging: Path, size_limit: int
+) -> tuple[list[LocalAsset], dict[str, list[str]]]:
     out: list[LocalAsset] = []
     split: dict[str, list[str]] = {}
     for asset in assets:
@@ -492,11 +478,11 @@ def _check_cell(row: Mapping[str, Any] | None) -> str:
     return "✅ " + " · ".join(x for x in (speed, kld, top1) if x)
 
 
-def checks_table(manifests: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def checks_table(manifests: Mapping[str, Manifest]) -> list[str]:
     """Markdown lines: per model, a files × pairs table of the check results (runtime, speed, agreement)."""
     lines: list[str] = []
     for model, manifest in sorted(manifests.items()):
-        checks = manifest.get("checks") or {}
+        checks = manifest.checks or {}
         if not checks:
             continue
         pairs = [p for p in PAIRS if p in checks]
@@ -504,12 +490,12 @@ def checks_table(manifests: Mapping[str, Mapping[str, Any]]) -> list[str]:
         runtimes = ", ".join(f"{p}: {runtime[p].get('device')} on {runtime[p].get('machine')}" for p in pairs)
         lines += [f"#### Checked on each pair's runtime: {model}", "", f"Runtimes: {runtimes}.", ""]
         lines += ["| File | " + " | ".join(pairs) + " |", "| --- |" + " --- |" * len(pairs)]
-        for entry in manifest.get("files") or []:
+        for entry in manifest.files:
             cells = []
             for pair in pairs:
                 rows = {r.get("name"): r for r in checks[pair].get("files") or []}
-                cells.append(_check_cell(rows.get(entry.get("name"))))
-            lines.append(f"| `{entry.get('name')}` | " + " | ".join(cells) + " |")
+                cells.append(_check_cell(rows.get(entry.name)))
+            lines.append(f"| `{entry.name}` | " + " | ".join(cells) + " |")
         lines += [
             "",
             "KLD and top-1: agreement of the pair's runtime with the builder's on the same file (0 and 100% = "
@@ -523,7 +509,7 @@ def release_notes(
     existing: str | None,
     rows: Sequence[tuple[str, int, str, str]],
     split: Mapping[str, Sequence[str]],
-    manifests: Mapping[str, Mapping[str, Any]] | None = None,
+    manifests: Mapping[str, Manifest] | None = None,
 ) -> str:
     """The release body: the user's text kept, this tool's section (between markers) replaced.
 
@@ -538,6 +524,10 @@ def release_notes(
         f"| `{name}` | {precision or ''} | {_size(size)} | `{digest[:16]}` |" for name, size, digest, precision in rows
     ]
     if manifests:
+        from .card import files_table
+
+        for model, manifest in sorted(manifests.items()):
+            lines += ["", f"#### Files and fidelity: {model}", "", *files_table(manifest.to_dict(), {})]
         lines += ["", *checks_table(manifests)]
     lines += [
         "",
@@ -578,6 +568,26 @@ _HINTS: Final[Mapping[int, str]] = {
     403: "the token may not write releases: give the job `permissions: contents: write`",
     404: "check the repository name and that the token can see it (GITHUB_REPOSITORY, --repo)",
 }
+
+
+def _json_object(value: object) -> dict[str, Any]:
+    """A REST answer that must be a JSON object (a release, an asset)."""
+    if not isinstance(value, dict):
+        raise GitHubAPIError(f"GitHub answered with {type(value).__name__}, not a JSON object", status=0)
+    return value
+
+
+def _refusal(method: str, url: str, exc: urllib.error.HTTPError) -> GitHubAPIError:
+    """An error status as a :class:`GitHubAPIError`: the call (path only), GitHub's own message and a hint."""
+    raw = exc.read() or b""
+    try:
+        detail = json.loads(raw).get("message", "")
+    except (ValueError, AttributeError):
+        detail = raw[:200].decode(errors="replace")
+    path = urllib.parse.urlsplit(url).path
+    return GitHubAPIError(
+        f"GitHub refused {method} {path}: HTTP {exc.code} {detail}".rstrip(), status=exc.code, hint=_HINTS.get(exc.code)
+    )
 
 
 class GitHubClient:
@@ -640,17 +650,7 @@ class GitHubClient:
         except urllib.error.HTTPError as exc:
             if exc.code in (301, 302, 303, 307, 308):
                 return exc.code, b"", dict(exc.headers)
-            raw = exc.read() or b""
-            try:
-                detail = json.loads(raw).get("message", "")
-            except (ValueError, AttributeError):
-                detail = raw[:200].decode(errors="replace")
-            path = urllib.parse.urlsplit(url).path
-            raise GitHubAPIError(
-                f"GitHub refused {method} {path}: HTTP {exc.code} {detail}".rstrip(),
-                status=exc.code,
-                hint=_HINTS.get(exc.code),
-            ) from None
+            raise _refusal(method, url, exc) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise GitHubAPIError(
@@ -677,7 +677,7 @@ class GitHubClient:
         quoted = urllib.parse.quote(tag, safe="")
         try:
             _, release, _ = self.request("GET", f"/repos/{self.repo}/releases/tags/{quoted}")
-            return release
+            return _json_object(release)
         except GitHubAPIError as exc:
             if exc.status != 404:
                 raise
@@ -692,12 +692,12 @@ class GitHubClient:
         if target_commitish:
             payload["target_commitish"] = target_commitish
         _, release, _ = self.request("POST", f"/repos/{self.repo}/releases", json_body=payload)
-        return release
+        return _json_object(release)
 
     def update_release(self, release_id: int, **fields: Any) -> dict[str, Any]:
         """PATCH a release (``body``, ``draft``...)."""
         _, release, _ = self.request("PATCH", f"/repos/{self.repo}/releases/{release_id}", json_body=fields)
-        return release
+        return _json_object(release)
 
     def list_assets(self, release_id: int) -> list[dict[str, Any]]:
         """Every asset of a release."""
@@ -715,7 +715,7 @@ class GitHubClient:
                 data=fh,
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             )
-        return asset
+        return _json_object(asset)
 
     def delete_asset(self, asset_id: int) -> None:
         """Remove an asset."""
@@ -724,7 +724,7 @@ class GitHubClient:
     def rename_asset(self, asset_id: int, name: str) -> dict[str, Any]:
         """Give an asset its final name."""
         _, asset, _ = self.request("PATCH", f"/repos/{self.repo}/releases/assets/{asset_id}", json_body={"name": name})
-        return asset
+        return _json_object(asset)
 
     def download_asset(self, asset_id: int) -> bytes:
         """An asset's bytes. GitHub answers with a redirect to storage, which is fetched without the token."""
@@ -758,6 +758,294 @@ def _identical(remote: Mapping[str, Any], asset: LocalAsset, remote_sums: Mappin
     return None if known is None else known == asset.sha256
 
 
+@dataclass
+class ReleasePlan:
+    """What a publish run will do, worked out from the local files and the release as it is, before any write.
+
+    Attributes:
+        tag: the release's tag.
+        release: the release found for the tag; None when a draft is to be created.
+        existing: the release's assets by name.
+        assets: every asset this run publishes (parts instead of split files, release manifests, SHA256SUMS).
+        to_upload: the assets that are new or replace one of ours.
+        unchanged: names already there with the same content.
+        replaced: manifests whose check records changed (uploaded again).
+        stale: leftovers of an interrupted upload, removed before uploading.
+        sums: SHA256SUMS as it will be (name → hex digest).
+        split: original file name → part names, for files split this run.
+        manifests: model name → release manifest (with its ``checks``).
+        failures: why the release must stay a draft (failed or missing checks).
+    """
+
+    tag: str
+    release: dict[str, Any] | None
+    existing: dict[str, dict[str, Any]]
+    assets: list[LocalAsset]
+    to_upload: list[LocalAsset] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    stale: list[dict[str, Any]] = field(default_factory=list)
+    sums: dict[str, str] = field(default_factory=dict)
+    split: dict[str, list[str]] = field(default_factory=dict)
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def draft(self) -> bool:
+        """Whether the release is (or will be created as) a draft."""
+        return self.release is None or bool(self.release.get("draft"))
+
+
+def plan_release(
+    gh: GitHubClient,
+    inputs: Sequence[Path],
+    *,
+    tag: str,
+    staging: Path,
+    size_limit: int = SIZE_LIMIT,
+    checks: Sequence[Path] = (),
+    expected_checks: Sequence[tuple[str, str]] | None = None,
+    say: Callable[[str], None] = _log.info,
+) -> ReleasePlan:
+    """Check the inputs, stage what will be uploaded (parts, release manifests, SHA256SUMS) in ``staging``, and
+    compare it with the release for ``tag``. Only reads from GitHub.
+
+    Raises:
+        UsageError: bad inputs (see :func:`collect_assets`), refused before the first request.
+        PublishFailed: a name is taken by a different file, or the release is published, immutable and something
+            is new.
+    """
+    from .check import read_records
+
+    files = collect_assets(inputs)
+    records = read_records(list(checks)) if checks else []
+    files, manifests = _attach_checks(files, records, staging)
+    assets, split = _split_large(files, staging, size_limit)
+    release = gh.find_release(tag)
+    if release is None:
+        say(f"no release for {tag} yet: a draft will be created")
+        existing: dict[str, dict[str, Any]] = {}
+    else:
+        say(f"found {'draft' if release.get('draft') else 'published'} release {release.get('id')} for {tag}")
+        existing = {a["name"]: a for a in gh.list_assets(int(release["id"]))}
+    plan = ReleasePlan(
+        tag=tag,
+        release=release,
+        existing=existing,
+        assets=assets,
+        split=split,
+        manifests=manifests,
+        failures=check_failures(manifests, expected_checks),
+    )
+    remote_sums: dict[str, str] = {}
+    sums_asset = existing.get(CHECKSUMS_NAME)
+    if sums_asset is not None and sums_asset.get("state", "uploaded") == "uploaded":
+        remote_sums = parse_checksums(gh.download_asset(int(sums_asset["id"])).decode("utf-8", "replace"))
+    kept = _compare_assets(gh, plan, remote_sums)
+    _plan_checksums(plan, remote_sums, kept, sums_asset, staging)
+    if release is not None and not plan.draft and release.get("immutable") and (plan.to_upload or plan.stale):
+        raise PublishFailed(
+            f"release {tag} is published and immutable: GitHub accepts no new assets "
+            f"({', '.join(a.name for a in plan.to_upload)}); nothing was uploaded",
+            hint="let cecai-convert publish create the release (push the tag only: it makes a draft, uploads, "
+            "then publishes), or publish these files under a new tag",
+        )
+    return plan
+
+
+def _compare_assets(gh: GitHubClient, plan: ReleasePlan, remote_sums: Mapping[str, str]) -> dict[str, str]:
+    """Sort each asset into upload / unchanged / replaced; returns the manifests kept as they are on the release
+    (name → the sha256 of the release's copy).
+
+    Raises:
+        PublishFailed: a name is taken by a different file that may not be replaced.
+    """
+    kept: dict[str, str] = {}
+    conflicts: list[str] = []
+    for asset in plan.assets:
+        remote = plan.existing.get(asset.name)
+        if remote is None:
+            plan.to_upload.append(asset)
+        elif remote.get("state", "uploaded") != "uploaded":  # left over by an interrupted upload
+            plan.stale.append(remote)
+            plan.to_upload.append(asset)
+        else:
+            same = _identical(remote, asset, remote_sums)
+            if same:
+                plan.unchanged.append(asset.name)
+            elif asset.kind == "manifest":
+                # A manifest is ours and derived: the same content but other timings is the same release; other
+                # content (a check re-run, a new pair) replaces it where the release still accepts changes.
+                body = gh.download_asset(int(remote["id"]))
+                if _same_manifest(body, asset.path):
+                    plan.unchanged.append(asset.name)
+                    kept[asset.name] = hashlib.sha256(body).hexdigest()
+                elif plan.release is not None and draft_or_mutable(plan.release):
+                    plan.to_upload.append(asset)
+                    plan.replaced.append(asset.name)
+                else:
+                    conflicts.append(f"{asset.name} (the check records changed)")
+            else:
+                conflicts.append(asset.name if same is False else f"{asset.name} (no checksum to compare)")
+    plan.stale += [a for n, a in plan.existing.items() if n.endswith(PARTIAL_SUFFIX)]
+    if conflicts:
+        raise PublishFailed(
+            f"release {plan.tag} already has different files named {', '.join(conflicts)}; nothing was uploaded",
+            hint="cecai-converter never replaces a release asset. Delete the old asset on the release page if the "
+            "new file should replace it, or publish to a new tag",
+        )
+    return kept
+
+
+def _plan_checksums(
+    plan: ReleasePlan,
+    remote_sums: Mapping[str, str],
+    kept: Mapping[str, str],
+    sums_asset: Mapping[str, Any] | None,
+    staging: Path,
+) -> None:
+    """SHA256SUMS: what the release already vouches for, plus this run's files; staged and planned for upload
+    when it changed."""
+    existing = plan.existing
+    sums = {n: d for n, d in remote_sums.items() if n in existing and n != CHECKSUMS_NAME}
+    for name, remote in existing.items():
+        digest = remote.get("digest")
+        ours = name.endswith((".gguf", ".manifest.json"))  # other files on the release are not vouched for
+        if ours and name not in sums and isinstance(digest, str) and digest.startswith("sha256:"):
+            sums[name] = digest.removeprefix("sha256:")
+    sums.update({a.name: a.sha256 for a in plan.assets})
+    sums.update(kept)
+    plan.sums = {n: d for n, d in sums.items() if not n.endswith(PARTIAL_SUFFIX)}
+    sums_path = staging / CHECKSUMS_NAME
+    sums_path.write_text(checksums_text(plan.sums), encoding="utf-8")
+    sums_local = LocalAsset(CHECKSUMS_NAME, sums_path, sums_path.stat().st_size, sha256_file(sums_path), "checksums")
+    if sums_asset is not None and sums_asset.get("state", "uploaded") != "uploaded":
+        plan.stale.append(dict(sums_asset))
+        plan.to_upload.append(sums_local)
+    elif sums_asset is None or remote_sums != plan.sums:
+        plan.to_upload.append(sums_local)
+    else:
+        plan.unchanged.append(CHECKSUMS_NAME)
+
+
+def upload_release(
+    gh: GitHubClient,
+    plan: ReleasePlan,
+    *,
+    target_commitish: str | None = None,
+    retries: int = 2,
+    say: Callable[[str], None] = _log.info,
+) -> PublishResult:
+    """Carry out ``plan``'s uploads: create the draft if there is none, remove leftovers, upload (under temporary
+    names where the release is published or a name is replaced), then rename into place.
+
+    Raises:
+        PublishFailed: an upload failed; every asset this run uploaded was removed again.
+    """
+    release = plan.release
+    created = release is None
+    if release is None:
+        say(f"creating a draft release for {plan.tag}")
+        release = gh.create_release(plan.tag, body="", target_commitish=target_commitish)
+        plan.release = release
+    draft = plan.draft
+    result = PublishResult(
+        tag=plan.tag,
+        release_id=int(release["id"]),
+        html_url=str(release.get("html_url", "")),
+        draft=draft,
+        created=created,
+        unchanged=plan.unchanged,
+        split=plan.split,
+    )
+    uploaded: list[dict[str, Any]] = []  # this run's assets, removed again if anything fails
+    attempted: set[str] = set()
+    try:
+        for old in plan.stale:
+            say(f"removing the leftover of an interrupted upload: {old['name']}")
+            gh.delete_asset(int(old["id"]))
+        for asset in plan.to_upload:
+            # A published release never shows a half-done file: upload under a temporary name, rename at the end.
+            # So does SHA256SUMS, which replaces the one already there.
+            temp = not draft or asset.name in plan.existing
+            name = asset.name + PARTIAL_SUFFIX if temp else asset.name
+            say(f"uploading {asset.name} ({_size(asset.size)})")
+            attempted.add(name)
+            uploaded.append({**_upload_with_retries(gh, release, asset.path, name, retries), "_final": asset.name})
+        for item in uploaded:
+            if item["name"] != item["_final"]:
+                replaced = plan.existing.get(item["_final"])
+                if replaced is not None and replaced not in plan.stale:
+                    gh.delete_asset(int(replaced["id"]))
+                gh.rename_asset(int(item["id"]), item["_final"])
+                item["name"] = item["_final"]
+    except BaseException as exc:
+        removed = _cleanup(gh, result.release_id, uploaded, attempted)
+        if isinstance(exc, ConverterError):
+            raise PublishFailed(
+                f"{exc.message}; removed the {removed} asset(s) this run had uploaded, "
+                f"release {plan.tag} left {'a draft' if draft else 'as it was'}",
+                hint=(exc.hint + ". " if exc.hint else "") + "Re-run the job: files already there are skipped",
+            ) from exc
+        raise
+    result.uploaded = [a.name for a in plan.to_upload]
+    result.replaced = plan.replaced
+    for name in plan.replaced:
+        say(f"replaced {name}: the check records in it changed")
+    return result
+
+
+def finalize_release(
+    gh: GitHubClient,
+    plan: ReleasePlan,
+    result: PublishResult,
+    *,
+    publish: bool = True,
+    say: Callable[[str], None] = _log.info,
+) -> PublishResult:
+    """Write the release notes and publish the draft, unless a check failed or ``publish`` is False.
+
+    Raises:
+        ChecksFailed: a check failed or is missing; everything was uploaded and the release left a draft.
+    """
+    release = plan.release
+    assert release is not None  # created by upload_release
+    final = {a["name"]: a for a in gh.list_assets(result.release_id)}
+    precisions = {a.name: a.precision or "" for a in plan.assets}
+    rows = [
+        (name, int(final[name].get("size", 0)), plan.sums[name], precisions.get(name, ""))
+        for name in sorted(final)
+        if name.endswith(".gguf") and name in plan.sums
+    ]
+    all_split: dict[str, list[str]] = {}
+    for name in sorted(final):
+        m = _SPLIT_NAME.match(name)
+        if m:
+            all_split.setdefault(f"{m['stem']}.gguf", []).append(name)
+    body = release_notes(release.get("body"), rows, all_split, plan.manifests)
+    changes: dict[str, Any] = {}
+    draft = bool(release.get("draft"))
+    if body != (release.get("body") or "") and (draft or not release.get("immutable")):
+        changes["body"] = body
+    if draft and publish and not plan.failures:
+        changes["draft"] = False
+    if changes:
+        if changes.get("draft") is False:
+            say(f"publishing release {plan.tag}")
+        updated = gh.update_release(result.release_id, **changes)
+        result.draft = bool(updated.get("draft"))
+        result.html_url = str(updated.get("html_url", result.html_url))
+    if plan.failures:
+        state = "left a draft" if result.draft else "already published, left as it was"
+        raise ChecksFailed(
+            f"release {plan.tag} {state}: " + "; ".join(plan.failures),
+            hint="every file was uploaded; fix the failing pair (or relax its limits) and re-run the workflow: "
+            "identical files are skipped and the draft is published once every check passes",
+            result=result,
+        )
+    return result
+
+
 def publish_release(
     inputs: Sequence[Path],
     *,
@@ -774,7 +1062,8 @@ def publish_release(
     checks: Sequence[Path] = (),
     expected_checks: Sequence[tuple[str, str]] | None = None,
 ) -> PublishResult:
-    """Attach the conversion outputs in ``inputs`` to the release for ``tag`` (see the module docstring).
+    """Attach the conversion outputs in ``inputs`` to the release for ``tag`` (see the module docstring):
+    :func:`plan_release`, then :func:`upload_release`, then :func:`finalize_release`.
 
     With ``checks`` (check records of ``cecai-convert check``, files or folders), each model's manifest is published
     with a record per pair and the notes get a files × pairs table. A failed check, or a pair of
@@ -805,177 +1094,19 @@ def publish_release(
         raise UsageError(f"the split size must be between 1 and {SIZE_LIMIT} bytes, got {size_limit}")
     say = on_progress or _log.info
     gh = client or GitHubClient(repo, token, api_url=api_url)
-    from .check import read_records
-
-    files = collect_assets(inputs)
-    records = read_records(list(checks)) if checks else []
     with tempfile.TemporaryDirectory(prefix="cecai-publish-") as tmp:
-        staging = Path(tmp)
-        files, manifests = _attach_checks(files, records, staging)
-        failures = check_failures(manifests, expected_checks)
-        assets, split = _split_large(files, staging, size_limit)
-
-        release = gh.find_release(tag)
-        created = release is None
-        if release is None:
-            say(f"creating a draft release for {tag}")
-            release = gh.create_release(tag, body="", target_commitish=target_commitish)
-        else:
-            state = "draft" if release.get("draft") else "published"
-            say(f"found {state} release {release.get('id')} for {tag}")
-        existing = {a["name"]: a for a in gh.list_assets(int(release["id"]))}
-        remote_sums: dict[str, str] = {}
-        sums_asset = existing.get(CHECKSUMS_NAME)
-        if sums_asset is not None and sums_asset.get("state", "uploaded") == "uploaded":
-            remote_sums = parse_checksums(gh.download_asset(int(sums_asset["id"])).decode("utf-8", "replace"))
-
-        to_upload: list[LocalAsset] = []
-        unchanged: list[str] = []
-        replaced: list[str] = []
-        kept: dict[str, str] = {}  # manifests kept as they are on the release: name -> their sha256
-        stale: list[dict[str, Any]] = []
-        conflicts: list[str] = []
-        for asset in assets:
-            remote = existing.get(asset.name)
-            if remote is None:
-                to_upload.append(asset)
-            elif remote.get("state", "uploaded") != "uploaded":  # left over by an interrupted upload
-                stale.append(remote)
-                to_upload.append(asset)
-            else:
-                same = _identical(remote, asset, remote_sums)
-                if same:
-                    unchanged.append(asset.name)
-                elif asset.kind == "manifest":
-                    # A manifest is ours and derived: the same content but other timings is the same release; other
-                    # content (a check re-run, a new pair) replaces it where the release still accepts changes.
-                    body = gh.download_asset(int(remote["id"]))
-                    if _same_manifest(body, asset.path):
-                        unchanged.append(asset.name)
-                        kept[asset.name] = hashlib.sha256(body).hexdigest()
-                    elif draft_or_mutable(release):
-                        to_upload.append(asset)
-                        replaced.append(asset.name)
-                    else:
-                        conflicts.append(f"{asset.name} (the check records changed)")
-                else:
-                    conflicts.append(asset.name if same is False else f"{asset.name} (no checksum to compare)")
-        stale += [a for n, a in existing.items() if n.endswith(PARTIAL_SUFFIX)]
-        if conflicts:
-            raise PublishFailed(
-                f"release {tag} already has different files named {', '.join(conflicts)}; nothing was uploaded",
-                hint="cecai-converter never replaces a release asset. Delete the old asset on the release page if the "
-                "new file should replace it, or publish to a new tag",
-            )
-
-        # SHA256SUMS: what the release already vouches for, plus this run's files.
-        sums = {n: d for n, d in remote_sums.items() if n in existing and n != CHECKSUMS_NAME}
-        for name, remote in existing.items():
-            digest = remote.get("digest")
-            ours = name.endswith((".gguf", ".manifest.json"))  # other files on the release are not vouched for
-            if ours and name not in sums and isinstance(digest, str) and digest.startswith("sha256:"):
-                sums[name] = digest.removeprefix("sha256:")
-        sums.update({a.name: a.sha256 for a in assets})
-        sums.update(kept)
-        sums = {n: d for n, d in sums.items() if not n.endswith(PARTIAL_SUFFIX)}
-        sums_path = staging / CHECKSUMS_NAME
-        sums_path.write_text(checksums_text(sums), encoding="utf-8")
-        sums_local = LocalAsset(
-            CHECKSUMS_NAME, sums_path, sums_path.stat().st_size, sha256_file(sums_path), "checksums"
-        )
-        if sums_asset is not None and sums_asset.get("state", "uploaded") != "uploaded":
-            stale.append(sums_asset)
-            to_upload.append(sums_local)
-        elif sums_asset is None or remote_sums != sums:
-            to_upload.append(sums_local)
-        else:
-            unchanged.append(CHECKSUMS_NAME)
-
-        draft = bool(release.get("draft"))
-        if not draft and release.get("immutable") and (to_upload or stale):
-            raise PublishFailed(
-                f"release {tag} is published and immutable: GitHub accepts no new assets "
-                f"({', '.join(a.name for a in to_upload)}); nothing was uploaded",
-                hint="let cecai-convert publish create the release (push the tag only: it makes a draft, uploads, "
-                "then publishes), or publish these files under a new tag",
-            )
-
-        result = PublishResult(
+        plan = plan_release(
+            gh,
+            inputs,
             tag=tag,
-            release_id=int(release["id"]),
-            html_url=str(release.get("html_url", "")),
-            draft=draft,
-            created=created,
-            unchanged=unchanged,
-            split=split,
+            staging=Path(tmp),
+            size_limit=size_limit,
+            checks=checks,
+            expected_checks=expected_checks,
+            say=say,
         )
-        uploaded: list[dict[str, Any]] = []  # this run's assets, removed again if anything fails
-        attempted: set[str] = set()
-        try:
-            for old in stale:
-                say(f"removing the leftover of an interrupted upload: {old['name']}")
-                gh.delete_asset(int(old["id"]))
-            for asset in to_upload:
-                # A published release never shows a half-done file: upload under a temporary name, rename at the end.
-                # So does SHA256SUMS, which replaces the one already there.
-                temp = not draft or asset.name in existing
-                name = asset.name + PARTIAL_SUFFIX if temp else asset.name
-                say(f"uploading {asset.name} ({_size(asset.size)})")
-                attempted.add(name)
-                uploaded.append({**_upload_with_retries(gh, release, asset.path, name, retries), "_final": asset.name})
-            for item in uploaded:
-                if item["name"] != item["_final"]:
-                    old = existing.get(item["_final"])
-                    if old is not None and old not in stale:
-                        gh.delete_asset(int(old["id"]))
-                    gh.rename_asset(int(item["id"]), item["_final"])
-                    item["name"] = item["_final"]
-        except BaseException as exc:
-            removed = _cleanup(gh, result.release_id, uploaded, attempted)
-            if isinstance(exc, ConverterError):
-                raise PublishFailed(
-                    f"{exc.message}; removed the {removed} asset(s) this run had uploaded, "
-                    f"release {tag} left {'a draft' if draft else 'as it was'}",
-                    hint=(exc.hint + ". " if exc.hint else "") + "Re-run the job: files already there are skipped",
-                ) from exc
-            raise
-        result.uploaded = [a.name for a in to_upload]
-        result.replaced = replaced
-        for name in replaced:
-            say(f"replaced {name}: the check records in it changed")
-
-        final = {a["name"]: a for a in gh.list_assets(result.release_id)}
-        rows = []
-        precisions = {a.name: a.precision or "" for a in assets}
-        for name in sorted(final):
-            if name.endswith(".gguf") and name in sums:
-                rows.append((name, int(final[name].get("size", 0)), sums[name], precisions.get(name, "")))
-        all_split: dict[str, list[str]] = {}
-        for name in sorted(final):
-            m = _SPLIT_NAME.match(name)
-            if m:
-                all_split.setdefault(f"{m['stem']}.gguf", []).append(name)
-        body = release_notes(release.get("body"), rows, all_split, manifests)
-        changes: dict[str, Any] = {}
-        if body != (release.get("body") or "") and (draft or not release.get("immutable")):
-            changes["body"] = body
-        if draft and publish and not failures:
-            changes["draft"] = False
-        if changes:
-            if changes.get("draft") is False:
-                say(f"publishing release {tag}")
-            release = gh.update_release(result.release_id, **changes)
-            result.draft = bool(release.get("draft"))
-            result.html_url = str(release.get("html_url", result.html_url))
-        if failures:
-            state = "left a draft" if result.draft else "already published, left as it was"
-            raise ChecksFailed(
-                f"release {tag} {state}: " + "; ".join(failures),
-                hint="every file was uploaded; fix the failing pair (or relax its limits) and re-run the workflow: "
-                "identical files are skipped and the draft is published once every check passes",
-                result=result,
-            )
-        return result
+        result = upload_release(gh, plan, target_commitish=target_commitish, retries=retries, say=say)
+        return finalize_release(gh, plan, result, publish=publish, say=say)
 
 
 def draft_or_mutable(release: Mapping[str, Any]) -> bool:
@@ -984,12 +1115,16 @@ def draft_or_mutable(release: Mapping[str, Any]) -> bool:
 
 
 def _same_manifest(remote: bytes, local: Path) -> bool:
+    """Whether the release's copy of a manifest and ours differ only in run-to-run fields (:func:`stable_view`).
+
+    Compared as JSON, not as :class:`Manifest`: the release's copy may come from another version of this tool.
+    """
     try:
         theirs = json.loads(remote.decode("utf-8"))
         ours = json.loads(local.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return False
-    return stable_view(theirs) == stable_view(ours)
+    return bool(stable_view(theirs) == stable_view(ours))
 
 
 def _upload_with_retries(
@@ -1037,8 +1172,10 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     api: Any = None,
+    card: str | None = None,
 ) -> str:
-    """Upload the GGUF files (unsplit: the Hub takes large files), manifests and SHA256SUMS to a model repo.
+    """Upload the GGUF files (unsplit: the Hub takes large files), manifests and SHA256SUMS to a model repo, and
+    ``card`` (see ``card.render_card``), when given, as the repo's ``README.md``.
 
     Returns the commit URL.
 
@@ -1054,6 +1191,8 @@ def push_to_hub(
         sums.write_text(checksums_text({a.name: a.sha256 for a in files}), encoding="utf-8")
         ops = [CommitOperationAdd(path_in_repo=a.name, path_or_fileobj=str(a.path)) for a in files]
         ops.append(CommitOperationAdd(path_in_repo=CHECKSUMS_NAME, path_or_fileobj=str(sums)))
+        if card is not None:
+            ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
         try:
             hub.create_repo(repo_id, repo_type="model", exist_ok=True)
             info = hub.create_commit(
@@ -1102,7 +1241,12 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         lines += [f"  replaced  {n}" for n in result.replaced]
         lines += [f"  split     {orig} -> {len(parts)} parts" for orig, parts in result.split.items()]
     if args.hf_repo:
-        url = push_to_hub(inputs, args.hf_repo, token=os.environ.get("HF_TOKEN") or None, revision=args.hf_revision)
+        from .card import hub_card
+
+        card = hub_card(inputs, args.hf_repo, [Path(c) for c in args.checks or []])
+        url = push_to_hub(
+            inputs, args.hf_repo, token=os.environ.get("HF_TOKEN") or None, revision=args.hf_revision, card=card
+        )
         data["hub_commit_url"] = url
         lines.append(f"pushed to {args.hf_repo}: {url}")
     out.result("\n".join(lines), data)

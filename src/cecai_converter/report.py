@@ -9,20 +9,19 @@ file, precision, size, bits per weight, KL-divergence, perplexity change, top-1 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import EXIT_OK, UsageError
+from .errors import EXIT_OK, ManifestError, UsageError
+from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .output import Output
 from .precisions import PRECISIONS
 
 __all__ = ["find_manifests", "load_manifests", "plot", "register", "render_markdown"]
 
-MANIFEST_NAME: Final = "manifest.json"
 _PLOT_SIZE_IN: Final = (8.0, 5.0)
 _PLOT_DPI: Final = 100
 _DASH: Final = "—"
@@ -34,9 +33,12 @@ _DASH: Final = "—"
 def render_markdown(manifests: list[dict[str, Any]]) -> str:
     """One section per manifest: a heading, a line on how fidelity was measured, and the table of files.
 
-    Columns: File, Precision, Size, BPW, KLD, PPL Δ%, Top-1, Prompt tok/s, Gen tok/s. A file without fidelity
-    numbers shows dashes. BPW is the manifest's ``bpw`` if recorded, else measured from the GGUF next to the
-    manifest (tensor bytes × 8 / weights), else llama.cpp's nominal figure for the type, marked ``≈``.
+    Columns: File, Precision, Size, BPW, KLD (mean ± standard error), KLD p99, PPL ratio (± standard error), Top-1
+    (± standard error), Prompt tok/s, Gen tok/s; the errors are llama-perplexity's (``fidelity.error_bars``). A file
+    without fidelity numbers shows dashes; one measured before the error bars were recorded shows its numbers
+    without them, and a dash for the 99th percentile. BPW is the manifest's ``bpw`` if recorded, else measured from
+    the GGUF next to the manifest (tensor bytes × 8 / weights), else llama.cpp's nominal figure for the type, marked
+    ``≈``.
     """
     sections = [_render_one(m) for m in manifests]
     return "\n".join(sections).rstrip() + "\n"
@@ -68,9 +70,9 @@ def _render_one(manifest: Mapping[str, Any]) -> str:
     imx = manifest.get("imatrix")
     if isinstance(imx, Mapping) and imx.get("file"):
         lines += [f"Importance matrix: `{imx['file']}` ({imx.get('source', 'given')}).", ""]
-    header = ["File", "Precision", "Size", "BPW", "KLD", "PPL Δ%", "Top-1", "Prompt tok/s", "Gen tok/s"]
+    header = ["File", "Precision", "Size", "BPW", "KLD", "KLD p99", "PPL ratio", "Top-1", "Prompt tok/s", "Gen tok/s"]
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]) + "|")
+    lines.append("|" + "|".join(["---", "---", *["--:"] * (len(header) - 2)]) + "|")
     folder = manifest.get("_folder")
     for f in files:
         fid = f.get("fidelity") if isinstance(f.get("fidelity"), Mapping) else {}
@@ -79,9 +81,10 @@ def _render_one(manifest: Mapping[str, Any]) -> str:
             str(f.get("precision", "?")),
             _size(f.get("bytes")),
             _bpw(f, folder),
-            _kld(fid.get("kld_mean")),
-            _signed(fid.get("ppl_delta_pct")),
-            _pct(fid.get("top1_agreement")),
+            _kld_pm(fid.get("kld_mean"), fid.get("kld_mean_se")),
+            _kld(fid.get("kld_p99")),
+            _ratio_pm(fid),
+            _pct_pm(fid.get("top1_agreement"), fid.get("top1_agreement_se")),
             _rate(fid.get("prompt_tps")),
             _rate(fid.get("gen_tps")),
         ]
@@ -112,12 +115,39 @@ def _kld(v: Any) -> str:
     return "0" if v == 0 else f"{v:.3g}"
 
 
-def _signed(v: Any) -> str:
-    return f"{v:+.2f}" if _finite(v) else _DASH
+def _decimals(se: float) -> int:
+    """Decimals that show a standard error with two significant digits (0.0014 → 4)."""
+    return min(8, max(0, 1 - math.floor(math.log10(se))))
+
+
+def _kld_pm(v: Any, se: Any) -> str:
+    if not (_finite(v) and _finite(se) and se > 0):
+        return _kld(v)  # no error bar recorded (an older manifest), or none to show (the base against itself)
+    d = _decimals(se)
+    return f"{v:.{d}f} ± {se:.{d}f}"
+
+
+def _ratio_pm(fid: Mapping[str, Any]) -> str:
+    ratio: Any = fid.get("ppl_ratio")
+    se: Any = fid.get("ppl_ratio_se")
+    if not _finite(ratio) and _finite(fid.get("ppl")) and _finite(fid.get("ppl_base")) and fid["ppl_base"] > 0:
+        ratio = fid["ppl"] / fid["ppl_base"]  # an older manifest: the same number, without its error
+    if not _finite(ratio):
+        return _DASH
+    if not (_finite(se) and float(se) > 0):
+        return f"{ratio:.4f}"
+    d = max(4, _decimals(float(se)))
+    return f"{ratio:.{d}f} ± {se:.{d}f}"
 
 
 def _pct(v: Any) -> str:
     return f"{100 * v:.1f}%" if _finite(v) else _DASH
+
+
+def _pct_pm(v: Any, se: Any) -> str:
+    if not (_finite(v) and _finite(se)):
+        return _pct(v)
+    return f"{100 * v:.1f} ± {100 * se:.1f}%"
 
 
 def _rate(v: Any) -> str:
@@ -244,26 +274,32 @@ def find_manifests(paths: Iterable[Path]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
-def load_manifests(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Read manifest files; each gets ``_folder`` (where its GGUF files are) for measuring bits per weight.
+def load_manifests(paths: Sequence[Path]) -> list[Manifest]:
+    """Read manifest files (builder ``manifest.json`` or published ``*.manifest.json``); each knows its path, so its
+    GGUF files can be found next to it for measuring bits per weight.
 
     Raises:
-        UsageError: a file is not a schema-1 manifest.
+        ManifestError: a file is not readable JSON or not a schema-1 manifest (the message names the field).
+        UsageError: a file vanished after it was found.
     """
     manifests = []
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"cannot read manifest {path}: {exc}") from None
-        if not isinstance(data, dict) or data.get("schema") != 1 or not isinstance(data.get("files"), list):
-            raise UsageError(
-                f"{path} is not a cecai-converter manifest (schema 1)",
+            manifest = load_manifest(Path(path))
+        except FileNotFoundError:
+            raise UsageError(f"no such file: {path}") from None
+        if not manifest.has("files"):
+            raise ManifestError(
+                f"{path}: files: missing; not a cecai-converter manifest (schema 1)",
                 hint="pass outputs/<PAIR>/manifest.json files or the outputs folder",
             )
-        data["_folder"] = str(Path(path).parent)
-        manifests.append(data)
+        manifests.append(manifest)
     return manifests
+
+
+def _rendered(manifest: Manifest) -> dict[str, Any]:
+    """The document as the table and plot read it: its JSON, plus ``_folder`` (where its GGUF files are)."""
+    return {**manifest.to_dict(), "_folder": str(manifest.folder)}
 
 
 def _plot_name(manifest: Mapping[str, Any]) -> str:
@@ -277,7 +313,7 @@ def _plot_name(manifest: Mapping[str, Any]) -> str:
 
 
 def _run_report(args: argparse.Namespace, out: Output) -> int:
-    manifests = load_manifests(find_manifests(args.paths))
+    manifests = [_rendered(m) for m in load_manifests(find_manifests(args.paths))]
     markdown = render_markdown(manifests)
     plots: list[str] = []
     if args.plot is not None:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from .errors import ConversionFailed, UnsupportedModel, UsageError
 from .fsutil import sha256_file
@@ -96,12 +96,13 @@ def supported_architectures(converter_dir: Path) -> frozenset[str]:
     tree = ast.parse(init.read_text(encoding="utf-8"))
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(node.value, ast.Dict):
-            return frozenset(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+        value = node.value if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(value, ast.Dict):
+            return frozenset(k.value for k in value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
     return frozenset()
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -131,7 +132,7 @@ def _check_safetensors(path: Path) -> int:
     if size < 8:
         raise bad("it is shorter than the 8-byte header length")
     with path.open("rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header_len: int = struct.unpack("<Q", fh.read(8))[0]
         if header_len > min(_SAFETENSORS_MAX_HEADER, size - 8):
             raise bad(f"the header length {header_len} is larger than the file or the format's limit")
         raw = fh.read(header_len)
@@ -423,7 +424,7 @@ def check_repo_id(repo_id: str) -> None:
         UsageError: not a valid ``owner/name``.
     """
     from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
 
     try:
         validate_repo_id(repo_id)

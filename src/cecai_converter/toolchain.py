@@ -3,7 +3,9 @@
 The runtime and the quantizer are the installed ``llama_cpp`` package. The converter (``convert_hf_to_gguf.py``,
 its ``conversion/`` package and its own ``gguf-py``) is not installed by pip, so it is taken from the *same
 version's* sdist on the package index, checked against a pinned SHA-256, extracted once into a cache and reused
-offline. ``cecai-convert toolchain`` shows where everything is.
+offline. llama.cpp's command-line tools (``llama-imatrix``, ``llama-perplexity``…) are built from the same sdist by
+:mod:`.llama_tools`, through the same :func:`extract_llama_cpp`. ``cecai-convert toolchain`` shows where everything
+is.
 """
 
 from __future__ import annotations
@@ -11,17 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Final
 
 from .errors import ToolchainError, ToolNotFound
 from .fsutil import sha256_file
-from .tools import child_kwargs
+from .tools import run_tool
 
 __all__ = [
     "LLAMA_CPP_PYTHON_VERSION",
@@ -29,6 +30,7 @@ __all__ = [
     "Toolchain",
     "cache_root",
     "ensure_converter",
+    "extract_llama_cpp",
     "installed_runtime_version",
     "sdist_path",
     "toolchain_info",
@@ -40,7 +42,8 @@ LLAMA_CPP_PYTHON_VERSION: Final = "0.3.36"
 SDIST_SHA256: Final = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 _SDIST_NAME: Final = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-_VENDOR_PREFIX: Final = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+# The llama.cpp tree inside the sdist: <top folder>/vendor/llama.cpp/…
+_VENDOR_PARTS: Final = ("vendor", "llama.cpp")
 # What the converter needs from the vendored tree (about 2 MB of the 77 MB sdist).
 _CONVERTER_MEMBERS: Final = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 _MARKER: Final = "cecai-toolchain.json"
@@ -99,12 +102,12 @@ def sdist_path(*, fetch: bool = True, source: Path | None = None) -> Path:
             sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
             "-d", tmpdir, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **child_kwargs())
+        run = run_tool(cmd, tail_lines=20)
         downloaded = Path(tmpdir) / _SDIST_NAME
-        if proc.returncode != 0 or not downloaded.is_file():
+        if run.returncode != 0 or not downloaded.is_file():
             raise ToolchainError(
                 f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist "
-                f"(pip exit {proc.returncode}): {proc.stderr.strip()[-500:]}",
+                f"(pip exit {run.returncode}): {run.tail.strip()[-500:]}",
                 hint="check access to the package index, or pass a local copy: "
                 "`cecai-convert toolchain --fetch --sdist llama_cpp_python-X.tar.gz`",
             )
@@ -113,27 +116,52 @@ def sdist_path(*, fetch: bool = True, source: Path | None = None) -> Path:
     return target
 
 
-def _extract(sdist: Path, dest: Path, prefixes: tuple[str, ...]) -> None:
-    """Extract the members under ``vendor/llama.cpp/<prefix>`` into ``dest`` (files only, no links)."""
-    with tarfile.open(sdist, "r:gz") as tar:
-        for member in tar:
-            if not member.name.startswith(_VENDOR_PREFIX):
-                continue
-            rel = member.name[len(_VENDOR_PREFIX) :]
-            if not rel or not any(rel == p or rel.startswith(p) for p in prefixes):
-                continue
-            target = dest / rel
-            if not target.resolve().is_relative_to(dest.resolve()):
-                continue  # never write outside the cache, whatever the archive says
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-            elif member.isfile():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                if src is None:
+def extract_llama_cpp(sdist: Path, dest: Path, prefixes: tuple[str, ...] = ("",)) -> Path:
+    """Extract the sdist's vendored llama.cpp (``*/vendor/llama.cpp/<prefix>…``) into ``dest``; return ``dest``.
+
+    The one extraction of the sdist: :func:`ensure_converter` takes the converter files, :mod:`.llama_tools` the
+    whole tree to build the tools. ``dest`` becomes the llama.cpp root (its ``CMakeLists.txt`` at the top). Only
+    files and folders are written, never outside ``dest``, whatever the archive says.
+
+    Raises:
+        ToolchainError: the file is not a readable tarball or holds no ``vendor/llama.cpp/`` tree.
+    """
+    found = False
+    root = dest.resolve()
+    try:
+        with tarfile.open(sdist, "r:*") as tar:
+            for member in tar:
+                parts = PurePosixPath(member.name).parts
+                if len(parts) < 3 or parts[1:3] != _VENDOR_PARTS:
                     continue
-                with src, target.open("wb") as fh:
-                    shutil.copyfileobj(src, fh)
+                found = True
+                rel = "/".join(parts[3:])
+                if not rel or not any(rel == p.rstrip("/") or rel.startswith(p) for p in prefixes):
+                    continue
+                target = dest / rel
+                if not target.resolve().is_relative_to(root):
+                    continue
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif member.isfile():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(member)
+                    if src is None:
+                        continue
+                    with src, target.open("wb") as fh:
+                        shutil.copyfileobj(src, fh)
+                    target.chmod(0o755 if member.mode & 0o111 else 0o644)
+    except (OSError, tarfile.TarError) as exc:
+        raise ToolchainError(
+            f"cannot extract llama.cpp from {sdist}: {exc}",
+            hint="the cached sdist may be damaged; delete it and run `cecai-convert toolchain --fetch`",
+        ) from None
+    if not found:
+        raise ToolchainError(
+            f"{Path(sdist).name} holds no vendor/llama.cpp/ tree",
+            hint="the file is not a llama-cpp-python sdist; delete it and run `cecai-convert toolchain --fetch`",
+        )
+    return dest
 
 
 def ensure_converter(*, fetch: bool = True, source: Path | None = None) -> Path:
@@ -149,7 +177,7 @@ def ensure_converter(*, fetch: bool = True, source: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".converter-", dir=converter.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the converter from other users (an image's non-root user)
     try:
-        _extract(sdist, staging, _CONVERTER_MEMBERS)
+        extract_llama_cpp(sdist, staging, _CONVERTER_MEMBERS)
         if not (staging / "convert_hf_to_gguf.py").is_file():
             raise ToolchainError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
         (staging / _MARKER).write_text(
@@ -161,20 +189,6 @@ def ensure_converter(*, fetch: bool = True, source: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return converter
-
-
-def extract_source_tree(dest: Path) -> Path:
-    """Extract the whole vendored llama.cpp tree (for building its tools, e.g. llama-imatrix) into ``dest``."""
-    if not (dest / "CMakeLists.txt").is_file():
-        staging = Path(tempfile.mkdtemp(prefix=".src-", dir=dest.parent if dest.parent.exists() else None))
-        try:
-            _extract(sdist_path(), staging, ("",))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(staging, dest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return dest
 
 
 def installed_runtime_version() -> str | None:

@@ -2,24 +2,23 @@
 
 Two checks: the file's structure with ``gguf``'s reader (magic, version, architecture, tensor count, and a
 ``general.file_type`` that matches the precision asked for), then a real load in llama-cpp-python that generates a
-few tokens greedily. The load runs in a worker process (``python -m cecai_converter.verify``) because llama.cpp can
-abort the process on a broken file.
+few tokens greedily. The load runs in a worker process (``python -m cecai_converter.verify``, served by
+:func:`tools.serve_job`) because llama.cpp can abort the process on a broken file.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import VerificationFailed
+from .errors import VerificationFailed, WorkerFailed
 from .gguf_header import GGUFHeaderError, read_header
 from .precisions import PRECISIONS, PrecisionInfo
-from .tools import failure_summary, run_tool, runtime_env, runtime_name
+from .tools import failure_summary, run_worker, runtime_env, runtime_name, serve_job
 
 __all__ = ["FileFacts", "LoadCheck", "load_check", "load_check_many", "read_back"]
 
@@ -120,63 +119,81 @@ def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
     )
 
 
-def load_check(path: Path, *, n_gpu_layers: int = 0, threads: int | None = None) -> LoadCheck:
+def load_check(
+    path: Path, *, n_gpu_layers: int = 0, threads: int | None = None, timeout: float | None = None
+) -> LoadCheck:
     """Load ``path`` in llama-cpp-python (in a worker process) and generate a few tokens greedily.
 
     Raises:
         VerificationFailed: the runtime could not load the file, or produced nothing.
     """
-    return load_check_many([path], n_gpu_layers=n_gpu_layers, threads=threads)[path]
+    return load_check_many([path], n_gpu_layers=n_gpu_layers, threads=threads, timeout=timeout)[path]
 
 
-def load_check_many(paths: list[Path], *, n_gpu_layers: int = 0, threads: int | None = None) -> dict[Path, LoadCheck]:
+def load_check_many(
+    paths: list[Path], *, n_gpu_layers: int = 0, threads: int | None = None, timeout: float | None = None
+) -> dict[Path, LoadCheck]:
     """:func:`load_check` for several files in one worker process (one interpreter and runtime start-up).
 
-    The worker reports each file as it finishes, so when llama.cpp aborts on a broken file the message names that
-    file.
+    The worker says which file it is loading before it loads it, so when llama.cpp aborts on a broken file the
+    message names that file.
+
+    Args:
+        paths: GGUF files.
+        n_gpu_layers: layers to offload (0: the GPUs are hidden, see :func:`tools.runtime_env`).
+        threads: CPU threads (default: every core).
+        timeout: seconds for all the files together; ``None``: no limit.
 
     Raises:
         VerificationFailed: for the first file that could not be loaded or generated nothing.
     """
-    argv = [sys.executable, "-m", "cecai_converter.verify", *map(str, paths), "--n-gpu-layers", str(n_gpu_layers)]
-    argv += ["--threads", str(threads or os.cpu_count() or 1)]
-    done: dict[Path, LoadCheck] = {}
+    job = {"paths": [str(p) for p in paths], "n_gpu_layers": n_gpu_layers, "threads": threads or os.cpu_count() or 1}
+    loading: list[str] = []
 
     def on_line(line: str) -> None:
-        if line.startswith(_RESULT):
-            data = json.loads(line[len(_RESULT) :])
-            path = Path(data.pop("path"))
-            done[path] = LoadCheck(**data)
+        if line.startswith(_LOADING):
+            loading.append(line[len(_LOADING) :])
 
-    result = run_tool(argv, env=runtime_env(n_gpu_layers), on_line=on_line)
+    try:
+        run = run_worker(
+            "cecai_converter.verify", job, timeout=timeout, name="verification", env=runtime_env(n_gpu_layers),
+            on_line=on_line,
+        )  # fmt: skip
+    except WorkerFailed as exc:
+        failing = Path(loading[-1]).name if loading else ", ".join(p.name for p in paths)
+        if exc.kind == "crashed":  # llama.cpp's own last words, without our progress lines
+            said = "\n".join(ln for ln in exc.output_tail.splitlines() if not ln.startswith(_LOADING))
+            why = f"exit {exc.return_code}): {failure_summary(said)}"
+        else:  # the loader's exception, or the time limit
+            why = f"exit {exc.return_code}): {exc.reason}"
+        raise VerificationFailed(
+            f"llama-cpp-python could not load {failing} ({why}",
+            hint="the file was not published; the log has the runtime's full output",
+        ) from None
+    done = {Path(item.pop("path")): LoadCheck(**item) for item in run.data["checks"]}
     for path in paths:
         check = done.get(path)
         if check is None:
-            raise VerificationFailed(
-                f"llama-cpp-python could not load {path.name} (exit {result.returncode}): "
-                f"{failure_summary(result.tail)}",
-                hint="the file was not published; the log has the runtime's full output",
-            )
+            raise VerificationFailed(f"the verification worker reported nothing for {path.name}")
         if not check.generated_tokens:
             raise VerificationFailed(f"{path.name} loaded but generated no tokens")
     return done
 
 
-_RESULT = "CECAI_RESULT "
+#: The line the worker prints before it loads a file: the file that was loading when llama.cpp aborted is named.
+_LOADING = "cecai-verify: loading "
 
 
-def _worker(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cecai_converter.verify")
-    parser.add_argument("paths", nargs="+")
-    parser.add_argument("--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-
+def _load_and_generate(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The worker's job: load each file and generate a few tokens greedily."""
     import llama_cpp
 
-    for path in args.paths:
+    n_gpu_layers = int(job["n_gpu_layers"])
+    checks: list[dict[str, Any]] = []
+    for path in job["paths"]:
+        print(_LOADING + path, flush=True)
         llm = llama_cpp.Llama(
-            path, n_ctx=128, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads or None, seed=0, verbose=False
+            path, n_ctx=128, n_gpu_layers=n_gpu_layers, n_threads=job["threads"] or None, seed=0, verbose=False
         )
         prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
         generated: list[int] = []
@@ -184,18 +201,19 @@ def _worker(argv: list[str] | None = None) -> int:
             generated.append(int(token))
             if len(generated) >= GENERATE_TOKENS:
                 break
-        result = {
-            "path": path,
-            "runtime": runtime_name(args.n_gpu_layers),
-            "n_vocab": int(llm.n_vocab()),
-            "prompt": PROMPT,
-            "generated_tokens": generated,
-            "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
-        }
+        checks.append(
+            {
+                "path": path,
+                "runtime": runtime_name(n_gpu_layers),
+                "n_vocab": int(llm.n_vocab()),
+                "prompt": PROMPT,
+                "generated_tokens": generated,
+                "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
+            }
+        )
         llm.close()
-        print(_RESULT + json.dumps(result), flush=True)
-    return 0
+    return {"checks": checks}
 
 
 if __name__ == "__main__":
-    raise SystemExit(_worker())
+    sys.exit(serve_job(_load_and_generate))

@@ -1,10 +1,34 @@
 """Where a conversion runs. ``local`` is the pipeline in this process; ``docker`` runs the same CLI inside the pair's
 image (see :mod:`cecai_converter.backends.docker`). Backends are imported lazily: the docker SDK is an optional
-dependency (``pip install 'cecai-converter[docker]'``)."""
+dependency (``pip install 'cecai-converter[docker]'``).
+
+This module is the one list of backends and the one place that picks the default; the CLI, ``conversions.yaml``
+(batch.py), nox and the scripts read it. It imports nothing beyond the standard library, so nox can read it
+without installing the package.
+"""
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS"]
+import os
+from collections.abc import Mapping
+from typing import Final
 
-#: The backend names ``cecai-convert run --backend`` accepts.
-BACKENDS = ("local", "docker")
+__all__ = ["BACKENDS", "BACKEND_ENV", "RELEASE_CHECK_BACKEND", "default_backend"]
+
+#: The backend names every ``--backend`` (and ``backend:`` in conversions.yaml, and the actions' input) accepts.
+BACKENDS: Final = ("local", "docker")
+#: The backend of a release check (conversions.yaml ``check.backend``, the check action) unless it says otherwise:
+#: the pair's published image is what users run, so that is what a release is checked on.
+RELEASE_CHECK_BACKEND: Final = "docker"
+#: The variable that changes the default backend of ``run`` and ``convert``.
+BACKEND_ENV: Final = "CECAI_BACKEND"
+
+
+def default_backend(environ: Mapping[str, str] | None = None) -> str:
+    """The backend a conversion uses when ``--backend`` is not given: ``CECAI_BACKEND``, else ``local``.
+
+    ``local`` needs the converter's ``local`` extra on this machine; ``docker`` only the pair's image. An unknown
+    ``CECAI_BACKEND`` is returned as written, so the CLI's ``--backend`` check names it.
+    """
+    env = os.environ if environ is None else environ
+    return env.get(BACKEND_ENV, "").strip() or "local"

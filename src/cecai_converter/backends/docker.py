@@ -11,6 +11,10 @@ Inside the container the layout is fixed::
     /job/models           MODELS_PATH (the model folder's parent)     read-only
     /job/outputs          OUTPUTS_PATH                                writable
     /job/logs             LOGS_PATH                                   writable
+    /job/inputs/<n>/      each file the request names (IMATRIX…)     read-only
+
+The options travel resolved, as JSON in ``CECAI_REQUEST`` (:meth:`cecai_converter.request.Request.to_json`, read
+by ``run --request env:CECAI_REQUEST``), with their sources: the container resolves nothing again.
 
 The container runs as the caller's uid:gid (files it writes belong to the caller), with no network when the
 model is already on disk, all GPUs on GPU_LLM_LLAMA and the ``nvidia`` runtime on AGX_ORIN_LLM_LLAMA. Its output
@@ -23,7 +27,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
-import posixpath
 import shutil
 import socket
 import stat
@@ -41,13 +44,15 @@ from ..errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     ConfigError,
-    ConversionFailed,
-    ConverterError,
+    ContainerFailed,
+    EngineUnreachable,
+    ImageNotFound,
     ToolNotFound,
     UsageError,
 )
 from ..fsutil import STAGING_PREFIX
 from ..pairs import PairInfo
+from ..request import OPTIONS, REQUEST_ENV, Request
 
 if TYPE_CHECKING:
     import docker
@@ -96,10 +101,8 @@ CONTAINER_LABEL: Final = "io.cecai.converter"
 #: The token and endpoint only where the container has a network (a model still to download).
 _PASS_ALWAYS: Final = ("CECAI_DEBUG", "CECAI_NO_PROGRESS")
 _PASS_WITH_NETWORK: Final = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE")
-#: ``run`` options whose value is a file on the caller's machine: mounted read-only and rewritten.
-_FILE_OPTIONS: Final = ("--imatrix", "--calibration-text", "--eval-text")
-#: Optional YAML keys whose value is a path relative to configurations/.
-_FILE_KEYS: Final = ("IMATRIX", "CALIBRATION_TEXT", "EVAL_TEXT")
+#: Where the request's files (IMATRIX, CALIBRATION_TEXT, EVAL_TEXT…) are mounted read-only, one folder each.
+CONTAINER_INPUTS_DIR: Final = CONTAINER_JOB_DIR / "inputs"
 #: How long a container gets to clean up after SIGTERM before it is killed.
 STOP_TIMEOUT_S: Final = 20
 #: The images' unprivileged user (``useradd --uid 10001`` in images/Dockerfile). A root caller's containers run as
@@ -116,29 +119,6 @@ _ENGINE_UNREACHABLE_HINT: Final = (
     "           export DOCKER_HOST=unix:///tmp/podman.sock   (scripts/start-podman.sh does both)\n"
     "or convert without containers: --backend local"
 )
-
-
-# -- errors ----------------------------------------------------------------------------------------------------------
-class EngineUnreachable(ConverterError):
-    """No container engine answers where ``DOCKER_HOST`` (or the default socket) points."""
-
-    title = "container engine unreachable"
-
-
-class ImageNotFound(ConverterError):
-    """The pair's image is not present in the engine; the hint says how to build or pull it."""
-
-    title = "image not found"
-
-
-class ContainerFailed(ConversionFailed):
-    """The conversion inside a container failed; ``exit_code`` is the container's own exit status."""
-
-    title = "container failed"
-
-    def __init__(self, message: str, *, return_code: int, hint: str | None = None) -> None:
-        super().__init__(message, return_code=return_code, hint=hint)
-        self.exit_code = return_code if 0 < return_code < 256 else EXIT_FAILED
 
 
 # -- the specification -----------------------------------------------------------------------------------------------
@@ -283,95 +263,64 @@ def _models_root(job: PairJob) -> Path:
     return root
 
 
-def _container_path_of(config_dir: Path, value: str, key: str) -> PurePosixPath:
-    """Where a configurations/-relative path lands inside the container (``../x`` → ``/job/x``)."""
-    inside = PurePosixPath(posixpath.normpath(str(CONTAINER_JOB_DIR / "configurations" / value)))
-    if not inside.is_relative_to(CONTAINER_JOB_DIR):
-        raise ConfigError(
-            f"{key}: {value!r} points outside the Converter folder ({(config_dir / value).resolve()}), "
-            "which the docker backend cannot mount at the same relative place",
-            hint=f"move the file into the Converter folder (e.g. configurations/) and set {key} relative to it",
-        )
-    return inside
+def _request_mounts(request: Request) -> tuple[Request, list[Mount]]:
+    """The request as the container sees it: each file it names mounted read-only under /job/inputs/<n>/ and the
+    value replaced by that path. The values are the caller's resolved paths (flag, variable or YAML alike).
 
-
-def _file_mounts(job: PairJob) -> list[Mount]:
-    """Read-only mounts for IMATRIX/CALIBRATION_TEXT/EVAL_TEXT files that lie outside configurations/."""
+    Raises:
+        UsageError: a file the request names is missing (the message says where the value came from).
+    """
     mounts: list[Mount] = []
-    for key in _FILE_KEYS:
-        value = job.settings.get(key)
-        if value is None:
+    inside: dict[str, str] = {}
+    for spec in OPTIONS:
+        value = request[spec.name]
+        if spec.kind not in ("path", "imatrix") or value is None or value == "auto" or not spec.to_container:
             continue
-        inside = _container_path_of(job.config_dir, str(value), key)
-        if inside.is_relative_to(CONTAINER_JOB_DIR / "configurations"):
-            continue  # already visible through the configurations mount
-        for reserved in ("models", "outputs", "logs"):
-            if inside.is_relative_to(CONTAINER_JOB_DIR / reserved):
-                raise ConfigError(
-                    f"{key}: {value!r} lies under the Converter folder's {reserved}/, which the docker backend "
-                    "replaces with MODELS_PATH/OUTPUTS_PATH/LOGS_PATH",
-                    hint=f"keep {key} files in configurations/",
-                )
-        mounts.append(Mount((job.config_dir / str(value)).resolve(), str(inside), read_only=True))
-    return mounts
-
-
-def _forward(forward_args: Sequence[str], cwd: Path) -> tuple[list[str], list[Mount]]:
-    """Rewrite file-valued options (``--imatrix F``, ``--eval-text=F``) to read-only mounts under /job/inputs."""
-    args: list[str] = []
-    mounts: list[Mount] = []
-    it = iter(forward_args)
-    for arg in it:
-        name, eq, value = arg.partition("=")
-        if name not in _FILE_OPTIONS:
-            args.append(arg)
-            continue
-        if not eq:
-            value = next(it, None)
-            if value is None:
-                raise UsageError(f"{name} needs a file argument")
-        if name == "--imatrix" and value.strip().lower() == "auto":
-            args += [name, "auto"]  # computed inside the container: no file to mount
-            continue
-        host = (cwd / value).resolve()
+        host = Path(value)
         if not host.is_file():
-            raise UsageError(f"{name} {value}: no such file")
-        target = str(CONTAINER_JOB_DIR / "inputs" / str(len(mounts)) / host.name)
+            source = request.sources.get(spec.name, "default")
+            named = {"cli": spec.flag, "env": spec.env, "yaml": spec.yaml_key or spec.flag}.get(source, spec.flag)
+            raise UsageError(f"{named} {host}: no such file", hint="the docker backend mounts each file read-only")
+        target = str(CONTAINER_INPUTS_DIR / str(len(mounts)) / host.name)
         mounts.append(Mount(host, target, read_only=True))
-        args += [name, target]
-    return args, mounts
+        inside[spec.name] = target
+    return request.replace(**inside), mounts
+
+
+def _request_env(request: Request) -> dict[str, str]:
+    """The container's variables that carry the request (``run``/``convert`` ``--request env:CECAI_REQUEST``)."""
+    return {REQUEST_ENV: request.to_json()}
 
 
 def container_spec(
     job: PairJob,
+    request: Request,
     *,
     image: str | None = None,
-    forward_args: Sequence[str] = (),
     fmt: str = "human",
     verbose: bool = False,
     uid_gid: tuple[int, int] | None = None,
     environ: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
 ) -> ContainerSpec:
     """The container that converts ``job``: a pure function of its arguments (and ``environ`` for the image).
 
     Args:
         job: one pair of a Converter folder (``config.load_converter_dir``).
+        request: the pair's resolved options (:func:`cecai_converter.request.resolve`); the container gets it as
+            JSON in ``CECAI_REQUEST``, its files mounted read-only under /job/inputs.
         image: ``--image``; overrides IMAGE_NAME and the default tag.
-        forward_args: ``run`` options passed on (``--force``, ``--threads 4``…); file options become mounts.
         fmt, verbose: the caller's ``--format`` and ``-v``, so the container prints the same way.
         uid_gid: the caller's uid and gid; default this process's. The container runs as the caller, except that
             a root caller's container runs as the image's unprivileged user (:data:`IMAGE_UID`), never as root.
         environ: the environment read for the image template; default ``os.environ``.
-        cwd: the folder relative file options are resolved against; default the current one.
 
     Raises:
-        ConfigError: a file key points outside the Converter folder, or the image template is malformed.
-        UsageError: a file option names no file.
+        ConfigError: the image template is malformed.
+        UsageError: a file the request names is missing.
     """
     pair = job.pair
     uid, gid, as_image_user = _container_user(uid_gid)
-    extra_args, input_mounts = _forward(forward_args, cwd or Path.cwd())
+    inside, input_mounts = _request_mounts(request)
     job_dir = CONTAINER_JOB_DIR
     models_root = _models_root(job)
     outputs_root = job.outputs_dir.parent
@@ -381,7 +330,6 @@ def container_spec(
         Mount(models_root, str(job_dir / "models"), read_only=True),
         Mount(outputs_root, str(job_dir / "outputs"), read_only=False),
         Mount(logs_root, str(job_dir / "logs"), read_only=False),
-        *_file_mounts(job),
         *input_mounts,
     )
     model_is_local = job.model_dir.is_dir()
@@ -401,7 +349,8 @@ def container_spec(
         str(job_dir / "outputs"),
         "--logs-path",
         str(job_dir / "logs"),
-        *extra_args,
+        "--request",
+        f"env:{REQUEST_ENV}",
     )
     return ContainerSpec(
         pair=pair,
@@ -414,7 +363,7 @@ def container_spec(
         # What the pair's containers need from the engine is a fact of the pair table (pairs.py).
         gpus=pair.docker_gpus,
         runtime=pair.docker_runtime,
-        environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1"}),
+        environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1", **_request_env(inside)}),
         passthrough_env=_PASS_ALWAYS + (() if model_is_local else _PASS_WITH_NETWORK),
         labels=MappingProxyType(
             {CONTAINER_LABEL: __version__, "io.cecai.pair": pair.name, "io.cecai.model": job.model_name}
@@ -437,15 +386,16 @@ def _container_user(uid_gid: tuple[int, int] | None) -> tuple[int, int, bool]:
 def convert_spec(
     model: str,
     outdir: Path,
+    request: Request,
     *,
     pair: PairInfo,
     model_name: str,
+    precisions: Sequence[str],
+    revision: str | None = None,
     image: str | None = None,
-    convert_args: Sequence[str] = (),
     verbose: bool = False,
     uid_gid: tuple[int, int] | None = None,
     environ: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
 ) -> ContainerSpec:
     """The container for ``cecai-convert convert`` (one model folder or Hub repo, no Converter layout).
 
@@ -458,12 +408,12 @@ def convert_spec(
         outdir: the caller's output folder.
         pair: whose image runs and whose runtime verifies.
         model_name: the output files' stem (computed by the caller: the folder is renamed inside the container).
+        request: the resolved options, sent as JSON (``CECAI_REQUEST``), its files mounted read-only.
+        precisions, revision: what to make, and the Hub revision.
         image: the image; default the pair's default tag.
-        convert_args: further ``convert`` options (``--precision Q8_0``, ``--revision R``…); file options become
-            read-only mounts.
     """
     uid, gid, as_image_user = _container_user(uid_gid)
-    extra_args, input_mounts = _forward(convert_args, cwd or Path.cwd())
+    inside, input_mounts = _request_mounts(request)
     local = Path(model).resolve() if Path(model).is_dir() else None
     mounts = [Mount(outdir, str(CONTAINER_JOB_DIR / "outputs"), read_only=False)]
     if local is not None:
@@ -478,7 +428,12 @@ def convert_spec(
         model_name,
         "--pair",
         pair.name,
-        *extra_args,
+        *(a for p in precisions for a in ("--precision", p)),
+        *(["--revision", revision] if revision else []),
+        "--backend",
+        "local",
+        "--request",
+        f"env:{REQUEST_ENV}",
     )
     return ContainerSpec(
         pair=pair,
@@ -490,7 +445,7 @@ def convert_spec(
         network_mode="none" if local is not None else None,
         gpus=pair.docker_gpus,
         runtime=pair.docker_runtime,
-        environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1"}),
+        environment=MappingProxyType({"HOME": _CONTAINER_HOME, "CECAI_IN_CONTAINER": "1", **_request_env(inside)}),
         passthrough_env=_PASS_ALWAYS + (() if local is not None else _PASS_WITH_NETWORK),
         labels=MappingProxyType(
             {CONTAINER_LABEL: __version__, "io.cecai.pair": pair.name, "io.cecai.model": model_name}
@@ -842,7 +797,7 @@ def _start_hint(spec: ContainerSpec, exc: BaseException) -> str:
     return "check the engine's log; `docker run` of the same image should fail the same way"
 
 
-def run_jobs(jobs: list[PairJob], *, image: str | None, forward_args: list[str], out: Output) -> int:
+def run_jobs(jobs: list[PairJob], requests: Sequence[Request], *, image: str | None, out: Output) -> int:
     """Convert each job inside its pair's image, one after the other.
 
     Every image is checked before the first container starts. A failing pair does not stop the others; the
@@ -856,7 +811,8 @@ def run_jobs(jobs: list[PairJob], *, image: str | None, forward_args: list[str],
         EngineUnreachable, ImageNotFound, ContainerFailed; KeyboardInterrupt after the container is removed.
     """
     specs = [
-        container_spec(job, image=image, forward_args=forward_args, fmt=out.fmt, verbose=out.verbose) for job in jobs
+        container_spec(job, request, image=image, fmt=out.fmt, verbose=out.verbose)
+        for job, request in zip(jobs, requests, strict=True)
     ]
     client = connect()
     try:

@@ -1,0 +1,568 @@
+"""A Hugging Face model card (``README.md``) for a conversion's GGUF files, made from its manifest.
+
+What the card says comes only from records: the manifest (source, toolchain, imatrix, files, fidelity), the source
+model's own card as read at conversion time (``source.card``: license, ``base_model``, the license file's name and
+hash; see :func:`read_source_card`) and, when given, the check records of each pair. Nothing is invented: a license
+the records do not carry is reported as unknown and left out of the front matter.
+
+The source's README is hostile input like any other file of a model folder: it is read up to a size limit, its
+front matter parsed with ``yaml.safe_load`` (no object construction), and only a few top-level string fields are
+kept, bounded and stripped of control characters, so a YAML alias bomb is never walked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from . import __version__
+from .errors import UsageError
+from .fsutil import atomic_write_text, sha256_file
+from .pairs import PAIRS
+
+__all__ = [
+    "CARD_NAME",
+    "HUB_LICENSES",
+    "card_front_matter",
+    "checks_by_pair",
+    "files_table",
+    "hub_card",
+    "load_manifest_file",
+    "read_source_card",
+    "render_card",
+    "source_card_field",
+    "split_front_matter",
+    "write_card",
+]
+
+CARD_NAME: Final = "README.md"
+
+#: The license identifiers the Hugging Face Hub knows (its model-card ``license:`` list). Anything else is
+#: published as ``license: other`` with ``license_name`` / ``license_link``, as the Hub asks.
+HUB_LICENSES: Final = frozenset({
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd", "bsd-2-clause", "bsd-3-clause",
+    "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0",
+    "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0",
+    "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0",
+    "cdla-sharing-1.0", "cdla-permissive-1.0", "cdla-permissive-2.0", "wtfpl", "ecl-2.0", "epl-1.0", "epl-2.0",
+    "etalab-2.0", "eupl-1.1", "eupl-1.2", "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1",
+    "lgpl-3.0", "isc", "h-research", "intel-research", "lppl-1.3c", "ms-pl", "apple-ascl", "apple-amlr", "mpl-2.0",
+    "odc-by", "odbl", "openrail++", "osl-3.0", "postgresql", "ofl-1.1", "ncsa", "unlicense", "zlib", "pddl",
+    "lgpl-lr", "deepfloyd-if-license", "fair-noncommercial-research-license", "llama2", "llama3", "llama3.1",
+    "llama3.2", "llama3.3", "llama4", "gemma", "unknown", "other",
+})  # fmt: skip
+
+#: How much of the source's README is read: front matter sits at the top, and a card is never this large.
+_MAX_README_BYTES: Final = 256 * 1024
+_MAX_FRONT_MATTER_CHARS: Final = 64 * 1024
+_MAX_FIELD_CHARS: Final = 200
+_MAX_LICENSE_FILES: Final = 4
+_REPO_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_LICENSE_FILE: Final = re.compile(r"^(LICEN[CS]E|COPYING)([._-][A-Za-z0-9._-]{0,40})?$", re.IGNORECASE)
+_DASH: Final = "—"
+
+
+# -- the source's own card ---------------------------------------------------------------------------------------
+def _clean(value: object, limit: int = _MAX_FIELD_CHARS) -> str | None:
+    """A short printable string, or None: anything else a hostile card holds is dropped, not echoed."""
+    if not isinstance(value, str):
+        return None
+    text = "".join(c for c in value.strip() if c.isprintable())
+    return text[:limit] if text else None
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
+    """A Markdown card's YAML front matter (``---`` … ``---`` at the very top) as a mapping, and the body after it.
+
+    Returns ``(None, text)`` when there is no front matter, or when it is not a YAML mapping of a sane size
+    (unparseable metadata is no metadata: a card is documentation, never a reason to fail).
+    """
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].strip() != "---":
+        return None, text
+    for i, line in enumerate(lines[1:], start=1):
+        if line.strip() == "---":
+            block = "".join(lines[1:i])
+            body = "".join(lines[i + 1 :])
+            break
+    else:
+        return None, text
+    if len(block) > _MAX_FRONT_MATTER_CHARS:
+        return None, body
+    try:
+        data = yaml.safe_load(block)
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return None, body
+    return (data if isinstance(data, dict) else None), body
+
+
+def _base_models(value: object) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    found = [c for item in items[:16] if (c := _clean(item)) is not None and _REPO_ID.match(c)]
+    return list(dict.fromkeys(found))
+
+
+def read_source_card(folder: Path) -> dict[str, Any] | None:
+    """What a model folder says about its license and origin, for the manifest's ``source.card``.
+
+    Reads ``README.md``'s front matter (``license``, ``license_name``, ``license_link``, ``base_model``),
+    ``config.json``'s ``_name_or_path`` (kept only when it is a Hub repo id, never a host path) and ``license``,
+    and names and hashes the license files (``LICENSE*``, ``LICENCE*``, ``COPYING*``) at the top of the folder.
+
+    Returns:
+        The record, or None when the folder says nothing of the kind.
+    """
+    record: dict[str, Any] = {}
+    readme = folder / CARD_NAME
+    if readme.is_file():
+        try:
+            with readme.open("rb") as fh:
+                raw = fh.read(_MAX_README_BYTES)
+        except OSError:
+            raw = b""
+        front, _ = split_front_matter(raw.decode("utf-8", errors="replace"))
+        if front:
+            for key in ("license", "license_name", "license_link"):
+                value = _clean(front.get(key), 500 if key == "license_link" else _MAX_FIELD_CHARS)
+                if value is not None:
+                    record[key] = value
+            base = _base_models(front.get("base_model"))
+            if base:
+                record["base_model"] = base
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            config = None
+        if isinstance(config, dict):
+            name = _clean(config.get("_name_or_path"))
+            if name is not None and _REPO_ID.match(name) and not Path(name).exists():
+                record["name_or_path"] = name
+            if "license" not in record and (lic := _clean(config.get("license"))) is not None:
+                record["license"] = lic
+            archs = config.get("architectures")
+            if isinstance(archs, list) and archs and (arch := _clean(archs[0])) is not None:
+                record["architecture"] = arch
+    files: list[dict[str, Any]] = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if len(files) >= _MAX_LICENSE_FILES:
+            break
+        if _LICENSE_FILE.match(path.name) and path.is_file():
+            files.append({"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    if files:
+        record["license_files"] = files
+    meaningful = set(record) - {"architecture"}
+    return record if meaningful or record.get("architecture") else None
+
+
+# -- the front matter ------------------------------------------------------------------------------------------
+def _source_card(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+    card = (manifest.get("source") or {}).get("card")
+    return card if isinstance(card, Mapping) else {}
+
+
+def _base_model(manifest: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """The Hub repo the files were made from, and whether it is the source itself (so ``quantized`` from it)."""
+    source = manifest.get("source") or {}
+    if source.get("kind") == "hub" and isinstance(source.get("repo_id"), str):
+        return source["repo_id"], True
+    card = _source_card(manifest)
+    if isinstance(card.get("name_or_path"), str):
+        return card["name_or_path"], True
+    bases = card.get("base_model")
+    if isinstance(bases, list) and bases and isinstance(bases[0], str):
+        return bases[0], False
+    return None, False
+
+
+def _license(manifest: Mapping[str, Any]) -> tuple[dict[str, str], str]:
+    """The license fields of the front matter, and a sentence for the card's body."""
+    card = _source_card(manifest)
+    lic = card.get("license") if isinstance(card.get("license"), str) else None
+    name = card.get("license_name") if isinstance(card.get("license_name"), str) else None
+    link = card.get("license_link") if isinstance(card.get("license_link"), str) else None
+    files = [f for f in card.get("license_files") or [] if isinstance(f, Mapping)]
+    shown_files = ", ".join(f"`{f.get('name')}` (SHA-256 `{f.get('sha256')}`)" for f in files)
+    with_files = f" The source ships its license text as {shown_files}." if files else ""
+    if lic is not None and lic.lower() in HUB_LICENSES and lic.lower() not in ("other", "unknown"):
+        return {"license": lic.lower()}, f"`{lic.lower()}`, as the source model's card declares.{with_files}"
+    if lic is None and name is None and link is None and not files:
+        # Nothing recorded: `other` would claim a custom license the records do not show, so nothing is claimed.
+        return {}, "unknown: the source model's card and config name no license. Check the source before use."
+    fields = {"license": "other"}
+    if name is None and lic is not None and lic.lower() not in ("other", "unknown"):
+        name = lic
+    if name is not None:
+        fields["license_name"] = name
+    if link is not None:
+        fields["license_link"] = link
+    described = name or (lic if lic else "a license of its own")
+    where = f" ({link})" if link else ""
+    return fields, f"{described}{where}: not one of the Hub's license ids, so `other`.{with_files}"
+
+
+def _is_causal_lm(manifest: Mapping[str, Any]) -> bool:
+    arch = _source_card(manifest).get("architecture")
+    if isinstance(arch, str):
+        return arch.endswith(("ForCausalLM", "LMHeadModel"))
+    # No record of the source architecture (older manifests): a file that generated text is a text generator.
+    return any(((f.get("verification") or {}).get("generated_tokens")) for f in manifest.get("files") or [])
+
+
+def card_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's YAML metadata (``base_model``, ``license``, ``tags``, ``quantized_by``, ``pipeline_tag``)."""
+    front: dict[str, Any] = {}
+    base, is_source = _base_model(manifest)
+    if base is not None:
+        front["base_model"] = base
+        if is_source:
+            front["base_model_relation"] = "quantized"
+    front.update(_license(manifest)[0])
+    precisions = [str(f.get("precision", "")).lower() for f in manifest.get("files") or []]
+    front["tags"] = list(dict.fromkeys(["gguf", "llama-cpp", "cecai-converter", *(p for p in precisions if p)]))
+    version = (manifest.get("tool") or {}).get("version") or __version__
+    front["quantized_by"] = f"cecai-converter {version}"
+    if _is_causal_lm(manifest):
+        front["pipeline_tag"] = "text-generation"
+    return front
+
+
+# -- the body --------------------------------------------------------------------------------------------------
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _pm(value: object, error: object, fmt: str) -> str:
+    v = _num(value)
+    if v is None:
+        return _DASH
+    e = _num(error)
+    return f"{v:{fmt}} ± {e:{fmt}}" if e is not None else f"{v:{fmt}} ± {_DASH}"
+
+
+def _ppl_change(fid: Mapping[str, Any]) -> str:
+    ratio = _num(fid.get("ppl_ratio"))
+    if ratio is not None:
+        se = _num(fid.get("ppl_ratio_se"))
+        pct = f"{(ratio - 1) * 100:+.2f} %"
+        return f"{pct} ± {se * 100:.2f} %" if se is not None else f"{pct} ± {_DASH}"
+    delta = _num(fid.get("ppl_delta_pct"))
+    return f"{delta:+.2f} % ± {_DASH}" if delta is not None else _DASH
+
+
+def _size(n: object) -> str:
+    v = _num(n)
+    if v is None:
+        return _DASH
+    for unit in ("B", "KB", "MB", "GB"):
+        if v < 1000 or unit == "GB":
+            return f"{int(v)} B" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1000
+    return _DASH  # pragma: no cover
+
+
+def _check_rows(checks: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:
+    """pair → file name → that file's row in the pair's check record."""
+    return {
+        pair: {str(r.get("name")): r for r in record.get("files") or [] if isinstance(r, Mapping)}
+        for pair, record in sorted(checks.items())
+    }
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Markdown lines: one row per file with size, bits per weight, KLD, top-1 agreement and perplexity change
+    (each ± its standard error when the fidelity record has one, "—" when not), and per pair the check result and
+    generation speed.
+
+    Args:
+        manifest: a run's or a published manifest.
+        checks: pair → check record (default: the published manifest's own ``checks``).
+    """
+    checks = dict(checks if checks is not None else (manifest.get("checks") or {}))
+    rows_by_pair = _check_rows(checks)
+    head = ["File", "Precision", "Size", "bpw", "KLD ± SE", "Top-1 ± SE", "Perplexity change"]
+    for pair in rows_by_pair:
+        head += [f"{pair} check", f"{pair} tok/s"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + " --- | ---: |" * len(rows_by_pair),
+    ]
+    for entry in manifest.get("files") or []:
+        fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
+        bpw = _num(entry.get("bpw"))
+        top1 = _num(fid.get("top1_agreement"))
+        top1_se = _num(fid.get("top1_agreement_se"))
+        top1_text = _DASH if top1 is None else f"{top1:.1%} ± " + (f"{top1_se:.1%}" if top1_se is not None else _DASH)
+        cells = [
+            f"`{_cell(str(entry.get('name')))}`",
+            _cell(str(entry.get("precision"))),
+            _size(entry.get("bytes")),
+            f"{bpw:.2f}" if bpw is not None else _DASH,
+            _pm(fid.get("kld_mean"), fid.get("kld_mean_se"), ".2e"),
+            top1_text,
+            _ppl_change(fid),
+        ]
+        for rows in rows_by_pair.values():
+            row = rows.get(str(entry.get("name")))
+            if row is None:
+                cells += [_DASH, _DASH]
+                continue
+            speed = _num((row.get("agreement") or {}).get("gen_tps"))
+            cells += ["✅ pass" if row.get("passed") else "❌ fail", f"{speed:.0f}" if speed is not None else _DASH]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _tail_stats(manifest: Mapping[str, Any]) -> list[str]:
+    """KLD distribution lines for files whose fidelity record has them (median, p99, p99.9, max)."""
+    keys = (("kld_median", "median"), ("kld_p99", "p99"), ("kld_p99_9", "p99.9"), ("kld_max", "max"))
+    lines = []
+    for entry in manifest.get("files") or []:
+        fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
+        parts = [f"{label} {v:.2e}" for key, label in keys if (v := _num(fid.get(key))) is not None]
+        if parts:
+            lines.append(f"- `{_cell(str(entry.get('name')))}`: KLD " + ", ".join(parts))
+    return lines
+
+
+def _convert_command(manifest: Mapping[str, Any]) -> str:
+    source = manifest.get("source") or {}
+    # Never the builder's path: the card is published, and a host path means nothing to a downloader.
+    model = source.get("repo_id") if source.get("kind") == "hub" else "MODEL_FOLDER"
+    words = ["cecai-convert", "convert", str(model)]
+    for entry in manifest.get("files") or []:
+        words += ["--precision", str(entry.get("precision"))]
+    if source.get("kind") == "hub" and source.get("revision"):
+        words += ["--revision", str(source["revision"])]
+    imatrix = manifest.get("imatrix") or {}
+    if imatrix.get("source") == "given":
+        words += ["--imatrix", str(imatrix.get("file"))]
+    elif imatrix.get("source") == "computed":
+        words += ["--imatrix", "auto"]
+    words += ["--model-name", str(manifest.get("model_name")), "--outdir", "OUTDIR"]
+    return shlex.join(words)
+
+
+def render_card(
+    manifest: Mapping[str, Any],
+    checks: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    repo_id: str | None = None,
+) -> str:
+    """The model card: YAML front matter (:func:`card_front_matter`) and a Markdown body.
+
+    Args:
+        manifest: the run's ``manifest.json`` or a published ``<model>.manifest.json``.
+        checks: pair → check record, shown per file; default: the manifest's own ``checks``.
+        repo_id: the Hub repo the card is for, used in the ``from_pretrained`` example.
+    """
+    model = str(manifest.get("model_name") or "model")
+    front = card_front_matter(manifest)
+    _, license_text = _license(manifest)
+    toolchain = manifest.get("toolchain") or {}
+    source = manifest.get("source") or {}
+    files = [f for f in manifest.get("files") or [] if isinstance(f, Mapping)]
+    example = str(files[0].get("name")) if files else f"{model}.q4_k_m.gguf"
+    base, _ = _base_model(manifest)
+    lines = [f"# {model} GGUF", ""]
+    origin = f"[`{base}`](https://huggingface.co/{base})" if base else "a local model folder"
+    lines += [
+        f"GGUF files of {origin}, made and verified with cecai-converter {front['quantized_by'].split()[-1]} "
+        f"(llama.cpp from llama-cpp-python {toolchain.get('llama_cpp_python', _DASH)}).",
+        "",
+        "## Files",
+        "",
+        *files_table(manifest, checks),
+        "",
+        "KLD: mean KL-divergence of each file's next-token distribution from the unquantized base on a fixed text; "
+        "top-1: how often both predict the same next token; perplexity change: relative to the base. "
+        "± is the standard error where it was measured; — means not measured.",
+    ]
+    tails = _tail_stats(manifest)
+    if tails:
+        lines += ["", *tails]
+    lines += [
+        "",
+        "## Usage with llama-cpp-python",
+        "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        f'llm = Llama(model_path="{example}")',
+    ]
+    hub_repo = repo_id or "OWNER/REPO"
+    lines += [
+        f'# or straight from the Hub: Llama.from_pretrained(repo_id="{hub_repo}", filename="{example}")',
+        'print(llm("The capital of France is", max_tokens=16)["choices"][0]["text"])',
+        "```",
+        "",
+        "## How these files were made",
+        "",
+        f"- Toolchain: llama-cpp-python `{toolchain.get('llama_cpp_python', _DASH)}` "
+        f"(sdist SHA-256 `{toolchain.get('sdist_sha256', _DASH)}`).",
+    ]
+    if source.get("kind") == "hub":
+        lines.append(f"- Source: `{source.get('repo_id')}` at commit `{source.get('revision')}`.")
+    else:
+        lines.append(f"- Source: a local folder with content fingerprint `{source.get('fingerprint', _DASH)}`.")
+    base_rec = manifest.get("base") or {}
+    if base_rec.get("precision"):
+        lines.append(f"- Converted once to a `{base_rec['precision']}` base, then quantized from it.")
+    imatrix = manifest.get("imatrix") or {}
+    if imatrix:
+        text = ""
+        if imatrix.get("calibration_text"):
+            sha = imatrix.get("calibration_text_sha256")
+            text = f", computed on `{imatrix['calibration_text']}`" + (f" (SHA-256 `{sha}`)" if sha else "")
+        lines.append(
+            f"- Importance matrix: `{imatrix.get('file')}` (SHA-256 `{imatrix.get('sha256')}`, "
+            f"{imatrix.get('source')}{text})."
+        )
+    else:
+        lines.append("- Importance matrix: none.")
+    eval_text = manifest.get("eval_text") or {}
+    if isinstance(eval_text, Mapping) and eval_text.get("sha256"):
+        lines.append(f"- Fidelity measured on `{eval_text.get('name')}` (SHA-256 `{eval_text.get('sha256')}`).")
+    needs_source = " --source MODEL_FOLDER" if source.get("kind") != "hub" else ""
+    pair = PAIRS.get(manifest["pair"]) if isinstance(manifest.get("pair"), str) else None
+    published_name = f"{model}.{pair.slug}.manifest.json" if pair else f"{model}.manifest.json"  # as publish names it
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "Rebuild every file from the recorded inputs and compare SHA-256s (same CPU architecture: quantized bytes "
+        "differ between x86-64 and arm64):",
+        "",
+        "```sh",
+        f"cecai-convert reproduce {published_name}{needs_source}",
+        "```",
+        "",
+        "The conversion itself:",
+        "",
+        "```sh",
+        _convert_command(manifest),
+        "```",
+        "",
+        "## License",
+        "",
+        f"License: {license_text}"
+        + (
+            f" See the source repository's own card: https://huggingface.co/{source.get('repo_id')}."
+            if source.get("kind") == "hub" and "license" not in front
+            else ""
+        ),
+        "",
+    ]
+    header = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return f"---\n{header}---\n\n" + "\n".join(lines)
+
+
+def write_card(
+    outdir: Path,
+    output: Path | None = None,
+    *,
+    checks: Mapping[str, Mapping[str, Any]] | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Render the card of the manifest in ``outdir`` (a folder or a manifest file) and write it atomically.
+
+    Args:
+        outdir: an outputs folder (``manifest.json``) or a manifest file (``<model>.manifest.json``).
+        output: where to write; default ``README.md`` next to the manifest.
+        checks: pair → check record.
+        repo_id: the Hub repo for the usage example.
+
+    Raises:
+        UsageError: no readable manifest, or ``output`` inside the model source folder (its own card).
+    """
+    from .manifest import MANIFEST_NAME
+
+    manifest_path = outdir / MANIFEST_NAME if outdir.is_dir() else outdir
+    manifest = load_manifest_file(manifest_path)
+    target = (output or manifest_path.parent / CARD_NAME).resolve()
+    source_path = (manifest.get("source") or {}).get("path")
+    if isinstance(source_path, str) and source_path:
+        src = Path(source_path).resolve()
+        if target == src or src in target.parents:
+            raise UsageError(
+                f"{target} is inside the model source folder {src}: the card would replace or sit beside the "
+                "source's own files",
+                hint="write it next to the GGUF files (the default) or give -o elsewhere",
+            )
+    atomic_write_text(target, render_card(manifest, checks, repo_id=repo_id))
+    return target
+
+
+def load_manifest_file(path: Path) -> dict[str, Any]:
+    """A run's ``manifest.json`` or a published ``<model>.manifest.json``, checked like every manifest read.
+
+    Raises:
+        UsageError: missing, not JSON, or not a cecai-converter manifest (ManifestError names the field).
+    """
+    from .manifest import load_manifest
+
+    try:
+        return load_manifest(path).to_dict()
+    except FileNotFoundError:
+        raise UsageError(
+            f"no manifest at {path}", hint="give an outputs folder of `cecai-convert run/convert` or a manifest file"
+        ) from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder without a manifest.json") from None
+
+
+def checks_by_pair(records: Sequence[Mapping[str, Any]], model_name: str) -> dict[str, Mapping[str, Any]]:
+    """The check records of ``model_name``, keyed by pair (other models' records are left out)."""
+    return {str(r.get("pair")): r for r in records if r.get("model_name") in (None, model_name)}
+
+
+def source_card_field(folder: Path) -> dict[str, Any]:
+    """``{"card": record}`` for a source record (see :func:`read_source_card`), or ``{}`` when there is nothing.
+
+    Never fails a conversion: a card that cannot be read is no card.
+    """
+    try:
+        record = read_source_card(folder)
+    except OSError:
+        return {}
+    return {"card": record} if record else {}
+
+
+def hub_card(
+    inputs: Sequence[Path], repo_id: str | None = None, check_paths: Sequence[Path] | None = None
+) -> str | None:
+    """The card ``publish --hf-repo`` uploads as ``README.md``: that of the one model whose manifests are among
+    ``inputs`` (folders holding ``manifest.json`` / ``*.manifest.json``, or manifest files).
+
+    Returns None when the inputs hold no manifest or several models' (one card describes one model).
+    """
+    from .manifest import MANIFEST_NAME
+
+    found: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found += [p for p in [item / MANIFEST_NAME, *sorted(item.glob("*.manifest.json"))] if p.is_file()]
+        elif item.name.endswith(MANIFEST_NAME) and item.is_file():
+            found.append(item)
+    manifests = [load_manifest_file(p) for p in found]
+    models = {str(m.get("model_name")) for m in manifests}
+    if len(models) != 1:
+        return None
+    checks = None
+    if check_paths:
+        from .check import read_records
+
+        checks = checks_by_pair(read_records(list(check_paths)), models.pop())
+    return render_card(manifests[0], checks, repo_id=repo_id)

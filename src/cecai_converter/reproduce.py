@@ -1,0 +1,305 @@
+"""``reproduce``: rebuild a conversion from what its manifest records and compare every file's SHA-256.
+
+The manifest records every input the bytes depend on: the source (a local folder's content fingerprint and
+per-file hashes, or a Hub repo id at a resolved commit), the llama.cpp pin, the precisions, the base type and the
+importance matrix. :func:`reproduce` checks each input it can before it spends minutes converting (a different
+toolchain pin is refused: its bytes are not expected to match), runs the ordinary pipeline into a fresh folder
+(the original outputs are never touched), and compares. When a file differs it names the recorded input that
+changed, as far as the records allow (which source files, the imatrix).
+
+Quantized bytes are the same for the same inputs on one CPU architecture, not across architectures (see the field
+notes): a mismatch on another architecture is reported with that caveat.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .card import load_manifest_file
+from .errors import ToolchainError, UsageError
+from .fsutil import sha256_file
+from .manifest import MANIFEST_NAME
+from .output import Output
+from .precisions import parse_precision
+from .source import fingerprint_files
+from .toolchain import toolchain_info
+
+__all__ = ["FileResult", "ReproduceResult", "render", "reproduce", "source_differences"]
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One recorded file and its rebuilt twin."""
+
+    name: str
+    precision: str
+    recorded: str
+    rebuilt: str | None
+
+    @property
+    def matches(self) -> bool:
+        """Whether the rebuilt bytes are the recorded ones."""
+        return self.rebuilt == self.recorded
+
+
+@dataclass
+class ReproduceResult:
+    """What :func:`reproduce` found.
+
+    Attributes:
+        files: one row per recorded file.
+        changed_inputs: the recorded inputs found different (``source: config.json changed`` ...).
+        workdir: where the files were rebuilt (removed afterwards unless the caller gave it).
+        machine: the CPU architecture this rebuild ran on.
+    """
+
+    files: list[FileResult]
+    changed_inputs: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+    machine: str = field(default_factory=platform.machine)
+
+    @property
+    def ok(self) -> bool:
+        """Every file rebuilt to the recorded bytes."""
+        return bool(self.files) and all(f.matches for f in self.files)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON result."""
+        return {
+            "ok": self.ok,
+            "machine": self.machine,
+            "workdir": str(self.workdir) if self.workdir else None,
+            "changed_inputs": self.changed_inputs,
+            "files": [
+                {
+                    "name": f.name,
+                    "precision": f.precision,
+                    "recorded": f.recorded,
+                    "rebuilt": f.rebuilt,
+                    "match": f.matches,
+                }
+                for f in self.files
+            ],
+        }
+
+
+def source_differences(recorded: Sequence[Mapping[str, Any]], found: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which source files differ between two fingerprint records (``path``, ``bytes``, ``sha256``), by path."""
+    old = {str(r.get("path")): r for r in recorded}
+    new = {str(r.get("path")): r for r in found}
+    out = [f"{p} changed" for p in sorted(old.keys() & new.keys()) if old[p].get("sha256") != new[p].get("sha256")]
+    out += [f"{p} is missing" for p in sorted(old.keys() - new.keys())]
+    out += [f"{p} was added" for p in sorted(new.keys() - old.keys())]
+    return out
+
+
+def _check_toolchain(manifest: Mapping[str, Any]) -> None:
+    recorded = manifest.get("toolchain") or {}
+    here = toolchain_info().as_manifest()
+    if any(recorded.get(key) != value for key, value in here.items()):
+        raise ToolchainError(
+            f"the files were made with llama-cpp-python {recorded.get('llama_cpp_python')} (sdist "
+            f"{str(recorded.get('sdist_sha256'))[:12]}…), this cecai-converter pins {here['llama_cpp_python']} "
+            f"(sdist {here['sdist_sha256'][:12]}…): another llama.cpp makes other bytes, so nothing was rebuilt",
+            hint=f"install the cecai-converter release that pins llama-cpp-python {recorded.get('llama_cpp_python')} "
+            "(its `cecai-convert toolchain` shows the pin) and run reproduce with it",
+        )
+
+
+def _local_source(manifest: Mapping[str, Any], given: Path | None, changed: list[str]) -> Path:
+    source = manifest.get("source") or {}
+    recorded_path = source.get("path")
+    if given is None and not recorded_path:
+        raise UsageError(
+            "this manifest records no source folder (a published <model>.manifest.json drops host paths)",
+            hint="give the model folder the files were made from: --source PATH",
+        )
+    folder = (given or Path(str(recorded_path))).resolve()
+    if not folder.is_dir():
+        raise UsageError(
+            f"the source folder {folder} does not exist",
+            hint="give the model folder the files were made from: --source PATH",
+        )
+    fingerprint, files = fingerprint_files(folder)
+    if fingerprint != source.get("fingerprint"):
+        details = source_differences(source.get("files") or [], files)
+        what = "; ".join(details[:20]) + (f"; and {len(details) - 20} more" if len(details) > 20 else "")
+        changed.append(
+            f"source fingerprint: {folder} is not the recorded source"
+            + (f" ({what})" if what else " (no per-file record to compare)")
+        )
+    return folder
+
+
+def _imatrix(
+    manifest: Mapping[str, Any], manifest_dir: Path, given: Path | None, work: Path, changed: list[str]
+) -> tuple[Path | None, bool]:
+    """The importance matrix to quantize with, copied under its recorded name into ``work`` (llama.cpp writes the
+    name into every file it quantizes), or ``(None, True)`` to compute it again from the shipped text."""
+    record = manifest.get("imatrix")
+    if not record:
+        if given is not None:
+            raise UsageError("--imatrix given, but the manifest records no importance matrix")
+        return None, False
+    name, sha = str(record.get("file")), str(record.get("sha256"))
+    candidates = [given] if given is not None else [manifest_dir / name]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
+            found = sha256_file(candidate)
+            if found != sha:
+                if given is not None:
+                    raise UsageError(
+                        f"the importance matrix {candidate} has SHA-256 {found[:16]}…, the manifest records "
+                        f"{sha[:16]}… for {name}",
+                        hint="give the imatrix file the files were made with",
+                    )
+                changed.append(f"imatrix: {candidate} is not the recorded {name}")
+                break
+            work.mkdir(parents=True, exist_ok=True)
+            copy = work / name
+            shutil.copyfile(candidate, copy)
+            return copy, False
+    if record.get("source") == "computed":
+        from .imatrix import default_calibration_text
+
+        text_sha = record.get("calibration_text_sha256")
+        if text_sha and text_sha != sha256_file(default_calibration_text()):
+            raise UsageError(
+                f"the importance matrix {name} was computed on {record.get('calibration_text')}, not on the shipped "
+                "calibration text, and is not next to the manifest",
+                hint="give the published matrix: --imatrix FILE",
+            )
+        return None, True
+    raise UsageError(
+        f"the files were quantized with the importance matrix {name} (SHA-256 {sha[:16]}…), which is not next to "
+        "the manifest",
+        hint="give it: --imatrix FILE",
+    )
+
+
+def reproduce(
+    manifest_path: Path,
+    out: Output,
+    *,
+    source: Path | None = None,
+    workdir: Path | None = None,
+    imatrix: Path | None = None,
+    threads: int | None = None,
+) -> ReproduceResult:
+    """Rebuild the files of ``manifest_path`` into a fresh folder and compare their SHA-256s with the records.
+
+    Args:
+        manifest_path: an outputs ``manifest.json`` or a published ``<model>.manifest.json``.
+        out: progress and messages.
+        source: the local model folder (required when the manifest records no path).
+        workdir: where to rebuild (must be empty or absent; kept); default: a temporary folder, removed after.
+        imatrix: the recorded importance matrix, when it is not next to the manifest.
+        threads: quantizer threads.
+
+    Raises:
+        ToolchainError: the installed pin is not the recorded one.
+        UsageError: the manifest, the source or the imatrix cannot be found, or the workdir is not fresh.
+    """
+    from .pipeline import Job, Options, Target, run_job
+
+    manifest_path = manifest_path / MANIFEST_NAME if manifest_path.is_dir() else manifest_path
+    manifest = load_manifest_file(manifest_path)
+    files = list(manifest.get("files") or [])
+    if not files:
+        raise UsageError(f"{manifest_path} lists no files to reproduce")
+    _check_toolchain(manifest)
+    changed: list[str] = []
+    src = manifest.get("source") or {}
+    own = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="cecai-reproduce-")) if workdir is None else workdir.resolve()
+    if not own:
+        if work.exists() and (not work.is_dir() or any(work.iterdir())):
+            raise UsageError(f"--workdir {work} is not an empty folder", hint="give a new or empty folder")
+        if work == manifest_path.parent.resolve():
+            raise UsageError("--workdir is the folder of the original outputs: reproduce never writes there")
+    try:
+        if src.get("kind") == "hub":
+            if not src.get("repo_id") or not src.get("revision"):
+                raise UsageError(f"{manifest_path}: the Hub source records no repo_id and revision")
+            model, hub, revision = str(src["repo_id"]), True, str(src["revision"])
+        else:
+            model, hub, revision = str(_local_source(manifest, source, changed)), False, None
+        imatrix_path, compute = _imatrix(manifest, manifest_path.parent, imatrix, work / ".inputs", changed)
+        precisions = [parse_precision(str(f.get("precision"))) for f in files]
+        base = (manifest.get("base") or {}).get("precision")
+        names = {p.name for p in precisions}
+        if isinstance(base, str) and base not in names and len(precisions) == 1:
+            # One quantized type alone could be written by the converter directly; the recorded files were
+            # quantized from a base of their own, so that base is made again (and not compared).
+            precisions.append(parse_precision(base))
+        options = Options(
+            force=True,
+            threads=threads,
+            imatrix=imatrix_path,
+            compute_imatrix=compute,
+            fidelity=False,
+            verify=False,
+        )
+        job = Job(
+            model=model,
+            model_name=str(manifest.get("model_name")),
+            precisions=tuple(precisions),
+            targets=(Target(outputs_dir=work / "outputs"),),
+            options=options,
+            hub=hub,
+            revision=revision,
+        )
+        run_job(job, out)
+        rebuilt = load_manifest_file(work / "outputs" / MANIFEST_NAME)
+        if hub and (rebuilt.get("source") or {}).get("fingerprint") != src.get("fingerprint"):
+            changed.append(f"source fingerprint: {src.get('repo_id')}@{src.get('revision')} downloaded other files")
+        recorded_imatrix = (manifest.get("imatrix") or {}).get("sha256")
+        rebuilt_imatrix = (rebuilt.get("imatrix") or {}).get("sha256")
+        if compute and recorded_imatrix != rebuilt_imatrix:
+            changed.append("imatrix: computing it again gave another matrix (a changed calibration text?)")
+        if (rebuilt.get("base") or {}).get("precision") != base:
+            changed.append(f"base: rebuilt from {(rebuilt.get('base') or {}).get('precision')}, recorded {base}")
+        by_name = {str(f.get("name")): f for f in rebuilt.get("files") or []}
+        results = [
+            FileResult(
+                name=str(f.get("name")),
+                precision=str(f.get("precision")),
+                recorded=str(f.get("sha256")),
+                rebuilt=(by_name.get(str(f.get("name"))) or {}).get("sha256"),
+            )
+            for f in files
+        ]
+        return ReproduceResult(results, changed, None if own else work)
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def render(result: ReproduceResult) -> str:
+    """The human result: a table of files, then what differs and why."""
+    width = max(len(f.name) for f in result.files)
+    lines = [f"{'file':<{width}}  {'recorded':<16}  {'rebuilt':<16}  result"]
+    for f in result.files:
+        rebuilt = (f.rebuilt or "(not made)")[:16]
+        lines.append(f"{f.name:<{width}}  {f.recorded[:16]:<16}  {rebuilt:<16}  {'same' if f.matches else 'DIFFERS'}")
+    if result.ok:
+        lines.append(f"all {len(result.files)} file(s) rebuilt to the recorded bytes (on {result.machine})")
+    else:
+        lines.append("")
+        lines += [f"differs: {f.name}" for f in result.files if not f.matches]
+        if result.changed_inputs:
+            lines += [f"changed input: {c}" for c in result.changed_inputs]
+        else:
+            lines.append(
+                f"no recorded input changed: rebuilt on {result.machine}; quantized bytes differ between CPU "
+                "architectures (x86-64, arm64), so compare on the architecture that made the files"
+            )
+    if result.workdir is not None:
+        lines.append(f"rebuilt files kept in {result.workdir / 'outputs'}")
+    return "\n".join(lines)
