@@ -525,6 +525,20 @@ def report(res: Results, args: argparse.Namespace, command: str) -> str:
     return "\n".join(head + lines + tail)
 
 
+#: The hand-written section at the end of results.md; a rerun replaces the measured part above it and keeps it.
+SUMMARY_HEADING = "## Summary and reading the figures"
+
+
+def _kept_summary(results: Path) -> str:
+    """The hand-written summary of ``results`` (from its heading to the end), or "" when there is none."""
+    try:
+        old = results.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    at = old.find(SUMMARY_HEADING)
+    return "" if at < 0 else "\n" + old[at:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1gb", help="model size (default 1gb)")
@@ -568,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = report(res, args, command)
         print("\n" + text)
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(text)
+        args.results.write_text(text + _kept_summary(args.results))
         print(f"wrote {args.results}")
         if not args.keep_files:
             for child in ("Bench", "a-raw", "a-pipeline", "b-old", f"model-{args.size}"):
