@@ -232,3 +232,22 @@ def llama_tools(pytestconfig: pytest.Config) -> Callable[..., dict[str, Path]]:
         return tools.build_tools(targets=targets or tools.TOOL_TARGETS, progress=say)
 
     return build
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie waiting for a parent that never reaps it is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[int]]:
+    """Pids a test started, directly or not, that must not survive it: killed at the end whatever it found."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if process_alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -14,12 +14,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ggufs_under
+from conftest import ggufs_under, process_alive
 
 pytestmark = pytest.mark.slow
 
@@ -83,31 +82,12 @@ def gated(tmp_path: Path) -> Gate:
     return Gate(env, pidfile, gate)
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process (a zombie waiting for a parent that never reaps it is not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _start(model: Path, outdir: Path, env: dict[str, str], stderr: Path | None = None) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "cecai_converter", "convert", str(model), "--precision", "Q8_0"]
     with Path(stderr or os.devnull).open("w") as err:  # the child keeps its own copy
         return subprocess.Popen(
             [*argv, "--outdir", str(outdir), "--no-fidelity"], stdout=subprocess.DEVNULL, stderr=err, env=env, text=True
         )
-
-
-@pytest.fixture
-def reaper() -> Iterator[list[int]]:
-    """Pids this test started (directly or not) that must not survive it, whatever the test found."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
@@ -122,13 +102,13 @@ def test_sigkill_of_the_run_takes_the_converter_with_it_and_the_next_run_starts_
     reaper.append(run.pid)
     converter = gated.converter_pid(run)
     reaper.append(converter)
-    assert _alive(converter)
+    assert process_alive(converter)
     run.kill()  # kill -9: the run gets no chance to stop its child itself
     run.wait(timeout=30)
     deadline = time.monotonic() + 5
-    while _alive(converter) and time.monotonic() < deadline:
+    while process_alive(converter) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(converter), "convert_hf_to_gguf.py outlived the run that started it"
+    assert not process_alive(converter), "convert_hf_to_gguf.py outlived the run that started it"
     assert list(outdir.glob(".cecai-tmp-*")), "the killed run left its staging folder (removed by the next run)"
 
     again = cli("convert", tiny_llama, "--precision", "Q8_0", "--outdir", outdir, "--no-fidelity")
@@ -164,9 +144,9 @@ def test_sigkill_of_a_parent_takes_its_worker_with_it(tmp_path, reaper, how):
     parent.kill()
     parent.wait(timeout=30)
     deadline = time.monotonic() + 5
-    while _alive(worker) and time.monotonic() < deadline:
+    while process_alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(worker), f"the worker started by {how} outlived its parent"
+    assert not process_alive(worker), f"the worker started by {how} outlived its parent"
 
 
 def _wait_for_text(path: Path, text: str, proc: subprocess.Popen[str], timeout: float = 120) -> str:

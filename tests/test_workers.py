@@ -13,11 +13,10 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import convert_to_f32
+from conftest import convert_to_f32, process_alive
 
 from cecai_converter import tools
 from cecai_converter.errors import EXIT_FAILED, EXIT_USAGE, ConversionFailed, ConverterError, VerificationFailed
@@ -86,30 +85,11 @@ def worker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie that nobody reaped does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-@pytest.fixture
-def reaper() -> Iterator[list[int]]:
-    """Pids a test started indirectly: killed at the end whatever the test found."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _gone(pid: int, within: float = 5.0) -> bool:
     deadline = time.monotonic() + within
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not _alive(pid)
+    return not process_alive(pid)
 
 
 def _fail(worker_env: dict[str, str], job: dict[str, object]) -> WorkerFailed:
