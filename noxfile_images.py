@@ -10,9 +10,11 @@
                                                 a conversion in it compared byte for byte with one made here, and
                                                 `cecai-convert check` of this machine's files under the arm64 image
 
-The convert sessions come from the pair table (src/cecai_converter/pairs.py), one per pair. The CLI picks the
-backend (cecai_converter.backends.default_backend: CECAI_BACKEND, else local); ``--backend docker`` after ``--`` runs
-in the pair's image, which needs only the package and the docker SDK here: no torch, no llama.cpp.
+The convert sessions come from the pair table (src/cecai_converter/pairs.py), one per pair. Like the per-pair
+scripts, they tell the CLI who is calling (CECAI_ENTRY=pair-script) and the CLI picks the backend
+(cecai_converter.backends.default_backend: ``--backend``, else CECAI_BACKEND, else the pair's image, as the seed flow
+did). The docker backend needs only the package and the docker SDK here: no torch, no llama.cpp;
+``--backend local`` (or CECAI_BACKEND=local) converts on this machine.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import nox
 
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT / "src"))  # the pair table, without installing the package into nox's own Python
-from cecai_converter.backends import default_backend  # noqa: E402
+from cecai_converter.backends import ENTRY_ENV, default_backend  # noqa: E402
 from cecai_converter.fsutil import sha256_file  # noqa: E402
 from cecai_converter.pairs import PAIRS  # noqa: E402
 
@@ -42,15 +44,19 @@ def _convert(session: nox.Session, pair: str) -> None:
         session.error(f"usage: nox -s {session.name} -- path/to/<NAME>/Converter [cecai-convert run options]")
     path, *options = session.posargs
     # Only to choose the extra to install (docker needs no torch); the CLI decides the backend itself.
-    backend = default_backend(os.environ)
+    entry = {ENTRY_ENV: "pair-script"}
+    backend = default_backend({**os.environ, **entry})
     for i, option in enumerate(options):  # the last --backend wins, as in argparse
         if option == "--backend" and i + 1 < len(options):
             backend = options[i + 1]
         elif option.startswith("--backend="):
             backend = option.partition("=")[2]
     wheels = os.environ.get("CECAI_WHEEL_CACHE", str(Path.home() / ".cache" / "cecai-converter" / "wheels"))
+    if backend == "local":
+        # ./dev's torch decision: the CPU build where the PyTorch CPU index answers, else what pip will download.
+        session.run("python", "scripts/lib/dev_install.py", "torch")
     session.install("--find-links", wheels, "-e", ".[local]" if backend == "local" else ".[docker]")
-    session.run("cecai-convert", "run", path, "--pair", pair, *options)
+    session.run("cecai-convert", "run", path, "--pair", pair, *options, env=entry)
 
 
 def _make_convert_session(name: str, pair: str, description: str) -> None:

@@ -63,18 +63,32 @@ def _row(card: str, name: str) -> list[str]:
 
 # -- the front matter ------------------------------------------------------------------------------------------
 def test_front_matter_round_trips_and_carries_a_hub_license_id():
-    card = render_card(_manifest(license="Apache-2.0", name_or_path="octo/tiny", architecture="LlamaForCausalLM"))
+    card = render_card(_manifest(license="Apache-2.0", base_model=["octo/tiny"], architecture="LlamaForCausalLM"))
     front = _front(card)
     assert front["license"] == "apache-2.0"
     assert "license_name" not in front
     assert front["base_model"] == "octo/tiny"
-    assert front["base_model_relation"] == "quantized"
+    assert "base_model_relation" not in front  # a local folder's card names its origin: no relation is claimed
     assert front["tags"] == ["gguf", "llama-cpp", "cecai-converter", "q8_0", "q4_k_m"]
     assert front["quantized_by"] == "cecai-converter 9.9.9"
     assert front["pipeline_tag"] == "text-generation"
     # what yaml.safe_dump wrote is what the Hub reads back
     assert yaml.safe_load(yaml.safe_dump(front)) == front == card_front_matter(yaml.safe_load(json.dumps(_manifest(
-        license="Apache-2.0", name_or_path="octo/tiny", architecture="LlamaForCausalLM"))))  # fmt: skip
+        license="Apache-2.0", base_model=["octo/tiny"], architecture="LlamaForCausalLM"))))  # fmt: skip
+
+
+def test_a_local_source_claims_only_what_its_own_card_says():
+    # config.json's _name_or_path names the model a fine-tune was trained from: an older manifest's record of it is
+    # no claim, and it never outranks the card's own base_model
+    front = _front(render_card(_manifest(name_or_path="octo/parent")))
+    assert "base_model" not in front and "base_model_relation" not in front
+    front = _front(render_card(_manifest(name_or_path="octo/parent", base_model=["octo/base"])))
+    assert front["base_model"] == "octo/base" and "base_model_relation" not in front
+    # the relation the source card states is carried over; one the Hub does not know is not
+    front = _front(render_card(_manifest(base_model=["octo/base"], base_model_relation="finetune")))
+    assert front["base_model_relation"] == "finetune"
+    front = _front(render_card(_manifest(base_model=["octo/base"], base_model_relation="quantized-ish")))
+    assert "base_model_relation" not in front
 
 
 def test_an_unknown_license_id_becomes_other_with_its_name_and_link():
@@ -111,6 +125,7 @@ def test_a_hub_source_is_the_base_model():
     manifest["source"] = {"kind": "hub", "repo_id": "octo/tiny", "revision": "1" * 40, "fingerprint": "f" * 64}
     card = render_card(manifest, repo_id="me/tiny-GGUF")
     assert _front(card)["base_model"] == "octo/tiny"
+    assert _front(card)["base_model_relation"] == "quantized"  # the repo these files were converted from
     assert 'Llama.from_pretrained(repo_id="me/tiny-GGUF", filename="tiny.q8_0.gguf")' in card
     assert "--revision " + "1" * 40 in card
     assert "cecai-convert reproduce tiny.manifest.json\n" in card
@@ -196,9 +211,49 @@ def test_unusable_front_matter_is_no_front_matter(tmp_path, text):
     assert read_source_card(tmp_path) is None
 
 
-def test_a_huge_readme_is_read_only_up_to_its_limit(tmp_path):
+def test_a_huge_readme_is_read_only_up_to_its_limit(tmp_path, monkeypatch):
+    from cecai_converter import card
+
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n" + "x" * 5_000_000)
-    assert read_source_card(tmp_path) == {"license": "mit"}
+    assert read_source_card(tmp_path) == {"license": "mit"}  # a long body after the front matter is fine
+    # front matter that ends past the limit is never seen whole: no record (read in full, it would be {license: mit})
+    monkeypatch.setattr(card, "_MAX_README_BYTES", 64)
+    (tmp_path / "README.md").write_text("---\nlicense: mit\nnote: " + "y" * 100 + "\n---\n# body\n")
+    assert read_source_card(tmp_path) is None
+
+
+def test_the_source_cards_own_relation_is_read_and_name_or_path_is_not(tmp_path):
+    (tmp_path / "README.md").write_text("---\nbase_model: octo/base\nbase_model_relation: finetune\n---\n")
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "octo/parent"}))
+    assert read_source_card(tmp_path) == {"base_model": ["octo/base"], "base_model_relation": "finetune"}
+
+
+def test_license_unknown_claims_no_license():
+    front = _front(card := render_card(_manifest(license="unknown")))
+    assert "license" not in front and "license_name" not in front
+    assert "License: unknown: the source model's card declares `license: unknown`" in card
+    # with a name, a link or a license file it is a license of its own: `other`, as the Hub asks
+    front = _front(render_card(_manifest(license="unknown", license_name="Acme terms")))
+    assert front["license"] == "other" and front["license_name"] == "Acme terms"
+
+
+def test_hostile_license_fields_are_shown_as_text_never_rendered():
+    from markdown_it import MarkdownIt
+
+    hostile = "x [accept](https://evil.example) <img src=x onerror=alert(1)>"
+    for fields in (
+        {"license_name": hostile, "license_link": "https://acme.invalid/`x`\n\n<img src=y>"},
+        {"license": hostile},
+        {"license_name": "`" + hostile + "`", "license_link": "javascript:alert(1)"},
+    ):
+        card = render_card(_manifest(**fields))
+        front, body = split_front_matter(card)
+        assert front is not None and front["license"] == "other"
+        assert front["license_name"] == fields.get("license_name", hostile)  # metadata: the plain string
+        assert "javascript:" not in card  # only an https:// link is kept
+        html = MarkdownIt("commonmark", {"html": True}).render(body)
+        assert "<img" not in html, html
+        assert 'href="https://evil.example"' not in html and "x [accept](https://evil.example)" in html
 
 
 # -- through a real conversion ---------------------------------------------------------------------------------

@@ -251,21 +251,45 @@ def test_spec_request_files_become_read_only_mounts(tmp_path: Path) -> None:
         _spec(job, _request(job, environ={"CECAI_EVAL_TEXT": str(tmp_path / "gone.txt")}), uid_gid=USER)
 
 
-def test_spec_yaml_file_keys_anywhere_are_mounted_from_the_resolved_paths(tmp_path: Path) -> None:
-    converter = _layout(tmp_path, extra={"EVAL_TEXT": "../../../eval.txt", "IMATRIX": "imatrix.dat"})
-    (tmp_path / "eval.txt").write_text("text")
+def test_spec_yaml_file_keys_inside_the_converter_folder_are_mounted_from_the_resolved_paths(tmp_path: Path) -> None:
+    converter = _layout(tmp_path, extra={"EVAL_TEXT": "../eval.txt", "IMATRIX": "imatrix.dat"})
+    (converter / "eval.txt").write_text("text")
     (converter / "configurations" / "imatrix.dat").write_bytes(b"m")
     spec = _spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
-    # One resolution (request.py, against configurations/), wherever the file lies: each gets its own mount.
+    # One resolution (request.py, against configurations/): each file gets its own read-only mount.
     assert Mount(converter / "configurations" / "imatrix.dat", "/job/inputs/0/imatrix.dat", read_only=True) in (
         spec.mounts
     )
-    assert Mount(tmp_path / "eval.txt", "/job/inputs/1/eval.txt", read_only=True) in spec.mounts
+    assert Mount(converter / "eval.txt", "/job/inputs/1/eval.txt", read_only=True) in spec.mounts
     assert len(spec.mounts) == 6
     sent = _sent(spec)
     assert sent["eval_text"] == Path("/job/inputs/1/eval.txt") and sent.sources["eval_text"] == "yaml"
     with pytest.raises(UsageError, match=r"IMATRIX .*no such file"):
         _spec(_job(_layout(tmp_path / "b", extra={"IMATRIX": "none.dat"}), "CPU_LLM_LLAMA"), uid_gid=USER)
+
+
+@pytest.mark.parametrize("value", ["../../../eval.txt", "/proc/self/environ", "link.txt"])
+def test_spec_a_yaml_file_key_outside_the_converter_folder_is_refused(tmp_path: Path, value: str) -> None:
+    """A shipped Converter folder must not make the container mount (or the converter read) a host file."""
+    converter = _layout(tmp_path / "c", extra={"EVAL_TEXT": value})
+    (tmp_path / "eval.txt").write_text("text")
+    (converter / "configurations" / "link.txt").symlink_to("/proc/self/environ")
+    with pytest.raises(ConfigError, match=r"EVAL_TEXT: .* points outside the Converter folder"):
+        _spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+
+
+@pytest.mark.parametrize("outputs", ["..", "../models"])
+def test_spec_an_outputs_root_around_the_model_is_refused(tmp_path: Path, outputs: str) -> None:
+    """The outputs root is mounted writable: it must not make the model folder writable in the container."""
+    converter = _layout(tmp_path, extra={"OUTPUTS_PATH": outputs})
+    with pytest.raises(ConfigError, match=r"OUTPUTS_PATH .* holds (the model folder|configurations/)"):
+        _spec(_job(converter, "CPU_LLM_LLAMA"), uid_gid=USER, environ={})
+
+
+def test_spec_a_given_system_file_is_never_mounted(tmp_path: Path) -> None:
+    job = _job(_layout(tmp_path), "CPU_LLM_LLAMA")
+    with pytest.raises(UsageError, match=r"--eval-text /proc/\S+/environ: a system file, not an input"):
+        _spec(job, _request(job, {"eval_text": "/proc/self/environ"}), uid_gid=USER)
 
 
 def test_build_command_hint_says_how_to_get_the_image() -> None:
@@ -390,11 +414,10 @@ def test_engine_seed_script_converts_in_the_image(
         ["bash", str(ROOT / "scripts" / "converter_cpu_llm_llama.sh"), str(converter)],
         capture_output=True,
         text=True,
-        # The script leaves the backend to the CLI, whose one default CECAI_BACKEND sets.
+        # No --backend and no CECAI_BACKEND: the per-pair script's default (the CLI's ENTRY_DEFAULTS) is the image.
         env={
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in ("CECAI_BACKEND", "CECAI_ENTRY")},
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "CECAI_BACKEND": "docker",
         },
         timeout=900,
         check=False,

@@ -336,3 +336,10 @@ def test_a_gpu_pair_on_a_cpu_only_runtime_is_a_warning_annotation_and_a_summary_
     outputs = read_outputs(tmp_path / "output")
     assert outputs["outdir"] == "gguf-out" and outputs["manifest"] == "gguf-out/manifest.json"
     assert outputs["files"] == "gguf-out/tiny.q8_0.gguf"
+
+
+def test_an_empty_option_input_leaves_the_callers_variable_in_force() -> None:
+    """A workflow's `env: CECAI_THREADS: 2` survives an action input left empty; a given input wins."""
+    environ = {"CECAI_THREADS": "2", "CECAI_KEEP_BASE": "1"}
+    gha.options_from_inputs({"INPUT_THREADS": "", "INPUT_KEEP_BASE": "  ", "INPUT_FIDELITY": "false"}, environ)
+    assert environ == {"CECAI_THREADS": "2", "CECAI_KEEP_BASE": "1", "CECAI_FIDELITY": "false"}

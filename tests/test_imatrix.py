@@ -84,6 +84,15 @@ def test_gguf_imatrix_is_normalised_like_llama_quantize(tmp_path: Path) -> None:
     assert info == {"datasets": ["calib.txt"], "chunk_count": 3, "chunk_size": 512, "legacy": False}
 
 
+def test_gguf_imatrix_whose_sums_do_not_divide_into_its_counts_is_refused(tmp_path: Path) -> None:
+    path = write_gguf_imatrix(
+        tmp_path / "imatrix.gguf", {"blk.0.ffn_up.weight": (np.arange(10, dtype=np.float32), np.ones(3))}
+    )
+    with pytest.raises(UsageError, match=r"blk\.0\.ffn_up\.weight: 10 sums do not divide into 3 counts") as info:
+        imatrix.read_imatrix(path)
+    assert "llama-imatrix" in (info.value.hint or "")
+
+
 def test_legacy_imatrix_is_divided_by_its_calls(tmp_path: Path) -> None:
     path = write_legacy_imatrix(
         tmp_path / "imatrix.dat", {"blk.0.attn_q.weight": (5, np.full(256, 10.0))}, chunks=7, dataset="wiki.txt"

@@ -15,10 +15,11 @@ import pytest
 from github_stand_in import FakeGitHubServer
 from test_publish import REPO, TOKEN, make_output
 
+from cecai_converter import cli
 from cecai_converter.check import CHECK_SCHEMA, record_name
 from cecai_converter.errors import ChecksFailed, UsageError
 from cecai_converter.pairs import PAIRS
-from cecai_converter.publish import CHECKSUMS_NAME, parse_checksums, publish_release
+from cecai_converter.publish import CHECKSUMS_NAME, parse_checksums, publish_release, push_to_hub
 
 
 def made(folder: Path) -> Path:
@@ -179,3 +180,104 @@ def test_a_check_record_of_a_model_not_being_published_is_refused(tmp_path: Path
         with pytest.raises(UsageError, match="check records for other, whose files are not being published"):
             publish(server, [files], checks=[checks])
         assert not [m for m, _, _ in server.requests if m != "GET"]
+
+
+def cli_publish(server: FakeGitHubServer, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """``cecai-convert publish … --tag v1.0`` against the stand-in; returns the exit code."""
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    monkeypatch.setenv("GITHUB_API_URL", server.api_url)
+    monkeypatch.setenv("GITHUB_REPOSITORY", REPO)
+    return cli.main(["publish", *args, "--tag", "v1.0"])
+
+
+def test_every_per_pair_manifest_of_a_model_gets_its_records_and_a_failed_one_keeps_the_draft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each pair converted on its own: two manifests of one model, one GGUF file (the same bytes).
+    cpu = make_output(tmp_path / "cpu", pair="CPU_LLM_LLAMA")
+    gpu = make_output(tmp_path / "gpu", pair="GPU_LLM_LLAMA")
+    checks = tmp_path / "checks"
+    write_record(checks, cpu, "CPU_LLM_LLAMA")
+    write_record(checks, gpu, "GPU_LLM_LLAMA", passed=False)
+    with FakeGitHubServer(REPO, TOKEN) as server:
+        assert cli_publish(server, monkeypatch, str(cpu), str(gpu), "--checks", str(checks)) == 1
+        release = server.release_by_tag("v1.0")
+        assert release["draft"]
+        for name in ("tiny.cpu.manifest.json", "tiny.gpu.manifest.json"):
+            manifest = json.loads(server.asset_data(release["id"], name))
+            assert sorted(manifest["checks"]) == ["CPU_LLM_LLAMA", "GPU_LLM_LLAMA"]
+            assert manifest["checks"]["GPU_LLM_LLAMA"]["passed"] is False
+        err = capsys.readouterr().err
+        assert err.count("GPU_LLM_LLAMA: tiny.q8_0.gguf: top-1 agreement") == 1
+        assert "❌ top-1 agreement" in release["body"]
+
+
+def test_checks_already_in_an_input_manifest_are_no_evidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = made(tmp_path / "make-tiny")
+    manifest = json.loads((files / "manifest.json").read_text())
+    manifest["checks"] = {"CPU_LLM_LLAMA": {"pair": "CPU_LLM_LLAMA", "passed": True, "files": []}}  # forged
+    (files / "manifest.json").write_text(json.dumps(manifest))
+    with FakeGitHubServer(REPO, TOKEN) as server:
+        assert cli_publish(server, monkeypatch, str(files), "--expect-check", "tiny:CPU_LLM_LLAMA") == 1
+        release = server.release_by_tag("v1.0")
+        assert release["draft"]
+        assert "checks" not in json.loads(server.asset_data(release["id"], "tiny.manifest.json"))
+        assert "tiny: no check record from CPU_LLM_LLAMA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"runtime": "cpu"}, "runtime: expected an object, found str"),
+        ({"files": ["tiny.q8_0.gguf"]}, "files[0]: expected an object"),
+        ({"files": [{"name": ["tiny.q8_0.gguf"]}]}, "files[0].name: expected a string"),
+        ({"pair": 1}, "pair: expected a string"),
+        ({"passed": "yes"}, "passed: expected true or false"),
+        ({"runtime": None}, "runtime: expected an object, found NoneType"),
+    ],
+)
+def test_a_malformed_check_record_is_refused_before_any_upload(
+    tmp_path: Path, change: dict[str, object], field: str
+) -> None:
+    files = made(tmp_path / "make-tiny")
+    path = write_record(tmp_path / "checks", files, "CPU_LLM_LLAMA")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with FakeGitHubServer(REPO, TOKEN) as server:
+        with pytest.raises(UsageError) as info:
+            publish(server, [files], checks=[path])
+        assert f"{path}: {field}" in info.value.message
+        assert not [m for m, _, _ in server.requests if m != "GET"]
+
+
+def test_push_to_hub_uploads_release_manifests_without_host_paths(tmp_path: Path) -> None:
+    files = made(tmp_path / "make-tiny")
+    manifest = json.loads((files / "manifest.json").read_text())
+    manifest["request"] = {
+        "values": {"calibration_text": str(tmp_path / "calib.txt")},
+        "sources": {"calibration_text": "cli"},
+    }
+    (files / "manifest.json").write_text(json.dumps(manifest))
+    checks = tmp_path / "checks"
+    write_record(checks, files, "CPU_LLM_LLAMA")
+    uploaded: dict[str, bytes] = {}
+
+    class FakeHfApi:  # a stand-in for huggingface_hub.HfApi: the Hub is not reachable here
+        def create_repo(self, repo_id: str, **kw: object) -> None:
+            pass
+
+        def create_commit(self, repo_id: str, operations: list, commit_message: str, revision: object = None) -> str:
+            for op in operations:
+                data = op.path_or_fileobj
+                uploaded[op.path_in_repo] = data if isinstance(data, bytes) else Path(data).read_bytes()
+            return f"https://hub.invalid/{repo_id}/commit/abc"
+
+    push_to_hub([files], "octo/tiny-gguf", token="hf_x", api=FakeHfApi(), checks=[checks])
+    published = uploaded["tiny.manifest.json"].decode()
+    assert "/home/runner" not in published and str(tmp_path) not in published and "mtime_ns" not in published
+    data = json.loads(published)
+    assert data["request"]["values"]["calibration_text"] == "calib.txt"
+    assert sorted(data["checks"]) == ["CPU_LLM_LLAMA"]
+    sums = parse_checksums(uploaded[CHECKSUMS_NAME].decode())
+    assert sums["tiny.manifest.json"] == hashlib.sha256(uploaded["tiny.manifest.json"]).hexdigest()

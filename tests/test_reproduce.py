@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -123,6 +124,51 @@ def test_the_workdir_must_be_fresh(made, cli, tmp_path):
     assert result.returncode == 2
     assert "not an empty folder" in result.stderr
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine\n"
+
+
+def test_the_workdir_is_never_in_the_outputs_or_the_source(made, cli, tmp_path):
+    model, out = made
+    outputs_before, source_before = tree_digest(out), tree_digest(model)
+    for workdir, what in (
+        (out, "folder of the original outputs"),
+        (out / "rebuild", "folder of the original outputs"),
+        (model / "sub" / "rebuild", "model source folder"),
+        (out.parent, "folder of the original outputs"),  # holds both
+    ):
+        result = cli("reproduce", out / "manifest.json", "--workdir", workdir)
+        assert result.returncode == 2, (workdir, result.stdout)
+        assert f"is, is inside or holds the {what}" in result.stderr, result.stderr
+    assert tree_digest(out) == outputs_before and tree_digest(model) == source_before
+    # the local source given on the command line is protected as well
+    published = _published(out, tmp_path / "release")
+    result = cli("reproduce", published, "--source", model, "--workdir", model / "rebuild")
+    assert result.returncode == 2 and "model source folder" in result.stderr
+    assert tree_digest(model) == source_before
+
+
+def test_an_imatrix_name_that_is_a_path_is_refused_and_nothing_is_written(made, cli, tmp_path):
+    _, out = made
+    (tmp_path / "pwned.dat").write_bytes(b"matrix")
+    record = {"file": "../../../pwned.dat", "sha256": hashlib.sha256(b"matrix").hexdigest(), "source": "given"}
+    manifest = _edited(out, tmp_path / "a" / "b" / "c", imatrix=record)  # that name resolves to the bait above
+    work = tmp_path / "w1" / "w2" / "work"
+    result = cli("reproduce", manifest, "--workdir", work)
+    assert result.returncode == 2
+    assert "imatrix.file" in result.stderr and "is a path" in result.stderr
+    assert not (tmp_path / "w1").exists()
+
+
+def test_a_wrong_imatrix_next_to_the_manifest_is_named_with_both_hashes(made, cli, tmp_path):
+    _, out = made
+    record = {"file": "tiny.imatrix.gguf", "sha256": "0" * 64, "source": "given", "entries": 1}
+    manifest = _edited(out, tmp_path / "imx", imatrix=record)
+    (tmp_path / "imx" / "tiny.imatrix.gguf").write_bytes(b"another matrix")
+    result = cli("reproduce", manifest)
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert "not next to the manifest" not in message
+    assert str(tmp_path / "imx" / "tiny.imatrix.gguf") in message
+    assert hashlib.sha256(b"another matrix").hexdigest() in message and "0" * 64 in message
 
 
 def test_a_missing_manifest_is_a_usage_error(cli, tmp_path):

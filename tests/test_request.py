@@ -134,7 +134,9 @@ def test_a_bad_variable_names_itself(name: str, text: str, phrase: str) -> None:
         ("THREADS", 0, "THREADS: 0 threads: give 1 to 512"),
         ("THREADS", "4", "THREADS must be an int, got '4'"),
         ("N_GPU_LAYERS", True, "N_GPU_LAYERS must be an int, got True"),
-        ("EVAL_TEXT", 3, "EVAL_TEXT must be a str (a file name), got 3"),
+        ("EVAL_TEXT", 3, "EVAL_TEXT must be a file name (a string), got 3"),
+        ("EVAL_TEXT", " ", "EVAL_TEXT is empty"),
+        ("IMATRIX", "", "IMATRIX is empty"),
         ("THRESHOLDS", [1], "THRESHOLDS: expected a mapping PRECISION -> limits"),
     ],
 )
@@ -143,6 +145,24 @@ def test_a_bad_yaml_value_names_the_file_and_key(tmp_path: Path, key: str, value
     with pytest.raises(ConfigError) as info:
         load_converter_dir(converter)
     assert phrase in info.value.message and "converter_args_cpu_llm_llama.yaml" in info.value.message
+
+
+def test_a_bad_value_in_the_general_file_names_the_general_file(tmp_path: Path) -> None:
+    converter = _layout(tmp_path, general_extra={"THREADS": 0})
+    with pytest.raises(ConfigError) as info:
+        load_converter_dir(converter)
+    assert "converter_args.yaml: THREADS: 0 threads" in info.value.message
+    assert "converter_args_cpu_llm_llama.yaml" not in info.value.message
+
+
+def test_a_no_flag_overrides_a_yaml_yes(tmp_path: Path) -> None:
+    """The flag wins both ways: a shipped ALLOW_PICKLE: true is undone by --no-allow-pickle."""
+    converter = _layout(tmp_path, pair_extra={"ALLOW_PICKLE": True, "KEEP_BASE": True})
+    (job,) = load_converter_dir(converter, ["CPU_LLM_LLAMA"])
+    args = build_parser().parse_args(["run", str(converter), "--no-allow-pickle", "--no-keep-base"])
+    request = resolve(args, job.settings, {}, config_dir=job.config_dir)
+    assert request["allow_pickle"] is False and request["keep_base"] is False
+    assert request.sources["allow_pickle"] == "cli" and request.sources["keep_base"] == "cli"
 
 
 def test_a_bad_flag_is_a_usage_error_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,7 +192,9 @@ def test_the_action_inputs_match_the_table(path: str) -> None:
     inputs = action["inputs"]
     (convert,) = [step for step in action["runs"]["steps"] if step.get("id") == "convert"]
     option_vars = {k: v for k, v in convert["env"].items() if k.startswith("CECAI_") and k != "CECAI_NO_PROGRESS"}
-    assert option_vars == {spec.env: f"${{{{ inputs.{spec.action_input} }}}}" for spec in OPTIONS}
+    assert option_vars == {}, "a step-level CECAI_<NAME> would hide the caller's own when the input is empty"
+    inputs_env = {spec.action_env: convert["env"].get(spec.action_env) for spec in OPTIONS}
+    assert inputs_env == {spec.action_env: f"${{{{ inputs.{spec.action_input} }}}}" for spec in OPTIONS}
     for spec in OPTIONS:
         entry = inputs[spec.action_input]
         assert entry["default"] == "" and entry["required"] is False, spec.name
@@ -246,6 +268,9 @@ def test_pairs_share_a_conversion_unless_their_requests_differ(tmp_path: Path) -
 
 def test_one_list_and_one_default_of_backends(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert default_backend({}) == "local" and default_backend({"CECAI_BACKEND": "docker"}) == "docker"
+    # The seed flow's entry points (per-pair scripts, nox convert sessions) convert in the pair's image.
+    assert default_backend({"CECAI_ENTRY": "pair-script"}) == "docker"
+    assert default_backend({"CECAI_ENTRY": "pair-script", "CECAI_BACKEND": "local"}) == "local"
     parser = build_parser()
     sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # type: ignore[union-attr]
     for command in ("run", "convert"):

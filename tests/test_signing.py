@@ -182,10 +182,44 @@ def test_lock_and_staging_folders_are_not_covered(made, keys, tmp_path):
     done = signing.sign_folder(folder, key=keys[0])
     assert not any(f.startswith(STAGING_PREFIX) or f == LOCK_NAME for f in done.files), done.files
     shutil.rmtree(staging)
-    # a conversion that starts later (its lock and staging folder) does not break the signature
+    # a lock file (a conversion started since, or one left behind) and an empty folder do not break the signature
     (folder / LOCK_NAME).write_text("{}\n")
     (folder / f"{STAGING_PREFIX}new").mkdir()
     assert signing.verify_folder(folder, public_key=keys[1]).files == done.files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [f"{STAGING_PREFIX}left/evil.gguf", ".github/evil.gguf", ".git/evil.gguf",
+                                   f"{LOCK_NAME}/evil.gguf"])  # fmt: skip
+def test_an_extra_file_in_a_folder_the_signer_left_out_is_refused(made, keys, tmp_path, extra):
+    """The signed statement lists what the signer ignored (a staging folder there): verify does not ignore it."""
+    folder = tmp_path / "files"
+    shutil.copytree(made, folder)
+    (folder / f"{STAGING_PREFIX}left").mkdir()
+    (folder / f"{STAGING_PREFIX}left" / "part.gguf").write_bytes(b"half")
+    signing.sign_folder(folder, key=keys[0])
+    shutil.rmtree(folder / f"{STAGING_PREFIX}left")
+    assert signing.verify_folder(folder, public_key=keys[1])  # as distributed: the staging folder is gone
+    (folder / extra).parent.mkdir(exist_ok=True)
+    (folder / extra).write_bytes(b"GGUF evil")
+    result = verify(folder, keys[1])
+    assert result.returncode == 1, result.stdout
+    assert f"not covered by the signature (added after signing): {extra}" in result.stderr
+
+
+@pytest.mark.slow
+def test_git_files_are_signed_like_any_other(made, keys, tmp_path):
+    folder = tmp_path / "files"
+    shutil.copytree(made, folder)
+    (folder / ".github").mkdir()
+    (folder / ".github" / "notes.md").write_text("shipped\n")
+    (folder / ".gitattributes").write_text("*.gguf filter=lfs\n")
+    done = signing.sign_folder(folder, key=keys[0])
+    assert {".github/notes.md", ".gitattributes"} <= set(done.files)
+    (folder / ".gitattributes").write_text("*.gguf -filter\n")
+    result = verify(folder, keys[1])
+    assert result.returncode == 1
+    assert ".gitattributes changed since it was signed" in result.stderr
 
 
 @pytest.mark.slow

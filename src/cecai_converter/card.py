@@ -67,6 +67,9 @@ _MAX_LICENSE_FILES: Final = 4
 _REPO_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _LICENSE_FILE: Final = re.compile(r"^(LICEN[CS]E|COPYING)([._-][A-Za-z0-9._-]{0,40})?$", re.IGNORECASE)
 _DASH: Final = "—"
+#: The Hub's ``base_model_relation`` values: a source card's own is carried over only when it is one of these.
+_RELATIONS: Final = frozenset({"adapter", "merge", "quantized", "finetune"})
+_HTTPS_LINK: Final = re.compile(r"^https://\S+$")
 
 
 # -- the source's own card ---------------------------------------------------------------------------------------
@@ -76,6 +79,12 @@ def _clean(value: object, limit: int = _MAX_FIELD_CHARS) -> str | None:
         return None
     text = "".join(c for c in value.strip() if c.isprintable())
     return text[:limit] if text else None
+
+
+def _code(value: object) -> str:
+    """``value`` as a one-line Markdown code span: whatever Markdown or HTML it holds is shown, never rendered."""
+    text = " ".join(str(value).replace("`", "").split())  # no backtick to close the span, no blank line to end it
+    return f"`{text}`" if text else "`?`"
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
@@ -112,9 +121,9 @@ def _base_models(value: object) -> list[str]:
 def read_source_card(folder: Path) -> dict[str, Any] | None:
     """What a model folder says about its license and origin, for the manifest's ``source.card``.
 
-    Reads ``README.md``'s front matter (``license``, ``license_name``, ``license_link``, ``base_model``),
-    ``config.json``'s ``_name_or_path`` (kept only when it is a Hub repo id, never a host path) and ``license``,
-    and names and hashes the license files (``LICENSE*``, ``LICENCE*``, ``COPYING*``) at the top of the folder.
+    Reads ``README.md``'s front matter (``license``, ``license_name``, ``license_link``, ``base_model`` and its
+    ``base_model_relation``), ``config.json``'s ``license`` and ``architectures``, and names and hashes the license
+    files (``LICENSE*``, ``LICENCE*``, ``COPYING*``) at the top of the folder.
 
     Returns:
         The record, or None when the folder says nothing of the kind.
@@ -136,6 +145,9 @@ def read_source_card(folder: Path) -> dict[str, Any] | None:
             base = _base_models(front.get("base_model"))
             if base:
                 record["base_model"] = base
+                relation = _clean(front.get("base_model_relation"))
+                if relation in _RELATIONS:
+                    record["base_model_relation"] = relation
     config_path = folder / "config.json"
     if config_path.is_file():
         try:
@@ -143,9 +155,7 @@ def read_source_card(folder: Path) -> dict[str, Any] | None:
         except (OSError, ValueError, RecursionError):
             config = None
         if isinstance(config, dict):
-            name = _clean(config.get("_name_or_path"))
-            if name is not None and _REPO_ID.match(name) and not Path(name).exists():
-                record["name_or_path"] = name
+            # `_name_or_path` is not read: for a fine-tune it names the model it was trained from, not this one.
             if "license" not in record and (lic := _clean(config.get("license"))) is not None:
                 record["license"] = lic
             archs = config.get("architectures")
@@ -169,18 +179,23 @@ def _source_card(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
     return card if isinstance(card, Mapping) else {}
 
 
-def _base_model(manifest: Mapping[str, Any]) -> tuple[str | None, bool]:
-    """The Hub repo the files were made from, and whether it is the source itself (so ``quantized`` from it)."""
+def _base_model(manifest: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The card's ``base_model`` and ``base_model_relation``.
+
+    Only a Hub source is known to be the repo these files were converted from (so ``quantized`` from it). A local
+    folder is named by nothing but its own card's ``base_model``: the model it derives from, with the relation that
+    card states, if any (``config.json``'s ``_name_or_path`` is no evidence: a fine-tune keeps its parent's there).
+    """
     source = manifest.get("source") or {}
-    if source.get("kind") == "hub" and isinstance(source.get("repo_id"), str):
-        return source["repo_id"], True
+    if source.get("kind") == "hub":
+        repo = source.get("repo_id")
+        return (repo, "quantized") if isinstance(repo, str) else (None, None)
     card = _source_card(manifest)
-    if isinstance(card.get("name_or_path"), str):
-        return card["name_or_path"], True
     bases = card.get("base_model")
     if isinstance(bases, list) and bases and isinstance(bases[0], str):
-        return bases[0], False
-    return None, False
+        relation = card.get("base_model_relation")
+        return bases[0], relation if relation in _RELATIONS else None
+    return None, None
 
 
 def _license(manifest: Mapping[str, Any]) -> tuple[dict[str, str], str]:
@@ -189,23 +204,30 @@ def _license(manifest: Mapping[str, Any]) -> tuple[dict[str, str], str]:
     lic = card.get("license") if isinstance(card.get("license"), str) else None
     name = card.get("license_name") if isinstance(card.get("license_name"), str) else None
     link = card.get("license_link") if isinstance(card.get("license_link"), str) else None
+    if link is not None and not _HTTPS_LINK.match(link):
+        link = None  # a `javascript:` or relative link is no license link
+    declared_unknown = lic is not None and lic.lower() == "unknown"
+    if declared_unknown:
+        lic = None  # "unknown" declares no license: `other` would claim a custom one
     files = [f for f in card.get("license_files") or [] if isinstance(f, Mapping)]
-    shown_files = ", ".join(f"`{f.get('name')}` (SHA-256 `{f.get('sha256')}`)" for f in files)
+    shown_files = ", ".join(f"{_code(f.get('name'))} (SHA-256 {_code(f.get('sha256'))})" for f in files)
     with_files = f" The source ships its license text as {shown_files}." if files else ""
-    if lic is not None and lic.lower() in HUB_LICENSES and lic.lower() not in ("other", "unknown"):
+    if lic is not None and lic.lower() in HUB_LICENSES and lic.lower() != "other":
         return {"license": lic.lower()}, f"`{lic.lower()}`, as the source model's card declares.{with_files}"
     if lic is None and name is None and link is None and not files:
         # Nothing recorded: `other` would claim a custom license the records do not show, so nothing is claimed.
-        return {}, "unknown: the source model's card and config name no license. Check the source before use."
+        said = "declares `license: unknown`" if declared_unknown else "and config name no license"
+        return {}, f"unknown: the source model's card {said}. Check the source before use."
     fields = {"license": "other"}
-    if name is None and lic is not None and lic.lower() not in ("other", "unknown"):
+    if name is None and lic is not None and lic.lower() != "other":
         name = lic
     if name is not None:
         fields["license_name"] = name
     if link is not None:
         fields["license_link"] = link
-    described = name or (lic if lic else "a license of its own")
-    where = f" ({link})" if link else ""
+    # A hostile card's name or link goes into the body only as a code span: no live link, no HTML.
+    described = _code(name or lic) if (name or lic) else "a license of its own"
+    where = f" ({_code(link)})" if link else ""
     return fields, f"{described}{where}: not one of the Hub's license ids, so `other`.{with_files}"
 
 
@@ -220,11 +242,11 @@ def _is_causal_lm(manifest: Mapping[str, Any]) -> bool:
 def card_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The card's YAML metadata (``base_model``, ``license``, ``tags``, ``quantized_by``, ``pipeline_tag``)."""
     front: dict[str, Any] = {}
-    base, is_source = _base_model(manifest)
+    base, relation = _base_model(manifest)
     if base is not None:
         front["base_model"] = base
-        if is_source:
-            front["base_model_relation"] = "quantized"
+        if relation is not None:
+            front["base_model_relation"] = relation
     front.update(_license(manifest)[0])
     precisions = [str(f.get("precision", "")).lower() for f in manifest.get("files") or []]
     front["tags"] = list(dict.fromkeys(["gguf", "llama-cpp", "cecai-converter", *(p for p in precisions if p)]))
@@ -377,7 +399,12 @@ def render_card(
     example = str(files[0].get("name")) if files else f"{model}.q4_k_m.gguf"
     base, _ = _base_model(manifest)
     lines = [f"# {model} GGUF", ""]
-    origin = f"[`{base}`](https://huggingface.co/{base})" if base else "a local model folder"
+    if base and source.get("kind") == "hub":
+        origin = f"[`{base}`](https://huggingface.co/{base})"
+    elif base:  # a local folder's own card names where it comes from, not what it is
+        origin = f"a local model folder whose card names [`{base}`](https://huggingface.co/{base}) as its base model"
+    else:
+        origin = "a local model folder"
     lines += [
         f"GGUF files of {origin}, made and verified with cecai-converter {front['quantized_by'].split()[-1]} "
         f"(llama.cpp from llama-cpp-python {toolchain.get('llama_cpp_python', _DASH)}).",

@@ -33,7 +33,7 @@ from .agreement import REFERENCE_NAME, compare, read_reference, runtime_facts
 from .backends import BACKENDS
 from .errors import EXIT_OK, CheckFailed, ConfigError, ConverterError, UsageError
 from .fsutil import atomic_write_json, sha256_file
-from .manifest import MANIFEST_NAME, load_manifest, read_manifest
+from .manifest import MANIFEST_NAME, check_record_problem, load_manifest, read_manifest
 from .output import Output
 from .pairs import PairInfo, parse_pair
 from .tools import thread_count
@@ -331,8 +331,13 @@ def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
             data = _read_record(path)
         except CheckFailed as exc:
             raise UsageError(exc.message) from None
-        if not isinstance(data.get("pair"), str) or not isinstance(data.get("files"), list):
-            raise UsageError(f"{path}: a check record needs `pair` and `files`")
+        problem = check_record_problem(data, complete=True)
+        if problem is not None:  # refused here, before publish uploads anything or renders a table from it
+            where, why = problem
+            raise UsageError(
+                f"{path}: {where or 'the record'}: {why}; not a check record as `cecai-convert check` writes it",
+                hint="pass the records the check jobs wrote, unedited; re-run a pair's check to rewrite its record",
+            )
         records.append(data)
     return records
 

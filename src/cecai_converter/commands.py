@@ -30,7 +30,9 @@ __all__ = ["register"]
 
 
 # -- shared ---------------------------------------------------------------------------------------------------------
-_BACKEND_HELP = f"where the conversion runs (default: ${BACKEND_ENV}, else local)"
+_BACKEND_HELP = (
+    f"where the conversion runs (default: ${BACKEND_ENV}, else local; the per-pair scripts and nox sessions: docker)"
+)
 
 
 def _backend(args: argparse.Namespace) -> str:
@@ -45,7 +47,11 @@ def _backend(args: argparse.Namespace) -> str:
 
 
 def _request_for(
-    args: argparse.Namespace, settings: Mapping[str, Any], config_dir: Path | None, where: str, command: Command
+    args: argparse.Namespace,
+    settings: Mapping[str, Any],
+    config_dir: Path | None,
+    where: str | Mapping[str, str],
+    command: Command,
 ) -> Request:
     """The options of one conversion: the container's request when given, else resolved from flag/YAML/env."""
     if args.request is not None:
@@ -98,7 +104,7 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
         if value is not None
     }
     jobs = load_converter_dir(args.converter_dir, args.pair, path_overrides=overrides)
-    requests = [_request_for(args, job.settings, job.config_dir, str(job.pair_file), "run") for job in jobs]
+    requests = [_request_for(args, job.settings, job.config_dir, job.key_files, "run") for job in jobs]
     if backend == "docker":
         from .backends.docker import run_jobs
 

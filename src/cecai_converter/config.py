@@ -79,6 +79,7 @@ class PairJob:
         image_name: IMAGE_NAME, if set.
         trained: TRAINED, if set.
         settings: the merged key/values as written (optional keys included), for the manifest.
+        key_files: for each key of ``settings``, the file that set it (the pair file wins), which messages name.
     """
 
     pair: PairInfo
@@ -92,6 +93,7 @@ class PairJob:
     image_name: str | None = None
     trained: bool | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    key_files: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def stem(self) -> str:
@@ -350,7 +352,10 @@ def load_converter_dir(
         pair_data = load_yaml_mapping(pair_path)
         _check_keys(pair_data, pair_path)
         merged = {**general, **pair_data}
-        job = _make_job(pair, converter_dir, config_dir, merged, general_path, pair_path, path_overrides or {})
+        key_files = {key: str(pair_path if key in pair_data else general_path) for key in merged}
+        job = _make_job(
+            pair, converter_dir, config_dir, merged, general_path, pair_path, path_overrides or {}, key_files
+        )
         jobs.append(job)
     return jobs
 
@@ -363,6 +368,7 @@ def _make_job(
     general_path: Path,
     pair_path: Path,
     path_overrides: Mapping[str, Path],
+    key_files: Mapping[str, str],
 ) -> PairJob:
     model_name = merged.get("MODEL_NAME")
     if model_name is None or model_name == "":
@@ -383,7 +389,7 @@ def _make_job(
     _expect(merged, "IMAGE_NAME", str, pair_path)
     # The option keys are checked now, not after the conversion: a mistake costs nothing, and counts with FIDELITY
     # off too (THRESHOLDS). The table in request.py says what each key takes.
-    parsed = check_yaml(merged, str(pair_path), config_dir)
+    parsed = check_yaml(merged, key_files, config_dir)
     if "thresholds" in parsed:
         merged["THRESHOLDS"] = parsed["thresholds"]  # keyed by canonical names (q4_k_m → Q4_K_M), as written back
     model_dir = safe_child(paths["MODELS_PATH"], model_name, key="MODEL_NAME")
@@ -409,4 +415,5 @@ def _make_job(
         image_name=merged.get("IMAGE_NAME"),
         trained=merged.get("TRAINED"),
         settings=dict(merged),
+        key_files=dict(key_files),
     )

@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,6 +35,7 @@ from .errors import EXIT_USAGE, CheckFailed, ChecksFailed, ConverterError, Usage
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .names import check_stem
 from .output import LOGGER_NAME, Output
+from .request import OPTIONS
 
 __all__ = [
     "annotation",
@@ -292,6 +293,16 @@ def _command_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def options_from_inputs(env: Mapping[str, str], environ: MutableMapping[str, str]) -> None:
+    """Copy each conversion option's non-empty action input (``INPUT_KEEP_BASE``) to its ``CECAI_<NAME>``.
+
+    An input left empty changes nothing, so a ``CECAI_<NAME>`` the caller's workflow or job sets stays in force.
+    """
+    for spec in OPTIONS:
+        if env.get(spec.action_env, "").strip():
+            environ[spec.env] = env[spec.action_env].strip()
+
+
 def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     model = env.get("INPUT_MODEL", "").strip()
     if not model:
@@ -308,6 +319,7 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     for key, flag in (("INPUT_PAIR", "--pair"), ("INPUT_REVISION", "--revision"), ("INPUT_MODEL_NAME", "--model-name")):
         if env.get(key, "").strip():
             argv += [flag, env[key].strip()]
+    options_from_inputs(env, os.environ)
     backend = env.get("INPUT_BACKEND", "").strip() or default_backend(env)
     if env.get("INPUT_HF_TOKEN"):
         os.environ["HF_TOKEN"] = env["INPUT_HF_TOKEN"]  # masked in main(); read by huggingface_hub

@@ -237,6 +237,11 @@ def _read_gguf_imatrix(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if name not in sums or name not in counts:
             raise UsageError(f"{path}: mismatched sums and counts for {name}")
         s, c = sums[name], np.rint(counts[name]).astype(np.float32)
+        if c.size == 0 or s.size % c.size:
+            raise UsageError(
+                f"{path}: {name}: {s.size} sums do not divide into {c.size} counts",
+                hint="recompute it with llama-imatrix",
+            )
         ne0 = s.size // c.size
         e = np.ones(s.size, dtype=np.float32).reshape(c.size, ne0)
         nonzero = c > 0

@@ -30,6 +30,7 @@ __all__ = [
     "SCHEMA",
     "FileEntry",
     "Manifest",
+    "check_record_problem",
     "file_is_current",
     "inputs_key",
     "load_manifest",
@@ -294,6 +295,11 @@ def _manifest_problem(data: object) -> str | None:
             return f"{key}: expected a string"
     if data.get("trained") is not None and not isinstance(data["trained"], bool):
         return "trained: expected true or false"
+    imatrix = data.get("imatrix") or {}
+    if "file" in imatrix:  # reproduce copies the matrix under this name: never a path out of its folder
+        why = check_plain_name(imatrix["file"])
+        if why is not None:
+            return f"imatrix.file: {why}"
     if data.get("model_name") is not None:  # names files next to the manifest: never a path
         try:
             check_stem(data["model_name"], "model_name")
@@ -330,8 +336,17 @@ def _manifest_problem(data: object) -> str | None:
             if entry.get(key) is not None and not ok(entry[key]):
                 return f"files[{i}].{key}: of the wrong type"
     for pair, record in (data.get("checks") or {}).items():
-        if not isinstance(record, dict):
-            return f"checks.{pair}: expected an object"
+        problem = check_record_problem(record)
+        if problem is not None:
+            where, why = problem
+            return f"checks.{pair}{'.' if where else ''}{where}: {why}"
+    request = data.get("request")
+    if request is not None:  # publish rewrites its file options: a request must be what convert writes
+        if not isinstance(request, dict):
+            return "request: expected an object"
+        for key in ("values", "sources"):
+            if request.get(key) is not None and not isinstance(request[key], dict):
+                return f"request.{key}: expected an object"
     source = data.get("source") or {}
     if source.get("path") is not None and not isinstance(source["path"], str):
         return "source.path: expected a string"
@@ -347,6 +362,47 @@ def _manifest_problem(data: object) -> str | None:
             and (_is_int(record.get("mtime_ns")) or record.get("mtime_ns") is None)  # published: dropped
         ):
             return f"source.files[{i}]: expected an object with path, bytes, mtime_ns and sha256"
+    return None
+
+
+_RECORD_KEYS: Final = (
+    ("pair", str, "a string"),
+    ("passed", bool, "true or false"),
+    ("runtime", dict, "an object"),
+    ("files", list, "a list"),
+    ("problems", list, "a list"),
+    ("model_name", str, "a string"),
+)
+_RECORD_ROW_KEYS: Final = (
+    ("name", str, "a string"),
+    ("sha256", str, "a string"),
+    ("passed", bool, "true or false"),
+    ("agreement", dict, "an object"),
+    ("problems", list, "a list"),
+)
+
+
+def check_record_problem(record: object, *, complete: bool = False) -> tuple[str, str] | None:
+    """The first field of a check record (``cecai-convert check``) that the publisher would trip over, as
+    ``(field, why)`` (field ``""``: the record itself); None when it is sound.
+
+    Fields that are present must have their type; with ``complete``, ``pair``, ``passed``, ``runtime`` and
+    ``files`` must also be there (a record as ``check`` writes it, not one already merged into a manifest).
+    """
+    if not isinstance(record, dict):
+        return "", "expected an object"
+    for key, kind, what in _RECORD_KEYS:
+        value = record.get(key)
+        if value is None and (not complete or key in ("problems", "model_name")):
+            continue
+        if not isinstance(value, kind):
+            return key, f"expected {what}, found {type(value).__name__}"
+    for i, row in enumerate(record.get("files") or []):
+        if not isinstance(row, dict):
+            return f"files[{i}]", "expected an object"
+        for key, kind, what in _RECORD_ROW_KEYS:
+            if row.get(key) is not None and not isinstance(row[key], kind):
+                return f"files[{i}].{key}", f"expected {what}, found {type(row[key]).__name__}"
     return None
 
 

@@ -38,6 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +334,8 @@ def stable_view(data: Any) -> Any:
 
 
 def release_manifest(manifest: Manifest, checks: Sequence[Mapping[str, Any]]) -> Manifest:
-    """The manifest as published: no host paths, and one check record per pair (``checks: {pair: record}``).
+    """The manifest as published: no host paths, and one check record per pair (``checks: {pair: record}``) of
+    ``checks`` only (any ``checks`` the manifest itself holds are dropped; none given: no ``checks`` key).
 
     The builder's manifest records where the source was on its machine and when each file was written; neither
     means anything to a downloader, and both change between runs.
@@ -353,10 +355,11 @@ def release_manifest(manifest: Manifest, checks: Sequence[Mapping[str, Any]]) ->
         absent=manifest.absent - {"source"},
         path=None,
     )
-    if checks:
-        by_pair = {str(r["pair"]): dict(r) for r in sorted(checks, key=lambda r: str(r["pair"]))}
-        published = dataclasses.replace(published, checks=by_pair, absent=published.absent - {"checks"})
-    return published
+    # Exactly the records given: `checks` already in an input manifest are nobody's evidence (an edited file, or one
+    # downloaded from an earlier release) and must not count towards publishing.
+    by_pair = {str(r["pair"]): dict(r) for r in sorted(checks, key=lambda r: str(r["pair"]))}
+    absent = published.absent - {"checks"} if by_pair else published.absent | {"checks"}
+    return dataclasses.replace(published, checks=by_pair or None, absent=absent)
 
 
 def _attach_checks(
@@ -364,7 +367,11 @@ def _attach_checks(
 ) -> tuple[list[LocalAsset], dict[str, Manifest]]:
     """Replace each manifest asset by its release manifest (see :func:`release_manifest`) in ``staging``.
 
-    Returns the new asset list and, per model name, the release manifest.
+    Every manifest of a model (one per pair when each pair converted on its own) gets all of that model's records:
+    a record is about files, and the files are the same.
+
+    Returns the new asset list and the release manifests, keyed by model name (``model (asset name)`` where a model
+    has several), so that every one is checked and shown.
 
     Raises:
         UsageError: a check record belongs to no manifest being published, or its files are not that manifest's.
@@ -372,6 +379,7 @@ def _attach_checks(
     by_model: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
         by_model.setdefault(str(record.get("model_name")), []).append(record)
+    per_model = Counter(str(a.manifest.model_name) for a in assets if a.manifest is not None)
     out: list[LocalAsset] = []
     published: dict[str, Manifest] = {}
     for asset in assets:
@@ -380,7 +388,7 @@ def _attach_checks(
             continue
         manifest = asset.manifest
         model = str(manifest.model_name)
-        own = by_model.pop(model, [])
+        own = by_model.get(model, [])
         shas = {e.name: e.sha256 for e in manifest.files}
         for record in own:
             for row in record.get("files") or []:
@@ -391,27 +399,32 @@ def _attach_checks(
         staged.write_text(json.dumps(data.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         size, digest = staged.stat().st_size, sha256_file(staged)
         out.append(LocalAsset(asset.name, staged, size, digest, "manifest", manifest=data))
-        published[model] = data
-    if by_model:
+        published[model if per_model[model] == 1 else f"{model} ({asset.name})"] = data
+    orphans = sorted(set(by_model) - set(per_model))
+    if orphans:
         raise UsageError(
-            f"check records for {', '.join(sorted(by_model))}, whose files are not being published",
+            f"check records for {', '.join(orphans)}, whose files are not being published",
             hint="pass the make artifact of every model whose check records you pass",
         )
     return out, published
 
 
 def check_failures(manifests: Mapping[str, Manifest], expected: Sequence[tuple[str, str]] | None) -> list[str]:
-    """Why the release must stay a draft: failed checks, and expected (model, pair) checks with no record."""
+    """Why the release must stay a draft: failed checks, and expected (model, pair) checks with no record.
+
+    ``manifests`` are the release manifests (see :func:`_attach_checks`); a model's records count wherever they
+    are, each failure is named once.
+    """
     problems: list[str] = []
     from .check import failure_message
 
-    for model, manifest in manifests.items():
+    for manifest in manifests.values():
         for record in (manifest.checks or {}).values():
-            if not record.get("passed"):
-                problems.append(f"{model}: {failure_message(record)}")
+            problem = f"{manifest.model_name}: {failure_message(record)}"
+            if not record.get("passed") and problem not in problems:
+                problems.append(problem)
     for model, pair in expected or ():
-        known = manifests.get(model)
-        if known is None or pair not in (known.checks or {}):
+        if not any(str(m.model_name) == model and pair in (m.checks or {}) for m in manifests.values()):
             problems.append(f"{model}: no check record from {pair} (its check job failed before writing one)")
     return problems
 
@@ -773,7 +786,8 @@ class ReleasePlan:
         stale: leftovers of an interrupted upload, removed before uploading.
         sums: SHA256SUMS as it will be (name → hex digest).
         split: original file name → part names, for files split this run.
-        manifests: model name → release manifest (with its ``checks``).
+        manifests: model name (``model (asset name)`` where a model has several) → release manifest (with its
+            ``checks``).
         failures: why the release must stay a draft (failed or missing checks).
     """
 
@@ -821,6 +835,9 @@ def plan_release(
     records = read_records(list(checks)) if checks else []
     files, manifests = _attach_checks(files, records, staging)
     assets, split = _split_large(files, staging, size_limit)
+    # finalize_release renders the notes again; rendering them now makes whatever they cannot show fail here,
+    # before the first upload, not after every file went up.
+    release_notes(None, [], split, manifests)
     release = gh.find_release(tag)
     if release is None:
         say(f"no release for {tag} yet: a draft will be created")
@@ -1173,20 +1190,27 @@ def push_to_hub(
     commit_message: str | None = None,
     api: Any = None,
     card: str | None = None,
+    checks: Sequence[Path] = (),
 ) -> str:
-    """Upload the GGUF files (unsplit: the Hub takes large files), manifests and SHA256SUMS to a model repo, and
-    ``card`` (see ``card.render_card``), when given, as the repo's ``README.md``.
+    """Upload the GGUF files (unsplit: the Hub takes large files), release manifests (as on GitHub: no host paths,
+    ``checks`` merged in; see :func:`release_manifest`) and SHA256SUMS to a model repo, and ``card`` (see
+    ``card.render_card``), when given, as the repo's ``README.md``.
 
     Returns the commit URL.
 
     Raises:
+        UsageError: bad inputs (see :func:`collect_assets`) or check records, before anything is uploaded.
         PublishFailed: the Hub refused the upload.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    files = collect_assets(inputs)
+    from .check import read_records
+
+    assets = collect_assets(inputs)
+    records = read_records(list(checks)) if checks else []
     hub = api if api is not None else HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="cecai-hub-") as tmp:
+        files, _ = _attach_checks(assets, records, Path(tmp))
         sums = Path(tmp) / CHECKSUMS_NAME
         sums.write_text(checksums_text({a.name: a.sha256 for a in files}), encoding="utf-8")
         ops = [CommitOperationAdd(path_in_repo=a.name, path_or_fileobj=str(a.path)) for a in files]
@@ -1245,7 +1269,12 @@ def _run(args: argparse.Namespace, out: Output) -> int:
 
         card = hub_card(inputs, args.hf_repo, [Path(c) for c in args.checks or []])
         url = push_to_hub(
-            inputs, args.hf_repo, token=os.environ.get("HF_TOKEN") or None, revision=args.hf_revision, card=card
+            inputs,
+            args.hf_repo,
+            token=os.environ.get("HF_TOKEN") or None,
+            revision=args.hf_revision,
+            card=card,
+            checks=[Path(c) for c in args.checks or []],
         )
         data["hub_commit_url"] = url
         lines.append(f"pushed to {args.hf_repo}: {url}")

@@ -25,6 +25,7 @@ from .card import load_manifest_file
 from .errors import ToolchainError, UsageError
 from .fsutil import sha256_file
 from .manifest import MANIFEST_NAME
+from .names import check_plain_name
 from .output import Output
 from .precisions import parse_precision
 from .source import fingerprint_files
@@ -147,24 +148,25 @@ def _imatrix(
         if given is not None:
             raise UsageError("--imatrix given, but the manifest records no importance matrix")
         return None, False
-    name, sha = str(record.get("file")), str(record.get("sha256"))
-    candidates = [given] if given is not None else [manifest_dir / name]
-    for candidate in candidates:
-        if candidate is not None and candidate.is_file():
-            found = sha256_file(candidate)
-            if found != sha:
-                if given is not None:
-                    raise UsageError(
-                        f"the importance matrix {candidate} has SHA-256 {found[:16]}…, the manifest records "
-                        f"{sha[:16]}… for {name}",
-                        hint="give the imatrix file the files were made with",
-                    )
-                changed.append(f"imatrix: {candidate} is not the recorded {name}")
-                break
+    name, sha = record.get("file"), str(record.get("sha256"))
+    why = check_plain_name(name)
+    if why is not None:  # the copy below is named after it: never a path out of the work folder
+        raise UsageError(f"the manifest's imatrix.file is not a file name: {why}")
+    assert isinstance(name, str)  # check_plain_name said so
+    candidate = given if given is not None else manifest_dir / name
+    if candidate.is_file():
+        found = sha256_file(candidate)
+        if found != sha and (given is not None or record.get("source") != "computed"):
+            raise UsageError(
+                f"the importance matrix {candidate} has SHA-256 {found}, the manifest records {sha} for {name}",
+                hint="give the imatrix file the files were made with: --imatrix FILE",
+            )
+        if found == sha:
             work.mkdir(parents=True, exist_ok=True)
             copy = work / name
             shutil.copyfile(candidate, copy)
             return copy, False
+        changed.append(f"imatrix: {candidate} is not the recorded {name}")
     if record.get("source") == "computed":
         from .imatrix import default_calibration_text
 
@@ -219,10 +221,18 @@ def reproduce(
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="cecai-reproduce-")) if workdir is None else workdir.resolve()
     if not own:
+        protected = [("folder of the original outputs", manifest_path.parent)]
+        if src.get("kind") != "hub" and (source is not None or isinstance(src.get("path"), str)):
+            protected.append(("model source folder", source or Path(str(src["path"]))))
+        for what, folder in protected:
+            folder = folder.resolve()
+            if work == folder or folder in work.parents or work in folder.parents:
+                raise UsageError(
+                    f"--workdir {work} is, is inside or holds the {what} {folder}: reproduce never writes there",
+                    hint="give a new folder outside both the outputs and the model source",
+                )
         if work.exists() and (not work.is_dir() or any(work.iterdir())):
             raise UsageError(f"--workdir {work} is not an empty folder", hint="give a new or empty folder")
-        if work == manifest_path.parent.resolve():
-            raise UsageError("--workdir is the folder of the original outputs: reproduce never writes there")
     try:
         if src.get("kind") == "hub":
             if not src.get("repo_id") or not src.get("revision"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, ConverterError, UsageError
 from .names import show
 
 if TYPE_CHECKING:
@@ -99,6 +99,12 @@ class OptionSpec:
     def env(self) -> str:
         """The environment variable: ``CECAI_`` and the name in capitals."""
         return ENV_PREFIX + self.name.upper()
+
+    @property
+    def action_env(self) -> str:
+        """The variable the composite actions pass the input in (``INPUT_KEEP_BASE``); the adapter copies a
+        non-empty one to :attr:`env`, so an input left empty leaves a caller's own ``CECAI_<NAME>`` in force."""
+        return "INPUT_" + self.name.upper()
 
     @property
     def action_input(self) -> str:
@@ -266,13 +272,25 @@ def _from_yaml(spec: OptionSpec, value: object, where: str, config_dir: Path | N
         return value
     if spec.kind == "thresholds":
         return _thresholds(value, where)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where} must be a str (a file name), got {show(value)}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a file name (a string), got {show(value)}")
+    if not value.strip():
+        what = "a file name or `auto`" if spec.kind == "imatrix" else "a file name"
+        raise ConfigError(f"{where} is empty", hint=f"give {what}, or remove the key")
     if spec.kind == "imatrix" and value.strip().lower() == "auto":
         return "auto"
     if config_dir is None:
         raise ConfigError(f"{where}: a relative file name needs a configurations/ folder")
-    return (config_dir / value).resolve()
+    path = (config_dir / value).resolve()
+    # A Converter folder is data from whoever made it: its files stay inside it (symbolic links followed), so a
+    # shipped YAML cannot make the converter read, or a container mount, /proc/self/environ or a home folder.
+    converter = config_dir.resolve().parent
+    if not path.is_relative_to(converter):
+        raise ConfigError(
+            f"{where}: {show(value)} points outside the Converter folder ({path})",
+            hint=f"put the file inside {converter}, or give it on the command line ({spec.flag}) or as {spec.env}",
+        )
+    return path
 
 
 def _thresholds(value: object, where: str) -> dict[str, dict[str, float]]:
@@ -285,14 +303,32 @@ def _to_json_value(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-def _from_json_value(spec: OptionSpec, value: Any) -> Any:
+def _from_json_value(spec: OptionSpec, value: object, where: str) -> Any:
+    """A value of a JSON request, checked as strictly as a flag: the file may come from anywhere.
+
+    Raises:
+        UsageError: naming ``where`` and the option.
+    """
+    here = f"{where}: {spec.name}"
     if value is None:
+        if spec.kind in ("switch", "bool"):
+            raise UsageError(f"{here} must be true or false, got null")
         return None
-    if spec.kind == "path" or (spec.kind == "imatrix" and value != "auto"):
-        return Path(value)
+    if spec.kind in ("switch", "bool"):
+        if not isinstance(value, bool):
+            raise UsageError(f"{here} must be true or false, got {show(value)}")
+        return value
+    if spec.kind in ("int", "threads"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{here} must be a whole number, got {show(value)}")
+        return _from_text(spec, str(value), here, Path.cwd()) if spec.kind == "threads" else value
     if spec.kind == "thresholds":
-        return {str(k): {str(n): float(x) for n, x in v.items()} for k, v in value.items()}
-    return value
+        return _thresholds(value, here)
+    if spec.kind == "imatrix" and value == "auto":
+        return "auto"
+    if not isinstance(value, str) or not value or not PurePath(value).is_absolute():
+        raise UsageError(f"{here} must be an absolute file name, got {show(value)}")
+    return Path(value)
 
 
 # -- the request -----------------------------------------------------------------------------------------------------
@@ -342,10 +378,19 @@ class Request:
             bad = sorted(n for n, s in sources.items() if s not in SOURCES)
             if bad:
                 raise UsageError(f"{where}: unknown sources for {', '.join(bad)}")
+            missing = sorted(set(_BY_NAME) - set(values))
+            if missing:
+                raise UsageError(
+                    f"{where}: no value for {', '.join(missing)}",
+                    hint="a request carries every option, resolved: write it with the same version of "
+                    "cecai-converter that reads it",
+                )
             return cls(
-                values={s.name: _from_json_value(s, values.get(s.name)) for s in OPTIONS},
+                values={s.name: _from_json_value(s, values[s.name], where) for s in OPTIONS},
                 sources={s.name: sources.get(s.name, "default") for s in OPTIONS},
             )
+        except ConverterError:
+            raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"{where} is not a cecai-converter request ({type(exc).__name__}: {exc})") from None
 
@@ -386,7 +431,7 @@ def resolve(
     *,
     command: Command = "run",
     config_dir: Path | None = None,
-    yaml_where: str = "the configuration",
+    yaml_where: str | Mapping[str, str] = "the configuration",
     cwd: Path | None = None,
 ) -> Request:
     """Resolve every option: default < YAML < environment < CLI, recording each value's source.
@@ -397,7 +442,7 @@ def resolve(
         environ: the environment; an empty variable counts as unset (an action input left empty).
         command: ``run`` or ``convert`` (some defaults differ).
         config_dir: ``configurations/``; YAML paths are relative to it.
-        yaml_where: how messages name the YAML (its file).
+        yaml_where: how messages name the YAML: its file, or per key the file that set it.
         cwd: the folder CLI and variable paths are relative to; default the current one.
 
     Raises:
@@ -412,7 +457,7 @@ def resolve(
         source: Source = "default"
         value = spec.default_for(command)
         if spec.yaml_key is not None and yaml_mapping.get(spec.yaml_key) is not None:
-            where = f"{yaml_where}: {spec.yaml_key}"
+            where = f"{_file_of(yaml_where, spec.yaml_key)}: {spec.yaml_key}"
             value, source = _from_yaml(spec, yaml_mapping[spec.yaml_key], where, config_dir), "yaml"
         text = environ.get(spec.env, "")
         if text.strip():
@@ -466,9 +511,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: Command) -> None:
     )
     for spec in OPTIONS:
         help_text = f"{spec.help} [{spec.yaml_key or 'no YAML key'}, {spec.env}]"
-        if spec.kind == "switch":
+        if spec.kind == "switch" and spec.yaml_key is None:  # a one-off (--force): nothing to say no to
             group.add_argument(spec.flag, dest=spec.name, action="store_true", default=None, help=help_text)
-        elif spec.kind == "bool":
+        elif spec.kind in ("switch", "bool"):  # --no-… overrides a YAML or variable yes: the flag wins both ways
             group.add_argument(
                 spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
@@ -505,14 +550,18 @@ def gpu_layers(request: Request, pair: PairInfo | None, warn: Callable[[str], No
     return 0
 
 
-def check_yaml(mapping: Mapping[str, Any], where: str, config_dir: Path | None) -> dict[str, Any]:
+def _file_of(where: str | Mapping[str, str], key: str) -> str:
+    return where if isinstance(where, str) else where.get(key, "the configuration")
+
+
+def check_yaml(mapping: Mapping[str, Any], where: str | Mapping[str, str], config_dir: Path | None) -> dict[str, Any]:
     """The option keys set in ``mapping``, parsed (what config.py checks when it reads a Converter folder).
 
     Raises:
-        ConfigError: naming ``where`` (the file) and the key.
+        ConfigError: naming the file (``where``, or ``where[key]``: the file that set the key) and the key.
     """
     return {
-        spec.name: _from_yaml(spec, mapping[key], f"{where}: {key}", config_dir)
+        spec.name: _from_yaml(spec, mapping[key], f"{_file_of(where, key)}: {key}", config_dir)
         for key, spec in YAML_KEYS.items()
         if mapping.get(key) is not None
     }

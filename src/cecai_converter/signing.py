@@ -5,12 +5,16 @@ the folder with its SHA-256. ``verify-signature`` hashes the folder again and re
 missing or was added, or when the signature was not made by the expected key or identity. The signature is the one
 ``model_signing verify`` (sigstore/model-transparency's CLI) checks too.
 
-What the signature covers: every regular file under the folder, except the signature itself, the lock file of a
-running conversion (:data:`fsutil.LOCK_NAME`), staging folders (:data:`fsutil.STAGING_PREFIX`) and git metadata. So
-sign the folder as it is distributed, once every file in it is final: the release flow signs the release's assets as
+What the signature covers: every regular file under the folder, git metadata included, except the signature itself
+and the builder's transient files when signing (the lock file, :data:`fsutil.LOCK_NAME`, and staging folders,
+:data:`fsutil.STAGING_PREFIX`). ``verify-signature`` leaves out only the signature and a lock file: a file the
+signature does not list is refused wherever it is (a staging or ``.github`` folder too), whatever the signed
+statement says it ignored (``model_signing verify`` honours that list; ``verify-signature`` does not). So sign the
+folder as it is distributed, once every file in it is final: the release flow signs the release's assets as
 published (GGUF files, manifests with their check records, ``SHA256SUMS``); locally, a check record that
-``cecai-convert check`` writes into OUTDIR after ``sign`` is reported as an extra file, so check before signing.
-Symbolic links are refused (they could point outside the folder).
+``cecai-convert check`` writes into OUTDIR after ``sign`` is reported as an extra file, so check before signing,
+and a staging folder left by a killed conversion is reported too. Symbolic links are refused (they could point
+outside the folder).
 
 Two ways to sign:
 
@@ -128,35 +132,48 @@ def signing_mode(key: Path | None, keyless: bool, env: Mapping[str, str] | None 
     )
 
 
-def _excluded(folder: Path, signature: Path) -> list[Path]:
-    """Paths under ``folder`` (relative) that a signature never covers, as they are now."""
-    out = [Path(LOCK_NAME)]
+def _excluded(folder: Path, signature: Path, *, signing: bool) -> list[Path]:
+    """Paths under ``folder`` (relative) left out, as they are now.
+
+    Signing leaves out the builder's transient files: the signature, the lock ``sign`` holds meanwhile and the
+    staging folders of a conversion. Verifying leaves out only the signature and a lock *file* (of a conversion
+    started since): any other file the signature does not list, in whatever folder, is refused.
+    """
+    out = []
     with contextlib.suppress(ValueError):  # a signature kept outside the folder needs no exclusion
         out.append(signature.resolve().relative_to(folder.resolve()))
-    out += sorted(Path(p.name) for p in folder.iterdir() if p.name.startswith(STAGING_PREFIX) and p.is_dir())
+    if not (folder / LOCK_NAME).is_dir():  # a folder of that name would hide what is in it
+        out.append(Path(LOCK_NAME))
+    if signing:
+        out += sorted(Path(p.name) for p in folder.iterdir() if p.name.startswith(STAGING_PREFIX) and p.is_dir())
     return out
 
 
-def covered_files(folder: Path, signature: Path | None = None) -> list[str]:
-    """The files (relative, sorted) a signature of ``folder`` covers: see the module docstring."""
-    excluded = _excluded(folder, signature or folder / SIGNATURE_NAME)
-    git = {".git", ".github", ".gitattributes", ".gitignore"}
+def covered_files(folder: Path, signature: Path | None = None, *, signing: bool = True) -> list[str]:
+    """The files (relative, sorted) a signature of ``folder`` covers when made (``signing``) or checked: see
+    :func:`_excluded`."""
+    excluded = _excluded(folder, signature or folder / SIGNATURE_NAME, signing=signing)
     files = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
-        if rel.parts[0] in git or any(rel == e or e in rel.parents for e in excluded):
+        if any(rel == e or e in rel.parents for e in excluded):
             continue
         if path.is_file() or path.is_symlink():
             files.append(rel.as_posix())
     return sorted(files)
 
 
-def _hashing_config(ms: ModuleType, folder: Path, signature: Path) -> Any:
-    return (
+def _hashing_config(ms: ModuleType, folder: Path, signature: Path, *, signing: bool) -> Any:
+    config = (
         ms.hashing.Config()
         .use_file_serialization(hashing_algorithm="sha256", allow_symlinks=False)
-        .set_ignored_paths(paths=_excluded(folder, signature), ignore_git_paths=True)
+        .set_ignored_paths(paths=_excluded(folder, signature, signing=signing), ignore_git_paths=False)
     )
+    if not signing:
+        # model_signing's verifier adds the paths the signed statement lists as ignored (what the signer left out,
+        # whole folders included) to these, so a file added under one of them would pass: only ours count.
+        config.add_ignored_paths = lambda **_: None
+    return config
 
 
 def _check_folder(folder: Path) -> None:
@@ -264,7 +281,7 @@ def sign_folder(
             raise UsageError(f"{folder} holds no file to sign")
         staged = Path(tmp) / SIGNATURE_NAME
         try:
-            config.set_hashing_config(_hashing_config(ms, folder, signature)).sign(folder, staged)
+            config.set_hashing_config(_hashing_config(ms, folder, signature, signing=True)).sign(folder, staged)
         except ConverterError:
             raise
         except Exception as exc:  # hashing (unreadable file) or Sigstore (network, refused certificate)
@@ -325,7 +342,8 @@ def verify_folder(
     if (public_key is None) == (identity is None):
         raise UsageError(
             "give either --public-key PEM, or --identity and --issuer (a keyless signature)",
-            hint=f"a release made by the release workflow is verified with --identity "
+            hint=f"a release the release workflow signed (it signs only in a run at the release's tag) is verified "
+            f"with --identity "
             f"https://github.com/OWNER/REPO/.github/workflows/release-convert.yml@refs/tags/TAG --issuer "
             f"{GITHUB_OIDC_ISSUER}",
         )
@@ -360,7 +378,7 @@ def verify_folder(
                 hint="keyless signatures are checked against Sigstore's public trust root, fetched from "
                 "tuf-repo-cdn.sigstore.dev: check the network, then re-run",
             ) from exc
-    config.set_hashing_config(_hashing_config(ms, folder, signature))
+    config.set_hashing_config(_hashing_config(ms, folder, signature, signing=False))
     try:
         config.verify(folder, signature)
     except Exception as exc:  # the signature is untrusted input: every way model_signing refuses it is a refusal
@@ -374,4 +392,4 @@ def verify_folder(
             hint="download the files again (a changed, missing or extra file is refused), and check that the "
             "key or identity is the publisher's",
         ) from exc
-    return SignedFolder(folder, signature, tuple(covered_files(folder, signature)), method)
+    return SignedFolder(folder, signature, tuple(covered_files(folder, signature, signing=False)), method)

@@ -72,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument(
         "--identity",
         metavar="ID",
-        help="the signer's identity (a keyless signature); for the release workflow "
-        "https://github.com/OWNER/REPO/.github/workflows/release-convert.yml@refs/tags/TAG",
+        help="the signer's identity (a keyless signature); for a release the release workflow made at its tag "
+        "(it signs only there) https://github.com/OWNER/REPO/.github/workflows/release-convert.yml@refs/tags/TAG",
     )
     verify.add_argument(
         "--issuer", metavar="URL", help=f"the identity's OIDC issuer (GitHub Actions: {GITHUB_OIDC_ISSUER})"

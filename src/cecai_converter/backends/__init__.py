@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "RELEASE_CHECK_BACKEND", "default_backend"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "ENTRY_DEFAULTS", "ENTRY_ENV", "RELEASE_CHECK_BACKEND", "default_backend"]
 
 #: The backend names every ``--backend`` (and ``backend:`` in conversions.yaml, and the actions' input) accepts.
 BACKENDS: Final = ("local", "docker")
@@ -24,11 +24,19 @@ RELEASE_CHECK_BACKEND: Final = "docker"
 BACKEND_ENV: Final = "CECAI_BACKEND"
 
 
+#: Says which entry point called the CLI (``cli`` when unset). The per-pair scripts and nox's convert sessions set it:
+#: they are the seed flow's entry points, which converted in the pair's image (IMAGE_NAME), and keep doing so.
+ENTRY_ENV: Final = "CECAI_ENTRY"
+#: The default backend of each entry point, when neither ``--backend`` nor ``CECAI_BACKEND`` names one.
+ENTRY_DEFAULTS: Final[Mapping[str, str]] = {"cli": "local", "pair-script": "docker"}
+
+
 def default_backend(environ: Mapping[str, str] | None = None) -> str:
-    """The backend a conversion uses when ``--backend`` is not given: ``CECAI_BACKEND``, else ``local``.
+    """The backend a conversion uses when ``--backend`` is not given: ``CECAI_BACKEND``, else the entry point's
+    default (:data:`ENTRY_DEFAULTS`: ``local`` for the CLI, ``docker`` for the per-pair scripts and nox sessions).
 
     ``local`` needs the converter's ``local`` extra on this machine; ``docker`` only the pair's image. An unknown
     ``CECAI_BACKEND`` is returned as written, so the CLI's ``--backend`` check names it.
     """
     env = os.environ if environ is None else environ
-    return env.get(BACKEND_ENV, "").strip() or "local"
+    return env.get(BACKEND_ENV, "").strip() or ENTRY_DEFAULTS.get(env.get(ENTRY_ENV, "").strip(), "local")

@@ -263,6 +263,10 @@ def _models_root(job: PairJob) -> Path:
     return root
 
 
+#: Kernel and device trees: nothing in them is a model input.
+_SYSTEM_ROOTS: Final = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
 def _request_mounts(request: Request) -> tuple[Request, list[Mount]]:
     """The request as the container sees it: each file it names mounted read-only under /job/inputs/<n>/ and the
     value replaced by that path. The values are the caller's resolved paths (flag, variable or YAML alike).
@@ -277,9 +281,12 @@ def _request_mounts(request: Request) -> tuple[Request, list[Mount]]:
         if spec.kind not in ("path", "imatrix") or value is None or value == "auto" or not spec.to_container:
             continue
         host = Path(value)
+        source = request.sources.get(spec.name, "default")
+        named = {"cli": spec.flag, "env": spec.env, "yaml": spec.yaml_key or spec.flag}.get(source, spec.flag)
+        if any(Path(host).resolve().is_relative_to(root) for root in _SYSTEM_ROOTS):
+            # /proc/self/environ and its kin hold this process's tokens: never a model input, never in a container.
+            raise UsageError(f"{named} {host}: a system file, not an input", hint="give a regular file")
         if not host.is_file():
-            source = request.sources.get(spec.name, "default")
-            named = {"cli": spec.flag, "env": spec.env, "yaml": spec.yaml_key or spec.flag}.get(source, spec.flag)
             raise UsageError(f"{named} {host}: no such file", hint="the docker backend mounts each file read-only")
         target = str(CONTAINER_INPUTS_DIR / str(len(mounts)) / host.name)
         mounts.append(Mount(host, target, read_only=True))
@@ -315,7 +322,7 @@ def container_spec(
         environ: the environment read for the image template; default ``os.environ``.
 
     Raises:
-        ConfigError: the image template is malformed.
+        ConfigError: the image template is malformed, or OUTPUTS_PATH/LOGS_PATH holds the model or configurations/.
         UsageError: a file the request names is missing.
     """
     pair = job.pair
@@ -325,6 +332,15 @@ def container_spec(
     models_root = _models_root(job)
     outputs_root = job.outputs_dir.parent
     logs_root = job.logs_dir.parent
+    for key, root in (("OUTPUTS_PATH", outputs_root), ("LOGS_PATH", logs_root)):
+        # The container can write all of this folder: it must not hold the model or the configuration, which
+        # the container sees read-only and the run must never change.
+        for name, held in (("the model folder", models_root), ("configurations/", job.config_dir)):
+            if held.resolve().is_relative_to(root.resolve()):
+                raise ConfigError(
+                    f"{key} {root} holds {name} ({held}): the docker backend mounts it writable",
+                    hint=f"set {key} to a folder of its own (default ../{key.split('_')[0].lower()})",
+                )
     mounts = (
         Mount(job.config_dir, str(job_dir / "configurations"), read_only=True),
         Mount(models_root, str(job_dir / "models"), read_only=True),
