@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -251,3 +252,17 @@ def reaper() -> Iterator[list[int]]:
     for pid in pids:
         if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def logged(logger_name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records ``logger_name`` emits inside the block (the project's loggers do not propagate to pytest's)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

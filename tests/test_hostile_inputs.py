@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ggufs_under, tree_digest
+from conftest import ggufs_under, logged, tree_digest
 from github_stand_in import FakeGitHubServer
 from test_publish import REPO, TOKEN, make_output, publish
 
@@ -461,23 +461,14 @@ GOOD_MANIFEST = {"schema": 1, "model_name": "m", "pair": None,
     ],
 )
 def test_a_malformed_manifest_is_no_record_and_says_which_field(tmp_path, change, field):
-    import logging
-
     from cecai_converter.manifest import read_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps(GOOD_MANIFEST))
     good = read_manifest(tmp_path)
     assert good is not None and good.to_dict() == GOOD_MANIFEST
     (tmp_path / "manifest.json").write_text(json.dumps({**GOOD_MANIFEST, **change}))
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("cecai.manifest")
-    logger.addHandler(handler)
-    try:
+    with logged("cecai.manifest") as records:
         assert read_manifest(tmp_path) is None
-    finally:
-        logger.removeHandler(handler)
     (message,) = [r.getMessage() for r in records]
     assert str(tmp_path / "manifest.json") in message and field in message
 

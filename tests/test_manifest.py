@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 import io
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import logged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -225,15 +225,8 @@ def test_load_manifest_names_the_file(tmp_path: Path) -> None:
 def test_read_manifest_treats_a_bad_one_as_no_record_and_warns(tmp_path: Path) -> None:
     assert read_manifest(tmp_path) is None  # none at all: silently no record
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({**GOOD, "runtime": [1]}))
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("cecai.manifest")
-    logger.addHandler(handler)
-    try:
+    with logged("cecai.manifest") as records:
         assert read_manifest(tmp_path) is None
-    finally:
-        logger.removeHandler(handler)
     (message,) = [r.getMessage() for r in records]
     assert f"ignoring {tmp_path / MANIFEST_NAME}: runtime: expected an object" in message
     assert "treated as having no record" in message
