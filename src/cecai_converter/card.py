@@ -500,7 +500,7 @@ def write_card(
     outdir: Path,
     output: Path | None = None,
     *,
-    checks: Mapping[str, Mapping[str, Any]] | None = None,
+    check_records: Sequence[Mapping[str, Any]] | None = None,
     repo_id: str | None = None,
 ) -> Path:
     """Render the card of the manifest in ``outdir`` (a folder or a manifest file) and write it atomically.
@@ -508,7 +508,7 @@ def write_card(
     Args:
         outdir: an outputs folder (``manifest.json``) or a manifest file (``<model>.manifest.json``).
         output: where to write; default ``README.md`` next to the manifest.
-        checks: pair → check record.
+        check_records: check records (``check.read_records``); the manifest's model's are shown, by pair.
         repo_id: the Hub repo for the usage example.
 
     Raises:
@@ -528,6 +528,7 @@ def write_card(
                 "source's own files",
                 hint="write it next to the GGUF files (the default) or give -o elsewhere",
             )
+    checks = None if check_records is None else checks_by_pair(check_records, str(manifest.get("model_name")))
     atomic_write_text(target, render_card(manifest, checks, repo_id=repo_id))
     return target
 

@@ -14,18 +14,14 @@ __all__ = ["register"]
 
 
 def _card(args: argparse.Namespace, out: Output) -> int:
-    from .card import checks_by_pair, load_manifest_file, write_card
-    from .manifest import MANIFEST_NAME
+    from .card import write_card
 
-    outdir = Path(args.outdir)
-    checks = None
+    records = None
     if args.checks:
         from .check import read_records
 
-        manifest_path = outdir / MANIFEST_NAME if outdir.is_dir() else outdir
-        model = str(load_manifest_file(manifest_path).get("model_name"))
-        checks = checks_by_pair(read_records([Path(c) for c in args.checks]), model)
-    path = write_card(outdir, args.output, checks=checks, repo_id=args.hf_repo)
+        records = read_records([Path(c) for c in args.checks])
+    path = write_card(Path(args.outdir), args.output, check_records=records, repo_id=args.hf_repo)
     out.result(f"wrote {path}", {"card": str(path)})
     return EXIT_OK
 
