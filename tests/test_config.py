@@ -146,7 +146,7 @@ def test_missing_precision_and_model_name(tmp_path):
 
 def test_wrong_value_types_are_refused(tmp_path):
     conv = write_layout(tmp_path, {**GENERAL, "TRAINED": "yes please"}, {"CPU_LLM_LLAMA": {"PRECISION": "F16"}})
-    with pytest.raises(ConfigError, match="TRAINED must be a bool"):
+    with pytest.raises(ConfigError, match=r"/converter_args\.yaml: TRAINED must be a bool"):  # the file that set it
         load_converter_dir(conv)
 
 

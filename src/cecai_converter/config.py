@@ -211,11 +211,12 @@ def _check_keys(data: Mapping[str, Any], path: Path) -> None:
         )
 
 
-def _expect(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+def _expect(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], key_files: Mapping[str, str]) -> Any:
+    """``data[key]`` when it is of ``kind`` (or absent); else a ConfigError naming the file that set it."""
     value = data.get(key)
     if value is not None and not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{path}: {key} must be a {names}, got {show(value)}")
+        raise ConfigError(f"{key_files.get(key, 'the configuration')}: {key} must be a {names}, got {show(value)}")
     return value
 
 
@@ -382,11 +383,11 @@ def _make_job(
     precisions = parse_precisions(merged["PRECISION"], where=f"{pair_path.name}: PRECISION")
     paths: dict[str, Path] = {}
     for key, default in _PATH_DEFAULTS.items():
-        value = _expect(merged, key, str, general_path) or default
+        value = _expect(merged, key, str, key_files) or default
         override = path_overrides.get(key)
         paths[key] = Path(override).resolve() if override is not None else (config_dir / value).resolve()
-    _expect(merged, "TRAINED", bool, pair_path)
-    _expect(merged, "IMAGE_NAME", str, pair_path)
+    _expect(merged, "TRAINED", bool, key_files)
+    _expect(merged, "IMAGE_NAME", str, key_files)
     # The option keys are checked now, not after the conversion: a mistake costs nothing, and counts with FIDELITY
     # off too (THRESHOLDS). The table in request.py says what each key takes.
     parsed = check_yaml(merged, key_files, config_dir)
