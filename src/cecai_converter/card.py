@@ -24,6 +24,7 @@ import yaml
 from . import __version__
 from .errors import UsageError
 from .fsutil import atomic_write_text, sha256_file
+from .output import decimal_size
 from .pairs import PAIRS
 
 __all__ = [
@@ -282,13 +283,7 @@ def _ppl_change(fid: Mapping[str, Any]) -> str:
 
 def _size(n: object) -> str:
     v = _num(n)
-    if v is None:
-        return _DASH
-    for unit in ("B", "KB", "MB", "GB"):
-        if v < 1000 or unit == "GB":
-            return f"{int(v)} B" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1000
-    return _DASH  # pragma: no cover
+    return _DASH if v is None else decimal_size(v)
 
 
 def _check_rows(checks: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:

@@ -15,9 +15,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-__all__ = ["LOGGER_NAME", "Output", "get_logger"]
+__all__ = ["LOGGER_NAME", "Output", "decimal_size", "get_logger"]
 
 LOGGER_NAME = "cecai"
+
+
+def decimal_size(n: float) -> str:
+    """A byte count as people read file sizes on release pages and the Hub: ``812 B``, ``17.9 MB``, ``4.1 GB``."""
+    value = float(n)
+    for unit in ("B", "KB", "MB"):
+        if value < 1000:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
 
 
 def get_logger(name: str | None = None) -> logging.Logger:

@@ -48,7 +48,7 @@ from .errors import ChecksFailed, ConverterError, GitHubAPIError, ManifestError,
 from .fsutil import sha256_file
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .names import control_character, show
-from .output import Output, get_logger
+from .output import Output, decimal_size, get_logger
 from .pairs import PAIRS
 from .request import without_host_paths
 
@@ -471,14 +471,6 @@ def checksums_text(sums: Mapping[str, str]) -> str:
     return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n} B"  # pragma: no cover
-
-
 def _check_cell(row: Mapping[str, Any] | None) -> str:
     if row is None:
         return "–"
@@ -534,7 +526,8 @@ def release_notes(
     """
     lines = [NOTES_START, "### GGUF files", "", "| File | Precision | Size | SHA-256 |", "| --- | --- | ---: | --- |"]
     lines += [
-        f"| `{name}` | {precision or ''} | {_size(size)} | `{digest[:16]}` |" for name, size, digest, precision in rows
+        f"| `{name}` | {precision or ''} | {decimal_size(size)} | `{digest[:16]}` |"
+        for name, size, digest, precision in rows
     ]
     if manifests:
         from .card import files_table
@@ -986,7 +979,7 @@ def upload_release(
             # So does SHA256SUMS, which replaces the one already there.
             temp = not draft or asset.name in plan.existing
             name = asset.name + PARTIAL_SUFFIX if temp else asset.name
-            say(f"uploading {asset.name} ({_size(asset.size)})")
+            say(f"uploading {asset.name} ({decimal_size(asset.size)})")
             attempted.add(name)
             uploaded.append({**_upload_with_retries(gh, release, asset.path, name, retries), "_final": asset.name})
         for item in uploaded:
