@@ -121,14 +121,6 @@ class OptionSpec:
         return ", ".join(where[:-1]) + " or " + where[-1]
 
 
-def _fidelity_default(command: Command) -> bool:
-    try:
-        from . import fidelity  # noqa: F401  (present once the fidelity module is installed)
-    except ImportError:
-        return False
-    return True
-
-
 #: The conversion options. Adding one here gives it a flag, a YAML key, a variable, an action input, a place in
 #: the container's request and in the manifest; the pipeline's :class:`~cecai_converter.pipeline.Options` reads it.
 OPTIONS: Final[tuple[OptionSpec, ...]] = (
@@ -157,7 +149,7 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         affects_output=True, metavar="FILE",
     ),
     OptionSpec(
-        "fidelity", "--fidelity", "FIDELITY", "bool", _fidelity_default,
+        "fidelity", "--fidelity", "FIDELITY", "bool", True,
         "measure KL-divergence and perplexity of every file against the base (default: on)",
     ),
     OptionSpec(
