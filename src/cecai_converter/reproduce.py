@@ -28,7 +28,6 @@ from .manifest import MANIFEST_NAME
 from .names import check_plain_name
 from .output import Output
 from .precisions import parse_precision
-from .source import fingerprint_files
 from .toolchain import toolchain_info
 
 __all__ = ["FileResult", "ReproduceResult", "render", "reproduce", "source_differences"]
@@ -113,7 +112,7 @@ def _check_toolchain(manifest: Mapping[str, Any]) -> None:
         )
 
 
-def _local_source(manifest: Mapping[str, Any], given: Path | None, changed: list[str]) -> Path:
+def _local_source(manifest: Mapping[str, Any], given: Path | None) -> Path:
     source = manifest.get("source") or {}
     recorded_path = source.get("path")
     if given is None and not recorded_path:
@@ -127,15 +126,22 @@ def _local_source(manifest: Mapping[str, Any], given: Path | None, changed: list
             f"the source folder {folder} does not exist",
             hint="give the model folder the files were made from: --source PATH",
         )
-    fingerprint, files = fingerprint_files(folder)
-    if fingerprint != source.get("fingerprint"):
-        details = source_differences(source.get("files") or [], files)
-        what = "; ".join(details[:20]) + (f"; and {len(details) - 20} more" if len(details) > 20 else "")
-        changed.append(
-            f"source fingerprint: {folder} is not the recorded source"
-            + (f" ({what})" if what else " (no per-file record to compare)")
-        )
     return folder
+
+
+def _source_change(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any], folder: str) -> str | None:
+    """How the rebuild's source differs from the recorded one, by file; None when the fingerprints agree.
+
+    The rebuild fingerprints the source itself (and records every file), so the comparison reads its manifest
+    instead of hashing the model a second time.
+    """
+    if rebuilt.get("fingerprint") == recorded.get("fingerprint"):
+        return None
+    details = source_differences(recorded.get("files") or [], rebuilt.get("files") or [])
+    what = "; ".join(details[:20]) + (f"; and {len(details) - 20} more" if len(details) > 20 else "")
+    return f"source fingerprint: {folder} is not the recorded source" + (
+        f" ({what})" if what else " (no per-file record to compare)"
+    )
 
 
 def _imatrix(
@@ -239,7 +245,7 @@ def reproduce(
                 raise UsageError(f"{manifest_path}: the Hub source records no repo_id and revision")
             model, hub, revision = str(src["repo_id"]), True, str(src["revision"])
         else:
-            model, hub, revision = str(_local_source(manifest, source, changed)), False, None
+            model, hub, revision = str(_local_source(manifest, source)), False, None
         imatrix_path, compute = _imatrix(manifest, manifest_path.parent, imatrix, work / ".inputs", changed)
         precisions = [parse_precision(str(f.get("precision"))) for f in files]
         base = (manifest.get("base") or {}).get("precision")
@@ -267,8 +273,11 @@ def reproduce(
         )
         run_job(job, out)
         rebuilt = load_manifest_file(work / "outputs" / MANIFEST_NAME)
-        if hub and (rebuilt.get("source") or {}).get("fingerprint") != src.get("fingerprint"):
+        rebuilt_source = rebuilt.get("source") or {}
+        if hub and rebuilt_source.get("fingerprint") != src.get("fingerprint"):
             changed.append(f"source fingerprint: {src.get('repo_id')}@{src.get('revision')} downloaded other files")
+        elif not hub and (change := _source_change(src, rebuilt_source, model)) is not None:
+            changed.insert(0, change)  # the first input: the imatrix and base follow from it
         recorded_imatrix = (manifest.get("imatrix") or {}).get("sha256")
         rebuilt_imatrix = (rebuilt.get("imatrix") or {}).get("sha256")
         if compute and recorded_imatrix != rebuilt_imatrix:
