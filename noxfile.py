@@ -47,7 +47,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def fuzz(session: nox.Session) -> None:
-    """A long property-based run of the readers of untrusted bytes (CI runs 150 examples each; this 5,000)."""
+    """A long property-based run of every reader of untrusted bytes (tests/test_fuzz.py: CI runs 150 examples
+    each, the Hub stand-in's 25; this 5,000 each)."""
     _install(session, "local,dev")
     examples = os.environ.get("CECAI_FUZZ_EXAMPLES", "5000")
     session.run("pytest", "tests/test_fuzz.py", "-q", *session.posargs, env={"CECAI_FUZZ_EXAMPLES": examples})

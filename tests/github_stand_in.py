@@ -7,6 +7,10 @@ correctness: drafts are not returned by the by-tag endpoint; published *immutabl
 upload that fails leaves an asset in state ``starter``; assets carry ``digest: sha256:…``. It is a stand-in, not
 GitHub: behaviour not listed here is not modelled.
 
+GitHub's rules learnt by use, modelled too: an asset name keeps ASCII letters, digits, ``.``, ``_``, ``-`` and ``+``,
+every other character becomes ``.`` (:func:`github_asset_name`; spaces, ``~``, ``:``, ``(``, non-ASCII letters),
+silently; a release body longer than :data:`BODY_LIMIT` characters is refused with 422 (create and update).
+
 Failure injection: ``fail_uploads`` holds asset names whose upload fails with HTTP 502 (after the body is read).
 """
 
@@ -20,7 +24,20 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeGitHubServer"]
+__all__ = ["BODY_LIMIT", "FakeGitHubServer", "github_asset_name"]
+
+#: GitHub's limit on a release description, in characters.
+BODY_LIMIT = 125_000
+
+
+def github_asset_name(name: str) -> str:
+    """The name GitHub gives an uploaded asset: characters other than ASCII letters, digits, ``._-+`` become ``.``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", ".", name)
+
+
+def _body_too_long() -> dict[str, Any]:
+    message = f"body is too long (maximum is {BODY_LIMIT} characters)"
+    return {"message": "Validation Failed", "errors": [{"resource": "Release", "field": "body", "message": message}]}
 
 
 class FakeGitHubServer:
@@ -144,7 +161,8 @@ class FakeGitHubServer:
                 prefix = f"/repos/{fake.repo}"
                 upload_prefix = f"/uploads/repos/{fake.repo}/releases/"
                 if path.startswith(upload_prefix) and method == "POST":
-                    return self._upload(int(path[len(upload_prefix) :].split("/")[0]), query.get("name", ""))
+                    name = github_asset_name(query.get("name", ""))
+                    return self._upload(int(path[len(upload_prefix) :].split("/")[0]), name)
                 if not path.startswith(prefix):
                     return self._send(404, {"message": "Not Found"})
                 rest = path[len(prefix) :]
@@ -157,6 +175,8 @@ class FakeGitHubServer:
                     return paged(sorted(fake.releases.values(), key=lambda r: -r["id"]))
                 if rest == "/releases" and method == "POST":
                     data = json.loads(self._body())
+                    if len(data.get("body") or "") > BODY_LIMIT:
+                        return self._send(422, _body_too_long())
                     release = fake.add_release(
                         data["tag_name"], draft=bool(data.get("draft")), body=data.get("body", "")
                     )
@@ -170,6 +190,8 @@ class FakeGitHubServer:
                 if m and method == "PATCH":
                     release = fake.releases[int(m[1])]
                     data = json.loads(self._body())
+                    if len(data.get("body") or "") > BODY_LIMIT:
+                        return self._send(422, _body_too_long())
                     if "body" in data:
                         release["body"] = data["body"]
                     if data.get("draft") is False and release["draft"]:
@@ -205,6 +227,7 @@ class FakeGitHubServer:
                         return self._send(204)
                     if method == "PATCH":
                         data = json.loads(self._body())
+                        data["name"] = github_asset_name(data["name"])
                         if any(
                             a["name"] == data["name"] and a["_release"] == asset["_release"]
                             for a in fake.assets.values()

@@ -159,8 +159,8 @@ def test_check_records_add_a_result_and_speed_column_per_pair():
     manifest = _manifest()
     checks = {
         "CPU_LLM_LLAMA": {"pair": "CPU_LLM_LLAMA", "passed": True, "files": [
-            {"name": "tiny.q8_0.gguf", "passed": True, "agreement": {"gen_tps": 812.4}},
-            {"name": "tiny.q4_k_m.gguf", "passed": False, "agreement": {}}]},
+            {"name": "tiny.q8_0.gguf", "sha256": SHA, "passed": True, "agreement": {"gen_tps": 812.4}},
+            {"name": "tiny.q4_k_m.gguf", "sha256": SHA, "passed": False, "agreement": {}}]},
     }  # fmt: skip
     lines = files_table(manifest, checks)
     assert "CPU_LLM_LLAMA check" in lines[0] and "CPU_LLM_LLAMA tok/s" in lines[0]
@@ -171,6 +171,9 @@ def test_check_records_add_a_result_and_speed_column_per_pair():
     # a published manifest carries its checks itself
     published = {**copy.deepcopy(manifest), "checks": checks}
     assert _row(render_card(published), "tiny.q8_0.gguf")[-2:] == ["✅ pass", "812"]
+    # a row that passed on other bytes is no pass (issue 16: the verdict comes from rows that checked these bytes)
+    checks["CPU_LLM_LLAMA"]["files"][0]["sha256"] = "e" * 64
+    assert _row(render_card(manifest, checks), "tiny.q8_0.gguf")[-2:] == ["❌ fail", "812"]
 
 
 def test_a_pipe_in_a_name_cannot_break_the_table():

@@ -106,9 +106,14 @@ def test_fewer_bits_cost_more(results: dict[str, dict]) -> None:
 def test_thresholds_on_real_numbers(results: dict[str, dict]) -> None:
     q4 = results["Q4_K_M"]["kld_mean"]
     assert check_thresholds(results, {"Q8_0": {"max_kld": q4}, "Q4_K_M": {"max_kld": q4 * 1.01}}) == []
+    # A limit can never be negative (issue 16: refused with the configuration); a perplexity rise is made certain
+    # instead, since noise moves a random-weight model's perplexity either way.
+    with pytest.raises(ConfigError, match="max_ppl_delta_pct must be a number ≥ 0"):
+        check_thresholds(results, {"Q8_0": {"max_ppl_delta_pct": -1e9}})
+    risen = {**results, "Q8_0": {**results["Q8_0"], "ppl_delta_pct": abs(results["Q8_0"]["ppl_delta_pct"]) + 1.0}}
     violations = check_thresholds(
-        results,
-        {"q2_k": {"max_kld": q4, "min_top1": 1.0}, "Q8_0": {"max_ppl_delta_pct": -1e9}, "IQ1_S": {"max_kld": 0}},
+        risen,
+        {"q2_k": {"max_kld": q4, "min_top1": 1.0}, "Q8_0": {"max_ppl_delta_pct": 0}, "IQ1_S": {"max_kld": 0}},
     )
     assert len(violations) == 3, violations
     assert any(v.startswith("Q2_K: kld_mean") and "above the maximum max_kld" in v for v in violations)
@@ -160,8 +165,10 @@ def test_broken_candidate_is_a_clear_error(ggufs: dict[str, Path], tmp_path: Pat
 def test_text_too_short(ggufs: dict[str, Path], tmp_path: Path) -> None:
     text = tmp_path / "short.txt"
     text.write_text("Too short to judge anything.", encoding="utf-8")
-    with pytest.raises(ConfigError, match="evaluation text has only"):
+    # Found only with the model's tokenizer, after the conversion: a failed measurement (exit 1), not bad input.
+    with pytest.raises(MeasurementFailed, match="evaluation text has only") as info:
         measure(ggufs["F32"], {"Q8_0": ggufs["Q8_0"]}, eval_text=text)
+    assert info.value.exit_code == 1 and "EVAL_TEXT" in (info.value.hint or "")
 
 
 # --- fast checks -----------------------------------------------------------------------------------------------

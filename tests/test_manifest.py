@@ -216,7 +216,7 @@ def test_load_manifest_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match=rf"^{tmp_path}/manifest\.json: files\[0\]\.bytes"):
         load_manifest(path)
     path.write_text("{not json")
-    with pytest.raises(ManifestError, match="not readable JSON"):
+    with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(path)
     with pytest.raises(FileNotFoundError):
         load_manifest(tmp_path / "nowhere.json")

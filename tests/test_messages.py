@@ -54,8 +54,8 @@ def _layout(root: Path, model: Path, thresholds: object) -> Path:
 BAD_THRESHOLDS = {
     "unknown limit": ({"Q8_0": {"max_kl": 0.1}}, "unknown limit 'max_kl'"),
     "unknown precision": ({"Q8_O": {"max_kld": 0.1}}, "unknown precision 'Q8_O'. Did you mean Q8_0?"),
-    "not a number": ({"Q8_0": {"max_kld": "low"}}, "Q8_0.max_kld must be a number, got 'low'"),
-    "not finite": ({"Q8_0": {"max_kld": float("nan")}}, "Q8_0.max_kld must be a number, got nan"),
+    "not a number": ({"Q8_0": {"max_kld": "low"}}, "Q8_0.max_kld must be a number ≥ 0, got 'low'"),
+    "not finite": ({"Q8_0": {"max_kld": float("nan")}}, "Q8_0.max_kld must be a number ≥ 0, got nan"),
     "limits not a mapping": ({"Q8_0": 0.1}, "Q8_0: expected a mapping of limits, got 0.1"),
     "not a mapping": ([1, 2], "expected a mapping PRECISION -> limits"),
 }

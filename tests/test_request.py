@@ -44,6 +44,12 @@ SAMPLES: dict[str, tuple[list[str], Any, Any, Any, str, Any]] = {
                    '{"F16": {"min_top1": 0.9}}', {"F16": {"min_top1": 0.9}}),
     "reference": (["--reference"], True, False, False, "on", True),
     "n_gpu_layers": (["--n-gpu-layers", "7"], 7, 3, 3, "-1", -1),
+    "tensor_types": (["--tensor-type", "ffn_down=q8_0", "--tensor-types", "attn_v=q6_k"],
+                     ("ffn_down=Q8_0", "attn_v=Q6_K"), ["attn_v=q8_0"], ("attn_v=Q8_0",),
+                     "ffn_down=q6_k output=q8_0", ("ffn_down=Q6_K", "output=Q8_0")),
+    "text_only": (["--text-only"], True, False, False, "yes", True),
+    "source_check": (["--no-source-check"], False, True, True, "0", False),
+    "trust_remote_code": (["--trust-remote-code"], True, False, False, "yes", True),
 }  # fmt: skip
 
 

@@ -23,9 +23,11 @@ import yaml
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import atomic_write_text, sha256_file
+from .fsutil import atomic_write_text, sha256_file, write_target
+from .markdown import code, code_block, inline
 from .output import decimal_size
 from .pairs import PAIRS
+from .quant_types import types_markdown
 
 __all__ = [
     "CARD_NAME",
@@ -83,9 +85,15 @@ def _clean(value: object, limit: int = _MAX_FIELD_CHARS) -> str | None:
 
 
 def _code(value: object) -> str:
-    """``value`` as a one-line Markdown code span: whatever Markdown or HTML it holds is shown, never rendered."""
-    text = " ".join(str(value).replace("`", "").split())  # no backtick to close the span, no blank line to end it
-    return f"`{text}`" if text else "`?`"
+    """``value`` as a one-line Markdown code span (``markdown.code``): whatever it holds is shown, never rendered."""
+    return code(value) or "`?`"
+
+
+def _hub_link(repo_id: object) -> str:
+    """A link to a Hub repo when ``repo_id`` is a valid repo id, else the value as a code span (no link)."""
+    if isinstance(repo_id, str) and _REPO_ID.match(repo_id):
+        return f"[`{repo_id}`](https://huggingface.co/{repo_id})"
+    return _code(repo_id)
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
@@ -255,6 +263,10 @@ def card_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     front["quantized_by"] = f"cecai-converter {version}"
     if _is_causal_lm(manifest):
         front["pipeline_tag"] = "text-generation"
+    if (manifest.get("multimodal") or {}).get("projector") is True and manifest.get("mmproj"):
+        # A text model published with its projector answers about images (Hugging Face's task name for it).
+        front["pipeline_tag"] = "image-text-to-text"
+        front["tags"].append("multimodal")
     return front
 
 
@@ -294,10 +306,6 @@ def _check_rows(checks: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
     }
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """Markdown lines: one row per file with size, bits per weight, KLD, top-1 agreement and perplexity change
     (each ± its standard error when the fidelity record has one, "—" when not), and per pair the check result and
@@ -311,7 +319,7 @@ def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, A
     rows_by_pair = _check_rows(checks)
     head = ["File", "Precision", "Size", "bpw", "KLD ± SE", "Top-1 ± SE", "Perplexity change"]
     for pair in rows_by_pair:
-        head += [f"{pair} check", f"{pair} tok/s"]
+        head += [f"{inline(pair)} check", f"{inline(pair)} tok/s"]
     lines = [
         "| " + " | ".join(head) + " |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + " --- | ---: |" * len(rows_by_pair),
@@ -323,8 +331,8 @@ def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, A
         top1_se = _num(fid.get("top1_agreement_se"))
         top1_text = _DASH if top1 is None else f"{top1:.1%} ± " + (f"{top1_se:.1%}" if top1_se is not None else _DASH)
         cells = [
-            f"`{_cell(str(entry.get('name')))}`",
-            _cell(str(entry.get("precision"))),
+            code(entry.get("name"), cell=True),
+            inline(entry.get("precision")),
             _size(entry.get("bytes")),
             f"{bpw:.2f}" if bpw is not None else _DASH,
             _pm(fid.get("kld_mean"), fid.get("kld_mean_se"), ".2e"),
@@ -337,7 +345,9 @@ def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, A
                 cells += [_DASH, _DASH]
                 continue
             speed = _num((row.get("agreement") or {}).get("gen_tps"))
-            cells += ["✅ pass" if row.get("passed") else "❌ fail", f"{speed:.0f}" if speed is not None else _DASH]
+            # As publish judges a row: it says passed, lists no problem, and checked these bytes.
+            passed = row.get("passed") is True and not row.get("problems") and row.get("sha256") == entry.get("sha256")
+            cells += ["✅ pass" if passed else "❌ fail", f"{speed:.0f}" if speed is not None else _DASH]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -350,7 +360,7 @@ def _tail_stats(manifest: Mapping[str, Any]) -> list[str]:
         fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
         parts = [f"{label} {v:.2e}" for key, label in keys if (v := _num(fid.get(key))) is not None]
         if parts:
-            lines.append(f"- `{_cell(str(entry.get('name')))}`: KLD " + ", ".join(parts))
+            lines.append(f"- {_code(entry.get('name'))}: KLD " + ", ".join(parts))
     return lines
 
 
@@ -368,8 +378,72 @@ def _convert_command(manifest: Mapping[str, Any]) -> str:
         words += ["--imatrix", str(imatrix.get("file"))]
     elif imatrix.get("source") == "computed":
         words += ["--imatrix", "auto"]
+    for rule in _tensor_types(manifest):
+        words += ["--tensor-type", rule]
+    if (manifest.get("multimodal") or {}).get("text_only") is True:
+        words.append("--text-only")
     words += ["--model-name", str(manifest.get("model_name")), "--outdir", "OUTDIR"]
     return shlex.join(words)
+
+
+def multimodal_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """The card's section on towers beyond the text model: the projector files and how to load them, or the
+    statement that the text model was published alone (``--text-only``); empty for a text model."""
+    from .multimodal import describe_kinds
+
+    record = manifest.get("multimodal")
+    if not isinstance(record, Mapping):
+        return []
+    towers = inline(describe_kinds(record.get("towers") or [])) or _DASH
+    if record.get("text_only") is True:
+        left_out = inline(describe_kinds(record.get("left_out") or [])) or towers
+        return [
+            "## Text only",
+            "",
+            f"The source model has {towers} beyond its text model. These files hold **the text model alone**, "
+            f"converted with `--text-only`: left out on request: {left_out}. They cannot see images or hear audio.",
+        ]
+    projectors = [f for f in manifest.get("mmproj") or [] if isinstance(f, Mapping)]
+    if not projectors:
+        return []
+    files = [f for f in manifest.get("files") or [] if isinstance(f, Mapping)]
+    model = str(files[0].get("name")) if files else "MODEL.gguf"
+    lines = [
+        "## Vision: the multimodal projector",
+        "",
+        f"The source model has {towers}. The projector (vision encoder and its projection) is published as its own "
+        "file; load it together with any of the text files above. llama.cpp's `-hf` finds it by its `mmproj-` "
+        "prefix.",
+        "",
+        "| File | Precision | Size | SHA-256 | Test image |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for entry in projectors:
+        image = (entry.get("verification") or {}).get("image_tokens")
+        seen = f"encoded ({image} image tokens), then generated" if image else _DASH
+        lines.append(
+            f"| {code(entry.get('name'), cell=True)} | {inline(entry.get('precision'))} | {_size(entry.get('bytes'))} "
+            f"| {_code(entry.get('sha256'))} | {seen} |"
+        )
+    command = ["llama-mtmd-cli", "-m", model, "--mmproj", str(projectors[0].get("name")), "--image", "IMAGE.png",
+               "-p", "Describe this image."]  # fmt: skip
+    return [*lines, "", *code_block(shlex.join(command), "sh")]
+
+
+def tensor_types_name(model_name: str) -> str:
+    """The published ``llama-quantize --tensor-type-file`` map of a model: ``<model>.tensor-types.txt``."""
+    return f"{model_name}.tensor-types.txt"
+
+
+def _tensor_types(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The overrides the files were quantized with, as reproduce reads them; none when the record is malformed
+    (a card is still written: the manifest's own reader names the problem)."""
+    from .quant_types import recorded_tensor_types
+
+    try:
+        return recorded_tensor_types(manifest)
+    except UsageError:
+        return ()
 
 
 def render_card(
@@ -393,16 +467,16 @@ def render_card(
     files = [f for f in manifest.get("files") or [] if isinstance(f, Mapping)]
     example = str(files[0].get("name")) if files else f"{model}.q4_k_m.gguf"
     base, _ = _base_model(manifest)
-    lines = [f"# {model} GGUF", ""]
+    lines = [f"# {inline(model)} GGUF", ""]
     if base and source.get("kind") == "hub":
-        origin = f"[`{base}`](https://huggingface.co/{base})"
+        origin = _hub_link(base)
     elif base:  # a local folder's own card names where it comes from, not what it is
-        origin = f"a local model folder whose card names [`{base}`](https://huggingface.co/{base}) as its base model"
+        origin = f"a local model folder whose card names {_hub_link(base)} as its base model"
     else:
         origin = "a local model folder"
     lines += [
         f"GGUF files of {origin}, made and verified with cecai-converter {front['quantized_by'].split()[-1]} "
-        f"(llama.cpp from llama-cpp-python {toolchain.get('llama_cpp_python', _DASH)}).",
+        f"(llama.cpp from llama-cpp-python {inline(toolchain.get('llama_cpp_python', _DASH))}).",
         "",
         "## Files",
         "",
@@ -415,48 +489,64 @@ def render_card(
     tails = _tail_stats(manifest)
     if tails:
         lines += ["", *tails]
-    lines += [
-        "",
-        "## Usage with llama-cpp-python",
-        "",
-        "```python",
+    towers = multimodal_lines(manifest)
+    if towers:
+        lines += ["", *towers]
+    lines += types_markdown(files)  # what llama.cpp really wrote: the types, bits per weight and any fallback
+    # Names go into the example as Python string literals (JSON's are Python's): a quote in a file name cannot
+    # turn the snippet people copy into other code.
+    hub_repo = repo_id or "OWNER/REPO"
+    usage = [
         "from llama_cpp import Llama",
         "",
-        f'llm = Llama(model_path="{example}")',
-    ]
-    hub_repo = repo_id or "OWNER/REPO"
-    lines += [
-        f'# or straight from the Hub: Llama.from_pretrained(repo_id="{hub_repo}", filename="{example}")',
+        f"llm = Llama(model_path={json.dumps(example)})",
+        f"# or straight from the Hub: Llama.from_pretrained(repo_id={json.dumps(hub_repo)}, "
+        f"filename={json.dumps(example)})",
         'print(llm("The capital of France is", max_tokens=16)["choices"][0]["text"])',
-        "```",
+    ]
+    lines += ["", "## Usage with llama-cpp-python", "", *code_block("\n".join(usage), "python")]
+    lines += [
         "",
         "## How these files were made",
         "",
-        f"- Toolchain: llama-cpp-python `{toolchain.get('llama_cpp_python', _DASH)}` "
-        f"(sdist SHA-256 `{toolchain.get('sdist_sha256', _DASH)}`).",
+        f"- Toolchain: llama-cpp-python {_code(toolchain.get('llama_cpp_python', _DASH))} "
+        f"(sdist SHA-256 {_code(toolchain.get('sdist_sha256', _DASH))}).",
     ]
     if source.get("kind") == "hub":
-        lines.append(f"- Source: `{source.get('repo_id')}` at commit `{source.get('revision')}`.")
+        lines.append(f"- Source: {_code(source.get('repo_id'))} at commit {_code(source.get('revision'))}.")
     else:
-        lines.append(f"- Source: a local folder with content fingerprint `{source.get('fingerprint', _DASH)}`.")
+        lines.append(f"- Source: a local folder with content fingerprint {_code(source.get('fingerprint', _DASH))}.")
     base_rec = manifest.get("base") or {}
     if base_rec.get("precision"):
-        lines.append(f"- Converted once to a `{base_rec['precision']}` base, then quantized from it.")
+        lines.append(f"- Converted once to a {_code(base_rec['precision'])} base, then quantized from it.")
+    if "source_parity" in manifest:  # the base against its source model (source_parity.py)
+        from .source_parity import summary
+
+        lines.append(f"- Compared with the source model (transformers): {inline(summary(manifest['source_parity']))}.")
     imatrix = manifest.get("imatrix") or {}
     if imatrix:
         text = ""
         if imatrix.get("calibration_text"):
             sha = imatrix.get("calibration_text_sha256")
-            text = f", computed on `{imatrix['calibration_text']}`" + (f" (SHA-256 `{sha}`)" if sha else "")
+            text = f", computed on {_code(imatrix['calibration_text'])}" + (f" (SHA-256 {_code(sha)})" if sha else "")
         lines.append(
-            f"- Importance matrix: `{imatrix.get('file')}` (SHA-256 `{imatrix.get('sha256')}`, "
-            f"{imatrix.get('source')}{text})."
+            f"- Importance matrix: {_code(imatrix.get('file'))} (SHA-256 {_code(imatrix.get('sha256'))}, "
+            f"{inline(imatrix.get('source'))}{text})."
         )
     else:
         lines.append("- Importance matrix: none.")
+    overrides = _tensor_types(manifest)
+    if overrides:
+        lines.append(
+            "- Per-tensor types (llama-quantize `--tensor-type`): "
+            + ", ".join(_code(rule) for rule in overrides)
+            + f"; the same map for `llama-quantize --tensor-type-file`: {_code(tensor_types_name(model))}."
+        )
     eval_text = manifest.get("eval_text") or {}
     if isinstance(eval_text, Mapping) and eval_text.get("sha256"):
-        lines.append(f"- Fidelity measured on `{eval_text.get('name')}` (SHA-256 `{eval_text.get('sha256')}`).")
+        lines.append(
+            f"- Fidelity measured on {_code(eval_text.get('name'))} (SHA-256 {_code(eval_text.get('sha256'))})."
+        )
     needs_source = " --source MODEL_FOLDER" if source.get("kind") != "hub" else ""
     pair = PAIRS.get(manifest["pair"]) if isinstance(manifest.get("pair"), str) else None
     published_name = f"{model}.{pair.slug}.manifest.json" if pair else f"{model}.manifest.json"  # as publish names it
@@ -467,21 +557,17 @@ def render_card(
         "Rebuild every file from the recorded inputs and compare SHA-256s (same CPU architecture: quantized bytes "
         "differ between x86-64 and arm64):",
         "",
-        "```sh",
-        f"cecai-convert reproduce {published_name}{needs_source}",
-        "```",
+        *code_block(shlex.join(["cecai-convert", "reproduce", published_name]) + needs_source, "sh"),
         "",
         "The conversion itself:",
         "",
-        "```sh",
-        _convert_command(manifest),
-        "```",
+        *code_block(_convert_command(manifest), "sh"),
         "",
         "## License",
         "",
         f"License: {license_text}"
         + (
-            f" See the source repository's own card: https://huggingface.co/{source.get('repo_id')}."
+            f" See the source repository's own card: {_hub_link(source.get('repo_id'))}."
             if source.get("kind") == "hub" and "license" not in front
             else ""
         ),
@@ -513,7 +599,8 @@ def write_card(
 
     manifest_path = outdir / MANIFEST_NAME if outdir.is_dir() else outdir
     manifest = load_manifest_file(manifest_path)
-    target = (output or manifest_path.parent / CARD_NAME).resolve()
+    # Not resolve(): a link planted at README.md would be followed; the safe writer refuses it instead.
+    target = write_target(output or manifest_path.parent / CARD_NAME)
     source_path = (manifest.get("source") or {}).get("path")
     if isinstance(source_path, str) and source_path:
         src = Path(source_path).resolve()

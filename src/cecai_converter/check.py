@@ -23,20 +23,20 @@ import argparse
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from . import __version__
-from .agreement import REFERENCE_NAME, compare, read_reference, runtime_facts
+from .agreement import REFERENCE_NAME, check_reference_fits, compare, read_reference, runtime_facts
 from .backends import BACKENDS
-from .errors import EXIT_OK, CheckFailed, ConfigError, ConverterError, UsageError
-from .fsutil import atomic_write_json, sha256_file
-from .manifest import MANIFEST_NAME, check_record_problem, load_manifest, read_manifest
+from .errors import EXIT_OK, BadReference, CheckFailed, ConfigError, ConverterError, UsageError
+from .fsutil import atomic_write_json, refuse_symlink, refuse_unsafe_target, sha256_file, write_target
+from .manifest import MANIFEST_NAME, FileEntry, check_record_problem, load_manifest, read_manifest
 from .output import Output
 from .pairs import PairInfo, parse_pair
-from .tools import thread_count
+from .tools import gpu_layer_count, thread_count
 
 __all__ = [
     "CHECK_SCHEMA",
@@ -75,15 +75,13 @@ class Limits:
         Raises:
             UsageError: a limit outside its range.
         """
-        limits = cls(
-            max_kld=cls.max_kld if max_kld is None else float(max_kld),
-            min_top1=cls.min_top1 if min_top1 is None else float(min_top1),
+        from .fidelity import threshold_value  # the one range rule of each limit
+
+        kld = cls.max_kld if max_kld is None else threshold_value("max_kld", max_kld, "--max-kld", error=UsageError)
+        top1 = (
+            cls.min_top1 if min_top1 is None else threshold_value("min_top1", min_top1, "--min-top1", error=UsageError)
         )
-        if not (math.isfinite(limits.max_kld) and limits.max_kld >= 0):
-            raise UsageError(f"--max-kld must be a number ≥ 0, got {max_kld!r}")
-        if not (0 <= limits.min_top1 <= 1):
-            raise UsageError(f"--min-top1 must be between 0 and 1, got {min_top1!r}")
-        return limits
+        return cls(max_kld=kld, min_top1=top1)
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -133,7 +131,8 @@ def check_folder(
 
     Raises:
         UsageError: the folder is not a builder's outputs folder (no manifest, no reference, a file missing);
-            ManifestError (a UsageError) when its manifest is malformed.
+            ManifestError (a UsageError) when its manifest is malformed; SymlinkRefused (a UsageError) when a
+            file it lists is a symbolic link.
         ConverterError: the runtime is not installed.
     """
     from .toolchain import require_runtime
@@ -166,6 +165,7 @@ def check_folder(
     for entry in entries:
         name = entry.name
         path = folder / name
+        refuse_symlink(path, where=f"{folder / MANIFEST_NAME} lists {name!r}: ")
         if not name or Path(name).name != name or not path.is_file():
             raise UsageError(f"{folder / MANIFEST_NAME} lists {name!r}, which is not a file in {folder}")
         digest = sha256_file(path)
@@ -183,6 +183,8 @@ def check_folder(
                 "the ones made and measured"
             )
         files.append(row)
+    for row in files:  # the reference against each file's vocabulary and context, before any work (exit 2)
+        check_reference_fits(reference, row["name"], folder / row["name"], where=str(folder / REFERENCE_NAME))
     say = out.info if out is not None else (lambda _m: None)
     by_name = {row["name"]: row for row in files}
     if not problems:
@@ -201,6 +203,8 @@ def check_folder(
             say(f"comparing {row['name']} with the builder's runtime")
             try:
                 agreement = compare(reference, row["name"], folder / row["name"], n_gpu_layers=layers, threads=threads)
+            except BadReference:
+                raise  # an input error, not this runtime's: nothing to record
             except ConverterError as exc:
                 row["problems"].append(exc.message)
                 continue
@@ -208,6 +212,7 @@ def check_folder(
             row["problems"] += _file_problems(row["agreement"], limits)
     for row in files:
         row["passed"] = not row["problems"] and not problems and "agreement" in row
+    files += _check_projectors(folder, manifest.mmproj or [], files, problems, layers, threads, say)
     record = {
         "schema": CHECK_SCHEMA,
         "tool": {"name": "cecai-converter", "version": __version__},
@@ -221,6 +226,53 @@ def check_folder(
         "files": files,
     }
     return record
+
+
+def _check_projectors(
+    folder: Path,
+    entries: Sequence[FileEntry],
+    text_rows: Sequence[Mapping[str, Any]],
+    problems: Sequence[str],
+    layers: int,
+    threads: int | None,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Rows for a vision model's projector files (``mmproj``): the bytes against the manifest, then the test image
+    shown through each projector with a text file of the folder (the Q8_0 one for a Q8_0 projector, else the first).
+    """
+    from .multimodal import MMPROJ_ROLE, image_check_many
+
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        path = folder / entry.name
+        refuse_symlink(path, where=f"{folder / MANIFEST_NAME} lists {entry.name!r}: ")
+        if Path(entry.name).name != entry.name or not path.is_file():
+            raise UsageError(f"{folder / MANIFEST_NAME} lists {entry.name!r}, which is not a file in {folder}")
+        digest = sha256_file(path)
+        row: dict[str, Any] = {"name": entry.name, "precision": entry.precision, "role": MMPROJ_ROLE,
+                               "sha256": digest, "sha256_match": digest == entry.sha256, "problems": []}  # fmt: skip
+        if not row["sha256_match"]:
+            row["problems"].append(f"sha256 {digest[:12]}… is not the builder's {entry.sha256[:12]}…")
+        rows.append(row)
+    texts = {str(r["precision"]): r["name"] for r in text_rows if r.get("generated_tokens")}
+    if rows and texts and not problems:
+        first = next(iter(texts.values()))
+        pairs = [(folder / texts.get(str(r["precision"]), first), folder / r["name"]) for r in rows]
+        say(f"showing the test image through {len(rows)} projector file(s)")
+        try:
+            checks = image_check_many(pairs, n_gpu_layers=layers, threads=threads)
+        except ConverterError as exc:
+            for row in rows:
+                row["problems"].append(exc.message)
+            checks = {}
+        for row, pair in zip(rows, pairs, strict=True):
+            if pair in checks:
+                row["image"] = {**checks[pair].as_dict(), "model": pair[0].name}
+    for row in rows:
+        if "image" not in row and not row["problems"]:
+            row["problems"].append("not shown the test image: no text file of the folder loaded")
+        row["passed"] = not row["problems"] and not problems and "image" in row
+    return rows
 
 
 def failure_message(record: Mapping[str, Any]) -> str:
@@ -245,6 +297,9 @@ def _human(record: Mapping[str, Any], path: Path) -> str:
             f"prompt {agr['prompt_tps']:.0f} tok/s gen {agr['gen_tps']:.0f} tok/s peak {agr['peak_rss_mib']:.0f} MiB "
             f"offloaded {agr['offloaded_layers']}/{agr['total_layers']}"
             if agr
+            else f"test image: {row['image']['image_tokens']} image tokens, "
+            f"{len(row['image']['generated_tokens'])} tokens generated (with {row['image']['model']})"
+            if row.get("image")
             else "no measurement"
         )
         lines.append(
@@ -263,7 +318,9 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     manifest = read_manifest(folder)
     model_name = (manifest.model_name if manifest else None) or folder.name
-    record_path: Path = (args.record or folder / record_name(model_name, pair)).resolve()
+    # Not resolve(): a link planted at the record's name would be followed; the safe writer refuses it instead.
+    record_path: Path = write_target(args.record or folder / record_name(model_name, pair))
+    refuse_unsafe_target(record_path)  # before the work, not after it
     if args.backend == "docker":
         from .backends.docker import check_spec, run_check
 
@@ -299,14 +356,24 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _read_record(path: Path) -> dict[str, Any]:
-    import json
+#: The largest check record read: one is a few kilobytes per file checked.
+MAX_RECORD_BYTES: Final = 4 * 1024 * 1024
 
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckFailed(f"the container left no readable check record at {path} ({exc})") from None
-    if not isinstance(data, dict) or data.get("schema") != CHECK_SCHEMA:
+
+def _read_record(path: Path, error: type[ConverterError] = CheckFailed) -> dict[str, Any]:
+    """A check record through the bounded JSON reader; ``error`` when unreadable (``CheckFailed``: the container
+    left none), ConfigError when it is JSON but no check record."""
+    from .untrusted_json import load_bounded_file
+
+    data = load_bounded_file(
+        path,
+        what=f"check record {path}",
+        max_bytes=MAX_RECORD_BYTES,
+        allow_nan=True,  # a record's measurements may be NaN or infinite (a broken runtime): our writer keeps them
+        error=error,
+        hint="pass the records the check jobs wrote, unedited; re-run a pair's check to rewrite its record",
+    )
+    if not isinstance(data, dict) or type(data.get("schema")) is not int or data.get("schema") != CHECK_SCHEMA:
         raise ConfigError(f"{path}: not a cecai-converter check record")
     return data
 
@@ -327,10 +394,7 @@ def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
             raise UsageError(f"check records: {item} does not exist")
     records = []
     for path in found:
-        try:
-            data = _read_record(path)
-        except CheckFailed as exc:
-            raise UsageError(exc.message) from None
+        data = _read_record(path, UsageError)
         problem = check_record_problem(data, complete=True)
         if problem is not None:  # refused here, before publish uploads anything or renders a table from it
             where, why = problem
@@ -361,7 +425,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--min-top1", type=float, help=f"smallest top-1 agreement allowed (default {DEFAULT_LIMITS.min_top1})"
     )
-    p.add_argument("--n-gpu-layers", type=int, help="layers to offload (default: all on GPU pairs, else 0)")
+    p.add_argument(
+        "--n-gpu-layers",
+        type=gpu_layer_count,
+        metavar="N",
+        help="layers to offload, -1 for all (default: all on GPU pairs, else 0)",
+    )
     p.add_argument("--threads", type=thread_count, help="CPU threads (default: all cores)")
     p.add_argument(
         "--backend",

@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "cecai_converter.report",
     "cecai_converter.gha",
     "cecai_converter.card_commands",
+    "cecai_converter.audit",
 )
 
 

@@ -23,8 +23,9 @@ from .output import Output
 from .pairs import parse_pair
 from .pipeline import Job, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
-from .request import OPTIONS, Command, Request, add_arguments, gpu_layers, load_request, resolve
+from .request import OPTIONS, Command, Request, add_arguments, check_texts, gpu_layers, load_request, resolve
 from .source import check_repo_id, looks_like_repo_id
+from .tools import gpu_layer_count
 
 __all__ = ["register"]
 
@@ -62,13 +63,15 @@ def _request_for(
                 hint="drop them, or drop --request and give the options as flags",
             )
         return load_request(args.request)
-    return resolve(args, settings, os.environ, command=command, config_dir=config_dir, yaml_where=where)
+    request = resolve(args, settings, os.environ, command=command, config_dir=config_dir, yaml_where=where)
+    check_texts(request, where)  # before any work: a bad text found after the conversion cost all of it
+    return request
 
 
 def _file_rows(manifest: Manifest) -> list[dict[str, Any]]:
     folder = manifest.folder
     rows = []
-    for entry in manifest.files:
+    for entry in [*manifest.files, *(manifest.mmproj or [])]:  # a vision model's projector files too (role mmproj)
         row = entry.to_dict()
         if folder is not None:
             row["path"] = str(folder / entry.name)
@@ -88,6 +91,9 @@ def _human_table(manifests: Sequence[Manifest]) -> str:
                 f"  {row['name']:<40} {row['precision']:<7} {row['bytes'] / 1e6:>9.1f} MB  "
                 f"sha256 {row['sha256'][:12]}  verified {'yes' if row.get('verification') else 'no'}{kld}"
             )
+        towers = manifest.multimodal or {}
+        if towers.get("text_only"):
+            lines.append(f"  text only: left out {', '.join(towers.get('left_out') or [])} (--text-only)")
     return "\n".join(lines)
 
 
@@ -160,6 +166,8 @@ def _print_results(manifests: Sequence[Manifest], out: Output) -> None:
 
 # -- convert -------------------------------------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
+    from .fsutil import write_target
+
     backend = _backend(args)
     precisions = parse_precisions(args.precision, where="--precision")
     hub = not Path(args.model).exists() and looks_like_repo_id(args.model)
@@ -188,7 +196,8 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
             hint="outputs never go into the input: choose an --outdir outside the model folder",
         )
     check_writable_dir(outdir, "--outdir")
-    log_file = args.log_file.resolve() if args.log_file else None
+    # The folder resolved, the name not: a link at the log's name is refused (pipeline), never followed.
+    log_file = write_target(args.log_file) if args.log_file else None
     request = _request_for(args, {}, None, "convert", "convert")
     if backend == "docker":
         from .backends.docker import convert_spec, run_convert
@@ -243,8 +252,12 @@ def _cmd_precisions(args: argparse.Namespace, out: Output) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    from .fsutil import refuse_symlink
+    from .quant_types import quantization_record
     from .verify import file_type_label, load_check, read_back
 
+    for path in args.files:  # the rule every reader of a GGUF keeps: before any file is read
+        refuse_symlink(Path(path))
     results: list[dict[str, Any]] = []
     labels: list[str] = []
     failed = 0
@@ -253,24 +266,52 @@ def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
         labels.append("")
         try:
             facts = read_back(path)
-            row.update(dataclasses.asdict(facts))
+            row.update({f.name: getattr(facts, f.name) for f in dataclasses.fields(facts) if f.name != "tensors"})
+            # What the file holds, by type (not every tensor): as a manifest's quantization record has it.
+            record = quantization_record(facts.tensors, fallbacks=(), overrides=())
+            row["tensor_types"], row["tensor_bpw"] = record["types"], record["bpw"]
             labels[-1] = file_type_label(facts)
-            if not args.no_load:
+            if facts.architecture == "clip":  # a projector (mmproj): shown the test image with a text file below
+                row["projector"] = True
+            elif not args.no_load:
                 row["load"] = load_check(path, n_gpu_layers=args.n_gpu_layers or 0).as_dict()
             row["ok"] = True
         except ConverterError as exc:
             row.update(ok=False, error=exc.message)
             failed += 1
         results.append(row)
+    failed += _verify_projectors(results, args)
     lines = []
     for r, label in zip(results, labels, strict=True):
         if r["ok"]:
             load = f", generated {len(r['load']['generated_tokens'])} tokens" if "load" in r else ""
+            if "image" in r:
+                load = f", shown the test image with {Path(r['image']['model']).name}"
+                load += f" ({r['image']['image_tokens']} image tokens, {len(r['image']['generated_tokens'])} generated)"
             lines.append(f"ok    {r['file']}: {r['architecture']} {label} {r['tensor_count']} tensors{load}")
         else:
             lines.append(f"FAIL  {r['file']}: {r['error']}")
     out.result("\n".join(lines), results)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _verify_projectors(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """Show the test image through each projector among the files, with the first text file that loaded; return how
+    many failed. A projector given without a text file is only read back (it cannot run alone)."""
+    from .multimodal import image_check_many
+
+    texts = [Path(r["file"]) for r in results if r["ok"] and "load" in r]
+    failed = 0
+    for row in results:
+        if not row.get("projector") or not row["ok"] or args.no_load or not texts:
+            continue
+        try:
+            check = image_check_many([(texts[0], Path(row["file"]))], n_gpu_layers=args.n_gpu_layers or 0)
+            row["image"] = {**next(iter(check.values())).as_dict(), "model": str(texts[0])}
+        except ConverterError as exc:
+            row.update(ok=False, error=exc.message)
+            failed += 1
+    return failed
 
 
 def _cmd_toolchain(args: argparse.Namespace, out: Output) -> int:
@@ -352,7 +393,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("verify", help="read back and load GGUF files")
     p.add_argument("files", type=Path, nargs="+", metavar="FILE")
     p.add_argument("--no-load", action="store_true", help="only read the file structure; do not load the model")
-    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--n-gpu-layers", type=gpu_layer_count, default=0, metavar="N", help="layers to offload, -1 for all")
     p.set_defaults(handler=_cmd_verify)
 
     p = sub.add_parser("toolchain", help="show the pinned llama.cpp and where its converter lives")

@@ -25,7 +25,7 @@ from typing import Any, Final
 import yaml
 
 from .errors import ConfigError, UsageError
-from .names import check_stem, show
+from .names import check_stem, control_character, show
 from .pairs import PAIRS, PairInfo, parse_pair
 from .precisions import PrecisionInfo, parse_precisions
 from .request import YAML_KEYS, Request, check_yaml
@@ -182,12 +182,34 @@ def _expands_beyond(data: object, limit: int) -> bool:
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML keeps the last one silently)."""
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An integer, refused past Python's 4,300 decimal digits (``int()`` raises ``ValueError`` there, and a
+        hexadecimal one that large could not be shown in a message)."""
+        try:
+            value: int | None = super().construct_yaml_int(node)
+        except ValueError:
+            value = None
+        if value is None or value.bit_length() > _MAX_INT_BITS:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"an integer of {len(str(node.value)):,} characters, more than the 4,300 digits this tool reads",
+                node.start_mark,
+            )
+        return value
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                 continue  # `<<: *defaults` may be overridden; complex keys are refused by the base class
             key = self.construct_object(key_node)
+            if isinstance(value_node, yaml.ScalarNode) and value_node.tag == _INT_TAG:
+                try:  # checked here, where the key is known, so the message can name it
+                    self.construct_yaml_int(value_node)
+                except yaml.constructor.ConstructorError as exc:
+                    exc.problem = f"{show(key)}: {exc.problem}"
+                    raise
             if key in first:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping",
@@ -197,6 +219,12 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+_INT_TAG: Final = "tag:yaml.org,2002:int"
+# Python reads at most 4,300 decimal digits (sys.int_info.default_max_str_digits): about 14,284 bits.
+_MAX_INT_BITS: Final = 14_000
+_StrictLoader.add_constructor(_INT_TAG, _StrictLoader.construct_yaml_int)
 
 
 def _check_keys(data: Mapping[str, Any], path: Path) -> None:
@@ -384,6 +412,8 @@ def _make_job(
     paths: dict[str, Path] = {}
     for key, default in _PATH_DEFAULTS.items():
         value = _expect(merged, key, str, key_files) or default
+        if (bad := control_character(value)) is not None:  # a NUL is a ValueError in every path call
+            raise ConfigError(f"{key_files.get(key, 'the configuration')}: {key} holds the control character {bad}")
         override = path_overrides.get(key)
         paths[key] = Path(override).resolve() if override is not None else (config_dir / value).resolve()
     _expect(merged, "TRAINED", bool, key_files)

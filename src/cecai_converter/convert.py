@@ -90,10 +90,13 @@ def run_converter(
     model_name: str,
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[int], None] | None = None,
+    mmproj: bool = False,
 ) -> None:
     """Convert ``source`` to ``outfile`` at ``outtype`` (f32, f16, bf16, q8_0, tq1_0, tq2_0).
 
-    ``model_name`` is written as ``general.name`` so that the bytes do not depend on temporary paths.
+    ``model_name`` is written as ``general.name`` so that the bytes do not depend on temporary paths. With
+    ``mmproj`` the converter writes the model's multimodal projector (vision/audio encoder) instead of its text
+    model (``--mmproj``; see :mod:`cecai_converter.multimodal`).
 
     Raises:
         UnsupportedModel, UsageError, ConversionFailed: see :func:`explain_converter_failure`.
@@ -102,6 +105,8 @@ def run_converter(
         sys.executable, str(converter_dir / "convert_hf_to_gguf.py"), str(source.path),
         "--outfile", str(outfile), "--outtype", outtype, "--model-name", model_name,
     ]  # fmt: skip
+    if mmproj:
+        argv.append("--mmproj")
     if metadata:
         meta_file = outfile.with_suffix(".metadata.json")
         meta_file.write_text(json.dumps(metadata, sort_keys=True))

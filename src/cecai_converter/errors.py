@@ -23,6 +23,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "AgreementFailed",
+    "BadReference",
     "CheckFailed",
     "ChecksFailed",
     "ConfigError",
@@ -38,6 +39,9 @@ __all__ = [
     "PublishFailed",
     "SignatureRefused",
     "SigningFailed",
+    "SourceCheckFailed",
+    "SourceMismatch",
+    "SymlinkRefused",
     "ToolNotFound",
     "ToolchainError",
     "UnsupportedModel",
@@ -126,6 +130,13 @@ class UnsupportedModel(UsageError):
     title = "unsupported model"
 
 
+class SymlinkRefused(UsageError):
+    """A symbolic link where this tool reads a model file or writes one of its own files: someone planted it, or
+    a file was replaced by a link. Never followed (a write through it would land outside the folder); exit 2."""
+
+    title = "symbolic link refused"
+
+
 class ToolchainError(ConverterError):
     """The pinned llama.cpp toolchain is missing, incomplete or the wrong version."""
 
@@ -173,10 +184,32 @@ class ManifestError(UsageError):
     title = "bad manifest"
 
 
+class BadReference(ConfigError):
+    """A ``reference.json`` is unreadable, too large, or has a field out of shape or range (named in the message).
+
+    An input error (exit 2), never "this runtime could not evaluate the file": the file is not run against it.
+    """
+
+    title = "bad runtime reference"
+
+
 class MeasurementFailed(ConverterError):
     """The fidelity measurement of a file could not be completed (the model failed to load or crashed)."""
 
     title = "fidelity measurement failed"
+
+
+class SourceMismatch(ConverterError):
+    """The base GGUF is not faithful to its source: its tokenizer, chat template, hyperparameters or logits differ
+    from the source model's (the message names what differs); nothing was published."""
+
+    title = "not faithful to the source"
+
+
+class SourceCheckFailed(ConverterError):
+    """The comparison with the source could not be run (transformers or llama.cpp crashed, ran out of time)."""
+
+    title = "source check failed"
 
 
 class AgreementFailed(ConverterError):

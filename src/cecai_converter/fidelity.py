@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-from .errors import ConfigError, ConverterError, MeasurementFailed, WorkerFailed
+from .errors import ConfigError, ConverterError, MeasurementFailed, UsageError, WorkerFailed
 from .gguf_header import read_header
 from .tools import WorkerUsage, run_worker, runtime_env, runtime_name, serve_job
 
@@ -47,11 +47,13 @@ __all__ = [
     "DEFAULT_EVAL_TEXT",
     "RESULT_KEYS",
     "THRESHOLD_KEYS",
+    "THRESHOLD_RANGES",
     "MeasurementFailed",
     "check_thresholds",
     "default_eval_text",
     "error_bars",
     "measure",
+    "threshold_value",
     "validate_thresholds",
 ]
 
@@ -82,6 +84,13 @@ THRESHOLD_KEYS: Final[Mapping[str, tuple[str, bool]]] = {
     "max_kld": ("kld_mean", True),
     "max_ppl_delta_pct": ("ppl_delta_pct", True),
     "min_top1": ("top1_agreement", False),
+}
+#: The one range rule of each limit (here and in ``check --max-kld/--min-top1``), inclusive. Outside it a limit can
+#: never be met or always is: a sign slip (``max_kld: -1``) or a percentage for a fraction (``min_top1: 90``).
+THRESHOLD_RANGES: Final[Mapping[str, tuple[float, float]]] = {
+    "max_kld": (0.0, math.inf),
+    "max_ppl_delta_pct": (0.0, math.inf),
+    "min_top1": (0.0, 1.0),
 }
 # Smallest chunk worth scoring: half of it is context.
 _MIN_CHUNK: Final = 32
@@ -143,6 +152,10 @@ def measure(
         raise ConfigError(f"fidelity: n_ctx must be at least {_MIN_CHUNK}, got {n_ctx}")
     if max_tokens is not None and max_tokens < _MIN_CHUNK:
         raise ConfigError(f"fidelity: max_tokens must be at least {_MIN_CHUNK}, got {max_tokens}")
+    from .texts import MAX_TEXT_TOKENS
+
+    # The work stays bounded whatever the text: at most MAX_TEXT_TOKENS are scored (a 5 MB text ran for minutes).
+    max_tokens = MAX_TEXT_TOKENS if max_tokens is None else min(max_tokens, MAX_TEXT_TOKENS)
 
     common = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers}
     results: dict[str, dict[str, Any]] = {}
@@ -209,6 +222,9 @@ def validate_thresholds(thresholds: object, where: str = "THRESHOLDS") -> dict[s
     The configuration calls this when it is read, so a mistake is reported before anything is converted, with
     fidelity on or off.
 
+    A ``source`` entry holds the limits of the comparison with the source model (``max_nmse``, ``max_kld``,
+    ``min_top1``; :func:`cecai_converter.source_parity.validate_limits`), kept under ``source``.
+
     Raises:
         ConfigError: not a mapping; an unknown precision; limits that are not a mapping; an unknown limit name; a
             limit that is not a finite number.
@@ -223,6 +239,11 @@ def validate_thresholds(thresholds: object, where: str = "THRESHOLDS") -> dict[s
         raise ConfigError(f"{where}: expected a mapping PRECISION -> limits, got {show(thresholds)}", hint=example)
     checked: dict[str, dict[str, float]] = {}
     for precision, limits in thresholds.items():
+        if isinstance(precision, str) and precision.lower() == "source":  # the base against its source model
+            from .source_parity import validate_limits
+
+            checked["source"] = validate_limits(limits, where)
+            continue
         info = parse_precision(precision, where=where)
         if not isinstance(limits, Mapping):
             raise ConfigError(f"{where}: {info.name}: expected a mapping of limits, got {show(limits)}", hint=example)
@@ -233,10 +254,33 @@ def validate_thresholds(thresholds: object, where: str = "THRESHOLDS") -> dict[s
                     f"{where}: {info.name}: unknown limit {show(name)}",
                     hint=f"known limits: {', '.join(THRESHOLD_KEYS)}",
                 )
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
-                raise ConfigError(f"{where}: {info.name}.{name} must be a number, got {show(limit)}")
-            checked[info.name][name] = float(limit)
+            checked[info.name][name] = threshold_value(name, limit, f"{where}: {info.name}.{name}")
     return checked
+
+
+def threshold_value(name: str, value: object, where: str, *, error: type[UsageError] = ConfigError) -> float:
+    """``value`` as the limit ``name`` (a key of :data:`THRESHOLD_RANGES`), range-checked, else ``error`` at ``where``.
+
+    Args:
+        name: ``max_kld``, ``max_ppl_delta_pct`` or ``min_top1``.
+        value: the candidate, straight from YAML, JSON or a flag.
+        where: what the user wrote it in (``THRESHOLDS in …: Q4_K_M.max_kld``, ``--min-top1``).
+        error: the kind (exit 2 for both).
+    """
+    from .names import show
+
+    low, high = THRESHOLD_RANGES[name]
+    rule = f"between {low:g} and {high:g}" if math.isfinite(high) else f"a number ≥ {low:g}"
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+    if not (math.isfinite(number) and low <= number <= high):
+        hint = "min_top1 is a fraction (0.9 for 90%)" if name == "min_top1" else f"{name} is a limit, never negative"
+        raise error(f"{where} must be {rule}, got {show(value)}", hint=hint)
+    return number
 
 
 def check_thresholds(
@@ -352,7 +396,13 @@ def _run_worker(role: str, job: dict[str, Any], *, label: str, model: Path, time
 
 def _as_error(kind: str | None, message: str, tail: str, role: str) -> ConverterError:
     if kind == "usage":
-        return ConfigError(message, hint="use a longer EVAL_TEXT, or a smaller n_ctx")
+        # Only the model's tokenizer can count the text's tokens, so this comes after converting, quantizing and
+        # verifying: not "bad input, nothing was converted" (exit 2), but a measurement that could not be made.
+        return MeasurementFailed(
+            message,
+            hint="the files were converted and verified but not delivered: give a longer EVAL_TEXT (a few thousand "
+            "words), or turn fidelity off (FIDELITY: false)",
+        )
     hint = (
         "the file may be corrupt or use a type this llama-cpp-python build cannot run; run with CECAI_DEBUG=1 "
         "and see the llama.cpp log below"
@@ -450,6 +500,9 @@ def _evaluate_base(job: Mapping[str, Any]) -> dict[str, Any]:
         text = Path(job["text"]).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkerUsage(f"cannot read the evaluation text {job['text']}: {exc}") from None
+    if job.get("max_tokens"):
+        # Tokenize only what can be scored: a token is rarely 64 characters (a text of long runs gives fewer).
+        text = text[: 64 * int(job["max_tokens"])]
     # One load in the common case: the context length comes from the header. (A vocabulary-only load followed by
     # a full one in this process ended in SIGSEGV during the second load on a CUDA build; the cause was not
     # isolated, and one load is faster anyway.)

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 from .backends import BACKENDS, RELEASE_CHECK_BACKEND, default_backend
 from .errors import EXIT_USAGE, CheckFailed, ChecksFailed, ConverterError, UsageError, boundary
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .markdown import code, code_block, inline
 from .names import check_stem
 from .output import LOGGER_NAME, Output
 from .request import OPTIONS
@@ -166,12 +167,7 @@ def _per_runtime(seconds: Mapping[str, float]) -> str:
     """``verify_s``/``fidelity_s`` (keyed by runtime label: ``all`` or ``n_gpu_layers=N``) as one phrase."""
     if set(seconds) == {"all"}:
         return f"{seconds['all']:.1f} s"
-    return ", ".join(f"{value:.1f} s ({_cell(label)})" for label, value in seconds.items())
-
-
-def _cell(value: object) -> str:
-    # one table cell on one line: every control character (CR, LF, ESC, ...) and line separator becomes a space
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", str(value)).replace("|", "\\|")
+    return ", ".join(f"{value:.1f} s ({inline(label)})" for label, value in seconds.items())
 
 
 def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, title: str) -> str:
@@ -180,16 +176,19 @@ def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, 
     together) and the total."""
     manifest = manifest or Manifest()
     lines = [
-        f"### {_cell(title)}",
+        f"### {inline(title)}",
         "",
         "| File | Precision | Size | SHA-256 | Time |",
         "| --- | --- | ---: | --- | ---: |",
     ]
     for entry in result.get("files") or []:
-        seconds = _seconds(manifest, str(entry.get("precision", "")))
+        precision = str(entry.get("precision", ""))
+        seconds = _seconds(manifest, precision)
+        if entry.get("role") == "mmproj":  # a vision model's projector file (multimodal.py), made by its own run
+            precision, seconds = f"mmproj {precision}", manifest.seconds("mmproj_s").get(precision)
         lines.append(
-            f"| `{_cell(entry.get('name', ''))}` | {_cell(entry.get('precision', ''))} "
-            f"| {_size(int(entry.get('bytes', 0)))} | `{_cell(str(entry.get('sha256', ''))[:12])}` "
+            f"| {code(entry.get('name', ''), cell=True)} | {inline(precision)} "
+            f"| {_size(int(entry.get('bytes', 0)))} | {code(str(entry.get('sha256', ''))[:12], cell=True)} "
             f"| {'' if seconds is None else f'{seconds:.1f} s'} |"
         )
     verify, fidelity = manifest.seconds("verify_s"), manifest.seconds("fidelity_s")
@@ -199,6 +198,10 @@ def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, 
         lines.append(f"Verification (load and generate, every file): {_per_runtime(verify)}.")
     if fidelity:
         lines.append(f"Fidelity (against the base, every new file): {_per_runtime(fidelity)}.")
+    if manifest.source_parity is not None:  # the base against its source model (source_parity.py)
+        from .source_parity import summary
+
+        lines += ["", f"Faithful to the source: {inline(summary(manifest.source_parity))}."]
     total = manifest.total_seconds("total_s")
     if total is not None:
         lines += ["", f"Total: {total:.1f} s."]
@@ -206,12 +209,13 @@ def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, 
 
 
 def _failure_summary(exc: ConverterError, what: str) -> str:
-    lines = [f"### ❌ {_cell(what)}: {exc.title}", "", exc.message]
+    # The message and hint quote values from inputs (file names, a tool's output): shown, never rendered.
+    lines = [f"### ❌ {inline(what)}: {inline(exc.title)}", "", inline(exc.message)]
     if exc.hint:
-        lines += ["", f"**What to do:** {exc.hint}"]
+        lines += ["", f"**What to do:** {inline(exc.hint)}"]
     tail = getattr(exc, "output_tail", "")
     if tail:
-        lines += ["", "<details><summary>Last output</summary>", "", "```", tail[-4000:], "```", "", "</details>"]
+        lines += ["", "<details><summary>Last output</summary>", "", *code_block(tail[-4000:]), "", "</details>"]
     return "\n".join(lines) + "\n\n"
 
 
@@ -350,7 +354,7 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     title = f"cecai-convert: {model}" + (f" ({pair})" if pair else "")
     summary = conversion_summary(result, manifest, title=title)
     if warnings:
-        summary += "".join(f"> [!WARNING]\n> {_cell(w)}\n\n" for w in warnings)
+        summary += "".join(f"> [!WARNING]\n> {inline(w)}\n\n" for w in warnings)
     append_summary(env.get("GITHUB_STEP_SUMMARY"), summary)
     stdout.write(f"converted {escape_data(model)}: {len(files)} file(s) in {escape_data(outdir)}\n")
     return 0
@@ -386,12 +390,12 @@ def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
         },
     )
     rows = [
-        f"| make {_cell(e['id'])} | `{_cell(e['model'])}` | (builder) | {_cell(e['precisions'])} | "
-        f"{_cell(', '.join(e['runner_labels']))} |"
+        f"| make {inline(e['id'])} | {code(e['model'], cell=True)} | (builder) | {inline(e['precisions'])} | "
+        f"{inline(', '.join(e['runner_labels']))} |"
         for e in make
     ] + [
-        f"| check {_cell(e['id'])} | `{_cell(e['model'])}` | {_cell(e['pair'])} ({_cell(e['backend'])}) | "
-        f"{_cell(e['precisions'])} | {_cell(', '.join(e['runner_labels']))} |"
+        f"| check {inline(e['id'])} | {code(e['model'], cell=True)} | {inline(e['pair'])} ({inline(e['backend'])}) | "
+        f"{inline(e['precisions'])} | {inline(', '.join(e['runner_labels']))} |"
         for e in check
     ]
     append_summary(
@@ -446,11 +450,11 @@ def check_summary(record: Mapping[str, Any]) -> str:
     rt = record.get("runtime") or {}
     state = "✅ passed" if record.get("passed") else "❌ failed"
     lines = [
-        f"### Check {_cell(record.get('pair'))}: {state}",
+        f"### Check {inline(record.get('pair'))}: {state}",
         "",
-        f"Runtime: {_cell(rt.get('device'))} on {_cell(rt.get('machine'))}, llama-cpp-python "
-        f"{_cell(rt.get('llama_cpp_python'))}, backend {_cell(rt.get('backend'))}"
-        + (f", image `{_cell(rt.get('image'))}`" if rt.get("image") else ""),
+        f"Runtime: {inline(rt.get('device'))} on {inline(rt.get('machine'))}, llama-cpp-python "
+        f"{inline(rt.get('llama_cpp_python'))}, backend {inline(rt.get('backend'))}"
+        + (f", image {code(rt.get('image'))}" if rt.get("image") else ""),
         "",
         "| File | SHA-256 | KLD vs builder | Top-1 | Prompt tok/s | Gen tok/s | Peak MiB | GPU layers | Result |",
         "| --- | --- | --: | --: | --: | --: | --: | --: | --- |",
@@ -462,13 +466,13 @@ def check_summary(record: Mapping[str, Any]) -> str:
     for row in record.get("files") or []:
         a = row.get("agreement") or {}
         lines.append(
-            f"| `{_cell(row.get('name'))}` | {'match' if row.get('sha256_match') else '**differs**'} | "
+            f"| {code(row.get('name'), cell=True)} | {'match' if row.get('sha256_match') else '**differs**'} | "
             f"{num(a, 'kld_mean', '.2e')} | {num(a, 'top1_agreement', '.1%')} | {num(a, 'prompt_tps', '.0f')} | "
             f"{num(a, 'gen_tps', '.0f')} | {num(a, 'peak_rss_mib', '.0f')} | "
             f"{a.get('offloaded_layers', '')}/{a.get('total_layers', '')} | "
-            f"{'ok' if row.get('passed') else _cell('; '.join(row.get('problems') or ['failed']))} |"
+            f"{'ok' if row.get('passed') else inline('; '.join(row.get('problems') or ['failed']))} |"
         )
-    lines += [f"- {_cell(p)}" for p in record.get("problems") or []]
+    lines += [f"- {inline(p)}" for p in record.get("problems") or []]
     return "\n".join(lines) + "\n\n"
 
 
@@ -488,10 +492,15 @@ def _expand(value: str | None, name: str) -> list[Path]:
 
 def _expected_checks(value: str) -> list[tuple[str, str]] | None:
     """The (model, pair) checks a release needs, from the plan's check matrix (``{"include": [...]}``)."""
+    from .untrusted_json import loads_bounded
+
     if not value.strip():
         return None
+    matrix = loads_bounded(
+        value, what="the `expected-checks` input", max_bytes=1024 * 1024, hint="pass needs.plan.outputs.check"
+    )
     try:
-        entries = json.loads(value)["include"]
+        entries = matrix["include"]
         return [(str(e["name"]), str(e["pair"])) for e in entries]
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(
@@ -546,12 +555,13 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
             }
         )
         state = "draft" if result.draft else "published"
-        lines += [f"### Release {_cell(tag)} ({state})", "", result.html_url, "", "| Asset | Status |", "| --- | --- |"]
-        lines += [f"| `{_cell(n)}` | uploaded |" for n in result.uploaded]
-        lines += [f"| `{_cell(n)}` | unchanged |" for n in result.unchanged]
-        lines += [f"| `{_cell(n)}` | replaced (check records changed) |" for n in result.replaced]
+        lines += [f"### Release {inline(tag)} ({state})", "", inline(result.html_url), ""]
+        lines += ["| Asset | Status |", "| --- | --- |"]
+        lines += [f"| {code(n, cell=True)} | uploaded |" for n in result.uploaded]
+        lines += [f"| {code(n, cell=True)} | unchanged |" for n in result.unchanged]
+        lines += [f"| {code(n, cell=True)} | replaced (check records changed) |" for n in result.replaced]
         if result.split:
-            lines += ["", "Split below 2 GB (llama.cpp split format): " + ", ".join(f"`{n}`" for n in result.split)]
+            lines += ["", "Split below 2 GB (llama.cpp split format): " + ", ".join(code(n) for n in result.split)]
         if failed is not None:
             write_outputs(env.get("GITHUB_OUTPUT"), outputs)
             append_summary(env.get("GITHUB_STEP_SUMMARY"), "\n".join(lines) + "\n\n")
@@ -561,7 +571,7 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
             inputs, hf_repo, token=env.get("HF_TOKEN") or None, revision=env.get("INPUT_HF_REVISION") or None
         )
         outputs["hub-commit-url"] = url
-        lines += ["", f"Pushed to Hugging Face [{_cell(hf_repo)}]({url})."]
+        lines += ["", f"Pushed to Hugging Face {code(hf_repo)}: {inline(url)}."]
     write_outputs(env.get("GITHUB_OUTPUT"), outputs)
     append_summary(env.get("GITHUB_STEP_SUMMARY"), "\n".join(lines) + "\n\n")
     return 0

@@ -154,8 +154,11 @@ def compute(
     cmd += ["-b", str(n_ctx), "--output-format", "gguf", "--no-ppl", "-ngl", "0"]
     if n_threads:
         cmd += ["-t", str(n_threads)]
-    if max_chunks:
-        cmd += ["--chunks", str(max_chunks)]
+    from .texts import MAX_TEXT_TOKENS
+
+    # The work stays bounded whatever the text: at most MAX_TEXT_TOKENS tokens' worth of chunks.
+    cap = max(2, MAX_TEXT_TOKENS // n_ctx)
+    cmd += ["--chunks", str(min(max_chunks, cap) if max_chunks else cap)]
     _log.debug("$ %s", " ".join(cmd))
     # A long tail: explain_failure looks for the tool's "too short" message and for any llama.cpp log line in it.
     run = run_tool(cmd, cwd=text.parent, timeout=timeout_s, tail_lines=2000)

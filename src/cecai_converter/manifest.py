@@ -41,6 +41,8 @@ __all__ = [
 MANIFEST_NAME: Final = "manifest.json"
 SCHEMA: Final = 1
 
+#: The largest manifest read: a model of thousands of files with every record is a few megabytes.
+MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 _HINT: Final = "a manifest is written by `cecai-convert convert`; convert again instead of editing it"
 
 
@@ -65,6 +67,9 @@ class FileEntry:
         inputs_key: what its bytes were made from (no-work re-runs).
         tensor_count, architecture, file_type, n_params: read back from the file.
         bpw: bits per weight (bytes × 8 / parameters).
+        quantization: what llama.cpp wrote (``quant_types.quantization_record``): ``types`` (type → ``tensors``,
+            ``bytes``), ``bpw`` of the tensor data, ``fallbacks`` (``tensor``, ``asked``, ``written``, ``reason``)
+            and ``overrides`` (the TENSOR_TYPES rules applied).
         verification: the load-and-generate record (``runtime``, ``generated_tokens``, ``text``...).
         fidelity: KL-divergence, perplexity, top-1 and speed against the base; a mapping so that keys added later
             (error bars...) are kept as written.
@@ -83,6 +88,7 @@ class FileEntry:
     file_type: int | None = None
     n_params: int | None = None
     bpw: float | None = None
+    quantization: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
     reused: bool | None = None
@@ -140,6 +146,11 @@ class Manifest:
         runtime: ``{"n_gpu_layers"}`` the files were verified and measured with.
         inputs_key: a whole-run key, where a writer records one.
         checks: published manifests only: pair name → check record.
+        multimodal: towers beyond the text model (``towers``, ``projector``, ``text_only``, ``left_out``; see
+            ``multimodal.plan_towers``), None for a text model.
+        mmproj: the projector files (``mmproj-<model>-f16.gguf``…) written next to the text files; None without.
+        source_parity: the base's comparison with its source model (``checked``, ``passed``, ``failures``,
+            ``tokenizer``, ``chat_template``, ``hyperparameters``, ``logits``; see ``source_parity.SourceParity``).
         extra: keys this version does not know, kept for the round trip.
         path: where it was read from or written to (not part of the document).
     """
@@ -158,6 +169,9 @@ class Manifest:
     runtime: dict[str, Any] | None = None
     inputs_key: str | None = None
     checks: dict[str, dict[str, Any]] | None = None
+    multimodal: dict[str, Any] | None = None
+    mmproj: list[FileEntry] | None = None
+    source_parity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     absent: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     path: Path | None = field(default=None, compare=False)
@@ -174,10 +188,12 @@ class Manifest:
             raise ManifestError(f"{path}: {problem}" if path is not None else problem, hint=_HINT)
         assert isinstance(data, dict)  # _manifest_problem refuses anything else
         known = {f.name for f in _MANIFEST_FIELDS}
-        values = {k: data[k] for k in known if k in data and k != "files"}
+        values = {k: data[k] for k in known if k in data and k not in ("files", "mmproj")}
+        mmproj = data.get("mmproj")
         return cls(
             **values,
             files=[FileEntry.from_dict(e) for e in data.get("files", [])],
+            mmproj=None if mmproj is None else [FileEntry.from_dict(e) for e in mmproj],
             extra={k: v for k, v in data.items() if k not in known},
             absent=frozenset(_MANIFEST_OPTIONAL - data.keys()),
             path=path,
@@ -191,6 +207,9 @@ class Manifest:
             if f.name == "files":
                 if "files" not in self.absent or value:
                     out["files"] = [e.to_dict() for e in value]
+            elif f.name == "mmproj":
+                if value is not None or "mmproj" not in self.absent:
+                    out["mmproj"] = None if value is None else [e.to_dict() for e in value]
             elif value is not None or f.name not in self.absent:
                 out[f.name] = value
         return {**out, **self.extra}
@@ -270,12 +289,12 @@ def load_manifest(path: Path) -> Manifest:
         FileNotFoundError: there is no file at ``path``.
         ManifestError: it is not readable JSON, or a field is malformed (the message names the file and the field).
     """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, RecursionError) as exc:
-        raise ManifestError(f"{path}: not readable JSON ({type(exc).__name__})", hint=_HINT) from None
+    from .untrusted_json import load_bounded_file
+
+    # NaN and Infinity accepted: our own writer keeps a non-finite measurement (a speed of a run too quick to time).
+    data = load_bounded_file(
+        path, max_bytes=MAX_MANIFEST_BYTES, allow_nan=True, error=ManifestError, hint=_HINT, raise_missing=True
+    )
     return Manifest.from_dict(data, path=path)
 
 
@@ -287,9 +306,15 @@ def _manifest_problem(data: object) -> str | None:
         return f"expected a JSON object, found {type(data).__name__}"
     if data.get("schema") != SCHEMA or not _is_int(data.get("schema")):
         return f"schema: expected {SCHEMA}, found {show(data.get('schema'))}: not a cecai-converter manifest it reads"
-    for key in ("source", "timings", "runtime", "base", "toolchain", "tool", "imatrix", "checks"):
+    for key in ("source", "timings", "runtime", "base", "toolchain", "tool", "imatrix", "checks", "multimodal"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key}: expected an object"
+    if data.get("source_parity") is not None:
+        from .source_parity import record_problem
+
+        why = record_problem(data["source_parity"])
+        if why is not None:
+            return f"source_parity.{why}" if not why.startswith("expected") else f"source_parity: {why}"
     for key in ("pair", "inputs_key"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"{key}: expected a string"
@@ -308,19 +333,23 @@ def _manifest_problem(data: object) -> str | None:
     files = data.get("files", [])
     if not isinstance(files, list):
         return "files: expected a list"
-    for i, entry in enumerate(files):
+    mmproj = data.get("mmproj")
+    if mmproj is not None and not isinstance(mmproj, list):
+        return "mmproj: expected a list"
+    rows = [("files", i, e) for i, e in enumerate(files)] + [("mmproj", i, e) for i, e in enumerate(mmproj or [])]
+    for where, i, entry in rows:  # projector files are listed as text files are, and checked alike
         if not isinstance(entry, dict):
-            return f"files[{i}]: expected an object"
+            return f"{where}[{i}]: expected an object"
         why = check_plain_name(entry.get("name"))
         if why is not None:
-            return f"files[{i}].name: {why}"
+            return f"{where}[{i}].name: {why}"
         for key, ok in (
             ("precision", lambda v: isinstance(v, str)),
             ("sha256", lambda v: isinstance(v, str)),
             ("bytes", _is_int),
         ):
             if not ok(entry.get(key)):
-                return f"files[{i}].{key}: missing or of the wrong type"
+                return f"{where}[{i}].{key}: missing or of the wrong type"
         for key, ok in (
             ("mtime_ns", _is_int),
             ("inputs_key", lambda v: isinstance(v, str)),
@@ -334,7 +363,13 @@ def _manifest_problem(data: object) -> str | None:
             ("reused", lambda v: isinstance(v, bool)),
         ):
             if entry.get(key) is not None and not ok(entry[key]):
-                return f"files[{i}].{key}: of the wrong type"
+                return f"{where}[{i}].{key}: of the wrong type"
+        if entry.get("quantization") is not None:
+            from .quant_types import quantization_problem
+
+            why = quantization_problem(entry["quantization"])
+            if why is not None:
+                return f"{where}[{i}].quantization{': ' if why.startswith('expected') else '.'}{why}"
     for pair, record in (data.get("checks") or {}).items():
         problem = check_record_problem(record)
         if problem is not None:

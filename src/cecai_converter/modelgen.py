@@ -19,7 +19,15 @@ from typing import Any, Final
 
 import yaml
 
-__all__ = ["ARCHITECTURES", "SIZES", "build_model", "make_seed_layout"]
+__all__ = [
+    "ARCHITECTURES",
+    "SIZES",
+    "TOWERS",
+    "build_model",
+    "build_model_with_tower",
+    "build_vision_model",
+    "make_seed_layout",
+]
 
 
 @dataclass(frozen=True)
@@ -38,12 +46,15 @@ SIZES: Final[dict[str, _Size]] = {
     "small": _Size(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=4096),
     # ~0.55 B parameters: 1.1 GB in bf16, for benchmarks ("a model of at least 1 GB").
     "1gb": _Size(hidden=1536, layers=18, heads=12, kv_heads=4, intermediate=4096, vocab=32000),
+    # The exception, on purpose: an FFN width of 320 (a multiple of 32, not of 256) makes llama.cpp's quantizer
+    # fall back from k-quants for ffn_down (its rows are 320 long), the case quantization records must show.
+    "tiny-odd-ffn": _Size(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=320, vocab=1024),
 }
 ARCHITECTURES: Final = ("llama", "qwen2", "phi3", "gpt2-bpe")
 _SPM_PIECES: Final = 400  # trained pieces; the config's vocab_size pads the rest, as real checkpoints often do
 
 
-def _train_sentencepiece(out_dir: Path) -> None:
+def _train_sentencepiece(out_dir: Path, *, gemma: bool = False) -> None:
     import sentencepiece as spm
 
     corpus = resources.files("cecai_converter") / "data" / "tokenizer_corpus.txt"
@@ -63,12 +74,18 @@ def _train_sentencepiece(out_dir: Path) -> None:
             user_defined_symbols=["<|endoftext|>"],
             num_threads=1,
             minloglevel=2,
+            # Gemma's tokenizer adds no leading space and keeps runs of spaces; llama.cpp's gemma3 vocabulary
+            # (add_space_prefix false) reproduces exactly that.
+            add_dummy_prefix=not gemma,
+            remove_extra_whitespaces=not gemma,
         )
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(
-            {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-             "add_bos_token": True, "add_eos_token": False},
+            {"tokenizer_class": "GemmaTokenizer" if gemma else "LlamaTokenizer", "bos_token": "<s>",
+             "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+             # GemmaTokenizer would add "<pad>" and "<mask>" tokens of its own, which the vocabulary lacks.
+             **({"pad_token": None, "mask_token": None} if gemma else {})},
             indent=2,
         )
         + "\n"
@@ -181,6 +198,18 @@ def build_model(
         _train_bpe(out_dir)
     else:
         _train_sentencepiece(out_dir)
+    if arch == "phi3":
+        # transformers 5 ignores a phi3 folder's tokenizer_class and builds a generic tokenizer from the
+        # SentencePiece model, normalizer and all (newlines become spaces), which is not what llama.cpp reads from
+        # it. A tokenizer.json written by LlamaTokenizer is what it then loads: the same tokenizer as the GGUF's.
+        tf.LlamaTokenizer.from_pretrained(str(out_dir)).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+        # As in Phi-3's own tokenizer.json: "</s>" eats the spaces after it. llama.cpp gives the token that
+        # attribute for every model named phi3 (llama-vocab.cpp), so without it the two would split text apart.
+        tokenizer = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        for token in tokenizer.get("added_tokens", []):
+            if token.get("content") == "</s>":
+                token["rstrip"] = True
+        (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
     return out_dir
 
 
@@ -222,3 +251,111 @@ def make_seed_layout(
         )
     build_model(converter / "models" / model_name, arch, seed=seed, dtype=dtype, size=size)
     return converter
+
+
+#: The towers :func:`build_model_with_tower` can announce (what no file of a conversion would hold).
+TOWERS: Final = ("audio", "mtp")
+
+
+def build_vision_model(out_dir: Path, *, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a tiny random-weight ``Gemma3ForConditionalGeneration`` (text tower, SigLIP vision tower, projector).
+
+    Built with transformers' own config classes (Gemma3Config, Gemma3TextConfig, SiglipVisionConfig) and saved as
+    checkpoints on the Hub are laid out: transformers 5 writes the vision tower under its internal names
+    (``vision_tower.embeddings.*``), which the pinned converter cannot map, so they are renamed to
+    ``vision_tower.vision_model.*``. With a SentencePiece tokenizer (the converter's Gemma 3 path) and a
+    ``preprocessor_config.json`` (64×64 images, mean and std 0.5, 4 image tokens). The same arguments give the same
+    bytes; ``out_dir`` is replaced if it exists.
+    """
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    image_size, patch_size, image_tokens = 64, 16, 4
+    text = tf.Gemma3TextConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        # llama.cpp scales queries by 1/sqrt(head_dim), as Gemma 3 checkpoints do (query_pre_attn_scalar =
+        # head_dim); a window wider than any evaluated text keeps both runtimes out of their edge cases.
+        query_pre_attn_scalar=64, sliding_window=2048,
+    )  # fmt: skip
+    vision = tf.SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=patch_size, vision_use_head=False,
+    )  # fmt: skip
+    # Image token ids inside the small vocabulary (the real model's 255999… would be out of range).
+    cfg = tf.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=image_tokens, boi_token_index=3,
+        eoi_token_index=4, image_token_index=5,
+    )  # fmt: skip
+    cfg.dtype = dtype
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model: Any = tf.Gemma3ForConditionalGeneration(cfg)
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() == 1:
+                # Gemma's RMSNorm multiplies by (1 + weight): 0 is the unit norm there; SigLIP's LayerNorm by weight.
+                gemma_norm = "language_model" in name or "soft_emb_norm" in name
+                unit = name.endswith("weight") and "norm" in name and not gemma_norm
+                param.fill_(1.0 if unit else 0.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        model = model.to(torch_dtype)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "generation_config.json").unlink(missing_ok=True)
+    # The Hub layout: vision_tower.vision_model.*, no pooling head, one file.
+    from safetensors import safe_open
+
+    tensors: dict[str, Any] = {}
+    for path in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open is no mapping)
+                tensors[key] = fh.get_tensor(key)
+        path.unlink()
+    (out_dir / "model.safetensors.index.json").unlink(missing_ok=True)
+    renamed = {}
+    for key, tensor in sorted(tensors.items()):
+        if key.startswith("vision_tower.head."):
+            continue
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+        renamed[key] = tensor.contiguous()
+    save_file(renamed, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+             "do_resize": True, "size": {"height": image_size, "width": image_size}, "resample": 2,
+             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": image_tokens},
+            indent=2,
+        )
+        + "\n"
+    )  # fmt: skip
+    _train_sentencepiece(out_dir, gemma=True)
+    return out_dir
+
+
+def build_model_with_tower(out_dir: Path, tower: str, *, seed: int = 0) -> Path:
+    """A tiny Llama whose ``config.json`` also announces a tower no conversion file would hold.
+
+    ``audio``: an ``audio_config`` (as audio-language checkpoints have); ``mtp``: ``num_nextn_predict_layers``
+    (multi-token-prediction heads). The weights stay the text model's, so ``--text-only`` converts it.
+    """
+    if tower not in TOWERS:
+        raise ValueError(f"unknown tower {tower!r}; choose from {', '.join(TOWERS)}")
+    build_model(out_dir, "llama", seed=seed)
+    config_path = Path(out_dir) / "config.json"
+    config = json.loads(config_path.read_text())
+    if tower == "audio":
+        config["audio_config"] = {"model_type": "whisper", "d_model": 64, "encoder_layers": 2, "num_mel_bins": 80}
+    else:
+        config["num_nextn_predict_layers"] = 1
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)

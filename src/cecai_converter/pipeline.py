@@ -33,6 +33,7 @@ from .manifest import Manifest, file_is_current, inputs_key, read_manifest, writ
 from .output import Output, get_logger
 from .pairs import PairInfo
 from .precisions import PRECISIONS, PrecisionInfo
+from .quant_types import bits_per_weight, quantization_record, shape_fallbacks
 from .source import ModelSource, check_model_dir, count_parameters, fetch_from_hub, fingerprint_files, source_dtype
 from .toolchain import ensure_converter, require_runtime, toolchain_info
 from .tools import runtime_name
@@ -84,6 +85,14 @@ class Options:
     n_gpu_layers: int = 0
     #: write reference.json (what this runtime predicts for each file) so other runtimes can be checked against it
     reference: bool = False
+    #: per-tensor type overrides for the quantizer, ``PATTERN=TYPE`` (TENSOR_TYPES; quant_types.parse_rule)
+    tensor_types: tuple[str, ...] = ()
+    #: publish the text model alone when the model has towers that cannot be exported (recorded; default: refuse)
+    text_only: bool = False
+    #: compare the base with the source model (source_parity.py; the table's default is on, as for fidelity)
+    source_check: bool = False
+    #: let the source check run the repository's own model code (auto_map), recorded
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,9 @@ class _Produced:
     made_here: bool = True
     origin: Path | None = None
     sha_future: Future[str] | None = None
+    #: the quantizer's fallbacks (None: the converter wrote the file); the manifest's ``quantization`` record
+    fallbacks: list[dict[str, str]] | None = None
+    quantization: dict[str, Any] | None = None
 
 
 class _Run:
@@ -153,6 +165,15 @@ class _Run:
         # Hashing (the source on a first run, each new output) overlaps the conversion and quantization steps.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cecai-hash")
         self._previous: dict[Path, Manifest | None] = {}
+        #: towers beyond the text model, as the manifest records them (multimodal.plan_towers); None: a text model
+        self.multimodal: dict[str, Any] | None = None
+        #: the projector files by precision (F16, Q8_0), and per runtime (n_gpu_layers) their checked copies
+        self.mmproj: dict[str, _Produced] = {}
+        #: the base's comparison with its source (source_parity.SourceParity.to_dict), once the base is converted
+        self.source_parity: dict[str, Any] | None = None
+        #: its source side, started before the converter so that the two overlap (stopped when the run ends)
+        self.pending_check: Any = None
+        self.mmproj_checked: dict[int, dict[str, _Produced]] = {}
 
     def previous(self, folder: Path) -> Manifest | None:
         """The manifest an earlier run left in ``folder``: read once per run (the targets' folders are locked by
@@ -206,12 +227,17 @@ class _Run:
         """What the bytes of ``precision`` depend on: the source, the toolchain, and how the file is made (written
         by the converter as the base, or quantized from a base of some type with some importance matrix)."""
         made = "converter" if precision.name == base.name else f"quantized-from-{base.name}"
+        # Overrides only where the quantizer applies them, and only when given: keys of files made without any
+        # stay what they were, so an upgrade does not remake them.
+        quantized = made != "converter"
+        overrides = {"tensor_types": list(self.opts.tensor_types)} if self.opts.tensor_types and quantized else {}
         return inputs_key(
             source=fingerprint,
             precision=precision.name,
             toolchain=toolchain_info().as_manifest(),
             made=made,
             imatrix=imatrix_sha if made != "converter" else None,
+            **overrides,
         )
 
     def find_existing(self, key: str, precision: PrecisionInfo) -> _Produced | None:
@@ -230,6 +256,7 @@ class _Run:
                         fidelity=entry.fidelity,
                         made_here=False,
                         origin=folder,
+                        quantization=entry.quantization,
                     )
         return None
 
@@ -246,8 +273,18 @@ def _base_outtype(source: ModelSource, wanted: Sequence[PrecisionInfo], *, fidel
 
 
 def _attach_logs(targets: Sequence[Target]) -> list[logging.Handler]:
+    from .fsutil import refuse_symlink
+
     handlers: list[logging.Handler] = []
     root = logging.getLogger("cecai")
+    for target in targets:  # every log checked before any is opened
+        if target.log_file is not None:
+            # A log is appended to in place: a link planted at its name would send every line outside logs/.
+            refuse_symlink(
+                target.log_file,
+                why="refusing to append the log through it; nothing was converted",
+                hint=f"remove the link {target.log_file} (this tool never makes one) and re-run",
+            )
     for target in targets:
         if target.log_file is None:
             continue
@@ -299,6 +336,8 @@ def _run(job: Job, out: Output) -> list[Manifest]:
     finally:
         # On failure or Ctrl-C nothing waits for hashes of files that are being removed.
         run.pool.shutdown(wait=False, cancel_futures=True)
+        if run.pending_check is not None:  # a failed conversion or Ctrl-C: the source side's worker ends too
+            run.pending_check.stop()
 
 
 def _execute(run: _Run, started: float) -> list[Manifest]:
@@ -308,11 +347,24 @@ def _execute(run: _Run, started: float) -> list[Manifest]:
             _log.info("removed leftovers of an interrupted run: %s", stale)
     _log.info("model %s → %s", job.model, ", ".join(p.name for p in job.precisions))
     source, source_record, pending_fingerprint = run.resolve_source()
+    # Never a silent text-only file: towers beyond the text model are exported (a projector) or refused by name,
+    # unless TEXT_ONLY says to leave them out.
+    run.multimodal = _plan_towers(run, source)
     wanted = list(job.precisions)
-    base_precision = _base_outtype(source, wanted, fidelity=opts.fidelity)
+    # Per-tensor overrides are the quantizer's: a quantized type is then never written by the converter directly.
+    base_precision = _base_outtype(source, wanted, fidelity=opts.fidelity or bool(opts.tensor_types))
+    if opts.tensor_types and all(p.is_float for p in wanted):
+        _log.warning(
+            "TENSOR_TYPES applies to quantized files only: %s written without the overrides",
+            ", ".join(p.name for p in wanted),
+        )
     if opts.keep_base and base_precision not in wanted:
         wanted.append(base_precision)
     needs_imatrix = [p.name for p in wanted if p.needs_imatrix]
+    if any(not p.is_float for p in wanted):  # an override to IQ1/IQ2 needs one as much as the precision would
+        from .quant_types import needs_imatrix as overrides_needing
+
+        needs_imatrix += [f"TENSOR_TYPES {rule}" for rule in overrides_needing(opts.tensor_types)]
     if needs_imatrix and not run.imatrix.available:
         raise UsageError(
             f"{', '.join(needs_imatrix)} need(s) an importance matrix: llama.cpp refuses to make them without one",
@@ -337,7 +389,9 @@ def _execute(run: _Run, started: float) -> list[Manifest]:
                 missing.append(precision)
         earlier = [run.previous(t.outputs_dir) for t in job.targets]
         if not missing and all(
-            m is not None and _target_current(t, m, keys, _layers_of(job, t), opts.reference)
+            m is not None
+            and _target_current(t, m, keys, _layers_of(job, t), opts.reference)
+            and _mmproj_current(run, t, m, source_record["fingerprint"])
             for t, m in zip(job.targets, earlier, strict=True)
         ):
             out.info(
@@ -359,6 +413,9 @@ def _execute(run: _Run, started: float) -> list[Manifest]:
         for name, item in run.produced.items():
             item.key = item.key or keys[name]
         _read_back_all(run)
+        _check_mtp(run, source)
+        if run.multimodal is not None and run.multimodal["projector"]:
+            _produce_mmproj(run, source, stage, source_record["fingerprint"])
         # Each runtime among the targets (CPU, GPU offload) loads and measures the shared files itself; everything
         # is checked before anything is delivered, so a failing check leaves every target as it was.
         checked: dict[int, dict[str, _Produced]] = {}
@@ -370,6 +427,7 @@ def _execute(run: _Run, started: float) -> list[Manifest]:
             if opts.fidelity and run.base_path is not None:
                 _measure_fidelity(run, view, layers, label)
             checked[layers] = view
+            run.mmproj_checked[layers] = _check_images(run, view, layers, label)
         reference = _make_reference(run, next(iter(runtimes))) if opts.reference else None
         run.timings["total_s"] = round(time.perf_counter() - started, 3)
         manifests = [
@@ -520,6 +578,7 @@ def _produce(
     metadata = {}
     if source.repo_id:
         metadata = {"source_url": f"https://huggingface.co/{source.repo_id}", "source_hf_repo": source.repo_id}
+    run.pending_check = _start_source_check(run, source)  # transformers' side runs while the converter writes
     with out.step(f"converting {source.architecture} to a {base_precision.name} base GGUF"):
         t0 = time.perf_counter()
         run_converter(
@@ -533,10 +592,12 @@ def _produce(
         )
         run.timings["convert_s"] = round(time.perf_counter() - t0, 3)
     run.base_path = base_path
+    _check_source(run, base_path)  # before anything is quantized from a base that may be wrong
     quantized = [p for p in missing if p.name != base_precision.name]
     imatrix_path = run.imatrix.ensure(run, base_path, stage) if quantized and run.imatrix.available else None
     for precision in missing:
         dest = stage / _file_name(job.model_name, precision)
+        fallbacks = None
         if precision.name == base_precision.name:
             produced_path = base_path
         else:
@@ -544,15 +605,24 @@ def _produce(
                 t0 = time.perf_counter()
                 from .quantize import quantize
 
-                quantize(
+                fallbacks = quantize(
                     base_path,
                     dest,
                     precision,
                     threads=opts.threads,
                     imatrix=imatrix_path,
                     on_progress=functools.partial(_tensor_progress, out, precision.name),
+                    tensor_types=opts.tensor_types,
                 )
                 run.timings["quantize_s"][precision.name] = round(time.perf_counter() - t0, 3)
+            if fallbacks:  # said where the user looks, not only in the manifest
+                shown = ", ".join(f"{f['tensor']} {f['asked']}→{f['written']}" for f in fallbacks[:3])
+                more = f" and {len(fallbacks) - 3} more" if len(fallbacks) > 3 else ""
+                _log.warning(
+                    f"{precision.name}: {len(fallbacks)} tensor(s) written in another type than the recipe asks "
+                    f"(rows not a multiple of the block size): {shown}{more}; see quantization.fallbacks in the "
+                    "manifest"
+                )
             produced_path = dest
         run.produced[precision.name] = _Produced(
             path=produced_path,
@@ -561,7 +631,15 @@ def _produce(
             sha256="",
             facts={},
             sha_future=run.pool.submit(sha256_file, produced_path),
+            fallbacks=fallbacks,
         )
+
+
+def _ggml_type(precision: PrecisionInfo) -> int:
+    """The tensor type a converter-written precision stores its weights in (F32 for float types: no fallback)."""
+    from .quant_types import TYPE_IDS
+
+    return TYPE_IDS.get(precision.name, 0) if not precision.is_float else 0
 
 
 def _read_back_all(run: _Run) -> None:
@@ -569,6 +647,17 @@ def _read_back_all(run: _Run) -> None:
     for item in run.produced.values():
         facts = read_back(item.path, item.precision)
         item.facts = {k: getattr(facts, k) for k in _FACT_KEYS}
+        if item.made_here:
+            # What llama.cpp really wrote: the quantizer's own fallbacks, or (a file the converter wrote at a
+            # quantized type) the weight matrices its blocks could not hold.
+            quantized = item.fallbacks is not None
+            item.quantization = quantization_record(
+                facts.tensors,
+                fallbacks=item.fallbacks
+                if item.fallbacks is not None
+                else shape_fallbacks(facts.tensors, _ggml_type(item.precision)),
+                overrides=run.opts.tensor_types if quantized else (),
+            )
         if item.sha_future is not None:
             item.sha256 = item.sha_future.result()
             item.sha_future = None
@@ -633,6 +722,73 @@ def _measure_fidelity(run: _Run, view: dict[str, _Produced], n_gpu_layers: int, 
             )
 
 
+_PARITY_OFF = "turned off (--no-source-check, SOURCE_CHECK: false or CECAI_SOURCE_CHECK=0)"
+
+
+def _start_source_check(run: _Run, source: ModelSource) -> Any:
+    """The source side of the comparison with the source model, started in the background (None when it is off)."""
+    from .source_parity import SourceCheck
+
+    if not run.opts.source_check:
+        return None
+    check = SourceCheck(
+        source.path, trust_remote_code=run.opts.trust_remote_code, eval_text=run.opts.eval_text,
+        limits=run.opts.thresholds.get("source"), threads=run.opts.threads,
+    )  # fmt: skip
+    return check.start()
+
+
+def _check_source(run: _Run, base_path: Path) -> None:
+    """Compare the freshly converted base with its source model; a difference fails the run (nothing published)."""
+    from .errors import SourceMismatch
+
+    check = run.pending_check
+    if check is None:
+        return
+    with run.out.step("comparing the base with the source model (tokenizer, chat template, logits)"):
+        t0 = time.perf_counter()
+        try:
+            record = check.finish(base_path)
+        finally:
+            check.stop()
+        # the time this step added to the run; the source side's own time, mostly spent while the converter ran,
+        # is in the record's timings
+        run.timings["source_check_s"] = round(time.perf_counter() - t0, 3)
+    run.source_parity = record.to_dict()
+    for part in ("tokenizer", "logits"):
+        reason = (getattr(record, part) or {}).get("reason")
+        if reason:
+            run.out.warning(f"source check: {part} not compared: {reason}")
+    if not record.passed:
+        raise SourceMismatch(
+            record.message,
+            hint="nothing was published; the converter (or the source folder) is at fault: report it with the "
+            "model, or, if the difference is expected, --no-source-check (SOURCE_CHECK: false) converts without "
+            "the check and the manifest says so",
+        )
+
+
+def _parity_record(run: _Run, source_record: Mapping[str, Any], base: PrecisionInfo) -> dict[str, Any]:
+    """The manifest's ``source_parity``: this run's comparison, else the one recorded for the same base bytes by an
+    earlier run (a re-run that reused every file has no base to compare), else why there is none."""
+    from .source_parity import not_checked
+
+    key = run.key_for(base, str(source_record.get("fingerprint")), base, None)
+    if run.source_parity is not None:
+        return {**run.source_parity, "base_inputs_key": key}
+    if not run.opts.source_check:
+        return not_checked(_PARITY_OFF).to_dict()
+    for folder in run.related_folders():
+        earlier = run.previous(folder)
+        record = earlier.source_parity if earlier is not None else None
+        if isinstance(record, dict) and record.get("checked") and record.get("base_inputs_key") == key:
+            return {**record, "reused": True}
+    return not_checked(
+        "every file was reused from an earlier run and no record of a source check of this base was found; "
+        "--force converts and checks again"
+    ).to_dict()
+
+
 def _deliver(
     run: _Run,
     target: Target,
@@ -650,19 +806,30 @@ def _deliver(
         item = view[precision.name]
         name = _file_name(job.model_name, precision)
         dest = target.outputs_dir / name
-        if item.path.resolve() != dest.resolve():
+        # A link at dest is never taken for the file itself: install_file refuses it (a planted link).
+        if dest.is_symlink() or item.path.resolve() != dest.resolve():
             install_file(item.path, dest)
         st = dest.stat()
         files.append({
             "name": name, "precision": precision.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
             "sha256": item.sha256, "inputs_key": item.key, **item.facts,
-            "bpw": round(st.st_size * 8 / item.facts["n_params"], 3) if item.facts.get("n_params") else None,
+            "bpw": bits_per_weight(st.st_size, item.facts.get("n_params") or 0),
+            "quantization": item.quantization,
             "verification": item.verification, "fidelity": item.fidelity,
             "reused": not item.made_here,
         })  # fmt: skip
     record = run.imatrix.record
     if record is not None and record.get("source") == "computed" and run.imatrix.path is not None:
         install_file(run.imatrix.path, target.outputs_dir / record["file"])
+    if any((f.get("quantization") or {}).get("overrides") for f in files):
+        # The overrides as llama-quantize reads them (--tensor-type-file), published with the card.
+        from .card import tensor_types_name
+        from .fsutil import atomic_write_text
+        from .quant_types import tensor_type_file
+
+        atomic_write_text(
+            target.outputs_dir / tensor_types_name(job.model_name), tensor_type_file(job.options.tensor_types)
+        )
     manifest = {
         "toolchain": toolchain_info().as_manifest(),
         "pair": target.pair.name if target.pair else None,
@@ -675,6 +842,9 @@ def _deliver(
         "timings": run.timings,
         "runtime": {"n_gpu_layers": _layers_of(job, target)},
         "request": target.request,
+        "multimodal": run.multimodal,
+        "mmproj": _deliver_mmproj(run, target),
+        "source_parity": _parity_record(run, source_record, base_precision),
     }
     if reference is not None:
         names = {f["name"] for f in files}
@@ -687,3 +857,162 @@ def _deliver(
     _log.info("wrote %s", written.path)
     # Files of earlier runs that this run no longer asked for are left alone; the manifest lists this run's files.
     return written
+
+
+# -- towers beyond the text model (multimodal.py): the projector files -------------------------------------------------
+def _plan_towers(run: _Run, source: ModelSource) -> dict[str, Any] | None:
+    """Detect the towers beyond the text model and decide: projector, refusal (raised), or text only (recorded)."""
+    from .multimodal import detect_towers, plan_towers
+
+    assert run.converter_dir is not None
+    plan = plan_towers(detect_towers(source.path, source.config, run.converter_dir), text_only=run.opts.text_only)
+    if plan is not None and plan["left_out"]:
+        run.out.warning(
+            f"TEXT_ONLY: publishing the text model alone; left out: {', '.join(plan['left_out'])} "
+            "(recorded in the manifest and the card)"
+        )
+    return plan
+
+
+def _check_mtp(run: _Run, source: ModelSource) -> None:
+    """Refuse multi-token-prediction heads that the converted file does not hold (known only from the file)."""
+    from .gguf_header import read_header
+    from .multimodal import detect_towers, mtp_refusal
+
+    if run.multimodal is None or "mtp" not in run.multimodal["towers"] or not run.produced:
+        return
+    assert run.converter_dir is not None
+    towers = detect_towers(source.path, source.config, run.converter_dir)
+    metadata = read_header(next(iter(run.produced.values())).path).metadata
+    refusal = mtp_refusal(towers, metadata, text_only=run.opts.text_only)
+    if refusal is not None:
+        raise refusal
+
+
+def _mmproj_keys(run: _Run, fingerprint: str) -> dict[str, str]:
+    """The projector files this job writes (F16, and Q8_0 when asked) → what their bytes depend on."""
+    from .multimodal import mmproj_precisions
+
+    if run.multimodal is None or not run.multimodal["projector"]:
+        return {}
+    toolchain = toolchain_info().as_manifest()
+    return {
+        name: inputs_key(source=fingerprint, precision=name, toolchain=toolchain, made="converter --mmproj")
+        for name in mmproj_precisions([p.name for p in run.job.precisions])
+    }
+
+
+def _mmproj_wanted(target: Target, name: str) -> bool:
+    """F16 goes to every target; Q8_0 to the targets that asked for Q8_0."""
+    return name == "F16" or target.wants(name)
+
+
+def _mmproj_current(run: _Run, target: Target, manifest: Manifest, fingerprint: str) -> bool:
+    """Whether ``manifest`` (the target's, from an earlier run) lists every projector file this job writes, current,
+    and nothing was left out that this run would now export (or the reverse)."""
+    if manifest.multimodal != run.multimodal:
+        return False
+    entries = {e.precision: e for e in manifest.mmproj or []}
+    return all(
+        name in entries and file_is_current(entries[name], target.outputs_dir, key)
+        for name, key in _mmproj_keys(run, fingerprint).items()
+        if _mmproj_wanted(target, name)
+    )
+
+
+def _produce_mmproj(run: _Run, source: ModelSource, stage: Path, fingerprint: str) -> None:
+    """Write the projector files (``convert_hf_to_gguf.py --mmproj``), or reuse current ones from an earlier run."""
+    from .multimodal import mmproj_file_name
+
+    assert run.converter_dir is not None
+    for name, key in _mmproj_keys(run, fingerprint).items():
+        precision = PRECISIONS[name]
+        file_name = mmproj_file_name(run.job.model_name, name)
+        existing = None
+        for folder in [] if run.opts.force else run.related_folders():
+            manifest = run.previous(folder)
+            for entry in (manifest.mmproj or []) if manifest else []:
+                if entry.precision == name and file_is_current(entry, folder, key):
+                    existing = _Produced(
+                        path=folder / entry.name, precision=precision, key=key, sha256=entry.sha256,
+                        facts={k: v for k, v in entry.to_dict().items() if k in _FACT_KEYS},
+                        verification=entry.verification, made_here=False, origin=folder,
+                    )  # fmt: skip
+                    break
+            if existing is not None:
+                break
+        if existing is None:
+            path = stage / file_name
+            with run.out.step(f"exporting the multimodal projector ({file_name})"):
+                t0 = time.perf_counter()
+                run_converter(
+                    run.converter_dir, source, path, name.lower(), model_name=run.job.model_name, mmproj=True,
+                    on_tensor=lambda n: run.out.progress(f"    converting projector tensor {n}"),
+                )  # fmt: skip
+                run.timings.setdefault("mmproj_s", {})[name] = round(time.perf_counter() - t0, 3)
+            facts = read_back(path)
+            if facts.architecture != "clip":
+                raise ConversionFailed(
+                    f"{file_name}: the converter wrote a {facts.architecture!r} file, not a projector ('clip')",
+                    hint="nothing was published; the log has the converter's output",
+                )
+            existing = _Produced(
+                path=path, precision=precision, key=key, sha256=sha256_file(path),
+                facts={k: getattr(facts, k) for k in _FACT_KEYS},
+            )  # fmt: skip
+        run.mmproj[name] = existing
+
+
+def _check_images(run: _Run, view: dict[str, _Produced], n_gpu_layers: int, label: str) -> dict[str, _Produced]:
+    """Show the test image to the text files of ``view`` through the projector, on one runtime.
+
+    Every text file answers with the F16 projector (its ``verification.image``); the Q8_0 projector answers with the
+    Q8_0 text file, else the first one. Each projector records the first answer it gave.
+    """
+    from .multimodal import image_check_many
+
+    mm_view = {name: dataclasses.replace(item) for name, item in run.mmproj.items()}
+    texts = [item for item in view.values() if item.verification is not None]
+    if not mm_view or not texts or not run.opts.verify:
+        return mm_view
+    pairs: list[tuple[_Produced, _Produced]] = []
+    for name, projector in mm_view.items():
+        chosen = texts if name == "F16" else [view.get(name) or texts[0]]
+        pairs += [(text, projector) for text in chosen]
+    where = "" if n_gpu_layers == 0 else f", n_gpu_layers={n_gpu_layers}"
+    with run.out.step(f"showing the test image to {len(pairs)} file pair(s) through the projector{where}"):
+        t0 = time.perf_counter()
+        checks = image_check_many(
+            [(t.path, p.path) for t, p in pairs], n_gpu_layers=n_gpu_layers, threads=run.opts.threads
+        )
+        run.timings.setdefault("image_check_s", {})[label] = round(time.perf_counter() - t0, 3)
+    for text, projector in pairs:
+        record = checks[(text.path, projector.path)].as_dict()
+        if projector.precision.name == "F16" and text.verification is not None:
+            text.verification = {**text.verification, "image": record}
+        if projector.verification is None or projector.verification.get("runtime") != record["runtime"]:
+            projector.verification = {**record, "model": text.path.name}
+    return mm_view
+
+
+def _deliver_mmproj(run: _Run, target: Target) -> list[dict[str, Any]] | None:
+    """Install the projector files in ``target`` and give their manifest entries (None: no projector)."""
+    from .multimodal import MMPROJ_ROLE, mmproj_file_name
+
+    if not run.mmproj:
+        return None
+    view = run.mmproj_checked.get(_layers_of(run.job, target), run.mmproj)
+    entries: list[dict[str, Any]] = []
+    for name, item in view.items():
+        if not _mmproj_wanted(target, name):
+            continue
+        dest = target.outputs_dir / mmproj_file_name(run.job.model_name, name)
+        if dest.is_symlink() or item.path.resolve() != dest.resolve():
+            install_file(item.path, dest)
+        st = dest.stat()
+        entries.append({
+            "name": dest.name, "precision": name, "role": MMPROJ_ROLE, "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "sha256": item.sha256, "inputs_key": item.key, **item.facts,
+            "verification": item.verification, "reused": not item.made_here,
+        })  # fmt: skip
+    return entries

@@ -45,26 +45,30 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ChecksFailed, ConverterError, GitHubAPIError, ManifestError, PublishFailed, UsageError
-from .fsutil import sha256_file
+from .fsutil import atomic_write_text, refuse_symlink, sha256_file
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from .markdown import code, inline
 from .names import control_character, show
 from .output import Output, decimal_size, get_logger
 from .pairs import PAIRS
 from .request import without_host_paths
 
 __all__ = [
+    "BODY_LIMIT",
     "CHECKSUMS_NAME",
     "SIZE_LIMIT",
     "GitHubClient",
     "LocalAsset",
     "PublishResult",
     "ReleasePlan",
+    "check_asset_names",
     "collect_assets",
     "finalize_release",
     "parse_checksums",
     "plan_release",
     "publish_release",
     "push_to_hub",
+    "record_problems",
     "register",
     "release_manifest",
     "release_notes",
@@ -81,6 +85,13 @@ NOTES_START: Final = "<!-- cecai-converter:assets -->"
 NOTES_END: Final = "<!-- /cecai-converter:assets -->"
 _SPLIT_NAME: Final = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+#: The longest release description GitHub accepts, in characters.
+BODY_LIMIT: Final = 125_000
+#: Asset names GitHub keeps as they are. It replaces every other character (a space, ``~``, ``:``, ``(``, non-ASCII
+#: letters) with ``.`` and renames leading and trailing periods, silently: SHA256SUMS and the manifests would then
+#: name files that are not on the release, and a re-run would not find them.
+_ASSET_NAME: Final = re.compile(r"[A-Za-z0-9_+-](?:[A-Za-z0-9._+-]*[A-Za-z0-9_+-])?")
+_ASSET_CHARS: Final = "ASCII letters, digits, '.', '_', '-' and '+', not starting or ending with '.'"
 _log = get_logger("publish")
 
 
@@ -93,7 +104,8 @@ class LocalAsset:
         path: where the bytes are.
         size: bytes.
         sha256: hex digest.
-        kind: ``gguf``, ``split`` (one part of a split GGUF file), ``manifest`` or ``checksums``.
+        kind: ``gguf``, ``split`` (one part of a split GGUF file), ``manifest``, ``checksums`` or
+            ``tensor-types`` (the ``--tensor-type-file`` map of per-tensor overrides).
         precision: the GGUF file's precision, when a manifest says it.
         split_of: for a part, the name of the GGUF file it was split from.
         manifest: for a manifest asset, its content (read once, when collected).
@@ -256,14 +268,21 @@ def _manifest_files(manifest: Manifest) -> list[tuple[Path, str, str | None]]:
 
     folder = manifest_path.parent.resolve()
     out: list[tuple[Path, str, str | None]] = []
-    for index, entry in enumerate(manifest.files):
+    # The projector files of a vision model (``mmproj``) are published next to the text files, checked alike.
+    rows = [("files", i, e) for i, e in enumerate(manifest.files)]
+    rows += [("mmproj", i, e) for i, e in enumerate(manifest.mmproj or [])]
+    for key, index, entry in rows:
         name = entry.name
         if name.startswith("."):
-            raise refuse(f"files[{index}].name", f"{show(name)} is a hidden file; conversions never write one")
+            raise refuse(f"{key}[{index}].name", f"{show(name)} is a hidden file; conversions never write one")
         path = folder / name
-        where = f"files[{index}] ({name})"
-        if path.is_symlink():
-            raise refuse(where, f"{path} is a symbolic link; only regular files in the manifest's folder are published")
+        where = f"{key}[{index}] ({name})"
+        refuse_symlink(
+            path,
+            where=f"{manifest_path}: {where}: ",
+            why="only regular files in the manifest's folder are published; nothing was published",
+            hint=_MANIFEST_HINT,
+        )
         if not path.is_file():
             raise refuse(where, f"the file is not in {folder}")
         if not _SHA256_HEX.fullmatch(entry.sha256):
@@ -277,7 +296,7 @@ def _manifest_files(manifest: Manifest) -> list[tuple[Path, str, str | None]]:
                 f"(sha256 {digest[:12]}…, manifest {entry.sha256[:12]}…); nothing was published",
                 hint="the file changed or was damaged in transfer; convert it again",
             )
-        out.append((path, digest, entry.precision))
+        out.append((path, digest, entry.precision if key == "files" else f"mmproj {entry.precision}"))
     return out
 
 
@@ -298,6 +317,8 @@ def collect_assets(inputs: Sequence[Path]) -> list[LocalAsset]:
             "nothing to publish", hint="pass conversion output folders (with manifest.json) or .gguf files"
         )
     for item in inputs:
+        if item.suffix == ".gguf":
+            refuse_symlink(item)
         if item.is_file() and item.suffix == ".gguf":
             _add(found, LocalAsset(item.name, item, item.stat().st_size, sha256_file(item), "gguf"))
             continue
@@ -314,7 +335,54 @@ def collect_assets(inputs: Sequence[Path]) -> list[LocalAsset]:
         name = _manifest_asset_name(manifest, manifest_path.parent)
         size, digest = manifest_path.stat().st_size, sha256_file(manifest_path)
         _add(found, LocalAsset(name, manifest_path, size, digest, "manifest", manifest=manifest))
+        overrides = _tensor_types_asset(manifest, manifest_path.parent)
+        if overrides is not None:
+            _add(found, overrides)
     return sorted(found.values(), key=lambda a: (a.kind != "gguf", a.name))
+
+
+def _tensor_types_asset(manifest: Manifest, folder: Path) -> LocalAsset | None:
+    """The ``<model>.tensor-types.txt`` map (llama-quantize ``--tensor-type-file``) of a conversion that used
+    per-tensor overrides, checked against the overrides its manifest records; None without overrides.
+
+    Raises:
+        UsageError: the map is missing or does not hold the recorded overrides.
+    """
+    from .card import tensor_types_name
+    from .quant_types import recorded_tensor_types, tensor_type_file
+
+    rules = recorded_tensor_types(manifest.to_dict())
+    if not rules:
+        return None
+    path = folder / tensor_types_name(str(manifest.model_name))
+    refuse_symlink(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = None
+    if text != tensor_type_file(rules):
+        raise UsageError(
+            f"{path}: the files were quantized with per-tensor overrides ({' '.join(rules)}), but this map "
+            f"{'is missing' if text is None else 'holds other overrides'}; nothing was published",
+            hint="publish the whole output folder of `cecai-convert convert` (it writes the map), or convert again",
+        )
+    return LocalAsset(path.name, path, path.stat().st_size, sha256_file(path), "tensor-types")
+
+
+def check_asset_names(assets: Iterable[LocalAsset]) -> None:
+    """Refuse asset names GitHub would rewrite (see :data:`_ASSET_NAME`), before the first request.
+
+    Raises:
+        UsageError: naming the file, the name and the characters GitHub keeps.
+    """
+    for asset in assets:
+        if not _ASSET_NAME.fullmatch(asset.name):
+            raise UsageError(
+                f"{asset.path}: GitHub would rename the release asset {show(asset.name)} (it replaces characters "
+                f"other than {_ASSET_CHARS} with '.'), so SHA256SUMS and the manifests would name a file that is not "
+                "on the release; nothing was published",
+                hint=f"rename the file (and convert again, so its manifest names it) using only {_ASSET_CHARS}",
+            )
 
 
 #: Manifest keys whose values change from run to run without the files changing: a re-run that differs only here
@@ -352,6 +420,7 @@ def release_manifest(manifest: Manifest, checks: Sequence[Mapping[str, Any]]) ->
         extra=extra,
         source=source,
         files=[e.without_host_facts() for e in manifest.files],
+        mmproj=None if manifest.mmproj is None else [e.without_host_facts() for e in manifest.mmproj],
         absent=manifest.absent - {"source"},
         path=None,
     )
@@ -396,7 +465,7 @@ def _attach_checks(
                     raise UsageError(f"the {record['pair']} check of {model} checked other bytes of {row['name']}")
         data = release_manifest(manifest, own)
         staged = staging / asset.name
-        staged.write_text(json.dumps(data.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        atomic_write_text(staged, json.dumps(data.to_dict(), indent=2, sort_keys=True) + "\n")
         size, digest = staged.stat().st_size, sha256_file(staged)
         out.append(LocalAsset(asset.name, staged, size, digest, "manifest", manifest=data))
         published[model if per_model[model] == 1 else f"{model} ({asset.name})"] = data
@@ -409,6 +478,39 @@ def _attach_checks(
     return out, published
 
 
+def _row_passed(row: Mapping[str, Any], sha256: str | None) -> bool:
+    """A record's row passes when it says so, lists no problem, and checked the bytes the manifest names."""
+    return row.get("passed") is True and not row.get("problems") and sha256 is not None and row.get("sha256") == sha256
+
+
+def record_problems(record: Mapping[str, Any], manifest: Manifest) -> list[str]:
+    """Why a check record does not vouch for ``manifest``'s files; empty when it does.
+
+    The verdict comes from the rows, never from the record's own top-level ``passed`` (a record is a file from an
+    artifact: it may say ``passed: true`` over a failed row, or over no row at all). The record passes when it
+    lists no problem of its own and every file of the manifest has a row that passed and checked the same bytes
+    (sha256 equal to the manifest's).
+    """
+    pair = record.get("pair")
+    problems = [f"{pair}: {p}" for p in record.get("problems") or []]
+    rows: dict[Any, Mapping[str, Any]] = {}
+    for row in record.get("files") or []:
+        if isinstance(row, Mapping):
+            rows.setdefault(row.get("name"), row)
+    if not rows:
+        problems.append(f"{pair}: the record checked no file")
+    for entry in manifest.files:
+        row = rows.get(entry.name)
+        if row is None:
+            problems.append(f"{pair}: {entry.name}: not checked (no row in the record)")
+        elif row.get("sha256") != entry.sha256:
+            problems.append(f"{pair}: {entry.name}: the check measured other bytes (sha256 {show(row.get('sha256'))})")
+        elif not _row_passed(row, entry.sha256):
+            why = "; ".join(str(p) for p in row.get("problems") or []) or "the row did not pass"
+            problems.append(f"{pair}: {entry.name}: {why}")
+    return problems
+
+
 def check_failures(manifests: Mapping[str, Manifest], expected: Sequence[tuple[str, str]] | None) -> list[str]:
     """Why the release must stay a draft: failed checks, and expected (model, pair) checks with no record.
 
@@ -416,12 +518,11 @@ def check_failures(manifests: Mapping[str, Manifest], expected: Sequence[tuple[s
     are, each failure is named once.
     """
     problems: list[str] = []
-    from .check import failure_message
-
     for manifest in manifests.values():
         for record in (manifest.checks or {}).values():
-            problem = f"{manifest.model_name}: {failure_message(record)}"
-            if not record.get("passed") and problem not in problems:
+            failed = record_problems(record, manifest)
+            problem = f"{manifest.model_name}: {'; '.join(failed)}"
+            if failed and problem not in problems:
                 problems.append(problem)
     for model, pair in expected or ():
         if not any(str(m.model_name) == model and pair in (m.checks or {}) for m in manifests.values()):
@@ -471,12 +572,17 @@ def checksums_text(sums: Mapping[str, str]) -> str:
     return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
 
 
-def _check_cell(row: Mapping[str, Any] | None) -> str:
+def _check_cell(row: Mapping[str, Any] | None, sha256: str) -> str:
     if row is None:
         return "–"
     agr = row.get("agreement") or {}
-    if not row.get("passed"):
-        return "❌ " + "; ".join(str(p) for p in row.get("problems") or ["failed"]).replace("|", "\\|")[:120]
+    if not isinstance(agr, Mapping):
+        agr = {}
+    if not _row_passed(row, sha256):
+        problems = [str(p) for p in row.get("problems") or []]
+        if row.get("sha256") != sha256:
+            problems.insert(0, "checked other bytes")
+        return "❌ " + inline("; ".join(problems or ["failed"]), limit=120)
     speed = f"{agr['gen_tps']:.0f} tok/s" if isinstance(agr.get("gen_tps"), (int, float)) else ""
     kld = f"KLD {agr['kld_mean']:.1e}" if isinstance(agr.get("kld_mean"), (int, float)) else ""
     top1 = f"top-1 {agr['top1_agreement']:.0%}" if isinstance(agr.get("top1_agreement"), (int, float)) else ""
@@ -492,15 +598,17 @@ def checks_table(manifests: Mapping[str, Manifest]) -> list[str]:
             continue
         pairs = [p for p in PAIRS if p in checks]
         runtime = {p: checks[p].get("runtime") or {} for p in pairs}
-        runtimes = ", ".join(f"{p}: {runtime[p].get('device')} on {runtime[p].get('machine')}" for p in pairs)
-        lines += [f"#### Checked on each pair's runtime: {model}", "", f"Runtimes: {runtimes}.", ""]
+        runtimes = ", ".join(
+            f"{p}: {inline(runtime[p].get('device'))} on {inline(runtime[p].get('machine'))}" for p in pairs
+        )
+        lines += [f"#### Checked on each pair's runtime: {inline(model)}", "", f"Runtimes: {runtimes}.", ""]
         lines += ["| File | " + " | ".join(pairs) + " |", "| --- |" + " --- |" * len(pairs)]
         for entry in manifest.files:
             cells = []
             for pair in pairs:
                 rows = {r.get("name"): r for r in checks[pair].get("files") or []}
-                cells.append(_check_cell(rows.get(entry.name)))
-            lines.append(f"| `{entry.name}` | " + " | ".join(cells) + " |")
+                cells.append(_check_cell(rows.get(entry.name), entry.sha256))
+            lines.append(f"| {code(entry.name, cell=True)} | " + " | ".join(cells) + " |")
         lines += [
             "",
             "KLD and top-1: agreement of the pair's runtime with the builder's on the same file (0 and 100% = "
@@ -515,25 +623,36 @@ def release_notes(
     rows: Sequence[tuple[str, int, str, str]],
     split: Mapping[str, Sequence[str]],
     manifests: Mapping[str, Manifest] | None = None,
+    *,
+    compact: bool = False,
 ) -> str:
     """The release body: the user's text kept, this tool's section (between markers) replaced.
+
+    Every value from a manifest or check record goes through the one Markdown escaper (``markdown``).
 
     Args:
         existing: the current body.
         rows: (asset name, size, sha256, precision) for every GGUF asset and part on the release.
         split: original file name -> part names, for files that were split.
         manifests: model name → release manifest, for the table of per-pair checks.
+        compact: one row per model instead of the per-file tables (see :func:`fit_notes`); each model's
+            ``*.manifest.json`` and ``SHA256SUMS`` hold the full record.
     """
-    lines = [NOTES_START, "### GGUF files", "", "| File | Precision | Size | SHA-256 |", "| --- | --- | ---: | --- |"]
-    lines += [
-        f"| `{name}` | {precision or ''} | {decimal_size(size)} | `{digest[:16]}` |"
-        for name, size, digest, precision in rows
-    ]
-    if manifests:
+    lines = [NOTES_START, "### GGUF files", ""]
+    if compact:
+        lines += _compact_tables(rows, manifests or {})
+    else:
+        lines += ["| File | Precision | Size | SHA-256 |", "| --- | --- | ---: | --- |"]
+        lines += [
+            f"| {code(name, cell=True)} | {inline(precision or '')} | {decimal_size(size)} "
+            f"| {code(digest[:16], cell=True)} |"
+            for name, size, digest, precision in rows
+        ]
+    if manifests and not compact:
         from .card import files_table
 
         for model, manifest in sorted(manifests.items()):
-            lines += ["", f"#### Files and fidelity: {model}", "", *files_table(manifest.to_dict(), {})]
+            lines += ["", f"#### Files and fidelity: {inline(model)}", "", *files_table(manifest.to_dict(), {})]
         lines += ["", *checks_table(manifests)]
     lines += [
         "",
@@ -549,7 +668,8 @@ def release_notes(
             "To merge them into one file: `llama-gguf-split --merge FIRST-PART OUT.gguf`.",
             "",
         ]
-        lines += [f"- `{orig}` → {', '.join(f'`{p}`' for p in parts)}" for orig, parts in split.items()]
+        if not compact:
+            lines += [f"- {code(orig)} → {', '.join(code(p) for p in parts)}" for orig, parts in split.items()]
     lines.append(NOTES_END)
     section = "\n".join(lines)
     body = existing or ""
@@ -557,6 +677,74 @@ def release_notes(
     if start != -1 and end > start:
         return body[:start] + section + body[end + len(NOTES_END) :]
     return f"{body.rstrip()}\n\n{section}\n" if body.strip() else section + "\n"
+
+
+def _compact_tables(rows: Sequence[tuple[str, int, str, str]], manifests: Mapping[str, Manifest]) -> list[str]:
+    """One row per model (files, total size, each pair's verdict) for a release too large for the full tables."""
+    lines = [
+        f"The per-file tables would pass GitHub's limit on a release description ({BODY_LIMIT:,} characters), so "
+        "this is one row per model: each model's `*.manifest.json` holds every file with its size, SHA-256, "
+        f"fidelity and check results, and `{CHECKSUMS_NAME}` lists every file.",
+        "",
+        "| Model | Files | Size | Checks |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    sizes = {name: size for name, size, _, _ in rows}
+    claimed: set[str] = set()
+    for model, manifest in sorted(manifests.items()):
+        names = {e.name for e in manifest.files}
+        mine = [n for n in sizes if _original_name(n) in names]
+        claimed.update(mine)
+        verdicts = [
+            f"{inline(pair)} {'❌' if record_problems(record, manifest) else '✅'}"
+            for pair, record in sorted((manifest.checks or {}).items())
+        ]
+        total = decimal_size(sum(sizes[n] for n in mine))
+        lines.append(f"| {inline(model)} | {len(manifest.files)} | {total} | {', '.join(verdicts) or '–'} |")
+    others = [n for n in sizes if n not in claimed]
+    if others:
+        lines.append(f"| other files | {len(others)} | {decimal_size(sum(sizes[n] for n in others))} | – |")
+    return lines
+
+
+def _original_name(name: str) -> str:
+    """The GGUF file a split part was cut from (the name itself for any other file)."""
+    m = _SPLIT_NAME.match(name)
+    return f"{m['stem']}.gguf" if m else name
+
+
+def body_length(body: str) -> int:
+    """A release description's length as GitHub may count it: characters, or UTF-16 units where that is more."""
+    return max(len(body), len(body.encode("utf-16-le")) // 2)
+
+
+def fit_notes(
+    existing: str | None,
+    rows: Sequence[tuple[str, int, str, str]],
+    split: Mapping[str, Sequence[str]],
+    manifests: Mapping[str, Manifest] | None,
+    *,
+    tag: str,
+    state: str = "nothing was uploaded",
+) -> str:
+    """The release notes (:func:`release_notes`) within :data:`BODY_LIMIT`: the full tables when they fit, else one
+    row per model (``compact``).
+
+    Raises:
+        PublishFailed: not even the short notes fit (the release's own text is too long, or there are too many
+            models); ``state`` says what was done by then (:func:`plan_release` calls this before the first upload).
+    """
+    body = release_notes(existing, rows, split, manifests)
+    if body_length(body) <= BODY_LIMIT:
+        return body
+    body = release_notes(existing, rows, split, manifests, compact=True)
+    if body_length(body) <= BODY_LIMIT:
+        return body
+    raise PublishFailed(
+        f"the notes of release {tag} would be {body_length(body):,} characters even with one row per model, more "
+        f"than GitHub accepts for a release description ({BODY_LIMIT:,}); {state}",
+        hint="shorten the release's own text on its page, or publish fewer models to this tag",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ REST API
@@ -585,10 +773,12 @@ def _json_object(value: object) -> dict[str, Any]:
 
 def _refusal(method: str, url: str, exc: urllib.error.HTTPError) -> GitHubAPIError:
     """An error status as a :class:`GitHubAPIError`: the call (path only), GitHub's own message and a hint."""
+    from .untrusted_json import loads_bounded
+
     raw = exc.read() or b""
     try:
-        detail = json.loads(raw).get("message", "")
-    except (ValueError, AttributeError):
+        detail = str(loads_bounded(raw, what="GitHub's error", allow_nan=True).get("message", ""))[:500]
+    except (ConverterError, AttributeError):
         detail = raw[:200].decode(errors="replace")
     path = urllib.parse.urlsplit(url).path
     return GitHubAPIError(
@@ -665,7 +855,13 @@ class GitHubClient:
                 hint="check the network and GITHUB_API_URL",
             ) from None
         if "json" in resp_headers.get("Content-Type", "") and raw:
-            return status, json.loads(raw), resp_headers
+            from .untrusted_json import loads_bounded
+
+            what = f"GitHub's answer to {method} {urllib.parse.urlsplit(url).path}"
+            try:  # another machine's JSON: bounded (a deep one would end in a RecursionError traceback)
+                return status, loads_bounded(raw, what=what, allow_nan=True, max_bytes=256 * 1024 * 1024), resp_headers
+            except UsageError as exc:
+                raise GitHubAPIError(exc.message, status=status, hint="GitHub's API answered with bad JSON") from None
         return status, raw, resp_headers
 
     def _paged(self, path: str) -> list[dict[str, Any]]:
@@ -825,12 +1021,11 @@ def plan_release(
     from .check import read_records
 
     files = collect_assets(inputs)
+    check_asset_names(files)
     records = read_records(list(checks)) if checks else []
     files, manifests = _attach_checks(files, records, staging)
     assets, split = _split_large(files, staging, size_limit)
-    # finalize_release renders the notes again; rendering them now makes whatever they cannot show fail here,
-    # before the first upload, not after every file went up.
-    release_notes(None, [], split, manifests)
+    check_asset_names(assets)
     release = gh.find_release(tag)
     if release is None:
         say(f"no release for {tag} yet: a draft will be created")
@@ -853,6 +1048,16 @@ def plan_release(
         remote_sums = parse_checksums(gh.download_asset(int(sums_asset["id"])).decode("utf-8", "replace"))
     kept = _compare_assets(gh, plan, remote_sums)
     _plan_checksums(plan, remote_sums, kept, sums_asset, staging)
+    # finalize_release renders the notes again, from the release's assets; rendering them now, from what the
+    # release will hold, makes notes that GitHub would refuse (over BODY_LIMIT) fail before the first upload.
+    sizes = {n: int(a.get("size", 0)) for n, a in existing.items()} | {a.name: a.size for a in assets}
+    precisions = {a.name: a.precision or "" for a in assets}
+    rows = [(n, sizes[n], plan.sums[n], precisions.get(n, "")) for n in sorted(sizes) if _notes_row(n, plan.sums)]
+    all_split: dict[str, list[str]] = {}
+    for name in sorted(sizes):
+        if _SPLIT_NAME.match(name):
+            all_split.setdefault(_original_name(name), []).append(name)
+    fit_notes(release.get("body") if release else None, rows, all_split, manifests, tag=tag)
     if release is not None and not plan.draft and release.get("immutable") and (plan.to_upload or plan.stale):
         raise PublishFailed(
             f"release {tag} is published and immutable: GitHub accepts no new assets "
@@ -861,6 +1066,11 @@ def plan_release(
             "then publishes), or publish these files under a new tag",
         )
     return plan
+
+
+def _notes_row(name: str, sums: Mapping[str, str]) -> bool:
+    """Whether an asset gets a row in the notes' files table: a GGUF file or part this tool vouches for."""
+    return name.endswith(".gguf") and name in sums
 
 
 def _compare_assets(gh: GitHubClient, plan: ReleasePlan, remote_sums: Mapping[str, str]) -> dict[str, str]:
@@ -927,7 +1137,7 @@ def _plan_checksums(
     sums.update(kept)
     plan.sums = {n: d for n, d in sums.items() if not n.endswith(PARTIAL_SUFFIX)}
     sums_path = staging / CHECKSUMS_NAME
-    sums_path.write_text(checksums_text(plan.sums), encoding="utf-8")
+    atomic_write_text(sums_path, checksums_text(plan.sums))
     sums_local = LocalAsset(CHECKSUMS_NAME, sums_path, sums_path.stat().st_size, sha256_file(sums_path), "checksums")
     if sums_asset is not None and sums_asset.get("state", "uploaded") != "uploaded":
         plan.stale.append(dict(sums_asset))
@@ -1025,14 +1235,14 @@ def finalize_release(
     rows = [
         (name, int(final[name].get("size", 0)), plan.sums[name], precisions.get(name, ""))
         for name in sorted(final)
-        if name.endswith(".gguf") and name in plan.sums
+        if _notes_row(name, plan.sums)
     ]
     all_split: dict[str, list[str]] = {}
     for name in sorted(final):
-        m = _SPLIT_NAME.match(name)
-        if m:
-            all_split.setdefault(f"{m['stem']}.gguf", []).append(name)
-    body = release_notes(release.get("body"), rows, all_split, plan.manifests)
+        if _SPLIT_NAME.match(name):
+            all_split.setdefault(_original_name(name), []).append(name)
+    state = "every file was uploaded; the release was left as it was (a draft stays a draft)"
+    body = fit_notes(release.get("body"), rows, all_split, plan.manifests, tag=plan.tag, state=state)
     changes: dict[str, Any] = {}
     draft = bool(release.get("draft"))
     if body != (release.get("body") or "") and (draft or not release.get("immutable")):
@@ -1129,10 +1339,12 @@ def _same_manifest(remote: bytes, local: Path) -> bool:
 
     Compared as JSON, not as :class:`Manifest`: the release's copy may come from another version of this tool.
     """
-    try:
-        theirs = json.loads(remote.decode("utf-8"))
+    from .untrusted_json import loads_bounded
+
+    try:  # the release's copy comes from the network: bounded, like every JSON someone else wrote
+        theirs = loads_bounded(remote, what="the release's manifest", allow_nan=True, max_bytes=64 * 1024 * 1024)
         ours = json.loads(local.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ConverterError, ValueError, UnicodeDecodeError):
         return False
     return bool(stable_view(theirs) == stable_view(ours))
 
@@ -1205,7 +1417,7 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="cecai-hub-") as tmp:
         files, _ = _attach_checks(assets, records, Path(tmp))
         sums = Path(tmp) / CHECKSUMS_NAME
-        sums.write_text(checksums_text({a.name: a.sha256 for a in files}), encoding="utf-8")
+        atomic_write_text(sums, checksums_text({a.name: a.sha256 for a in files}))
         ops = [CommitOperationAdd(path_in_repo=a.name, path_or_fileobj=str(a.path)) for a in files]
         ops.append(CommitOperationAdd(path_in_repo=CHECKSUMS_NAME, path_or_fileobj=str(sums)))
         if card is not None:

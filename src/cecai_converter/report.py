@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import EXIT_OK, ManifestError, UsageError
+from .gguf_header import GGUFHeaderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from .markdown import code, inline
 from .output import Output
 from .precisions import PRECISIONS
+from .quant_types import types_markdown
 
 __all__ = ["find_manifests", "load_manifests", "plot", "register", "render_markdown"]
 
@@ -51,25 +54,30 @@ def _title(manifest: Mapping[str, Any]) -> str:
 
 
 def _render_one(manifest: Mapping[str, Any]) -> str:
-    lines = [f"### {_title(manifest)}", ""]
+    # Every value from the manifest goes through the one escaper (markdown.py): shown, never rendered.
+    lines = [f"### {inline(_title(manifest))}", ""]
     files = list(manifest.get("files") or [])
     measured = [f["fidelity"] for f in files if isinstance(f.get("fidelity"), Mapping)]
     base = (manifest.get("base") or {}).get("precision")
     if measured:
         first = measured[0]
         devices = sorted({str(m.get("device", "?")) for m in measured})
-        about = [f"Fidelity vs the {base or 'unquantized'} base"]
+        about = [f"Fidelity vs the {inline(base or 'unquantized')} base"]
         if isinstance(first.get("n_tokens"), int):
             about.append(f"on {first['n_tokens']} scored tokens")
         if _finite(first.get("ppl_base")):
             about.append(f"(base perplexity {first['ppl_base']:.4g})")
-        about.append(f"measured on {'/'.join(devices)}.")
+        about.append(f"measured on {inline('/'.join(devices))}.")
         lines += [" ".join(about), ""]
     elif files:
         lines += ["No fidelity numbers in this manifest (FIDELITY was off).", ""]
     imx = manifest.get("imatrix")
     if isinstance(imx, Mapping) and imx.get("file"):
-        lines += [f"Importance matrix: `{imx['file']}` ({imx.get('source', 'given')}).", ""]
+        lines += [f"Importance matrix: {code(imx['file'])} ({inline(imx.get('source', 'given'))}).", ""]
+    if "source_parity" in manifest:  # the base against its source model (source_parity.py)
+        from .source_parity import summary
+
+        lines += [f"Faithful to the source: {inline(summary(manifest.get('source_parity')))}.", ""]
     header = ["File", "Precision", "Size", "BPW", "KLD", "KLD p99", "PPL ratio", "Top-1", "Prompt tok/s", "Gen tok/s"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---", "---", *["--:"] * (len(header) - 2)]) + "|")
@@ -77,8 +85,8 @@ def _render_one(manifest: Mapping[str, Any]) -> str:
     for f in files:
         fid = f.get("fidelity") if isinstance(f.get("fidelity"), Mapping) else {}
         row = [
-            f"`{f.get('name', '?')}`",
-            str(f.get("precision", "?")),
+            code(f.get("name", "?"), cell=True),
+            inline(f.get("precision", "?")),
             _size(f.get("bytes")),
             _bpw(f, folder),
             _kld_pm(fid.get("kld_mean"), fid.get("kld_mean_se")),
@@ -91,7 +99,30 @@ def _render_one(manifest: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if not files:
         lines.append("| " + " | ".join([_DASH] * len(header)) + " |")
+    lines += types_markdown(files)
+    lines += _multimodal_lines(manifest)
     return "\n".join(lines) + "\n"
+
+
+def _multimodal_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """The projector files of a vision model (with what the test image gave), or the text-only statement."""
+    record = manifest.get("multimodal")
+    if not isinstance(record, Mapping):
+        return []
+    if record.get("text_only") is True:
+        left_out = ", ".join(str(t) for t in record.get("left_out") or [])
+        return ["", f"Text only (`--text-only`): the model's {inline(left_out)} were left out."]
+    lines = ["", "| Projector | Precision | Size | Test image |", "|---|---|--:|---|"]
+    for f in manifest.get("mmproj") or []:
+        image = (f.get("verification") or {}) if isinstance(f, Mapping) else {}
+        seen = (
+            f"{image['image_tokens']} image tokens, {len(image.get('generated_tokens') or [])} tokens generated"
+            if isinstance(image.get("image_tokens"), int)
+            else _DASH
+        )
+        lines.append(f"| {code(f.get('name', '?'), cell=True)} | {inline(f.get('precision', '?'))} | "
+                     f"{_size(f.get('bytes'))} | {inline(seen)} |")  # fmt: skip
+    return lines if len(lines) > 3 else []
 
 
 def _finite(value: Any) -> bool:
@@ -111,7 +142,7 @@ def _size(n: Any) -> str:
 
 def _kld(v: Any) -> str:
     if not _finite(v):
-        return _DASH if v is None else str(v)
+        return _DASH if v is None else inline(v)
     return "0" if v == 0 else f"{v:.3g}"
 
 
@@ -158,7 +189,10 @@ def _bpw(entry: Mapping[str, Any], folder: Any) -> str:
     if _finite(entry.get("bpw")):
         return f"{entry['bpw']:.2f}"
     if folder and entry.get("name"):
-        measured = _measure_bpw(Path(folder) / str(entry["name"]))
+        try:
+            measured = _measure_bpw(Path(folder) / str(entry["name"]))
+        except (GGUFHeaderError, OSError):
+            return "unreadable GGUF"  # a damaged file is a fact of the report, not a reason to stop it
         if measured is not None:
             return f"{measured:.2f}"
     info = PRECISIONS.get(str(entry.get("precision", "")).upper())
@@ -166,18 +200,27 @@ def _bpw(entry: Mapping[str, Any], folder: Any) -> str:
 
 
 def _measure_bpw(path: Path) -> float | None:
-    """Bits per weight of a GGUF's tensor data (as llama.cpp's quantizer reports it), or None if unreadable."""
+    """Bits per weight of a GGUF's tensor data (as llama.cpp's quantizer reports it), or None without a file.
+
+    Read with the strict header reader (``gguf_header``): it checks every length against the file size and raises
+    only its own error, where ``gguf.GGUFReader`` raised a dozen kinds (IndexError, OverflowError, numpy's errors…)
+    on a damaged file, each a traceback.
+
+    Raises:
+        SymlinkRefused: the file is a symbolic link (the rule every reader of a GGUF keeps).
+        GGUFHeaderError: the file is not a sound GGUF file.
+        OSError: it cannot be read.
+    """
+    from .fsutil import refuse_symlink
+
+    refuse_symlink(path)
     if not path.is_file():
         return None
-    try:
-        from gguf import GGUFReader  # only when a file is at hand
+    from .gguf_header import read_header
+    from .quant_types import quantization_record
 
-        reader = GGUFReader(path)
-        n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-        n_weights = sum(int(t.n_elements) for t in reader.tensors)
-    except (ValueError, OSError, ImportError):
-        return None
-    return 8.0 * n_bytes / n_weights if n_weights else None
+    bpw = quantization_record(read_header(path).tensors, fallbacks=(), overrides=())["bpw"]
+    return float(bpw) if bpw is not None else None
 
 
 # --- the plot --------------------------------------------------------------------------------------------------
@@ -212,8 +255,10 @@ def _figure(manifest: Mapping[str, Any]) -> Any:
     klds = [p[2] for p in points]
     ax.plot(sizes, klds, color="0.75", linewidth=1, zorder=1)
     ax.scatter(sizes, klds, s=36, color="tab:blue", zorder=2)
+    # Labels are plain text (parse_math=False): a `$` in a precision, model or pair name is shown, not parsed as
+    # mathtext (an unbalanced one made savefig raise).
     for label, x, y in zip(labels, sizes, klds, strict=True):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9, parse_math=False)
     if min(sizes) > 0 and max(sizes) / min(sizes) > 4:
         ax.set_xscale("log")
     positive = [k for k in klds if k > 0]
@@ -223,7 +268,7 @@ def _figure(manifest: Mapping[str, Any]) -> Any:
     elif positive:
         ax.set_yscale("symlog", linthresh=min(positive))
     base = (manifest.get("base") or {}).get("precision") or "base"
-    ax.set_title(f"{_title(manifest)}: size vs KL-divergence from {base}")
+    ax.set_title(f"{_title(manifest)}: size vs KL-divergence from {base}", parse_math=False)
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("mean KL-divergence (nats, lower is better)")
     ax.margins(x=0.1, y=0.1)
@@ -240,10 +285,16 @@ def plot(manifest: dict[str, Any], png: Path) -> Path:
     Raises:
         UsageError: no file in the manifest has fidelity numbers.
     """
+    import io
+
+    from .fsutil import atomic_write_bytes, write_target
+
     fig = _figure(manifest)
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, format="png", dpi=_PLOT_DPI)
+    png = write_target(Path(png))
+    # Rendered in memory, then written by the safe writer: savefig(path) would follow a link planted at the name.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_PLOT_DPI)
+    atomic_write_bytes(png, buffer.getvalue())
     return png
 
 

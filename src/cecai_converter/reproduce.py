@@ -14,6 +14,7 @@ notes): a mismatch on another architecture is reported with that caveat.
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,9 +26,10 @@ from .card import load_manifest_file
 from .errors import ToolchainError, UsageError
 from .fsutil import sha256_file
 from .manifest import MANIFEST_NAME
-from .names import check_plain_name
+from .names import check_plain_name, show
 from .output import Output
 from .precisions import parse_precision
+from .quant_types import recorded_tensor_types
 from .toolchain import toolchain_info
 
 __all__ = ["FileResult", "ReproduceResult", "render", "reproduce", "source_differences"]
@@ -126,6 +128,11 @@ def _local_source(manifest: Mapping[str, Any], given: Path | None) -> Path:
             f"the source folder {folder} does not exist",
             hint="give the model folder the files were made from: --source PATH",
         )
+    # The cheap checks of a model folder now, before the rebuild fetches the pinned llama.cpp (minutes on a fresh
+    # machine) only to refuse the folder after it.
+    from .source import check_model_dir
+
+    check_model_dir(folder)
     return folder
 
 
@@ -244,6 +251,14 @@ def reproduce(
             if not src.get("repo_id") or not src.get("revision"):
                 raise UsageError(f"{manifest_path}: the Hub source records no repo_id and revision")
             model, hub, revision = str(src["repo_id"]), True, str(src["revision"])
+            from .source import check_repo_id
+
+            check_repo_id(model)  # before anything is fetched, as a local folder is checked first
+            if not re.fullmatch(r"[0-9a-f]{40}", revision):
+                raise UsageError(
+                    f"{manifest_path}: source.revision {show(revision)} is not a commit id (40 hex digits)",
+                    hint="a manifest records the commit its files were made from; convert again instead of editing it",
+                )
         else:
             model, hub, revision = str(_local_source(manifest, source)), False, None
         imatrix_path, compute = _imatrix(manifest, manifest_path.parent, imatrix, work / ".inputs", changed)
@@ -261,6 +276,9 @@ def reproduce(
             compute_imatrix=compute,
             fidelity=False,
             verify=False,
+            tensor_types=recorded_tensor_types(manifest),
+            # A text-only file of a model with other towers was asked for explicitly: ask again (else refused).
+            text_only=(manifest.get("multimodal") or {}).get("text_only") is True,
         )
         job = Job(
             model=model,
@@ -293,6 +311,17 @@ def reproduce(
                 rebuilt=(by_name.get(str(f.get("name"))) or {}).get("sha256"),
             )
             for f in files
+        ]
+        # A vision model's projector files (mmproj) are rebuilt by the same run and compared alike.
+        rebuilt_mmproj = {str(f.get("name")): f for f in rebuilt.get("mmproj") or []}
+        results += [
+            FileResult(
+                name=str(f.get("name")),
+                precision=f"mmproj {f.get('precision')}",
+                recorded=str(f.get("sha256")),
+                rebuilt=(rebuilt_mmproj.get(str(f.get("name"))) or {}).get("sha256"),
+            )
+            for f in manifest.get("mmproj") or []
         ]
         return ReproduceResult(results, changed, None if own else work)
     finally:

@@ -40,6 +40,7 @@ __all__ = [
     "Request",
     "Source",
     "add_arguments",
+    "check_texts",
     "check_yaml",
     "gpu_layers",
     "load_request",
@@ -57,7 +58,7 @@ ENV_PREFIX: Final = "CECAI_"
 #: The variable a container reads its request from (``run --request env:CECAI_REQUEST``).
 REQUEST_ENV: Final = "CECAI_REQUEST"
 #: What each value kind parses from text (a flag, a variable) and from YAML.
-Kind = Literal["switch", "bool", "int", "threads", "path", "imatrix", "thresholds"]
+Kind = Literal["switch", "bool", "int", "threads", "gpu_layers", "path", "imatrix", "thresholds", "tensor_types"]
 Command = Literal["run", "convert"]
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -94,6 +95,8 @@ class OptionSpec:
     to_container: bool = True
     per_target: bool = False
     metavar: str | None = None
+    #: other spellings of the flag (``--tensor-type``, llama-quantize's own)
+    aliases: tuple[str, ...] = ()
 
     @property
     def env(self) -> str:
@@ -169,14 +172,39 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "other runtimes against (default: on for convert, off for run)",
     ),
     OptionSpec(
-        "n_gpu_layers", "--n-gpu-layers", "N_GPU_LAYERS", "int", None,
+        "n_gpu_layers", "--n-gpu-layers", "N_GPU_LAYERS", "gpu_layers", None,
         "layers to offload when verifying/measuring, -1 for all (default: all on GPU pairs when the runtime has a "
         "GPU, else 0)",
         per_target=True, metavar="N",
     ),
+    OptionSpec(
+        "tensor_types", "--tensor-types", "TENSOR_TYPES", "tensor_types", None,
+        "per-tensor quantization types, llama-quantize's --tensor-type PATTERN=TYPE (regex searched in tensor "
+        "names, ggml type): the flag repeated, a YAML list, or entries separated by spaces",
+        affects_output=True, metavar="PATTERN=TYPE", aliases=("--tensor-type",),
+    ),
+    OptionSpec(
+        "text_only", "--text-only", "TEXT_ONLY", "bool", False,
+        "publish the text model alone when the model has towers this conversion cannot export (vision without "
+        "projector support, audio, multi-token prediction); recorded in the manifest and the card (default: refuse)",
+        affects_output=True,
+    ),
+    OptionSpec(
+        "source_check", "--source-check", "SOURCE_CHECK", "bool", True,
+        "compare the base GGUF with the source model (tokenizer, chat template, hyperparameters, logits through "
+        "transformers); a difference fails the run (default: on)",
+    ),
+    OptionSpec(
+        "trust_remote_code", "--trust-remote-code", "TRUST_REMOTE_CODE", "switch", False,
+        "let the source check run a model's own Python code from its repository (auto_map) where transformers "
+        "needs it (only for models you trust)",
+    ),
 )  # fmt: skip
 
 _BY_NAME: Final[Mapping[str, OptionSpec]] = {spec.name: spec for spec in OPTIONS}
+# A request is a few hundred bytes; a megabyte leaves room for long paths and thresholds, not for an attack.
+_MAX_REQUEST_BYTES: Final = 1024 * 1024
+_REQUEST_HINT: Final = "give a request as `Request.to_json` writes it (the docker backend hands one to each container)"
 
 
 def without_host_paths(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,17 +253,27 @@ def _from_text(spec: OptionSpec, text: str, where: str, base: Path) -> Any:
             return thread_count(text)
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"{where}: {exc}") from None
+    if spec.kind == "gpu_layers":
+        from .tools import gpu_layer_count
+
+        try:
+            return gpu_layer_count(text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"{where}: {exc}") from None
     if spec.kind == "int":
         try:
             return int(text)
         except ValueError:
             raise UsageError(f"{where}: {show(text)} is not a whole number") from None
     if spec.kind == "thresholds":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"{where}: not valid JSON ({exc})", hint='e.g. {"Q4_K_M": {"max_kld": 0.1}}') from None
+        from .untrusted_json import loads_bounded
+
+        data = loads_bounded(text, what=where, max_bytes=64 * 1024, hint='e.g. {"Q4_K_M": {"max_kld": 0.1}}')
         return _thresholds(data, where)
+    if spec.kind == "tensor_types":
+        from .quant_types import parse_rules_text
+
+        return parse_rules_text(text, where) or None
     if spec.kind == "imatrix" and text.strip().lower() == "auto":
         return "auto"
     if not text.strip():
@@ -253,10 +291,10 @@ def _from_yaml(spec: OptionSpec, value: object, where: str, config_dir: Path | N
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be a bool (true/false), got {show(value)}")
         return value
-    if spec.kind in ("int", "threads"):
+    if spec.kind in ("int", "threads", "gpu_layers"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an int, got {show(value)}")
-        if spec.kind == "threads":
+        if spec.kind in ("threads", "gpu_layers"):
             try:
                 return _from_text(spec, str(value), where, Path.cwd())
             except UsageError as exc:
@@ -264,6 +302,8 @@ def _from_yaml(spec: OptionSpec, value: object, where: str, config_dir: Path | N
         return value
     if spec.kind == "thresholds":
         return _thresholds(value, where)
+    if spec.kind == "tensor_types":
+        return _tensor_types(value, where, ConfigError)
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a file name (a string), got {show(value)}")
     if not value.strip():
@@ -273,6 +313,7 @@ def _from_yaml(spec: OptionSpec, value: object, where: str, config_dir: Path | N
         return "auto"
     if config_dir is None:
         raise ConfigError(f"{where}: a relative file name needs a configurations/ folder")
+    _check_file_name(value, where, ConfigError)
     path = (config_dir / value).resolve()
     # A Converter folder is data from whoever made it: its files stay inside it (symbolic links followed), so a
     # shipped YAML cannot make the converter read, or a container mount, /proc/self/environ or a home folder.
@@ -291,7 +332,18 @@ def _thresholds(value: object, where: str) -> dict[str, dict[str, float]]:
     return validate_thresholds(value, where=where)
 
 
+def _tensor_types(value: object, where: str, error: type[UsageError] | type[ConfigError]) -> tuple[str, ...] | None:
+    from .quant_types import parse_rules
+
+    try:
+        return parse_rules(value, where) or None
+    except UsageError as exc:
+        raise error(exc.message, hint=exc.hint) from None
+
+
 def _to_json_value(value: Any) -> Any:
+    if isinstance(value, tuple):  # TENSOR_TYPES: a list in JSON
+        return list(value)
     return str(value) if isinstance(value, Path) else value
 
 
@@ -310,17 +362,32 @@ def _from_json_value(spec: OptionSpec, value: object, where: str) -> Any:
         if not isinstance(value, bool):
             raise UsageError(f"{here} must be true or false, got {show(value)}")
         return value
-    if spec.kind in ("int", "threads"):
+    if spec.kind in ("int", "threads", "gpu_layers"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise UsageError(f"{here} must be a whole number, got {show(value)}")
-        return _from_text(spec, str(value), here, Path.cwd()) if spec.kind == "threads" else value
+        return _from_text(spec, str(value), here, Path.cwd()) if spec.kind != "int" else value
     if spec.kind == "thresholds":
         return _thresholds(value, here)
+    if spec.kind == "tensor_types":
+        if not isinstance(value, list):
+            raise UsageError(f"{here} must be a list of PATTERN=TYPE strings, got {show(value)}")
+        return _tensor_types(value, here, UsageError)
     if spec.kind == "imatrix" and value == "auto":
         return "auto"
     if not isinstance(value, str) or not value or not PurePath(value).is_absolute():
         raise UsageError(f"{here} must be an absolute file name, got {show(value)}")
+    _check_file_name(value, here, UsageError)
     return Path(value)
+
+
+def _check_file_name(value: str, where: str, error: type[UsageError]) -> None:
+    """Refuse a control character in a file name from a file: a NUL is a ValueError (a traceback) in every path
+    call, a line break would forge a log line."""
+    from .names import control_character
+
+    bad = control_character(value)
+    if bad is not None:
+        raise error(f"{where}: {show(value)} holds the control character {bad}: not a file name")
 
 
 # -- the request -----------------------------------------------------------------------------------------------------
@@ -357,13 +424,26 @@ class Request:
         Raises:
             UsageError: not JSON, not a request, or an option the table does not know.
         """
+        from .untrusted_json import loads_bounded
+
+        return cls.from_data(loads_bounded(text, what=where, max_bytes=_MAX_REQUEST_BYTES, hint=_REQUEST_HINT), where)
+
+    @classmethod
+    def from_data(cls, data: object, where: str = "the request") -> Request:
+        """A request from :meth:`to_json`'s output, parsed (by the bounded reader); every value checked.
+
+        Raises:
+            UsageError: not a request, or an option the table does not know.
+        """
         try:
-            data = json.loads(text)
-            values, sources = data["values"], data["sources"]
-            unknown = sorted((set(values) | set(sources)) - set(_BY_NAME))
+            values, sources = data["values"], data["sources"]  # type: ignore[index]
+            unknown = sorted(str(name) for name in (set(values) | set(sources)) - set(_BY_NAME))
             if unknown:
+                # each name shown bounded (the file may hold a megabyte of one), at most ten of them
+                names = ", ".join(n if n.isidentifier() and len(n) <= 40 else show(n) for n in unknown[:10])
+                more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
                 raise UsageError(
-                    f"{where}: unknown options {', '.join(unknown)}",
+                    f"{where}: unknown options {names}{more}",
                     hint="the request was written by another version of cecai-converter: use the same version "
                     "outside and inside the container",
                 )
@@ -413,6 +493,10 @@ class Request:
             thresholds=self.values["thresholds"] or {},
             n_gpu_layers=n_gpu_layers,
             reference=bool(self.values["reference"]),
+            tensor_types=tuple(self.values.get("tensor_types") or ()),
+            text_only=bool(self.values.get("text_only")),
+            source_check=bool(self.values.get("source_check", True)),
+            trust_remote_code=bool(self.values.get("trust_remote_code")),
         )
 
 
@@ -458,9 +542,32 @@ def resolve(
         if flag is not None:
             if isinstance(flag, str | Path) and spec.kind in ("path", "imatrix"):
                 flag = _from_text(spec, str(flag), spec.flag, base)
+            if spec.kind == "tensor_types":  # the repeated flag's entries, each checked by the parser
+                flag = tuple(rule for entry in flag for rule in entry or ()) or None
             value, source = flag, "cli"
         values[spec.name], sources[spec.name] = value, source
     return Request(values, sources)
+
+
+def check_texts(request: Request, yaml_where: str | Mapping[str, str] = "the configuration") -> None:
+    """EVAL_TEXT / CALIBRATION_TEXT checked with the configuration, before any work (texts.py), not when fidelity or
+    the imatrix reads them after the conversion; each refusal names where the text was given.
+
+    Raises:
+        UsageError: a flag or variable names no usable text; ConfigError: a YAML key does (both exit 2).
+    """
+    from .texts import TEXT_VARIABLES, check_text_file
+
+    for name, min_tokens in TEXT_VARIABLES.items():
+        path, source, spec = request.values.get(name), request.sources.get(name), _BY_NAME[name]
+        if not isinstance(path, Path):
+            continue
+        error: type[UsageError] = ConfigError if source == "yaml" else UsageError
+        if source == "yaml":
+            where = f"{_file_of(yaml_where, str(spec.yaml_key))}: {spec.yaml_key}"
+        else:
+            where = spec.env if source == "env" else spec.flag
+        check_text_file(path, where, min_tokens=min_tokens, error=error)
 
 
 def load_request(source: str) -> Request:
@@ -475,11 +582,11 @@ def load_request(source: str) -> Request:
         if not text:
             raise UsageError(f"--request {source}: the variable {name} is not set")
         return Request.from_json(text, f"--request {source}")
-    try:
-        text = Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--request {source}: cannot read it ({exc})") from None
-    return Request.from_json(text, f"--request {source}")
+    from .untrusted_json import load_bounded_file
+
+    where = f"--request {source}"
+    data = load_bounded_file(Path(source), what=where, max_bytes=_MAX_REQUEST_BYTES, hint=_REQUEST_HINT)
+    return Request.from_data(data, where)
 
 
 # -- the parser ------------------------------------------------------------------------------------------------------
@@ -509,6 +616,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: Command) -> None:
             group.add_argument(
                 spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+        elif spec.kind == "tensor_types":  # repeatable, as llama-quantize's --tensor-type is
+            group.add_argument(
+                spec.flag, *spec.aliases, dest=spec.name, type=_arg_type(spec), action="append", default=None,
+                metavar=spec.metavar, help=help_text,
+            )  # fmt: skip
         else:
             group.add_argument(
                 spec.flag, dest=spec.name, type=_arg_type(spec), default=None, metavar=spec.metavar, help=help_text

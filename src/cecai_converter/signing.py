@@ -41,7 +41,15 @@ from types import ModuleType
 from typing import Any, Final
 
 from .errors import ConverterError, SignatureRefused, SigningFailed, ToolNotFound, UsageError, VerificationFailed
-from .fsutil import LOCK_NAME, STAGING_PREFIX, install_file, outputs_lock
+from .fsutil import (
+    LOCK_NAME,
+    STAGING_PREFIX,
+    install_file,
+    outputs_lock,
+    refuse_symlink,
+    refuse_unsafe_target,
+    write_target,
+)
 
 __all__ = [
     "GITHUB_OIDC_ISSUER",
@@ -141,7 +149,7 @@ def _excluded(folder: Path, signature: Path, *, signing: bool) -> list[Path]:
     """
     out = []
     with contextlib.suppress(ValueError):  # a signature kept outside the folder needs no exclusion
-        out.append(signature.resolve().relative_to(folder.resolve()))
+        out.append(write_target(signature).relative_to(folder.resolve()))
     if not (folder / LOCK_NAME).is_dir():  # a folder of that name would hide what is in it
         out.append(Path(LOCK_NAME))
     if signing:
@@ -181,12 +189,8 @@ def _check_folder(folder: Path) -> None:
         raise UsageError(
             f"{folder} is not a folder", hint="pass an output folder (the --outdir of `cecai-convert convert`)"
         )
-    links = [f for f in covered_files(folder) if (folder / f).is_symlink()]
-    if links:
-        raise UsageError(
-            f"{folder / links[0]} is a symbolic link; a signature covers regular files only",
-            hint="replace the link with the file it points to",
-        )
+    for name in covered_files(folder):
+        refuse_symlink(folder / name, why="a signature covers regular files only")
 
 
 def _check_ec_key(key: Path, password: str | None) -> None:
@@ -256,7 +260,9 @@ def sign_folder(
     """
     mode = signing_mode(key, keyless, env)
     folder = folder.resolve()
-    signature = (signature or folder / SIGNATURE_NAME).resolve()
+    # The folder resolved, the signature's own name not: a link planted at model.sig is refused, not written through.
+    signature = write_target(signature or folder / SIGNATURE_NAME)
+    refuse_unsafe_target(signature)  # before hashing, not after it
     _check_folder(folder)
     if key is not None and not key.is_file():
         raise UsageError(f"no private key at {key}", hint=_KEY_HINT)

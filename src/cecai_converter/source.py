@@ -10,10 +10,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import difflib
+import fnmatch
 import hashlib
 import importlib
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +48,9 @@ HUB_PATTERNS: Final = (
     "*.tiktoken",
     "merges.txt",
     "vocab.txt",
+    # the chat template the converter copies into the GGUF (and the source check compares), when kept apart
+    "chat_template.jinja",
+    "additional_chat_templates/*.jinja",
 )
 _PICKLE_SUFFIXES: Final = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS_MAX_HEADER: Final = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -59,6 +64,8 @@ _DTYPE_BITS: Final = {
 }  # fmt: skip
 #: More dimensions than any model tensor has; bounds the work of checking a hostile shape.
 _MAX_DIMS: Final = 16
+#: A git commit id as the Hub gives it: the only revision that becomes a folder name.
+_COMMIT: Final = re.compile(r"[0-9a-f]{40}")
 #: llama.cpp keeps vocabulary, width and context sizes in 32-bit integers.
 _GGUF_INT_LIMIT: Final = 2**31
 #: config.json sizes that must be positive 32-bit integers when present (top level or ``text_config``).
@@ -432,18 +439,40 @@ def check_repo_id(repo_id: str) -> None:
         raise UsageError(f"{repo_id!r} is not a valid Hub repo id: {exc}", hint="use owner/name") from None
 
 
+def _hub_answer_problem(sha: object, names: list[object]) -> str | None:
+    """What is wrong with the Hub's answer about a repository, before any of it becomes a path; None when sound.
+
+    The commit id becomes a folder name and the file names become paths under it: an endpoint (``HF_ENDPOINT`` may
+    name any server) answering ``../../x`` would have us write outside the download folder.
+    """
+    if not isinstance(sha, str) or not _COMMIT.fullmatch(sha):
+        return f"its commit id {show(sha)} is not 40 lowercase hex digits"
+    for name in names:
+        if not isinstance(name, str) or not any(fnmatch.fnmatch(name, pattern) for pattern in HUB_PATTERNS):
+            continue  # files we do not download are not our business
+        why = f"{show(name)} is not a relative path" if name.startswith("/") or "\\" in name else None
+        for part in name.split("/"):  # no `..`, `.` or empty component, no control character
+            part_why = check_plain_name(part)
+            why = why or (f"{show(name)}: {part_why}" if part_why else None)
+        if why is not None:
+            return f"it lists a file name that is no plain relative path: {why}"
+    return None
+
+
 def fetch_from_hub(repo_id: str, revision: str | None, dest_root: Path) -> tuple[Path, str]:
     """Download only the files a conversion needs from a Hub repository.
 
     The token comes from ``HF_TOKEN`` (read by huggingface_hub itself; never printed). ``HF_ENDPOINT`` selects
-    another Hub (a mirror or an internal server).
+    another Hub (a mirror or an internal server). The Hub's answers are input like any other: the commit id must be
+    40 hex digits and every listed file name a plain relative path before either becomes a path.
 
     Returns:
         The local folder and the resolved commit SHA (recorded in the manifest, so a moving branch is pinned).
 
     Raises:
         UsageError: the repository or revision does not exist, or access is denied.
-        ConversionFailed: the download failed (network, disk).
+        ConversionFailed: the download failed (network, disk), the endpoint's answer is unusable (a commit id or a
+            file name that is no plain name), or huggingface_hub refused it.
     """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as hf_errors
@@ -457,12 +486,21 @@ def fetch_from_hub(repo_id: str, revision: str | None, dest_root: Path) -> tuple
     token = os.environ.get("HF_TOKEN") or None
     try:
         info = HfApi(token=token).model_info(repo_id, revision=revision)
-        resolved = info.sha or revision or "main"
+        names: list[object] = [getattr(s, "rfilename", None) for s in info.siblings or []]
+        problem = _hub_answer_problem(info.sha, names)
+        if problem is not None:
+            raise ConversionFailed(
+                f"the Hub's answer about {repo_id} cannot be used: {problem}; nothing was downloaded",
+                hint="HF_ENDPOINT must name a Hugging Face Hub (or a faithful mirror); check it, or download the "
+                "repository yourself and convert the local folder",
+            )
+        resolved = str(info.sha)
+        folder = dest_root / repo_id.replace("/", "--") / resolved
         local = snapshot_download(
             repo_id,
             revision=resolved,
             allow_patterns=list(HUB_PATTERNS),
-            local_dir=dest_root / repo_id.replace("/", "--") / resolved,
+            local_dir=folder,
             token=token,
         )
     except hf_errors.GatedRepoError:
@@ -480,10 +518,24 @@ def fetch_from_hub(repo_id: str, revision: str | None, dest_root: Path) -> tuple
             f"revision {revision!r} not found in {repo_id}", hint="use a branch, tag or commit SHA"
         ) from None
     except hf_errors.HFValidationError as exc:
-        raise UsageError(f"{repo_id!r} is not a valid Hub repo id: {exc}", hint="use owner/name") from None
+        raise UsageError(f"{repo_id!r} is not a valid Hub repo id: {show(str(exc))}", hint="use owner/name") from None
+    except hf_errors.RemoteEntryNotFoundError as exc:
+        raise ConversionFailed(
+            f"the Hub listed a file of {repo_id} that it then did not serve: {show(str(exc))}",
+            hint="the repository changed during the download, or HF_ENDPOINT is not a faithful mirror; try again",
+        ) from None
     except network_errors as exc:
         raise ConversionFailed(
-            f"downloading {repo_id} failed: {type(exc).__name__}: {str(exc)[:300]}",
+            f"downloading {repo_id} failed: {type(exc).__name__}: {show(str(exc))}",
             hint="check network access to the Hub (HF_ENDPOINT for a mirror) and free disk space",
         ) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # huggingface_hub's own refusals of what the endpoint answered (a file name with `..`, a malformed
+        # listing or header): the answer is unusable, and a traceback would say nothing more.
+        raise ConversionFailed(
+            f"huggingface_hub refused the Hub's answer about {repo_id}: {type(exc).__name__}: {show(str(exc))}",
+            hint="HF_ENDPOINT must name a Hugging Face Hub (or a faithful mirror); check it and try again",
+        ) from None
+    if not Path(local).resolve().is_relative_to(dest_root.resolve()):
+        raise ConversionFailed(f"the download of {repo_id} landed outside {dest_root}: {show(str(local))}")
     return Path(local), resolved

@@ -36,6 +36,7 @@ from .fsutil import atomic_write_text
 from .output import get_logger
 
 __all__ = [
+    "MAX_GPU_LAYERS",
     "MAX_THREADS",
     "ToolRun",
     "WorkerFailed",
@@ -44,6 +45,7 @@ __all__ = [
     "child_kwargs",
     "describe_exit",
     "failure_summary",
+    "gpu_layer_count",
     "quiet_abort_env",
     "run_tool",
     "run_worker",
@@ -71,6 +73,25 @@ def thread_count(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{value} threads: give 1 to {MAX_THREADS} (llama.cpp's limit); this machine has {cores} cores, "
             "and leaving --threads out uses them all"
+        )
+    return value
+
+
+#: The largest ``--n-gpu-layers``: far above the layers of any model (a count above a model's offloads all of it),
+#: far below the 32-bit int llama.cpp reads it as (ctypes wraps a larger value silently, 1e20 becomes garbage).
+MAX_GPU_LAYERS = 100_000
+
+
+def gpu_layer_count(text: str) -> int:
+    """The ``--n-gpu-layers`` argument type: -1 (all layers) or 0 to :data:`MAX_GPU_LAYERS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of layers") from None
+    if not -1 <= value <= MAX_GPU_LAYERS:
+        raise argparse.ArgumentTypeError(
+            f"{value if abs(value) < 10**12 else str(value)[:12] + '…'} layers: give -1 (all layers), 0 (CPU only) "
+            f"or a count up to {MAX_GPU_LAYERS:,}"
         )
     return value
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VerificationFailed, WorkerFailed
-from .gguf_header import GGUFHeaderError, read_header
+from .gguf_header import GGUFHeaderError, TensorInfo, read_header
 from .precisions import PRECISIONS, PrecisionInfo
 from .tools import failure_summary, run_worker, runtime_env, runtime_name, serve_job
 
@@ -37,6 +37,8 @@ class FileFacts:
     precision: str | None
     name: str | None
     n_params: int
+    #: every tensor's name, shape and type as written (the manifest's ``quantization`` record is made from them)
+    tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def read_back(path: Path, expected: PrecisionInfo | None = None) -> FileFacts:
         precision=precision,
         name=str(name) if name is not None else None,
         n_params=sum(t.n_elements for t in header.tensors),
+        tensors=header.tensors,
     )
 
 
