@@ -25,6 +25,7 @@ from .pipeline import Job, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
 from .request import OPTIONS, Command, Request, add_arguments, check_texts, gpu_layers, load_request, resolve
 from .source import check_repo_id, looks_like_repo_id
+from .source_parity import summary as parity_summary
 from .tools import gpu_layer_count
 
 __all__ = ["register"]
@@ -91,6 +92,8 @@ def _human_table(manifests: Sequence[Manifest]) -> str:
                 f"  {row['name']:<40} {row['precision']:<7} {row['bytes'] / 1e6:>9.1f} MB  "
                 f"sha256 {row['sha256'][:12]}  verified {'yes' if row.get('verification') else 'no'}{kld}"
             )
+        # The base against its source model: what "faithful" rests on, so it is shown with the files.
+        lines.append(f"  source check: {parity_summary(manifest.source_parity)}")
         towers = manifest.multimodal or {}
         if towers.get("text_only"):
             lines.append(f"  text only: left out {', '.join(towers.get('left_out') or [])} (--text-only)")

@@ -98,7 +98,7 @@ MAX_NMSE: Final = 1e-2
 #: Below this llama.cpp calls a conversion "excellent".
 EXCELLENT_NMSE: Final = 1e-4
 #: Tokens of the evaluation text the logits are compared on.
-N_TOKENS: Final = 256
+N_TOKENS: Final = 128
 #: The limits a ``THRESHOLDS: {source: {...}}`` entry may set → (logits key, whether the value must stay at or below).
 LIMIT_KEYS: Final[Mapping[str, tuple[str, bool]]] = {
     "max_nmse": ("nmse", True),
