@@ -208,6 +208,23 @@ def test_publish_verdict_from_rows_every_manifest_file_covered_with_its_sha256(t
         assert "❌" in body and "✅" not in body
 
 
+def test_publish_verdict_from_rows_covers_a_vision_models_projector_files(tmp_path: Path) -> None:
+    files = made(tmp_path / "make-tiny")
+    projector = make_gguf(files / "mmproj-tiny-f16.gguf", seed=4)
+    write_record(tmp_path / "checks", files, "CPU_LLM_LLAMA")  # written before the projector was listed: no row
+    manifest = json.loads((files / "manifest.json").read_text())
+    manifest["mmproj"] = [
+        {"name": projector.name, "precision": "F16", "role": "mmproj", "bytes": projector.stat().st_size,
+         "sha256": hashlib.sha256(projector.read_bytes()).hexdigest(), "architecture": "clip"}
+    ]  # fmt: skip
+    manifest["multimodal"] = {"towers": ["vision"], "projector": True, "text_only": False, "left_out": []}
+    (files / "manifest.json").write_text(json.dumps(manifest))
+    with FakeGitHubServer(REPO, TOKEN) as server:
+        with pytest.raises(ChecksFailed, match=r"mmproj-tiny-f16\.gguf: not checked"):
+            _publish(server, [files], checks=[tmp_path / "checks"])
+        assert server.release_by_tag("v1.0")["draft"]
+
+
 # -- 7. GitHub's rules learnt too late -------------------------------------------------------------------------------
 
 

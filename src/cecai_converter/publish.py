@@ -488,8 +488,8 @@ def record_problems(record: Mapping[str, Any], manifest: Manifest) -> list[str]:
 
     The verdict comes from the rows, never from the record's own top-level ``passed`` (a record is a file from an
     artifact: it may say ``passed: true`` over a failed row, or over no row at all). The record passes when it
-    lists no problem of its own and every file of the manifest has a row that passed and checked the same bytes
-    (sha256 equal to the manifest's).
+    lists no problem of its own and every file of the manifest (projector files too) has a row that passed and
+    checked the same bytes (sha256 equal to the manifest's).
     """
     pair = record.get("pair")
     problems = [f"{pair}: {p}" for p in record.get("problems") or []]
@@ -499,7 +499,7 @@ def record_problems(record: Mapping[str, Any], manifest: Manifest) -> list[str]:
             rows.setdefault(row.get("name"), row)
     if not rows:
         problems.append(f"{pair}: the record checked no file")
-    for entry in manifest.files:
+    for entry in [*manifest.files, *(manifest.mmproj or [])]:  # a vision model's projector files are published too
         row = rows.get(entry.name)
         if row is None:
             problems.append(f"{pair}: {entry.name}: not checked (no row in the record)")
