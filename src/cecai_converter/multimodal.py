@@ -20,7 +20,6 @@ through llama-cpp-python's multimodal library (``libmtmd``) in a worker process,
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -34,7 +33,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import UnsupportedModel, VerificationFailed, WorkerFailed
-from .tools import failure_summary, run_worker, runtime_env, runtime_name, serve_job
+from .source import converter_map_keys
+from .tools import run_worker, runtime_env, runtime_name, serve_job, worker_failure_why
 
 __all__ = [
     "MMPROJ_ROLE",
@@ -185,17 +185,10 @@ def mmproj_architectures(converter_dir: Path) -> frozenset[str]:
     The converter lists them in ``conversion/__init__.py`` as ``MMPROJ_MODEL_MAP`` (architecture → module of its
     ``MmprojModel`` subclass).
     """
-    init = converter_dir / "conversion" / "__init__.py"
     try:
-        tree = ast.parse(init.read_text(encoding="utf-8"))
+        return converter_map_keys(converter_dir, "MMPROJ_MODEL_MAP")
     except (OSError, SyntaxError):
         return frozenset()
-    for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else None
-        value = node.value if isinstance(node, ast.AnnAssign) else None
-        if isinstance(target, ast.Name) and target.id == "MMPROJ_MODEL_MAP" and isinstance(value, ast.Dict):
-            return frozenset(k.value for k in value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
-    return frozenset()
 
 
 def detect_towers(model_dir: Path, config: Mapping[str, Any], converter_dir: Path) -> Towers:
@@ -371,11 +364,7 @@ def image_check_many(
         )  # fmt: skip
     except WorkerFailed as exc:
         failing = loading[-1] if loading else ", ".join(f"{m.name} + {p.name}" for m, p in pairs)
-        if exc.kind == "crashed":
-            said = "\n".join(ln for ln in exc.output_tail.splitlines() if not ln.startswith(_LOADING))
-            why = f"exit {exc.return_code}): {failure_summary(said)}"
-        else:
-            why = f"exit {exc.return_code}): {exc.reason}"
+        why = worker_failure_why(exc, progress_prefix=_LOADING)
         raise VerificationFailed(
             f"llama-cpp-python could not answer about the test image with {failing} ({why}",
             hint="the files were not published; the log has the runtime's full output",

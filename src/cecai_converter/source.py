@@ -32,6 +32,7 @@ __all__ = [
     "HUB_PATTERNS",
     "ModelSource",
     "check_model_dir",
+    "converter_map_keys",
     "count_parameters",
     "fetch_from_hub",
     "fingerprint_files",
@@ -96,17 +97,27 @@ class ModelSource:
     config: Mapping[str, Any] = field(default_factory=dict)
 
 
-@cache
-def supported_architectures(converter_dir: Path) -> frozenset[str]:
-    """The Hugging Face architecture names the pinned converter registers, read without importing it (no torch)."""
+def converter_map_keys(converter_dir: Path, map_name: str) -> frozenset[str]:
+    """The string keys of the annotated dict ``map_name`` in the pinned converter's ``conversion/__init__.py``
+    (``TEXT_MODEL_MAP``, ``MMPROJ_MODEL_MAP``: architecture → module), read without importing it (no torch).
+
+    Raises:
+        OSError, SyntaxError: the file cannot be read or parsed.
+    """
     init = converter_dir / "conversion" / "__init__.py"
     tree = ast.parse(init.read_text(encoding="utf-8"))
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else None
         value = node.value if isinstance(node, ast.AnnAssign) else None
-        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(value, ast.Dict):
+        if isinstance(target, ast.Name) and target.id == map_name and isinstance(value, ast.Dict):
             return frozenset(k.value for k in value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
     return frozenset()
+
+
+@cache
+def supported_architectures(converter_dir: Path) -> frozenset[str]:
+    """The Hugging Face architecture names the pinned converter registers, read without importing it (no torch)."""
+    return converter_map_keys(converter_dir, "TEXT_MODEL_MAP")
 
 
 def _is_int(value: object) -> TypeGuard[int]:

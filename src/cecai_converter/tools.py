@@ -53,6 +53,7 @@ __all__ = [
     "runtime_name",
     "serve_job",
     "thread_count",
+    "worker_failure_why",
 ]
 
 _log = get_logger("tools")
@@ -168,6 +169,15 @@ _NOISE = re.compile(
     r"(/\S+/)?lib\S*\.so[.\d]*\(|\S*\(\+0x[0-9a-f]+\)|0x[0-9a-f]+ in )"
 )
 _ASSERTION = re.compile(r"GGML_ASSERT\(.*\) failed|GGML_ABORT|GGML_ASSERT|terminate called|what\(\):")
+
+
+def worker_failure_why(exc: WorkerFailed, *, progress_prefix: str) -> str:
+    """Why a runtime worker failed, for a message: ``exit N): <why>``; for a crash, llama.cpp's own last words
+    without the worker's progress lines (those starting with ``progress_prefix``); else the worker's reason."""
+    if exc.kind == "crashed":
+        said = "\n".join(ln for ln in exc.output_tail.splitlines() if not ln.startswith(progress_prefix))
+        return f"exit {exc.return_code}): {failure_summary(said)}"
+    return f"exit {exc.return_code}): {exc.reason}"
 
 
 def failure_summary(tail: str, lines: int = 3) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import VerificationFailed, WorkerFailed
 from .gguf_header import GGUFHeaderError, TensorInfo, read_header
 from .precisions import PRECISIONS, PrecisionInfo
-from .tools import failure_summary, run_worker, runtime_env, runtime_name, serve_job
+from .tools import run_worker, runtime_env, runtime_name, serve_job, worker_failure_why
 
 __all__ = ["FileFacts", "LoadCheck", "load_check", "load_check_many", "read_back"]
 
@@ -164,11 +164,7 @@ def load_check_many(
         )  # fmt: skip
     except WorkerFailed as exc:
         failing = Path(loading[-1]).name if loading else ", ".join(p.name for p in paths)
-        if exc.kind == "crashed":  # llama.cpp's own last words, without our progress lines
-            said = "\n".join(ln for ln in exc.output_tail.splitlines() if not ln.startswith(_LOADING))
-            why = f"exit {exc.return_code}): {failure_summary(said)}"
-        else:  # the loader's exception, or the time limit
-            why = f"exit {exc.return_code}): {exc.reason}"
+        why = worker_failure_why(exc, progress_prefix=_LOADING)
         raise VerificationFailed(
             f"llama-cpp-python could not load {failing} ({why}",
             hint="the file was not published; the log has the runtime's full output",
