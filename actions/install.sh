@@ -44,14 +44,17 @@ if [[ "$extras" == local ]]; then
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     flags="$(PYTHONPATH="$root/src" "$python" -m cecai_converter.runtime_build cmake-args "${3:-}")"
     echo "==> building llama-cpp-python $pin once for this runner ($flags); later runs reuse $wheels"
-    CMAKE_ARGS="${CMAKE_ARGS:-$flags}" "$venv/bin/python" -m pip wheel --quiet --disable-pip-version-check \
-      --no-deps -w "$wheels" "llama-cpp-python==$pin"
+    # Minutes of compiling: cmake's output goes to a log beside the wheel, and a line every 30 s says how far it got
+    # (scripts/lib/dev_install.py heartbeat, stdlib only); on failure the log's tail is printed.
+    CMAKE_ARGS="${CMAKE_ARGS:-$flags}" "$python" "$root/scripts/lib/dev_install.py" heartbeat \
+      --what "llama-cpp-python $pin build" --log "$wheels/build.log" -- \
+      "$venv/bin/python" -m pip wheel -v --disable-pip-version-check --no-deps -w "$wheels" "llama-cpp-python==$pin"
   fi
   find_links=(--find-links "$wheels")
 fi
 spec="$root"
 if [[ -n "$extras" ]]; then
-  spec="$root[$extras]"
+  spec="${root}[$extras]"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${find_links[@]}" "$spec"
 echo "$venv/bin" >> "$GITHUB_PATH"

@@ -6,7 +6,8 @@ bf16 safetensors; ``small`` and ``tiny`` for a quick look; nothing is downloaded
 conversion is one converter run) twice: with ``--no-source-check`` and with the check. The cost is what the check
 adds to the whole command (its transformers side runs while the converter writes the base, so the step after the
 conversion is not all of it), as a ratio of the conversion time without it (``convert_s``). It also prints each
-side's time, the parity record's numbers and the machine.
+side's time, the parity record's numbers, the machine and its load (the 1-minute load average before and after:
+on a machine shared with other work the two sides and the converter compete with it, and the ratio shows it).
 
     python benchmarks/parity_cost.py [--size 1gb|small|tiny] [--workdir DIR] [--threads N] [--keep-files]
 """
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
             return wall, json.loads((outdir / "manifest.json").read_text())
 
+        load_before = os.getloadavg()[0]
         wall_off, manifest_off = convert("--no-source-check")
         wall_on, manifest = convert()
         timings, parity = manifest["timings"], manifest["source_parity"]
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         added = wall_on - wall_off
         ratio = added / convert_off
         print(f"machine          : {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+        print(f"load average     : {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1 minute)")
         print(f"model            : {args.size}, {weights / 1e9:.2f} GB of bf16 safetensors")
         print(f"conversion       : {convert_off:.1f} s without the check (convert_s), {convert_on:.1f} s with it "
               "(the source side runs alongside)")  # fmt: skip

@@ -6,6 +6,8 @@
 # already answers. Afterwards:   export DOCKER_HOST=unix:///tmp/podman.sock
 #
 # Env: CECAI_PODMAN_SOCKET (default /tmp/podman.sock), CECAI_PODMAN_LOG (default /tmp/podman.log).
+# Left behind (`./dev clean` undoes the last two): the packages it installed, /etc/containers/containers.conf (when
+# it wrote it), and the service, running, with its pid in <socket>.pid.
 set -euo pipefail
 
 socket="${CECAI_PODMAN_SOCKET:-/tmp/podman.sock}"
@@ -54,6 +56,7 @@ conf=/etc/containers/containers.conf
 if [ "$(id -u)" = 0 ] && [ ! -f "$conf" ]; then
     mkdir -p /etc/containers
     cat >"$conf" <<'CONF'
+# written by cecai-converter's scripts/start-podman.sh (this line marks it: `./dev clean` removes the file)
 [containers]
 # the sandbox forbids raising rlimits; podman's defaults would try to
 default_ulimits = ["nofile=1024:1024", "nproc=1000:1000"]
@@ -67,6 +70,8 @@ rm -f "$socket"
 # Started from / so that its (and every conmon's) working directory outlives the folder this script ran in.
 cd /
 setsid podman system service --time=0 "unix://$socket" </dev/null >"$log" 2>&1 &
+# The service's pid, for `./dev clean` (scripts/dev-clean.sh), which stops only a service this script started.
+echo "$!" >"$socket.pid"
 for _ in $(seq 1 60); do
     if answers; then
         echo "podman API answers on unix://$socket"

@@ -40,6 +40,7 @@ import yaml
 
 __all__ = [
     "ROOT",
+    "SELF_CHECKOUT",
     "STAND_INS",
     "ActRun",
     "act_binary",
@@ -63,10 +64,15 @@ STAND_INS: Mapping[str, Path] = {
     "actions/setup-python": ROOT / "tests" / "act" / "setup-python",
     "actions/upload-artifact": ROOT / "tests" / "act" / "upload-artifact",
     "actions/download-artifact": ROOT / "tests" / "act" / "download-artifact",
+    # The convert action caches the llama-cpp-python wheel on GitHub-hosted runners only; a no-op here.
+    "actions/cache": ROOT / "tests" / "act" / "cache",
     # Fails if it runs: the release workflow skips attestation under act (no OIDC token or attestation service).
     "actions/attest-build-provenance": ROOT / "tests" / "act" / "attest-build-provenance",
 }
 _EXPRESSION = re.compile(r"\$\{\{")
+#: Where the release workflow's jobs check out this project at the workflow's own commit (a caller's workspace holds
+#: the caller's repository); the checkout stand-in lays it there under act (``CECAI_ACT_WORKFLOW_SOURCE``).
+SELF_CHECKOUT = ".cecai-converter"
 
 
 # --------------------------------------------------------------------------------------------- act itself
@@ -110,8 +116,10 @@ def third_party_refs(workflow: Path, actions_root: Path | None = None) -> list[t
                 if uses in seen:
                     continue
                 seen.add(uses)
+                # ./.cecai-converter/actions/x: the release workflow's checkout of this project (its own commit)
+                rel = uses[2:].removeprefix(SELF_CHECKOUT + "/")
                 for name in ("action.yml", "action.yaml"):
-                    path = root / uses[2:] / name
+                    path = root / rel / name
                     if path.is_file():
                         docs.append(yaml.safe_load(path.read_text(encoding="utf-8")))
                         break
@@ -347,6 +355,8 @@ def run_act(
     work: Path,
     timeout: float = 600,
     act: str | None = None,
+    job: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> ActRun:
     """Run ``act EVENT`` for one workflow of ``repo``, every job on this host.
 
@@ -359,6 +369,8 @@ def run_act(
         secrets: secrets, passed to act through its environment (never on its command line).
         work: a folder for act's action cache, the job workspaces and the event file.
         timeout: seconds before act is stopped.
+        job: run this job (its id) alone (act's ``--job``); default every job the event starts.
+        extra_args: more act arguments (e.g. ``--local-repository`` for a reusable workflow the workflow calls).
     """
     act = act or act_binary()
     if act is None:
@@ -387,10 +399,15 @@ def run_act(
         "--input-file",
         os.devnull,
     ]
+    if job is not None:
+        cmd += ["--job", job]
     for label in sorted(set(labels)):
         cmd += ["--platform", f"{label}=-self-hosted"]
     cmd += local_repository_args(third_party_refs(path, repo))
-    for key, value in env.items():
+    cmd += list(extra_args)
+    # The checkout stand-in's source for the workflow's own repository (job.workflow_repository@job.workflow_sha on
+    # GitHub): this repository, unless the test maps a called reusable workflow's repository there.
+    for key, value in {"CECAI_ACT_WORKFLOW_SOURCE": str(repo), **env}.items():
         cmd += ["--env", f"{key}={value}"]
     for key in secrets:
         cmd += ["--secret", key]

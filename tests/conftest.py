@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("CECAI_NO_PROGRESS", "1")
+# The workers of one test session lease cores among themselves (threads.py), not with every other run of this user
+# on the machine: a shared machine's other sessions do not make these tests wait for a core.
+os.environ.setdefault("CECAI_CORE_SLOTS", tempfile.mkdtemp(prefix="cecai-test-cores-"))
 
 
 @dataclass

@@ -153,8 +153,47 @@ def test_links_between_the_docs_lead_somewhere() -> None:
                 continue  # a URL, not a file of this repository
             path, _, anchor = target.partition("#")
             dest = (page.parent / path).resolve() if path else page
-            if not dest.exists():
+            if not dest.is_relative_to(ROOT):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (leaves the repository)")
+            elif not dest.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text(encoding="utf-8")):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+#: A relative path written in prose that climbs out of its folder: ``(../shared/notes.md)``, ``see ../x/y.md``.
+_CLIMBING_PATH = re.compile(r"(?<![\w/.`])(\.\./[\w.-]+(?:/[\w.-]+)*)")
+
+
+def _prose(markdown: str) -> str:
+    """The page without code fences and code spans (a hostile ``../../x`` shown as an example is not a reference)."""
+    kept, fenced = [], False
+    for line in markdown.splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and not line.startswith("```"):
+            kept.append(re.sub(r"`[^`]*`", "", line))
+    return "\n".join(kept)
+
+
+def test_no_doc_refers_to_a_file_outside_the_repository() -> None:
+    """A reader of a clone has only the repository: a link or a path in prose that leads out of it is broken for
+    them (docs/check.md once cited ../shared/field-notes.md, a file of the machine the project was built on)."""
+    outside = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        outside += [f"{page.relative_to(ROOT)}: {ref}" for ref in _refs_leading_out(page)]
+    assert not outside, "\n".join(outside)
+
+
+def _refs_leading_out(page: Path, text: str | None = None) -> list[str]:
+    """The climbing paths of ``page`` that lead out of the repository or to no file in it."""
+    refs = _CLIMBING_PATH.findall(_prose(page.read_text(encoding="utf-8") if text is None else text))
+    return [r for r in refs if not (dest := (page.parent / r).resolve()).is_relative_to(ROOT) or not dest.exists()]
+
+
+def test_the_outside_reference_check_finds_them() -> None:
+    text = (
+        "Measured there (../shared/field-notes.md); see [the notes](../../notes.md); `../../x` is an example; "
+        "[images](../docs/images.md) is here."
+    )
+    assert _refs_leading_out(ROOT / "docs" / "check.md", text) == ["../shared/field-notes.md", "../../notes.md"]

@@ -26,11 +26,8 @@ TOKENS = [1, 342, 328, 354, 267, 279, 339, 362, 17, 55, 80, 120]
 def converted(request, model_factory, tmp_path_factory, cli):
     model = model_factory(request.param)
     outdir = tmp_path_factory.mktemp(f"out-{request.param}")
+    # The default conversion, source check included: every architecture's base must be faithful to its source.
     args = ["convert", model, "--outdir", outdir, "--no-fidelity", "--format", "json"]
-    if request.param == "qwen2":
-        # transformers 5 reads a qwen2 folder's SentencePiece tokenizer as Qwen2's byte-level BPE, so the source
-        # check (tests/test_source_parity.py) rightly finds the tokenizers different; this test is about the rest.
-        args.append("--no-source-check")
     for p in PRECISIONS:
         args += ["--precision", p]
     result = cli(*args)
@@ -56,6 +53,10 @@ def test_every_precision_is_produced_verified_and_recorded(converted):
     assert sizes == sorted(sizes, reverse=True)
     assert manifest["toolchain"]["llama_cpp_python"] == "0.3.36"
     assert manifest["base"] == {"precision": "F32", "kept": True}
+    parity = manifest["source_parity"]
+    assert parity["checked"] and parity["passed"], parity["failures"]
+    assert parity["base"] == by_precision["F32"]["name"]
+    assert parity["logits"]["nmse"] < 1e-4 and parity["tokenizer"]["n_differing"] == 0
     assert not list(outdir.glob(".cecai-tmp-*"))
 
 

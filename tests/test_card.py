@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,8 @@ def test_card_of_a_real_conversion(converted, cli):
         kld_se = fid.get("kld_mean_se")
         assert row[4].endswith(f"{kld_se:.2e}" if isinstance(kld_se, float) else "—")
     assert tree_digest(model) == before  # the source's own card is never touched
+    # The reproduce command names the manifest beside the card (the published name exists only after publishing).
+    assert "cecai-convert reproduce manifest.json --source MODEL_FOLDER\n" in card
 
 
 def test_card_is_made_from_the_records_when_the_source_is_gone(converted, cli, tmp_path):
@@ -306,7 +309,10 @@ def test_card_is_made_from_the_records_when_the_source_is_gone(converted, cli, t
     (moved / "README.md").write_text("---\nlicense: mit\n---\n")
     result = cli("card", out, "-o", tmp_path / "card.md")
     assert result.returncode == 0, result.stderr
-    assert _front((tmp_path / "card.md").read_text())["license"] == "llama3.1"
+    card = (tmp_path / "card.md").read_text()
+    assert _front(card)["license"] == "llama3.1"
+    named = re.search(r"cecai-convert reproduce (\S+) --source", card).group(1)  # type: ignore[union-attr]
+    assert (tmp_path / named).resolve() == (out / "manifest.json").resolve(), "a path that exists from the card"
 
 
 def test_card_refuses_to_write_into_the_source_folder(converted, cli):

@@ -51,8 +51,11 @@ def test_verify_passes_good_files_and_fails_damaged_ones(cli, tiny_llama, tmp_pa
     ok = cli("verify", good)
     assert ok.returncode == 0, ok.stderr
     assert re.search(r"ok\s+.*llama Q8_0 \d+ tensors, generated 8 tokens", ok.stdout)
+    bad = cli("verify", good, damaged)
+    assert bad.returncode == 1  # a GGUF that fails verification
+    assert bad.stdout.count("FAIL") == 1
     bad = cli("verify", good, damaged, not_gguf)
-    assert bad.returncode == 1
+    assert bad.returncode == 2  # and a path that is no GGUF at all: bad input, every row still printed
     assert bad.stdout.count("FAIL") == 2
 
 

@@ -89,7 +89,13 @@ def test_shell_scripts_parse(script: str) -> None:
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shell_scripts_pass_shellcheck() -> None:
-    proc = subprocess.run(["shellcheck", "dev", ".ci/run"], cwd=ROOT, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["shellcheck", "dev", ".ci/run", "scripts/dev-clean.sh", "scripts/start-podman.sh", "actions/install.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout
 
 
@@ -101,7 +107,18 @@ def test_dev_shows_pip_and_decides_torch_before_installing() -> None:
         assert not re.search(r"\s(--quiet|-q)\b", line), f"pip's progress is hidden: {line.strip()}"
     assert "pip wheel -v" in dev, "the llama-cpp-python build shows cmake's output (in its log)"
     assert dev.index("dev_install.py heartbeat") < dev.index("pip wheel -v")
-    assert dev.index("dev_install.py torch") < dev.index('pip install --find-links "$WHEELS" -e')
+    # One sdist for everything: the wheel is built from the file the toolchain downloaded and checked.
+    fetch = next(line for line in dev.splitlines() if "sdist_path()" in line)
+    assert 'pip wheel -v --no-deps -w "$WHEELS" "$sdist"' in dev and dev.index(fetch) < dev.index("pip wheel -v")
+    code = re.search(r"python -c '([^']+)'", fetch).group(1)  # type: ignore[union-attr]
+    # It runs before anything is installed: the standard library alone (-S: no site-packages) must do.
+    probe = code.replace("sdist_path()", "sdist_path.__name__")
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", probe], env={"PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "sdist_path", proc.stderr
+    # The project's own install: pip -q, then one line naming what it installed (not ~60 "already satisfied").
+    assert dev.index("dev_install.py torch") < dev.index('dev_install.py install -- --find-links "$WHEELS" -e')
 
 
 def test_dev_without_a_command_prints_its_usage() -> None:
@@ -281,3 +298,126 @@ def test_the_readme_set_up_is_these_two_commands() -> None:
     block = block[block.index("```sh\n") + 6 : block.index("```", block.index("```sh\n") + 6)]
     assert [line.split("#")[0].strip() for line in block.splitlines()] == ["./dev demo", "./dev test"]
     assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("exec ./dev test")
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal real wheel (pure Python, no code) that pip installs."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = folder / f"{dist}-py3-none-any.whl"
+    files = {
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}.dist-info/RECORD"] = "".join(f"{n},,\n" for n in [*files, f"{dist}.dist-info/RECORD"])
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, text in files.items():
+            zf.writestr(member, text)
+    return path
+
+
+def test_install_names_what_pip_installed_and_nothing_else(tmp_path: Path) -> None:
+    """`./dev`'s project install: pip -q and one line from its --report (a real pip, a real wheel, no index)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "cecai-probe", "1.2.3")
+    args = ["--no-index", "--find-links", str(wheels), "--target", str(tmp_path / "site")]
+    proc = _helper("install", "--", *args, "cecai-probe")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["    pip installed 1 package(s): cecai-probe 1.2.3"]
+    assert (tmp_path / "site" / "cecai_probe-1.2.3.dist-info" / "METADATA").is_file()
+    # Everything already there (pytest is in this environment): one line, not "Requirement already satisfied"s.
+    proc = _helper("install", "--", "--no-index", "pytest")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["    pip installed nothing: every requirement was already satisfied"]
+    assert "already satisfied" not in proc.stderr.lower().replace("every requirement was already satisfied", "")
+
+
+def test_install_passes_pips_failure_on() -> None:
+    proc = _helper("install", "--", "--no-index", "cecai-no-such-package-anywhere")
+    assert proc.returncode == 1
+    assert "cecai-no-such-package-anywhere" in proc.stderr and proc.stdout == ""
+
+
+def test_install_describes_an_editable_install() -> None:
+    report = {
+        "install": [
+            {"metadata": {"name": "cecai-converter", "version": "0.1.0"},
+             "download_info": {"url": "file:///w", "dir_info": {"editable": True}}},
+            {"metadata": {"name": "docker", "version": "7.1.0"}, "download_info": {"url": "https://x/docker.whl"}},
+        ]
+    }  # fmt: skip
+    assert dev_install.describe_install(report) == (
+        "    pip installed 2 package(s): cecai-converter 0.1.0 (editable), docker 7.1.0"
+    )
+
+
+def _fake_podman(bin_dir: Path, calls: Path) -> None:
+    """A `podman` stand-in: it records its arguments and answers what dev-clean.sh asks."""
+    bin_dir.mkdir()
+    podman = bin_dir / "podman"
+    podman.write_text(
+        "#!/usr/bin/env bash\n"
+        f"printf '%s\\n' \"$*\" >> '{calls}'\n"
+        'case "$*" in\n'
+        '  "ps -aq --filter label=io.cecai.converter") echo c1 ;;\n'
+        '  "images -q --filter label=io.cecai.pair") printf "i1\\ni1\\n" ;;\n'
+        '  "image inspect localhost/debian-python:bookworm") exit 0 ;;\n'
+        '  "image inspect "*) exit 1 ;;\n'
+        "esac\n"
+    )
+    podman.chmod(0o755)
+
+
+def test_dev_clean_removes_what_dev_test_left_and_only_that(tmp_path: Path) -> None:
+    """The service start-podman.sh started (found by its pid file and its command line), the containers.conf it
+    wrote, the project's containers and images; the caches only with --caches."""
+    calls = tmp_path / "calls"
+    _fake_podman(tmp_path / "bin", calls)
+    socket = tmp_path / "podman.sock"
+    service = subprocess.Popen(["bash", "-c", f'exec -a "podman system service --time=0 unix://{socket}" sleep 60'])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        Path(f"{socket}.pid").write_text(f"{service.pid}\n")
+        socket.write_text("")
+        conf = tmp_path / "containers.conf"
+        conf.write_text("# written by cecai-converter's scripts/start-podman.sh (this line marks it)\n[engine]\n")
+        cache = tmp_path / "home" / ".cache" / "cecai-converter" / "wheels"
+        cache.mkdir(parents=True)
+        env = {
+            "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "HOME": str(tmp_path / "home"),
+            "CECAI_PODMAN_SOCKET": str(socket),
+            "CECAI_CONTAINERS_CONF": str(conf),
+        }
+        proc = subprocess.run([str(ROOT / "dev"), "clean"], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert service.wait(timeout=15) is not None, "the service is stopped"
+        assert bystander.poll() is None
+        assert not Path(f"{socket}.pid").exists() and not socket.exists() and not conf.exists()
+        assert calls.read_text().splitlines() == [
+            "ps -aq --filter label=io.cecai.converter",
+            "rm -f c1",
+            "images -q --filter label=io.cecai.pair",
+            "image inspect localhost/debian-python:bookworm",
+            "image inspect localhost/debian-python-arm64:bookworm",
+            "rmi -f i1 localhost/debian-python:bookworm",
+            "image prune -f",
+        ]
+        assert cache.is_dir() and "./dev clean --caches removes it" in proc.stdout
+        # A containers.conf of someone else's, and a pid file naming another process: both left alone.
+        conf.write_text("[engine]\n")
+        Path(f"{socket}.pid").write_text(f"{bystander.pid}\n")
+        proc = subprocess.run(
+            [str(ROOT / "dev"), "clean", "--caches"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert bystander.poll() is None and conf.read_text() == "[engine]\n"
+        assert not (tmp_path / "home" / ".cache" / "cecai-converter").exists()
+        bad = subprocess.run([str(ROOT / "dev"), "clean", "--all"], env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and "usage: ./dev clean" in bad.stderr
+    finally:
+        for process in (service, bystander):
+            process.kill()
+            process.wait()

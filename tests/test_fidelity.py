@@ -55,8 +55,11 @@ def test_numbers_are_complete_and_finite(results: dict[str, dict]) -> None:
     for label, res in results.items():
         assert tuple(res) == fidelity.RESULT_KEYS, label
         for key in fidelity.RESULT_KEYS:
-            if key != "device":
+            if key not in ("device", "budget"):
                 assert math.isfinite(res[key]), (label, key, res[key])
+        # measure() without a budget reads every chunk, as llama-perplexity does
+        assert res["budget"]["mode"] == "all" and res["budget"]["stopped"] == "all", label
+        assert res["budget"]["text_tokens"] == res["n_tokens"], label
         assert res["device"] == "cpu"  # n_gpu_layers=0
         assert res["n_tokens"] > 500
         assert res["ppl"] > 1 and res["ppl_base"] > 1

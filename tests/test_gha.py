@@ -206,12 +206,15 @@ def run_composite(
     *,
     path_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    github: dict[str, str] | None = None,
 ) -> dict:
-    """Run a composite action's `run:` steps like the runner: defaults applied, `${{ inputs.* }}` evaluated into
+    """Run a composite action's `run:` steps like the runner: defaults applied, `${{ inputs.* }}` (and the
+    `${{ github.* }}` values in ``github``, by default an action used as `cecai/cecai-converter@v1`) evaluated into
     env:, `if: inputs.x == 'y'` (or `steps.s.outputs.o != ''`) honoured, GITHUB_OUTPUT per step, one
     GITHUB_STEP_SUMMARY, GITHUB_ACTION_PATH.
     ``env`` is the job's environment (e.g. GITHUB_API_URL), under each step's own env:."""
     job_env = dict(env or {})
+    context = {"action_repository": "cecai/cecai-converter", "action_ref": "v1", **(github or {})}
     doc = yaml.safe_load(action.read_text(encoding="utf-8"))
     values = {name: str(spec.get("default", "")) for name, spec in doc["inputs"].items()}
     values.update(inputs)
@@ -228,6 +231,10 @@ def run_composite(
             if expr.startswith("steps."):
                 step_id, _, key = expr.removeprefix("steps.").split(".", 2)
                 return steps.get(step_id, {}).get(key, "")
+            if expr.startswith("github.") and expr.removeprefix("github.") in context:
+                return context[expr.removeprefix("github.")]
+            if expr == "runner.environment":  # these steps run on this machine, as on a self-hosted runner
+                return "self-hosted"
             raise AssertionError(f"unsupported expression {expr}")
 
         return _EXPR.sub(one, str(text))
@@ -235,9 +242,12 @@ def run_composite(
     for index, step in enumerate(doc["runs"]["steps"]):
         condition = step.get("if")
         if condition:
-            m = re.fullmatch(r"((?:inputs|steps)\.[\w.-]+) (==|!=) '([^']*)'", condition.strip())
-            assert m, f"unsupported condition {condition}"
-            if (evaluate("${{ " + m[1] + " }}") == m[3]) != (m[2] == "=="):
+            holds = True
+            for part in condition.strip().split(" && "):  # comparisons joined by &&
+                m = re.fullmatch(r"((?:inputs|steps|runner)\.[\w.-]+) (==|!=) '([^']*)'", part)
+                assert m, f"unsupported condition {condition}"
+                holds &= (evaluate("${{ " + m[1] + " }}") == m[3]) == (m[2] == "==")
+            if not holds:
                 continue
         output = tmp_path / f"output-{index}"
         output.touch()

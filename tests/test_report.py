@@ -90,10 +90,10 @@ def test_markdown_table() -> None:
     rows = lines[header + 2 : header + 5]
     # KLD 0.0029 ± 0.000121 (two significant digits of the error), p99 0.02175, top-1 92 % ± 0.60 %
     assert rows[0] == (
-        "| `tiny.q8_0.gguf` | Q8_0 | 1.87 MiB | ≈8.50 | 0.00290 ± 0.00012 | 0.0217 | 0.9983 ± 0.0021 "
+        "| `tiny.q8_0.gguf` | Q8_0 | 2.0 MB | ≈8.50 | 0.00290 ± 0.00012 | 0.0217 | 0.9983 ± 0.0021 "
         "| 92.0 ± 0.6% | 812.2 | 95.5 |"
     )
-    assert rows[2].startswith("| `tiny.q2_k.gguf` | Q2_K | 786.75 KiB | ≈3.16 | 1.820 ± 0.076 | 13.7 |")
+    assert rows[2].startswith("| `tiny.q2_k.gguf` | Q2_K | 805.6 KB | ≈3.16 | 1.820 ± 0.076 | 13.7 |")
     assert "| 1.0310 ± 0.0021 | 1.5 ± 0.3% |" in rows[2]
 
 
@@ -105,7 +105,7 @@ def test_markdown_of_a_manifest_without_error_bars() -> None:
         entry["fidelity"] = {k: v for k, v in entry["fidelity"].items() if k in old_keys}
     rows = [ln for ln in report.render_markdown([data]).splitlines() if ln.startswith("| `tiny.")]
     # the PPL ratio is ppl / ppl_base, which old manifests hold; it has no error bar
-    assert rows[0] == "| `tiny.q8_0.gguf` | Q8_0 | 1.87 MiB | ≈8.50 | 0.0029 | — | 0.9983 | 92.0% | 812.2 | 95.5 |"
+    assert rows[0] == "| `tiny.q8_0.gguf` | Q8_0 | 2.0 MB | ≈8.50 | 0.0029 | — | 0.9983 | 92.0% | 812.2 | 95.5 |"
     assert "±" not in "".join(rows)
 
 
@@ -113,7 +113,7 @@ def test_markdown_without_fidelity_and_several_models() -> None:
     md = report.render_markdown([manifest(), manifest(None, with_fidelity=False)])
     assert md.count("### tiny") == 2 and "### tiny\n" in md
     assert "FIDELITY was off" in md
-    assert "| `tiny.q4_k_m.gguf` | Q4_K_M | 1.12 MiB | ≈4.89 | — | — | — | — | — | — |" in md
+    assert "| `tiny.q4_k_m.gguf` | Q4_K_M | 1.2 MB | ≈4.89 | — | — | — | — | — | — |" in md
 
 
 def test_bits_per_weight_measured_from_the_gguf(tmp_path: Path) -> None:
@@ -121,9 +121,9 @@ def test_bits_per_weight_measured_from_the_gguf(tmp_path: Path) -> None:
     write_tiny_gguf(tmp_path / "tiny.q8_0.gguf", rows=8)
     data["_folder"] = str(tmp_path)
     md = report.render_markdown([data])
-    assert "| Q8_0 | 1.87 MiB | 32.00 |" in md  # an F32 tensor: 32 bits per weight, measured
+    assert "| Q8_0 | 2.0 MB | 32.00 |" in md  # an F32 tensor: 32 bits per weight, measured
     data["files"][1]["bpw"] = 4.91
-    assert "| Q4_K_M | 1.12 MiB | 4.91 |" in report.render_markdown([data])  # recorded in the manifest
+    assert "| Q4_K_M | 1.2 MB | 4.91 |" in report.render_markdown([data])  # recorded in the manifest
 
 
 def test_plot_is_a_png_with_one_point_per_precision(tmp_path: Path) -> None:

@@ -57,3 +57,56 @@ def test_install_sh_prints_the_same_key() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == wheel_key("GPU_LLM_LLAMA", {})
+
+
+def _steps(action: Path) -> dict[str, dict]:
+    import yaml
+
+    return {step["name"]: step for step in yaml.safe_load(action.read_text(encoding="utf-8"))["runs"]["steps"]}
+
+
+def test_hosted_runners_cache_the_wheel_under_install_shs_key(tmp_path: Path) -> None:
+    """Both convert actions: on a GitHub-hosted runner with the local backend, the wheel folder install.sh fills is
+    saved and restored by actions/cache under the wheel key (run here for real, as bash would run the step)."""
+    for action, action_path in ((ROOT / "action.yml", ROOT), (ROOT / "actions" / "convert" / "action.yml", None)):
+        steps = _steps(action)
+        names = list(steps)
+        key_step, cache_step = steps["Wheel cache key"], steps["Cache the llama-cpp-python wheel"]
+        assert names.index("Wheel cache key") < names.index("Cache the llama-cpp-python wheel")
+        assert names.index("Cache the llama-cpp-python wheel") < names.index("Install cecai-converter")
+        assert key_step["if"] == (
+            "inputs.install == 'true' && inputs.backend == 'local' && runner.environment == 'github-hosted'"
+        )
+        assert cache_step["uses"].startswith("actions/cache@") and cache_step["if"] == "steps.wheel.outputs.key != ''"
+        assert cache_step["with"] == {
+            "path": "${{ steps.wheel.outputs.path }}",
+            "key": "cecai-converter-llama-cpp-python-${{ steps.wheel.outputs.key }}",
+        }
+        output = tmp_path / f"out-{action.parent.name}"
+        proc = subprocess.run(
+            ["bash", "-e", "-c", key_step["run"]],
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(tmp_path),
+                "INPUT_PYTHON": sys.executable,
+                "INPUT_PAIR": "GPU_LLM_LLAMA",
+                "GITHUB_ACTION_PATH": str(action_path or action.parent),
+                "GITHUB_OUTPUT": str(output),
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        key = wheel_key("GPU_LLM_LLAMA", {})
+        assert output.read_text().splitlines() == [
+            f"key={key}",
+            f"path={tmp_path}/.cache/cecai-converter/wheels/{key}",  # where install.sh looks for and builds it
+        ]
+
+
+def test_install_sh_shows_the_wheel_build_progress() -> None:
+    script = (ROOT / "actions" / "install.sh").read_text(encoding="utf-8")
+    build = script[script.index("pip wheel") - 400 : script.index("pip wheel") + 200]
+    assert "--quiet" not in build and "pip wheel -v" in build
+    assert 'dev_install.py" heartbeat' in build, "a progress line every 30 s, cmake's output in a log"

@@ -8,7 +8,10 @@ as llama.cpp's gguf_set_metadata does), a source whose added token the GGUF does
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ import pytest
 from cecai_converter import source_parity
 from cecai_converter.errors import ConfigError, ManifestError, UsageError
 from cecai_converter.fidelity import validate_thresholds
+from cecai_converter.gguf_header import read_header
 from cecai_converter.manifest import Manifest
 from cecai_converter.source_parity import check_source, nmse, not_checked, rating, summary
 
@@ -149,19 +153,23 @@ def test_every_architecture_converts_faithfully(
     assert record.checked and logits["status"] == "compared", record
     # llama.cpp calls an NMSE below 1e-4 an excellent conversion; these 16-bit bases are far below it.
     assert logits["nmse"] < 1e-4 and logits["top1_agreement"] > 0.9 and logits["n_tokens"] == 128, logits
-    assert record.chat_template == {"status": "none", "names": [], "renders": {}}
     assert record.hyperparameters is not None and not record.hyperparameters["differing"]
     assert "rope frequency base" in record.hyperparameters["compared"]
-    tokenizer = record.tokenizer or {}
-    if arch == "qwen2":
-        # transformers 5 ignores a qwen2 folder's tokenizer_class and reads its SentencePiece vocabulary as Qwen2's
-        # byte-level BPE; llama.cpp reads it as SentencePiece. The check says so instead of passing it.
-        assert not record.passed and tokenizer["n_differing"] > 0
-        assert record.failures[0].startswith("the GGUF's tokenizer differs from the source's on ")
-        return
     assert record.passed, record.failures
-    assert tokenizer["n_differing"] == 0 and tokenizer["n_strings"] > 60
-    assert tokenizer["bos"] == {"source": 1, "gguf": 1} and tokenizer["add_special"]["equal"]
+    tokenizer = record.tokenizer or {}
+    assert tokenizer["n_differing"] == 0 and tokenizer["n_strings"] > 60 and tokenizer["add_special"]["equal"]
+    if arch == "qwen2":
+        # Qwen2's byte-level BPE, recognised by the converter (tokenizer.ggml.pre = qwen2): no BOS on the source
+        # side (bos_token null) and none added by the GGUF; <|im_end|> ends a turn; the ChatML template renders alike.
+        assert tokenizer["bos"]["source"] is None and tokenizer["add_special"]["gguf"] == [9707, 1879]
+        assert tokenizer["eos"] == {"source": 151645, "gguf": 151645}
+        assert record.chat_template is not None and record.chat_template["status"] == "equal"
+        assert record.chat_template["renders"] == {"chat": "equal"}
+        assert logits["n_vocab"] == 151936
+        assert read_header(base).metadata["tokenizer.ggml.pre"] == "qwen2"
+        return
+    assert record.chat_template == {"status": "none", "names": [], "renders": {}}
+    assert tokenizer["bos"] == {"source": 1, "gguf": 1}
 
 
 @pytest.mark.slow
@@ -353,6 +361,54 @@ def test_a_failed_conversion_ends_the_source_side_started_beside_it(
     assert not list(scratch.glob("cecai-parity-*")), "the source side's worker and its files were left behind"
     jobs = [p for p in Path("/proc").glob("[0-9]*") if str(scratch) in _cmdline(p)]
     assert not jobs, "a source-side worker outlived the run"
+
+
+# --- the qwen2 fixture: Qwen2's own byte-level BPE, which the pinned converter recognises ---------------------------
+
+
+@pytest.mark.slow
+def test_the_qwen2_fixture_tokenizes_as_qwen2_for_the_converters_pre_tokenizer_hash(
+    model_factory: Callable[..., Path],
+) -> None:
+    # The converter names a BPE pre-tokenizer by hashing the ids a tokenizer gives one fixed text (get_vocab_base_pre)
+    # and refuses an unknown hash; the qwen2 fixture must give the hash it knows as Qwen2's, through transformers.
+    from transformers import AutoTokenizer
+
+    from cecai_converter.modelgen import QWEN2_SPECIAL_TOKENS
+    from cecai_converter.toolchain import ensure_converter
+
+    code = (ensure_converter(fetch=False) / "conversion" / "base.py").read_text(encoding="utf-8")
+    text_line = re.search(r"^\s*chktxt = ('.*')$", code, re.MULTILINE)
+    assert text_line is not None, "the pinned converter no longer hashes a chktxt"
+    chktxt = ast.literal_eval(text_line.group(1))
+    known = dict(re.findall(r'if chkhsh == "([0-9a-f]{64})":(?:\n\s*#[^\n]*)*\n\s*res = "([^"]+)"', code))
+    assert len(known) > 50
+    tok = AutoTokenizer.from_pretrained(model_factory("qwen2"), local_files_only=True)
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    assert known[hashlib.sha256(str(tok.encode(chktxt)).encode()).hexdigest()] == "qwen2"
+    assert {t: tok.convert_tokens_to_ids(t) for t in QWEN2_SPECIAL_TOKENS} == QWEN2_SPECIAL_TOKENS
+    assert tok.bos_token_id is None and tok.eos_token_id == QWEN2_SPECIAL_TOKENS["<|im_end|>"]
+    assert tok.encode("<|im_start|>user\nHi<|im_end|>")[0] == QWEN2_SPECIAL_TOKENS["<|im_start|>"]
+
+
+@pytest.mark.slow
+def test_the_shipped_qwen2_vocabulary_is_what_the_pinned_sources_give(tmp_path: Path) -> None:
+    # Rebuilt from llama.cpp's copy of Qwen2's vocabulary in the pinned sdist; qwen2_vocab_data itself refuses a
+    # subset that does not give llama.cpp's recorded ids on each of its tokenizer tests.
+    from importlib import resources
+
+    from cecai_converter.modelgen import QWEN2_VOCAB_DATA, write_qwen2_vocab_data
+    from cecai_converter.toolchain import sdist_path
+
+    rebuilt = write_qwen2_vocab_data(sdist_path(fetch=False), tmp_path / "qwen2_vocab.json")
+    shipped = resources.files("cecai_converter") / "data" / QWEN2_VOCAB_DATA
+    assert rebuilt.read_bytes() == shipped.read_bytes(), (
+        "data/qwen2_vocab.json is not what the pinned sources and the shipped corpora give (a corpus changed?): "
+        "rewrite it with cecai_converter.modelgen.write_qwen2_vocab_data(toolchain.sdist_path(), PATH)"
+    )
+    data = json.loads(rebuilt.read_text(encoding="utf-8"))
+    assert len(data["vocab"]) > 1000 and len(data["merges"]) > 1000
+    assert [t for t, i in data["vocab"]][:3] == ["!", '"', "#"]
 
 
 def _cmdline(proc: Path) -> str:

@@ -135,7 +135,7 @@ def folder(tmp_path: Path) -> Path:
 def test_verify_json_reports_every_file_good_and_bad(folder: Path) -> None:
     files = [folder / "good.gguf", *(folder / n for n in sorted(HOSTILE)), folder / "pipe.gguf"]
     result = _verify("--format", "json", *files)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # the FIFO is no GGUF file: bad input; every row is still there
     assert "Traceback" not in result.stderr
     rows = json.loads(result.stdout)
     assert [r["file"] for r in rows] == [str(f) for f in files]
@@ -146,6 +146,27 @@ def test_verify_json_reports_every_file_good_and_bad(folder: Path) -> None:
     for name, (_, phrase) in HOSTILE.items():
         assert phrase in errors[name], (name, errors[name])
     assert "not a regular file" in errors["pipe.gguf"]
+
+
+def test_verify_on_a_path_that_is_no_gguf_is_bad_input(folder: Path) -> None:
+    """Missing, a folder, a FIFO, a text file: exit 2 (bad input, as the README's exit codes say), each named in its
+    row with the reason, the GGUF beside them still read; a GGUF with a bad inside is a failed verification, exit 1."""
+    text = folder / "notes.gguf"
+    text.write_text("not a model\n")
+    paths = [folder / "missing.gguf", folder, folder / "pipe.gguf", text, folder / "good.gguf"]
+    result = _verify("--format", "json", *paths)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["ok"] for r in rows] == [False, False, False, False, True]
+    assert [r.get("input_error") for r in rows] == [True, True, True, True, None]
+    assert rows[0]["error"] == "missing.gguf: no such file"
+    assert "not a regular file" in rows[1]["error"] and "not a regular file" in rows[2]["error"]
+    assert rows[3]["error"] == "notes.gguf: not a GGUF file (it does not start with the GGUF magic)"
+    assert "4 of the 5 path(s) given to verify name(s) no GGUF file" in result.stderr and "hint:" in result.stderr
+    alone = _verify(folder / "missing.gguf")
+    assert alone.returncode == 2 and alone.stdout.startswith("FAIL ")
+    inside = _verify(folder / "good.gguf", folder / "nested.gguf")
+    assert inside.returncode == 1, inside.stderr
 
 
 def test_verify_human_names_the_type_or_fails_never_none(folder: Path) -> None:

@@ -1,6 +1,7 @@
 """Helpers for ./dev that say what an install is about to do: which torch build, and how a long build is going.
 
     python scripts/lib/dev_install.py torch [--dry-run] [--python PY] [--pin VERSION]
+    python scripts/lib/dev_install.py install [--python PY] -- PIP_INSTALL_ARG ...
     python scripts/lib/dev_install.py heartbeat --log FILE [--every 30] [--what TEXT] -- COMMAND [ARG ...]
 
 ``torch``: the converter needs only torch's CPU build, but on x86-64 and aarch64 Linux PyPI's ``torch`` is the
@@ -9,6 +10,9 @@ installs ``torch==<pin>`` from the PyTorch CPU index when that index answers and
 (``CECAI_TORCH_INDEX_URL`` replaces the index, e.g. for a mirror); when it does not, it prints what pip is about to
 download for torch, and from where, and leaves the install to pip. ``--dry-run`` prints the decision as one JSON
 line instead of installing.
+
+``install``: ``pip install --quiet`` with the given arguments, then one line naming what pip installed (from its
+``--report``), instead of a line per requirement already satisfied.
 
 ``heartbeat``: runs a command with its output in a log file and prints, every ``--every`` seconds, the elapsed time
 and the command's latest progress line (ninja's ``[12/150]``, make's ``[ 45%]``); on failure, the log's tail.
@@ -25,6 +29,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -204,6 +209,39 @@ def torch_main(ns: argparse.Namespace) -> int:
     return 0
 
 
+def describe_install(report: dict[str, Any]) -> str:
+    """One line for what a ``pip install --report`` installed: the packages by name and version, or nothing new."""
+    items = report.get("install")
+    if not isinstance(items, list) or not items:
+        return "    pip installed nothing: every requirement was already satisfied"
+    names = []
+    for item in items:
+        metadata = item.get("metadata") or {}
+        editable = (item.get("download_info") or {}).get("dir_info", {}).get("editable")
+        names.append(
+            f"{metadata.get('name', '?')} {metadata.get('version', '?')}" + (" (editable)" if editable else "")
+        )
+    return f"    pip installed {len(names)} package(s): " + ", ".join(names)
+
+
+def install_main(ns: argparse.Namespace) -> int:
+    """``pip install --quiet`` plus one line naming what it installed (not a line per satisfied requirement)."""
+    with tempfile.TemporaryDirectory(prefix="cecai-pip-") as tmp:
+        report_path = Path(tmp) / "report.json"
+        cmd = [*_pip(ns.python), "install", "--quiet", "--disable-pip-version-check", "--report", str(report_path)]
+        sys.stdout.flush()
+        rc = subprocess.run([*cmd, *ns.args], check=False).returncode
+        if rc != 0:
+            return rc
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            print("    pip finished (it wrote no report of what it installed: pip >= 22.2 does)")
+            return 0
+    print(describe_install(report))
+    return 0
+
+
 def _latest_progress(log: Path) -> str:
     """The log's latest progress line (else its last line), shortened for one terminal line."""
     try:
@@ -271,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     torch_cmd.add_argument("--python", default=sys.executable, help="the environment's interpreter (default: this)")
     torch_cmd.add_argument("--pin", help="the torch version (default: pyproject's torch==X)")
     torch_cmd.add_argument("--dry-run", action="store_true", help="print the decision as JSON, install nothing")
+    install_cmd = sub.add_parser("install", help="pip install, quietly, then name what it installed")
+    install_cmd.add_argument("--python", default=sys.executable, help="the environment's interpreter (default: this)")
+    install_cmd.add_argument("args", nargs=argparse.REMAINDER, help="-- PIP_INSTALL_ARG ...")
     beat_cmd = sub.add_parser("heartbeat", help="run a long command, printing its progress now and then")
     beat_cmd.add_argument("--log", required=True, help="file for the command's whole output")
     beat_cmd.add_argument("--every", type=float, default=30.0, help="seconds between progress lines")
@@ -279,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.command_name == "torch":
         return torch_main(ns)
+    if ns.command_name == "install":
+        ns.args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
+        if not ns.args:
+            parser.error("install needs pip install's arguments after --")
+        return install_main(ns)
     ns.command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     if not ns.command:
         parser.error("heartbeat needs a command after --")

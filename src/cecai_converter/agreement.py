@@ -262,6 +262,7 @@ def make_reference(
     n_gpu_layers: int = 0,
     threads: int | None = None,
     text: Path | None = None,
+    tokens: list[int] | None = None,
 ) -> dict[str, Any]:
     """What this runtime predicts for each file on the fixed text (see the module docstring).
 
@@ -270,6 +271,8 @@ def make_reference(
         n_gpu_layers: layers to offload (the builder's runtime setting).
         threads: CPU threads for llama.cpp.
         text: the text; default the shipped evaluation text.
+        tokens: the token ids to evaluate instead of the text's first ones (the positions fidelity's evaluation
+            took its rows from, so that rows from both agree: :func:`cecai_converter.fidelity.measure_run`).
 
     Returns:
         ``{schema, tokens, top_k, runtime, files: {name: {sha256?, ids, logprobs}}}``; the caller adds sha256.
@@ -279,12 +282,13 @@ def make_reference(
     if not files:
         return {"schema": REFERENCE_SCHEMA, "tokens": [], "top_k": TOP_K, "files": {}}
     first = next(iter(files.values()))
-    tokens = _run_worker(
-        {"role": "tokenize", "model": str(first), "text": str(text or default_eval_text())},
-        n_gpu_layers,
-        threads,
-        label=first.name,
-    )["tokens"]
+    if tokens is None:
+        tokens = _run_worker(
+            {"role": "tokenize", "model": str(first), "text": str(text or default_eval_text())},
+            n_gpu_layers,
+            threads,
+            label=first.name,
+        )["tokens"]
     result: dict[str, Any] = {
         "schema": REFERENCE_SCHEMA,
         "tokens": tokens,

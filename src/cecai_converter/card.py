@@ -13,6 +13,7 @@ kept, bounded and stripped of control characters, so a YAML alias bomb is never 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -451,6 +452,7 @@ def render_card(
     checks: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     repo_id: str | None = None,
+    manifest_name: str | None = None,
 ) -> str:
     """The model card: YAML front matter (:func:`card_front_matter`) and a Markdown body.
 
@@ -458,6 +460,8 @@ def render_card(
         manifest: the run's ``manifest.json`` or a published ``<model>.manifest.json``.
         checks: pair → check record, shown per file; default: the manifest's own ``checks``.
         repo_id: the Hub repo the card is for, used in the ``from_pretrained`` example.
+        manifest_name: the manifest as the reproduce command names it, relative to where the card is; default the
+            name publish gives it (``<model>.<slug>.manifest.json``), which is right beside a published card.
     """
     model = str(manifest.get("model_name") or "model")
     front = card_front_matter(manifest)
@@ -550,6 +554,8 @@ def render_card(
     needs_source = " --source MODEL_FOLDER" if source.get("kind") != "hub" else ""
     pair = PAIRS.get(manifest["pair"]) if isinstance(manifest.get("pair"), str) else None
     published_name = f"{model}.{pair.slug}.manifest.json" if pair else f"{model}.manifest.json"  # as publish names it
+    # Where the card is written next to a run's outputs, the manifest there is manifest.json (write_card says so).
+    published_name = manifest_name or published_name
     lines += [
         "",
         "## Reproduce",
@@ -611,7 +617,10 @@ def write_card(
                 hint="write it next to the GGUF files (the default) or give -o elsewhere",
             )
     checks = None if check_records is None else checks_by_pair(check_records, str(manifest.get("model_name")))
-    atomic_write_text(target, render_card(manifest, checks, repo_id=repo_id))
+    # The reproduce command names the manifest that exists where the card is: manifest.json beside it, or the path
+    # to it from an -o elsewhere (the published <model>.<slug>.manifest.json exists only on a release or the Hub).
+    manifest_name = Path(os.path.relpath(write_target(manifest_path), target.parent)).as_posix()
+    atomic_write_text(target, render_card(manifest, checks, repo_id=repo_id, manifest_name=manifest_name))
     return target
 
 

@@ -33,10 +33,11 @@ from .agreement import REFERENCE_NAME, check_reference_fits, compare, read_refer
 from .backends import BACKENDS
 from .errors import EXIT_OK, BadReference, CheckFailed, ConfigError, ConverterError, UsageError
 from .fsutil import atomic_write_json, refuse_symlink, refuse_unsafe_target, sha256_file, write_target
-from .manifest import MANIFEST_NAME, FileEntry, check_record_problem, load_manifest, read_manifest
-from .output import Output
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_record_problem, load_manifest, read_manifest
+from .output import Output, decimal_size
 from .pairs import PairInfo, parse_pair
 from .tools import gpu_layer_count, thread_count
+from .tools import runtime_name as runtime_name_of
 
 __all__ = [
     "CHECK_SCHEMA",
@@ -123,8 +124,13 @@ def check_folder(
     n_gpu_layers: int | None = None,
     threads: int | None = None,
     out: Output | None = None,
+    fidelity: str = "auto",
 ) -> dict[str, Any]:
     """Check every file of a builder's outputs folder on this machine's runtime, as ``pair``.
+
+    With ``fidelity`` (``auto``: when the manifest says ``fidelity_on: check`` and this runtime offloads to a GPU;
+    ``true``; ``false``) each file's fidelity is also measured against the base the builder shipped, and the record
+    carries it (``fidelity`` per file, and what was measured at the top).
 
     Returns:
         The check record (see the module docstring); ``record["passed"]`` says whether every file passed.
@@ -210,6 +216,7 @@ def check_folder(
                 continue
             row["agreement"] = agreement.as_dict()
             row["problems"] += _file_problems(row["agreement"], limits)
+    fidelity_record = _fidelity(folder, manifest, files, problems, fidelity, layers, threads, say)
     for row in files:
         row["passed"] = not row["problems"] and not problems and "agreement" in row
     files += _check_projectors(folder, manifest.mmproj or [], files, problems, layers, threads, say)
@@ -223,8 +230,91 @@ def check_folder(
         "reference_runtime": reference.get("runtime"),
         "limits": limits.as_dict(),
         "problems": problems,
+        "fidelity": fidelity_record,
         "files": files,
     }
+    return record
+
+
+#: ``--fidelity``: measure each file's fidelity here (see :func:`_fidelity`).
+FIDELITY_MODES: Final = ("auto", "true", "false")
+
+
+def _fidelity(
+    folder: Path,
+    manifest: Manifest,
+    rows: list[dict[str, Any]],
+    problems: list[str],
+    mode: str,
+    layers: int,
+    threads: int | None,
+    say: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """FIDELITY_ON=check: each loaded file measured against the base the builder shipped (the manifest's
+    ``base.file``, its SHA-256 checked), on this runtime, with the builder's target and thresholds. Rows get
+    ``fidelity`` (the builder's record format, with this runtime's ``device``); a breached threshold is a row
+    problem. Returns the record's ``fidelity`` (None when the manifest does not ask for it and ``mode`` is not
+    ``true``).
+
+    Raises:
+        UsageError: ``mode`` is ``true`` but the builder shipped no base (its manifest's fidelity_on is not check).
+    """
+    asked = manifest.fidelity_on == "check"
+    if mode == "false" or (mode == "auto" and not asked):
+        return {"measured": False, "reason": "turned off (--fidelity false)"} if asked else None
+    base = manifest.base or {}
+    name, sha = base.get("file"), base.get("sha256")
+    if not isinstance(name, str) or not isinstance(sha, str):
+        raise UsageError(
+            f"{folder / MANIFEST_NAME}: no base GGUF to measure fidelity against (its fidelity_on is "
+            f"{manifest.fidelity_on!r}, not 'check')",
+            hint="convert with --fidelity-on check (FIDELITY_ON: check) so that the builder ships its base",
+        )
+    record: dict[str, Any] = {"measured": False, "reason": None, "base": name, "base_sha256": sha}
+    if mode == "auto" and layers == 0:
+        record["reason"] = (
+            "this runtime offloads no layer to a GPU: with --fidelity auto only a GPU check measures it "
+            "(--fidelity true measures it here)"
+        )
+        return record
+    if problems:
+        record["reason"] = "not measured: the check has problems of its own"
+        return record
+    path = folder / name
+    refuse_symlink(path, where=f"{folder / MANIFEST_NAME} base.file {name!r}: ")
+    if Path(name).name != name or not path.is_file():
+        raise UsageError(f"{folder / MANIFEST_NAME}: base.file {name!r} is not a file in {folder}")
+    if sha256_file(path) != sha:
+        problems.append(f"the base {name} is not the builder's (sha256 differs from the manifest's base.sha256)")
+        record["reason"] = "the base's bytes are not the builder's"
+        return record
+    from . import fidelity
+
+    values = ((manifest.extra.get("request") or {}).get("values")) or {}
+    target = values.get("fidelity_target")
+    budget: fidelity.Budget | None = None  # the builder's target (FIDELITY_TARGET), or the whole text
+    if values.get("fidelity_tokens") != "all":
+        number = isinstance(target, (int, float)) and not isinstance(target, bool)
+        budget = fidelity.Budget(target=float(target)) if number and target is not None else fidelity.Budget()
+    todo = {str(r["precision"]): folder / r["name"] for r in rows if r.get("generated_tokens") and r["sha256_match"]}
+    if values.get("eval_text"):  # the builder's own text stays on the builder: the record says which text it was
+        record["eval_text"] = "shipped (the builder's EVAL_TEXT is not in the outputs folder)"
+    say(f"measuring fidelity of {len(todo)} file(s) against {name} on this runtime")
+    try:
+        results = fidelity.measure(path, todo, n_threads=threads, n_gpu_layers=layers, budget=budget)
+    except ConverterError as exc:
+        problems.append(f"fidelity could not be measured: {exc.message}")
+        record["reason"] = "the measurement failed"
+        return record
+    thresholds = values.get("thresholds") or {}
+    for row in rows:
+        metrics = results.get(str(row["precision"]))
+        if metrics is None:
+            row["problems"].append("fidelity not measured: the file was not loaded or is not the builder's")
+            continue
+        row["fidelity"] = dict(metrics)
+        row["problems"] += fidelity.check_thresholds({str(row["precision"]): metrics}, thresholds)
+    record.update(measured=True, device=runtime_name_of(layers))
     return record
 
 
@@ -294,7 +384,8 @@ def _human(record: Mapping[str, Any], path: Path) -> str:
         agr = row.get("agreement") or {}
         numbers = (
             f"kld {agr['kld_mean']:.2e} (max {agr['kld_max']:.2e}) top-1 {agr['top1_agreement']:.1%} "
-            f"prompt {agr['prompt_tps']:.0f} tok/s gen {agr['gen_tps']:.0f} tok/s peak {agr['peak_rss_mib']:.0f} MiB "
+            f"prompt {agr['prompt_tps']:.0f} tok/s gen {agr['gen_tps']:.0f} tok/s "
+            f"peak {decimal_size(agr['peak_rss_mib'] * 2**20)} "
             f"offloaded {agr['offloaded_layers']}/{agr['total_layers']}"
             if agr
             else f"test image: {row['image']['image_tokens']} image tokens, "
@@ -336,6 +427,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
                 n_gpu_layers=args.n_gpu_layers,
                 threads=args.threads,
                 verbose=out.verbose,
+                fidelity=args.fidelity,
             )
             run_check(spec, Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr))
             record = _read_record(Path(tmp) / record_path.name)
@@ -343,8 +435,9 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         atomic_write_json(record_path, record)
     else:
         record = check_folder(
-            folder, pair, limits=limits, n_gpu_layers=args.n_gpu_layers, threads=args.threads, out=out
-        )
+            folder, pair, limits=limits, n_gpu_layers=args.n_gpu_layers, threads=args.threads, out=out,
+            fidelity=args.fidelity,
+        )  # fmt: skip
         record_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(record_path, record)
     out.result(_human(record, record_path), {"record": str(record_path), **record})
@@ -431,7 +524,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         help="layers to offload, -1 for all (default: all on GPU pairs, else 0)",
     )
-    p.add_argument("--threads", type=thread_count, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads (default: the free cores)")
+    p.add_argument(
+        "--fidelity",
+        choices=FIDELITY_MODES,
+        default="auto",
+        help="measure each file's fidelity against the base the builder shipped (FIDELITY_ON=check): auto (when the "
+        "manifest asks and this runtime offloads to a GPU), true, false",
+    )
     p.add_argument(
         "--backend",
         choices=BACKENDS,

@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "cecai_converter.gha",
     "cecai_converter.card_commands",
     "cecai_converter.audit",
+    "cecai_converter.doctor",
 )
 
 

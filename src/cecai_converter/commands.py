@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .backends import BACKEND_ENV, BACKENDS, default_backend
 from .config import check_writable_dir, group_jobs, load_converter_dir
-from .errors import EXIT_FAILED, EXIT_OK, ConverterError, UsageError
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConverterError, UsageError
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .names import check_stem, show
-from .output import Output
+from .output import Output, decimal_size
 from .pairs import parse_pair
 from .pipeline import Job, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
@@ -89,7 +90,7 @@ def _human_table(manifests: Sequence[Manifest]) -> str:
             fid = row.get("fidelity") or {}
             kld = f"  kld={fid['kld_mean']:.5f}" if isinstance(fid.get("kld_mean"), (int, float)) else ""
             lines.append(
-                f"  {row['name']:<40} {row['precision']:<7} {row['bytes'] / 1e6:>9.1f} MB  "
+                f"  {row['name']:<40} {row['precision']:<7} {decimal_size(row['bytes']):>9}  "
                 f"sha256 {row['sha256'][:12]}  verified {'yes' if row.get('verification') else 'no'}{kld}"
             )
         # The base against its source model: what "faithful" rests on, so it is shown with the files.
@@ -263,10 +264,16 @@ def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
         refuse_symlink(Path(path))
     results: list[dict[str, Any]] = []
     labels: list[str] = []
-    failed = 0
+    failed = not_gguf = 0
     for path in args.files:
         row: dict[str, Any] = {"file": str(path)}
         labels.append("")
+        why = _not_a_gguf(Path(path))
+        if why is not None:  # bad input (exit 2), reported in its row like any failure; the others are still read
+            row.update(ok=False, error=f"{Path(path).name}: {why}", input_error=True)
+            not_gguf += 1
+            results.append(row)
+            continue
         try:
             facts = read_back(path)
             row.update({f.name: getattr(facts, f.name) for f in dataclasses.fields(facts) if f.name != "tensors"})
@@ -295,7 +302,33 @@ def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
         else:
             lines.append(f"FAIL  {r['file']}: {r['error']}")
     out.result("\n".join(lines), results)
+    if not_gguf:
+        out.error(
+            f"{not_gguf} of the {len(args.files)} path(s) given to verify name(s) no GGUF file",
+            hint="give the paths of .gguf files (a file that is missing, a folder or not a GGUF cannot be verified)",
+        )
+        return EXIT_USAGE
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _not_a_gguf(path: Path) -> str | None:
+    """Why ``path`` names no GGUF file at all (bad input, exit 2: missing, not a regular file, unreadable, not
+    starting with the GGUF magic), or None: then it is a GGUF, and what is wrong inside it is a failed verification
+    (exit 1). Only a regular file is opened: a FIFO would block the read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a folder, FIFO, socket or device)"
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None if magic == b"GGUF" else "not a GGUF file (it does not start with the GGUF magic)"
 
 
 def _verify_projectors(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -346,6 +379,24 @@ def _cmd_toolchain(args: argparse.Namespace, out: Output) -> int:
 
 
 # -- demo ----------------------------------------------------------------------------------------------------------
+#: What the demo adds to its configuration: the runtime reference `check` compares other runtimes against.
+DEMO_REFERENCE_LINE = "REFERENCE: true  # reference.json: `cecai-convert check` compares a runtime against it\n"
+
+
+def _demo_asks_for_the_reference(converter: Path) -> None:
+    """Make the demo's ``converter_args.yaml`` ask for ``reference.json`` (``run`` does not write it by default),
+    so that ``check`` works on the demo's output. A folder made by an older demo gets the line too; a REFERENCE
+    the user set is left as it is."""
+    from .config import load_yaml_mapping
+    from .fsutil import atomic_write_text
+
+    general = converter / "configurations" / "converter_args.yaml"
+    if "REFERENCE" in load_yaml_mapping(general):
+        return
+    text = general.read_text(encoding="utf-8")
+    atomic_write_text(general, text + ("" if text.endswith("\n") or not text else "\n") + DEMO_REFERENCE_LINE)
+
+
 def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
     from .modelgen import make_seed_layout
 
@@ -354,9 +405,18 @@ def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
     if not (converter / "models" / "tiny-llama" / "config.json").is_file():
         with out.step(f"building the embedded default model (random weights, {args.size}) in {converter}"):
             make_seed_layout(root, model_name="tiny-llama", size=args.size)
+    _demo_asks_for_the_reference(converter)
     args.converter_dir = converter
     args.pair = ["CPU_LLM_LLAMA"]
-    return _cmd_run(args, out)
+    code = _cmd_run(args, out)
+    if code == EXIT_OK:
+        outputs = converter / "outputs" / "CPU_LLM_LLAMA"
+        out.info(
+            "next: check these files on a pair's runtime, here or in its image:\n"
+            f"  cecai-convert check {outputs} --pair CPU_LLM_LLAMA\n"
+            f"  cecai-convert check {outputs} --pair CPU_LLM_LLAMA --backend docker"
+        )
+    return code
 
 
 # -- registration --------------------------------------------------------------------------------------------------

@@ -13,9 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConversionFailed, ConverterError, UnsupportedModel, UsageError
+from .output import get_logger
 from .source import ModelSource
+from .threads import lease_cores
 from .toolchain import LLAMA_CPP_PYTHON_VERSION
 from .tools import run_tool
+
+_log = get_logger("convert")
 
 __all__ = ["explain_converter_failure", "run_converter"]
 
@@ -119,11 +123,19 @@ def run_converter(
             count += 1
             on_tensor(count)
 
-    result = run_tool(
-        argv,
-        # Offline: a local folder needs nothing from the network, and a stalled lookup would hang the job.
-        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"},
-        on_line=on_line,
-    )
+    # Cores from the machine-wide lease (threads.py): the converter runs beside the source check's worker.
+    with lease_cores(on_wait=_log.info) as cores:
+        result = run_tool(
+            argv,
+            # Offline: a local folder needs nothing from the network, and a stalled lookup would hang the job.
+            env={
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONWARNINGS": "ignore",
+            },
+            on_line=on_line,
+            cores=cores,
+        )
     if result.returncode != 0 or not outfile.is_file():
         raise explain_converter_failure(result.tail, result.returncode, source)

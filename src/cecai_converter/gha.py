@@ -35,7 +35,7 @@ from .errors import EXIT_USAGE, CheckFailed, ChecksFailed, ConverterError, Usage
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .markdown import code, code_block, inline
 from .names import check_stem
-from .output import LOGGER_NAME, Output
+from .output import LOGGER_NAME, Output, decimal_size
 from .request import OPTIONS
 
 __all__ = [
@@ -147,12 +147,13 @@ def _truthy(value: str | None, default: bool = False) -> bool:
 
 
 def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"  # pragma: no cover
+    return decimal_size(n)  # the one unit family (output.decimal_size)
+
+
+def _peak(agreement: Mapping[str, Any]) -> str:
+    """A check's peak memory (recorded in MiB, ``peak_rss_mib``) in the sizes' unit family."""
+    peak = agreement.get("peak_rss_mib")
+    return decimal_size(peak * 2**20) if isinstance(peak, (int, float)) and not isinstance(peak, bool) else ""
 
 
 def _seconds(manifest: Manifest, precision: str) -> float | None:
@@ -196,7 +197,12 @@ def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, 
         lines.append("")
     if verify:
         lines.append(f"Verification (load and generate, every file): {_per_runtime(verify)}.")
-    if fidelity:
+    if fidelity and not verify:  # the fidelity worker verified each file in the same load (fidelity.py)
+        lines.append(
+            f"Verification and fidelity (one load of each new file: generate, then measure against the base): "
+            f"{_per_runtime(fidelity)}."
+        )
+    elif fidelity:
         lines.append(f"Fidelity (against the base, every new file): {_per_runtime(fidelity)}.")
     if manifest.source_parity is not None:  # the base against its source model (source_parity.py)
         from .source_parity import summary
@@ -432,6 +438,7 @@ def _check(env: Mapping[str, str], stdout: TextIO) -> int:
         ("INPUT_RECORD", "--record"),
         ("INPUT_MAX_KLD", "--max-kld"),
         ("INPUT_MIN_TOP1", "--min-top1"),
+        ("INPUT_FIDELITY", "--fidelity"),
     ):
         if env.get(key, "").strip():
             argv += [flag, env[key].strip()]
@@ -456,7 +463,7 @@ def check_summary(record: Mapping[str, Any]) -> str:
         f"{inline(rt.get('llama_cpp_python'))}, backend {inline(rt.get('backend'))}"
         + (f", image {code(rt.get('image'))}" if rt.get("image") else ""),
         "",
-        "| File | SHA-256 | KLD vs builder | Top-1 | Prompt tok/s | Gen tok/s | Peak MiB | GPU layers | Result |",
+        "| File | SHA-256 | KLD vs builder | Top-1 | Prompt tok/s | Gen tok/s | Peak memory | GPU layers | Result |",
         "| --- | --- | --: | --: | --: | --: | --: | --: | --- |",
     ]
 
@@ -468,7 +475,7 @@ def check_summary(record: Mapping[str, Any]) -> str:
         lines.append(
             f"| {code(row.get('name'), cell=True)} | {'match' if row.get('sha256_match') else '**differs**'} | "
             f"{num(a, 'kld_mean', '.2e')} | {num(a, 'top1_agreement', '.1%')} | {num(a, 'prompt_tps', '.0f')} | "
-            f"{num(a, 'gen_tps', '.0f')} | {num(a, 'peak_rss_mib', '.0f')} | "
+            f"{num(a, 'gen_tps', '.0f')} | {_peak(a)} | "
             f"{a.get('offloaded_layers', '')}/{a.get('total_layers', '')} | "
             f"{'ok' if row.get('passed') else inline('; '.join(row.get('problems') or ['failed']))} |"
         )

@@ -24,6 +24,7 @@ from . import llama_vocab
 from .errors import ConfigError, ConversionFailed, ToolNotFound, UsageError
 from .llama_tools import build_tools
 from .output import get_logger
+from .threads import lease_cores
 from .tools import run_tool
 
 __all__ = [
@@ -152,16 +153,17 @@ def compute(
     text = text.resolve()
     cmd = [str(exe), "-m", str(Path(base).resolve()), "-f", text.name, "-o", str(tmp_out.resolve()), "-c", str(n_ctx)]
     cmd += ["-b", str(n_ctx), "--output-format", "gguf", "--no-ppl", "-ngl", "0"]
-    if n_threads:
-        cmd += ["-t", str(n_threads)]
     from .texts import MAX_TEXT_TOKENS
 
     # The work stays bounded whatever the text: at most MAX_TEXT_TOKENS tokens' worth of chunks.
     cap = max(2, MAX_TEXT_TOKENS // n_ctx)
     cmd += ["--chunks", str(min(max_chunks, cap) if max_chunks else cap)]
-    _log.debug("$ %s", " ".join(cmd))
-    # A long tail: explain_failure looks for the tool's "too short" message and for any llama.cpp log line in it.
-    run = run_tool(cmd, cwd=text.parent, timeout=timeout_s, tail_lines=2000)
+    # Its threads come from the machine-wide lease (threads.py), as every llama.cpp worker's do.
+    with lease_cores(n_threads, on_wait=_log.info) as cores:
+        cmd += ["-t", str(cores.threads)]
+        _log.debug("$ %s", " ".join(cmd))
+        # A long tail: explain_failure looks for the tool's "too short" message and any llama.cpp log line in it.
+        run = run_tool(cmd, cwd=text.parent, timeout=timeout_s, tail_lines=2000, cores=cores)
     if run.timed_out:
         tmp_out.unlink(missing_ok=True)
         raise ConversionFailed(

@@ -13,6 +13,14 @@ minute instead of the first build's ten (2 cores). The price is about 250 MB of 
 
 The first build is long, so it says what it builds, where, and for about how long before it starts, and reports
 cmake's progress while it runs (through the ``cecai.llama_tools`` logger, or a ``progress`` callback).
+
+What it shares with the llama-cpp-python wheel, and why not more: both come from the one sdist file
+(``toolchain.sdist_path``: downloaded once, checked against its SHA-256; ``./dev`` builds the wheel from that file, and
+this extracts its vendored tree with ``toolchain.extract_llama_cpp``, as the converter files are). The wheel's cmake
+tree cannot serve here: pip builds it in a temporary folder that it deletes once the wheel is made, as shared
+libraries with the pair's flags, and with llama.cpp's tools left out (``LLAMA_BUILD_TOOLS`` is off when llama.cpp is
+a subproject, as in llama-cpp-python's CMakeLists). Building the tools there would put them into the wheel and
+change it. So llama.cpp is compiled a second time, here, once per sdist, statically and CPU only.
 """
 
 from __future__ import annotations

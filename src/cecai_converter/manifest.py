@@ -142,7 +142,8 @@ class Manifest:
         imatrix: the importance matrix's record, or None.
         files: the GGUF files.
         timings: ``convert_s``, ``quantize_s`` (per precision), ``verify_s`` and ``fidelity_s`` (per runtime
-            label: ``all`` or ``n_gpu_layers=N``), ``total_s``.
+            label: ``all`` or ``n_gpu_layers=N``), ``fidelity_base_tokens`` (per runtime label: the base's positions
+            evaluated in this run, 0 when fidelity's cache had them), ``total_s``.
         runtime: ``{"n_gpu_layers"}`` the files were verified and measured with.
         inputs_key: a whole-run key, where a writer records one.
         checks: published manifests only: pair name → check record.
@@ -151,6 +152,9 @@ class Manifest:
         mmproj: the projector files (``mmproj-<model>-f16.gguf``…) written next to the text files; None without.
         source_parity: the base's comparison with its source model (``checked``, ``passed``, ``failures``,
             ``tokenizer``, ``chat_template``, ``hyperparameters``, ``logits``; see ``source_parity.SourceParity``).
+        fidelity_on: where the files' fidelity is measured (FIDELITY_ON): ``builder`` (each file's ``fidelity``,
+            with its ``device``), ``check`` (the check jobs; ``base`` then names the base GGUF shipped for them, and
+            a published file's ``fidelity`` says which pair measured it), or None when fidelity is off.
         extra: keys this version does not know, kept for the round trip.
         path: where it was read from or written to (not part of the document).
     """
@@ -172,6 +176,7 @@ class Manifest:
     multimodal: dict[str, Any] | None = None
     mmproj: list[FileEntry] | None = None
     source_parity: dict[str, Any] | None = None
+    fidelity_on: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     absent: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     path: Path | None = field(default=None, compare=False)
@@ -258,6 +263,39 @@ class Manifest:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+#: fidelity.budget: how the error-bar budget was set and where it stopped (fidelity.measure_run).
+_BUDGET_MODES: Final = ("auto", "all")
+_BUDGET_STOPS: Final = ("target", "text_end", "all")
+
+
+def _fidelity_problem(record: object) -> str | None:
+    """What is wrong with a file's ``fidelity`` record (the field and why), or None. Records of earlier versions
+    (no ``budget``) are fine; the numbers themselves are free-form (a mapping kept as written)."""
+    if not isinstance(record, dict):
+        return None
+    n_tokens = record.get("n_tokens")
+    if n_tokens is not None and not (isinstance(n_tokens, int) and _is_int(n_tokens) and n_tokens >= 0):
+        return "n_tokens: expected a whole number ≥ 0"
+    budget = record.get("budget")
+    if budget is None:
+        return None
+    if not isinstance(budget, dict):
+        return "budget: expected a mapping"
+    if budget.get("mode") not in _BUDGET_MODES:
+        return f"budget.mode: expected one of {', '.join(_BUDGET_MODES)}"
+    if budget.get("stopped") not in _BUDGET_STOPS:
+        return f"budget.stopped: expected one of {', '.join(_BUDGET_STOPS)}"
+    text_tokens = budget.get("text_tokens")
+    if not (isinstance(text_tokens, int) and _is_int(text_tokens) and text_tokens >= 0):
+        return "budget.text_tokens: expected a whole number ≥ 0"
+    if isinstance(n_tokens, int) and n_tokens > text_tokens:
+        return "n_tokens: more positions than the text has (budget.text_tokens)"
+    for key in ("target", "kld_se_floor", "top1_se_max", "kld_rel_se"):
+        if budget.get(key) is not None and not _is_number(budget[key]):
+            return f"budget.{key}: expected a number"
+    return None
+
+
 _MANIFEST_FIELDS: Final = tuple(f for f in dataclasses.fields(Manifest) if f.name not in ("extra", "absent", "path"))
 _MANIFEST_OPTIONAL: Final = frozenset(f.name for f in _MANIFEST_FIELDS) - {"schema"}
 
@@ -318,6 +356,8 @@ def _manifest_problem(data: object) -> str | None:
     for key in ("pair", "inputs_key"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"{key}: expected a string"
+    if data.get("fidelity_on") not in (None, "builder", "check"):
+        return f"fidelity_on: expected builder, check or null, found {show(data['fidelity_on'])}"
     if data.get("trained") is not None and not isinstance(data["trained"], bool):
         return "trained: expected true or false"
     imatrix = data.get("imatrix") or {}
@@ -364,6 +404,9 @@ def _manifest_problem(data: object) -> str | None:
         ):
             if entry.get(key) is not None and not ok(entry[key]):
                 return f"{where}[{i}].{key}: of the wrong type"
+        why = _fidelity_problem(entry.get("fidelity"))
+        if why is not None:
+            return f"{where}[{i}].fidelity.{why}"
         if entry.get("quantization") is not None:
             from .quant_types import quantization_problem
 
@@ -407,12 +450,14 @@ _RECORD_KEYS: Final = (
     ("files", list, "a list"),
     ("problems", list, "a list"),
     ("model_name", str, "a string"),
+    ("fidelity", dict, "an object"),
 )
 _RECORD_ROW_KEYS: Final = (
     ("name", str, "a string"),
     ("sha256", str, "a string"),
     ("passed", bool, "true or false"),
     ("agreement", dict, "an object"),
+    ("fidelity", dict, "an object"),
     ("problems", list, "a list"),
 )
 
@@ -428,7 +473,7 @@ def check_record_problem(record: object, *, complete: bool = False) -> tuple[str
         return "", "expected an object"
     for key, kind, what in _RECORD_KEYS:
         value = record.get(key)
-        if value is None and (not complete or key in ("problems", "model_name")):
+        if value is None and (not complete or key in ("problems", "model_name", "fidelity")):
             continue
         if not isinstance(value, kind):
             return key, f"expected {what}, found {type(value).__name__}"

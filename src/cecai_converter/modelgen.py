@@ -1,9 +1,19 @@
 """Small, deterministic Hugging Face models built on this machine: the embedded default, test fixtures, benchmarks.
 
-Nothing is downloaded. Weights are random (seeded); the tokenizer is a SentencePiece model trained on a short text
-shipped with the package. SentencePiece keeps the Llama, Qwen2 and Phi-3 converters on their SentencePiece path,
-which llama.cpp accepts for any tokenizer (a BPE ``tokenizer.json`` would be checked against llama.cpp's list of
-known pre-tokenizers and refused). ``gpt2-bpe`` builds exactly such a refused model, for the error path.
+Nothing is downloaded. Weights are random (seeded). Llama and Phi-3 get a SentencePiece model trained on a short
+text shipped with the package, which keeps their converters on the SentencePiece path llama.cpp accepts for any
+tokenizer. ``gpt2-bpe`` gets a byte-level BPE ``tokenizer.json`` that llama.cpp's converter does not recognise (its
+pre-tokenizer hash is in no list), for the error path.
+
+Qwen2 gets Qwen2's own byte-level BPE: the converter recognises a BPE tokenizer only by the token ids it gives a
+fixed text (``get_vocab_base_pre`` hashes them), so a tokenizer that merely *behaves* like Qwen2's with a small
+vocabulary of its own would be refused. The qwen2 model therefore ships a subset of Qwen2's real vocabulary, at
+Qwen2's own ids (``data/qwen2_vocab.json``, taken from the copy of Qwen2's vocabulary in the pinned llama.cpp
+sources, see :func:`qwen2_vocab_data`): every token and merge Qwen2's BPE goes through on llama.cpp's tokenizer
+tests (the hashed text among them) and on the shipped corpora. On those texts it gives exactly Qwen2's ids, so the
+converter writes ``tokenizer.ggml.pre = qwen2`` and the runtime splits text with Qwen2's rules; the config keeps
+Qwen2's vocabulary size (151936; unused ids are padding rows, as in Qwen2's GGUFs) and ties the output to the
+embedding, as the small Qwen2 models do.
 
 Needs the ``local`` extra (torch, transformers, sentencepiece).
 """
@@ -27,6 +37,8 @@ __all__ = [
     "build_model_with_tower",
     "build_vision_model",
     "make_seed_layout",
+    "qwen2_vocab_data",
+    "write_qwen2_vocab_data",
 ]
 
 
@@ -46,12 +58,32 @@ SIZES: Final[dict[str, _Size]] = {
     "small": _Size(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=4096),
     # ~0.55 B parameters: 1.1 GB in bf16, for benchmarks ("a model of at least 1 GB").
     "1gb": _Size(hidden=1536, layers=18, heads=12, kv_heads=4, intermediate=4096, vocab=32000),
+    # ~3.2 B parameters (Llama-3.2-3B's widths, 30 layers): 6.4 GB in bf16, for benchmarks/checks.py's cost growth.
+    "3b": _Size(hidden=3072, layers=30, heads=24, kv_heads=8, intermediate=8192, vocab=32000),
     # The exception, on purpose: an FFN width of 320 (a multiple of 32, not of 256) makes llama.cpp's quantizer
     # fall back from k-quants for ffn_down (its rows are 320 long), the case quantization records must show.
     "tiny-odd-ffn": _Size(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=320, vocab=1024),
 }
 ARCHITECTURES: Final = ("llama", "qwen2", "phi3", "gpt2-bpe")
 _SPM_PIECES: Final = 400  # trained pieces; the config's vocab_size pads the rest, as real checkpoints often do
+
+#: Qwen2's vocabulary size (config.json of Qwen2-0.5B) and the ids of its special tokens (its tokenizer.json).
+QWEN2_VOCAB_SIZE: Final = 151936
+QWEN2_SPECIAL_TOKENS: Final[dict[str, int]] = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+#: Qwen2's pre-tokenizer split (its tokenizer.json; transformers' Qwen2Tokenizer builds the same).
+QWEN2_SPLIT: Final = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+#: The chat template of Qwen2's instruct models (their tokenizer_config.json).
+QWEN2_CHAT_TEMPLATE: Final = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+#: The shipped subset of Qwen2's vocabulary (package data), and where in the pinned sdist's llama.cpp it comes from.
+QWEN2_VOCAB_DATA: Final = "qwen2_vocab.json"
+QWEN2_VOCAB_MEMBER: Final = "models/ggml-vocab-qwen2.gguf"
 
 
 def _train_sentencepiece(out_dir: Path, *, gemma: bool = False) -> None:
@@ -112,6 +144,160 @@ def _train_bpe(out_dir: Path) -> None:
     )  # fmt: skip
 
 
+def _qwen2_tokenizer(vocab: dict[str, int], merges: list[str]) -> Any:
+    """A ``tokenizers.Tokenizer`` laid out as Qwen2's tokenizer.json: NFC, the Qwen2 split, byte-level BPE, and its
+    special tokens as added tokens at Qwen2's ids."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    pairs = [tuple(m.split(" ")) for m in merges]
+    # The special tokens are in the model's vocabulary too (Qwen2's own tokenizer.json lists them only as added
+    # tokens): an added token takes its id from there, where both tokenizers and transformers 5's Qwen2Tokenizer
+    # (which rebuilds the tokenizer from the vocabulary and merges alone) would otherwise number it after the
+    # vocabulary's count, ~1600 here, since this vocabulary has gaps.
+    vocab = {**vocab, **QWEN2_SPECIAL_TOKENS}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))  # type: ignore[arg-type]
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL_TOKENS])
+    if any(tok.token_to_id(t) != i for t, i in QWEN2_SPECIAL_TOKENS.items()):
+        raise ValueError("tokenizers numbered Qwen2's special tokens otherwise")  # a tokenizers release changed that
+    return tok
+
+
+def _bpe_history(word: str, ranks: dict[tuple[str, str], int], seen: set[str]) -> None:
+    """Run byte-level BPE on one pre-tokenized word, adding every symbol it passes through to ``seen``."""
+    symbols = list(word)
+    seen.update(symbols)
+    while len(symbols) > 1:
+        best: tuple[int, int] | None = None
+        for i in range(len(symbols) - 1):
+            rank = ranks.get((symbols[i], symbols[i + 1]))
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            return
+        i = best[1]
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+        seen.add(symbols[i])
+
+
+def qwen2_vocab_data(sdist: Path) -> dict[str, Any]:
+    """The shipped subset of Qwen2's vocabulary (``data/qwen2_vocab.json``), rebuilt from the pinned sdist.
+
+    Reads llama.cpp's copy of Qwen2's vocabulary (:data:`QWEN2_VOCAB_MEMBER`, 151,643 tokens and their merges) and
+    its tokenizer tests (``….gguf.inp``/``.out``: 46 texts, among them the text the converter hashes, and Qwen2's
+    ids for each). Keeps the 256 byte tokens and every token Qwen2's BPE passes through on those texts and on the
+    shipped ``tokenizer_corpus.txt`` and ``parity_corpus.json``, at Qwen2's ids, with every merge among them in
+    Qwen2's order. A BPE run on such a text then takes the same steps as with the whole vocabulary (each merge it
+    takes is kept, and no kept merge outranks one it takes), which is checked: the subset must give the ``.out``
+    ids for every test text. Regenerate the file with :func:`write_qwen2_vocab_data`.
+
+    Raises:
+        ValueError: the sdist holds no Qwen2 vocabulary, or the subset does not reproduce llama.cpp's test ids.
+    """
+    import tempfile
+
+    import gguf
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from .toolchain import LLAMA_CPP_PYTHON_VERSION, SDIST_SHA256, extract_llama_cpp
+
+    with tempfile.TemporaryDirectory(prefix="cecai-qwen2-vocab-") as tmp:
+        root = extract_llama_cpp(Path(sdist), Path(tmp), (QWEN2_VOCAB_MEMBER,))
+        path = root / QWEN2_VOCAB_MEMBER
+        if not path.is_file():
+            raise ValueError(f"{sdist} holds no vendor/llama.cpp/{QWEN2_VOCAB_MEMBER}")
+        inp, out = path.with_name(path.name + ".inp"), path.with_name(path.name + ".out")
+        tests = inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]  # each test ends with one
+        expected = [[int(t) for t in line.split()] for line in out.read_text(encoding="ascii").split("\n")]
+        reader = gguf.GGUFReader(path)
+
+        def strings(key: str) -> list[str]:
+            field = reader.fields[key]
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+        tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
+        types_field = reader.fields["tokenizer.ggml.token_type"]
+        types = [int(types_field.parts[i][0]) for i in types_field.data]
+    normal = {t: i for i, t in enumerate(tokens) if types[i] == gguf.TokenType.NORMAL}
+    ranks = {(a, b): r for r, (a, b) in enumerate(m.split(" ") for m in merges)}
+    data_dir = resources.files("cecai_converter") / "data"
+    texts = [*tests, (data_dir / "tokenizer_corpus.txt").read_text(encoding="utf-8"),
+             *json.loads((data_dir / "parity_corpus.json").read_text(encoding="utf-8"))["strings"]]  # fmt: skip
+    normalizer = normalizers.NFC()
+    split = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )  # fmt: skip
+    seen: set[str] = set(pre_tokenizers.ByteLevel.alphabet())
+    for text in texts:
+        for word, _span in split.pre_tokenize_str(normalizer.normalize_str(text)):
+            _bpe_history(word, ranks, seen)
+    kept = sorted((normal[t], t) for t in seen)
+    kept_merges = [m for m in merges if all(part in seen for part in (*m.split(" "), m.replace(" ", "")))]
+    vocab = {t: i for i, t in kept}
+    tok = _qwen2_tokenizer(vocab, kept_merges)
+    for text, ids in zip(tests, expected, strict=False):
+        if tok.encode(text, add_special_tokens=False).ids != ids:
+            raise ValueError(f"the Qwen2 vocabulary subset does not reproduce llama.cpp's ids for {text[:40]!r}")
+    return {
+        "about": "A subset of Qwen2's byte-level BPE vocabulary at Qwen2's own ids, for the qwen2 test model "
+        "(cecai_converter.modelgen): the byte tokens and every token and merge Qwen2's BPE passes through on "
+        "llama.cpp's tokenizer tests and this package's tokenizer and parity corpora. Regenerate with "
+        "cecai_converter.modelgen.write_qwen2_vocab_data.",
+        "source": f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist (sha256 {SDIST_SHA256}): "
+        f"vendor/llama.cpp/{QWEN2_VOCAB_MEMBER}",
+        "vocab": [[t, i] for i, t in kept],
+        "merges": kept_merges,
+    }
+
+
+def write_qwen2_vocab_data(sdist: Path, path: Path) -> Path:
+    """Write :func:`qwen2_vocab_data` to ``path`` as the package ships it (one entry a line); return ``path``."""
+    data = qwen2_vocab_data(sdist)
+    lines = [
+        "{",
+        f' "about": {json.dumps(data["about"])},',
+        f' "source": {json.dumps(data["source"])},',
+        ' "vocab": [',
+        ",\n".join(f"  {json.dumps(entry, ensure_ascii=False)}" for entry in data["vocab"]),
+        " ],",
+        ' "merges": [',
+        ",\n".join(f"  {json.dumps(m, ensure_ascii=False)}" for m in data["merges"]),
+        " ]",
+        "}",
+    ]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def _write_qwen2_tokenizer(out_dir: Path) -> None:
+    """Qwen2's tokenizer files: tokenizer.json (the shipped vocabulary subset) and tokenizer_config.json."""
+    data = json.loads((resources.files("cecai_converter") / "data" / QWEN2_VOCAB_DATA).read_text(encoding="utf-8"))
+    tok = _qwen2_tokenizer({str(t): int(i) for t, i in data["vocab"]}, [str(m) for m in data["merges"]])
+    tok.save(str(out_dir / "tokenizer.json"))
+    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for t, i in QWEN2_SPECIAL_TOKENS.items()}  # fmt: skip
+    # As Qwen2's instruct models have it: no BOS added, <|im_end|> ends a turn, <|endoftext|> pads.
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
+             "added_tokens_decoder": added, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+             "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+             "chat_template": QWEN2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "errors": "replace",
+             "model_max_length": 2048, "split_special_tokens": False},
+            indent=2, ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+
+
 def _config(arch: str, size: _Size, dtype: str) -> Any:
     import transformers as tf
 
@@ -124,10 +310,14 @@ def _config(arch: str, size: _Size, dtype: str) -> Any:
             max_position_embeddings=2048, rms_norm_eps=1e-5, **common,
         )  # fmt: skip
     elif arch == "qwen2":
+        # Qwen2's vocabulary size and special-token ids (the tokenizer is a subset of Qwen2's, see the module
+        # docstring), its output tied to the embedding as in Qwen2-0.5B: one 151936-row matrix, not two.
         cfg = tf.Qwen2Config(
-            vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+            vocab_size=QWEN2_VOCAB_SIZE, hidden_size=size.hidden, intermediate_size=size.intermediate,
             num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-            max_position_embeddings=2048, rms_norm_eps=1e-6, use_sliding_window=False, **common,
+            max_position_embeddings=2048, rms_norm_eps=1e-6, use_sliding_window=False,
+            bos_token_id=QWEN2_SPECIAL_TOKENS["<|endoftext|>"], eos_token_id=QWEN2_SPECIAL_TOKENS["<|im_end|>"],
+            tie_word_embeddings=True,
         )  # fmt: skip
     elif arch == "phi3":
         cfg = tf.Phi3Config(
@@ -144,7 +334,7 @@ def _config(arch: str, size: _Size, dtype: str) -> Any:
         cfg.n_ctx = 1024  # llama.cpp's GPT-2 converter reads the old key
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    cfg.torch_dtype = dtype
+    cfg.dtype = dtype  # transformers >= 4.56 names it dtype (torch_dtype is deprecated: a warning on every build)
     return cfg
 
 
@@ -162,8 +352,9 @@ def build_model(
 
     Args:
         out_dir: the folder to create.
-        arch: ``llama``, ``qwen2``, ``phi3`` (SentencePiece tokenizer) or ``gpt2-bpe`` (a BPE tokenizer that
-            llama.cpp's converter does not recognise).
+        arch: ``llama``, ``phi3`` (SentencePiece tokenizer), ``qwen2`` (a subset of Qwen2's byte-level BPE, at
+            Qwen2's vocabulary size whatever ``size`` says) or ``gpt2-bpe`` (a BPE tokenizer that llama.cpp's
+            converter does not recognise).
         seed: the weights' random seed.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the stored weights.
         size: a key of :data:`SIZES`.
@@ -196,6 +387,8 @@ def build_model(
     (out_dir / "generation_config.json").unlink(missing_ok=True)
     if arch == "gpt2-bpe":
         _train_bpe(out_dir)
+    elif arch == "qwen2":
+        _write_qwen2_tokenizer(out_dir)
     else:
         _train_sentencepiece(out_dir)
     if arch == "phi3":

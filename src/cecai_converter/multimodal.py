@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import sys
 from collections.abc import Mapping, Sequence
@@ -349,7 +348,7 @@ def image_check_many(
         "pairs": [[str(model), str(mmproj)] for model, mmproj in pairs],
         "image": str(image or shipped_image()),
         "n_gpu_layers": n_gpu_layers,
-        "threads": threads or os.cpu_count() or 1,
+        "threads": threads,  # None: the cores this worker is granted (threads.py; tools.serve_job fills it in)
     }
     loading: list[str] = []
 
@@ -360,7 +359,7 @@ def image_check_many(
     try:
         run = run_worker(
             "cecai_converter.multimodal", job, timeout=timeout, name="image check", env=runtime_env(n_gpu_layers),
-            on_line=on_line,
+            on_line=on_line, threads=threads,
         )  # fmt: skip
     except WorkerFailed as exc:
         failing = loading[-1] if loading else ", ".join(f"{m.name} + {p.name}" for m, p in pairs)
@@ -401,7 +400,7 @@ def _image_worker(job: Mapping[str, Any]) -> dict[str, Any]:
         print(f"{_LOADING}{Path(model_path).name} + {Path(mmproj_path).name}", flush=True)
         llm = llama_cpp.Llama(
             model_path, n_ctx=1024, n_batch=512, n_gpu_layers=n_gpu_layers, n_threads=job["threads"] or None,
-            seed=0, verbose=False,
+            n_threads_batch=job["threads"] or None, seed=0, verbose=False,
         )  # fmt: skip
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = n_gpu_layers != 0

@@ -18,16 +18,16 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .agreement import REFERENCE_NAME, make_reference
+from .agreement import N_POSITIONS, REFERENCE_NAME, make_reference
 from .card import source_card_field
 from .convert import run_converter
-from .errors import ConfigError, ConversionFailed, UsageError
+from .errors import ConfigError, ConversionFailed, UsageError, VerificationFailed
 from .fsutil import atomic_write_json, install_file, outputs_lock, remove_stale_staging, sha256_file, staging_dir
 from .manifest import Manifest, file_is_current, inputs_key, read_manifest, write_manifest
 from .output import Output, get_logger
@@ -79,7 +79,12 @@ class Options:
     compute_imatrix: bool = False
     calibration_text: Path | None = None
     fidelity: bool = False
+    #: where fidelity is measured: ``builder`` (here) or ``check`` (the check jobs; the base goes to the outputs)
+    fidelity_on: str = "builder"
     eval_text: Path | None = None
+    #: the error bar fidelity stops at (fidelity.Budget.target), and ``auto`` (stop there) or ``all`` (whole text)
+    fidelity_target: float = 0.1
+    fidelity_tokens: str = "auto"
     thresholds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     verify: bool = True
     n_gpu_layers: int = 0
@@ -174,6 +179,11 @@ class _Run:
         #: its source side, started before the converter so that the two overlap (stopped when the run ends)
         self.pending_check: Any = None
         self.mmproj_checked: dict[int, dict[str, _Produced]] = {}
+        #: the base's SHA-256 (fidelity's cache key) when the base is no file of the run (hashed in the background)
+        self.base_sha: Future[str] | None = None
+        #: per runtime (n_gpu_layers): the reference tokens and each measured file's reference.json rows, taken from
+        #: the evaluation that measured its fidelity (one load of the file for both)
+        self.reference_rows: dict[int, tuple[list[int], dict[str, dict[str, Any]]]] = {}
 
     def previous(self, folder: Path) -> Manifest | None:
         """The manifest an earlier run left in ``folder``: read once per run (the targets' folders are locked by
@@ -423,9 +433,12 @@ def _execute(run: _Run, started: float) -> list[Manifest]:
         for layers, targets in runtimes.items():
             label = "all" if len(runtimes) == 1 else f"n_gpu_layers={layers}"
             view = {name: dataclasses.replace(item) for name, item in run.produced.items()}
-            _verify_all(run, view, targets, layers, label)
-            if opts.fidelity and run.base_path is not None:
-                _measure_fidelity(run, view, layers, label)
+            measured_here = opts.fidelity and opts.fidelity_on == "builder" and run.base_path is not None
+            # The files fidelity measures are verified in the load that measures them (one load per file).
+            fused = {n for n, item in view.items() if item.made_here} if measured_here and opts.verify else set()
+            _verify_all(run, view, targets, layers, label, fused=fused)
+            if measured_here:
+                _measure_fidelity(run, view, layers, label, verify=fused)
             checked[layers] = view
             run.mmproj_checked[layers] = _check_images(run, view, layers, label)
         reference = _make_reference(run, next(iter(runtimes))) if opts.reference else None
@@ -440,12 +453,24 @@ def _execute(run: _Run, started: float) -> list[Manifest]:
 def _make_reference(run: _Run, n_gpu_layers: int) -> dict[str, Any]:
     """What the builder's runtime predicts for every file of this run, for other runtimes to be checked against."""
     files = {_file_name(run.job.model_name, item.precision): item for item in run.produced.values()}
-    with run.out.step(f"recording this runtime's predictions for {len(files)} file(s) (reference.json)"):
-        t0 = time.perf_counter()
-        reference = make_reference(
-            {name: item.path for name, item in files.items()}, n_gpu_layers=n_gpu_layers, threads=run.opts.threads
-        )
-        run.timings["reference_s"] = round(time.perf_counter() - t0, 3)
+    tokens, rows = run.reference_rows.get(n_gpu_layers, ([], {}))
+    # Files whose fidelity was measured have their rows from that evaluation; the others (reused, or fidelity off)
+    # are loaded here, on the same tokens.
+    rest = {name: item.path for name, item in files.items() if name not in rows}
+    t0 = time.perf_counter()
+    if rest:
+        with run.out.step(f"recording this runtime's predictions for {len(rest)} file(s) (reference.json)"):
+            reference = make_reference(
+                rest, n_gpu_layers=n_gpu_layers, threads=run.opts.threads, tokens=list(tokens) if rows else None
+            )
+    else:
+        reference = make_reference({}, n_gpu_layers=n_gpu_layers)
+    if rows:
+        from .agreement import runtime_facts
+
+        reference.update(tokens=list(tokens), runtime=runtime_facts(n_gpu_layers))
+        reference["files"] = {name: {**(rows.get(name) or reference["files"][name])} for name in files}
+    run.timings["reference_s"] = round(time.perf_counter() - t0, 3)
     for name, item in files.items():
         reference["files"][name]["sha256"] = item.sha256
     return reference
@@ -592,6 +617,8 @@ def _produce(
         )
         run.timings["convert_s"] = round(time.perf_counter() - t0, 3)
     run.base_path = base_path
+    if opts.fidelity and base_precision not in missing:  # else its sha256 is computed as one of the run's files
+        run.base_sha = run.pool.submit(sha256_file, base_path)
     _check_source(run, base_path)  # before anything is quantized from a base that may be wrong
     quantized = [p for p in missing if p.name != base_precision.name]
     imatrix_path = run.imatrix.ensure(run, base_path, stage) if quantized and run.imatrix.available else None
@@ -664,17 +691,26 @@ def _read_back_all(run: _Run) -> None:
 
 
 def _verify_all(
-    run: _Run, view: dict[str, _Produced], targets: Sequence[Target], n_gpu_layers: int, label: str
+    run: _Run,
+    view: dict[str, _Produced],
+    targets: Sequence[Target],
+    n_gpu_layers: int,
+    label: str,
+    *,
+    fused: Collection[str] = (),
 ) -> None:
     """Load every file once on the runtime of ``targets`` and generate from it (all in one worker process).
 
     A file reused from one of these very targets keeps its earlier verification if it was made on the same
     runtime; one from a sibling pair's folder is loaded again here, since a pair's own work is verifying the file
-    on its runtime.
+    on its runtime. The files in ``fused`` (precision names) are left to fidelity, which verifies them in the load
+    that measures them (:func:`_measure_fidelity`).
     """
     own_folders = {t.outputs_dir for t in targets}
     to_load: list[_Produced] = []
-    for item in view.values():
+    for name, item in view.items():
+        if name in fused:
+            continue
         kept = (
             item.verification is not None
             and not item.made_here
@@ -695,7 +731,9 @@ def _verify_all(
         item.verification = checks[item.path].as_dict()
 
 
-def _measure_fidelity(run: _Run, view: dict[str, _Produced], n_gpu_layers: int, label: str) -> None:
+def _measure_fidelity(
+    run: _Run, view: dict[str, _Produced], n_gpu_layers: int, label: str, *, verify: Collection[str] = ()
+) -> None:
     """Measure the files made in this run against the base, on one runtime. Files reused from an earlier run keep
     the numbers recorded then (with the device they were measured on): the base they need is gone."""
     from . import fidelity
@@ -705,12 +743,41 @@ def _measure_fidelity(run: _Run, view: dict[str, _Produced], n_gpu_layers: int, 
     if not todo:
         return
     where = "" if n_gpu_layers == 0 else f", n_gpu_layers={n_gpu_layers}"
+    budget = None if run.opts.fidelity_tokens == "all" else fidelity.Budget(target=run.opts.fidelity_target)
+    # reference.json's rows come from this evaluation when this is the runtime the reference is made on
+    rows_here = run.opts.reference and n_gpu_layers == next(iter(_runtimes(run.job)))
+    base_sha = next((i.sha256 for i in run.produced.values() if i.path == run.base_path and i.sha256), None)
+    if base_sha is None and run.base_sha is not None:
+        base_sha = run.base_sha.result()
     with run.out.step(f"measuring fidelity against the base ({', '.join(todo)}{where})"):
         t0 = time.perf_counter()
-        results = fidelity.measure(
-            run.base_path, todo, eval_text=run.opts.eval_text, n_threads=run.opts.threads, n_gpu_layers=n_gpu_layers
-        )
+        measured = fidelity.measure_run(
+            run.base_path, todo, eval_text=run.opts.eval_text, n_threads=run.opts.threads, n_gpu_layers=n_gpu_layers,
+            budget=budget, cache_root=fidelity.default_cache_root(), base_sha256=base_sha,
+            reference_positions=N_POSITIONS if rows_here else 0, verify=verify,
+        )  # fmt: skip
         run.timings["fidelity_s"][label] = round(time.perf_counter() - t0, 3)
+    results = measured.results
+    for name in verify:  # what verify.load_check_many checks, for the files verified in fidelity's load
+        check = measured.verifications.get(name)
+        if check is None:
+            raise VerificationFailed(f"the fidelity worker reported no verification for {view[name].path.name}")
+        if not check.get("generated_tokens"):
+            raise VerificationFailed(f"{view[name].path.name} loaded but generated no tokens")
+        view[name].verification = check
+    # Observable without timing: a re-run on the same base evaluates 0 of its positions (fidelity's cache).
+    run.timings.setdefault("fidelity_base_tokens", {})[label] = measured.base_tokens_evaluated
+    _log.info(
+        "fidelity: base evaluated on %d new position(s)%s; %s",
+        measured.base_tokens_evaluated,
+        " (cached from an earlier run)" if measured.base_tokens_evaluated == 0 else "",
+        ", ".join(f"{name}: {r['n_tokens']} positions" for name, r in results.items()),
+    )
+    if rows_here and measured.reference_rows:
+        run.reference_rows[n_gpu_layers] = (
+            measured.reference_tokens,
+            {_file_name(run.job.model_name, view[name].precision): r for name, r in measured.reference_rows.items()},
+        )
     for name, metrics in results.items():
         view[name].fidelity = metrics
     if run.opts.thresholds:
@@ -789,6 +856,30 @@ def _parity_record(run: _Run, source_record: Mapping[str, Any], base: PrecisionI
     ).to_dict()
 
 
+def _ship_base(
+    run: _Run, target: Target, base_precision: PrecisionInfo, files: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """FIDELITY_ON=check: the base GGUF goes into the outputs folder for the check jobs, which measure fidelity
+    against it (check.py); the manifest's ``base`` names it (``file``, ``sha256``). It is no published file unless
+    asked for (KEEP_BASE): publish uploads the files the manifest lists.
+
+    Raises:
+        ConversionFailed: this run has no base to ship (every file was reused): ``--force`` makes it again.
+    """
+    name = _file_name(run.job.model_name, base_precision)
+    listed = next((f for f in files if f["name"] == name), None)
+    if listed is not None:
+        return {"file": name, "sha256": listed["sha256"]}
+    if run.base_path is None or not run.base_path.is_file():
+        raise ConversionFailed(
+            f"fidelity-on=check: the base GGUF {name} was not made in this run, so it cannot go to the check jobs",
+            hint="re-run with --force to make it again, or measure fidelity on the builder (FIDELITY_ON: builder)",
+        )
+    install_file(run.base_path, target.outputs_dir / name)
+    sha = run.base_sha.result() if run.base_sha is not None else sha256_file(run.base_path)
+    return {"file": name, "sha256": sha}
+
+
 def _deliver(
     run: _Run,
     target: Target,
@@ -818,6 +909,7 @@ def _deliver(
             "verification": item.verification, "fidelity": item.fidelity,
             "reused": not item.made_here,
         })  # fmt: skip
+    fidelity_on = job.options.fidelity_on if job.options.fidelity else None
     record = run.imatrix.record
     if record is not None and record.get("source") == "computed" and run.imatrix.path is not None:
         install_file(run.imatrix.path, target.outputs_dir / record["file"])
@@ -836,7 +928,12 @@ def _deliver(
         "model_name": job.model_name,
         "trained": job.trained,
         "source": source_record,
-        "base": {"precision": base_precision.name, "kept": base_precision.name in run.produced},
+        "base": {
+            "precision": base_precision.name,
+            "kept": base_precision.name in run.produced,
+            **(_ship_base(run, target, base_precision, files) if fidelity_on == "check" else {}),
+        },
+        "fidelity_on": fidelity_on,
         "imatrix": run.imatrix.record,
         "files": files,
         "timings": run.timings,

@@ -428,7 +428,27 @@ def release_manifest(manifest: Manifest, checks: Sequence[Mapping[str, Any]]) ->
     # downloaded from an earlier release) and must not count towards publishing.
     by_pair = {str(r["pair"]): dict(r) for r in sorted(checks, key=lambda r: str(r["pair"]))}
     absent = published.absent - {"checks"} if by_pair else published.absent | {"checks"}
-    return dataclasses.replace(published, checks=by_pair or None, absent=absent)
+    published = dataclasses.replace(published, checks=by_pair or None, absent=absent)
+    if manifest.fidelity_on == "check":  # each file's fidelity as a check measured it, naming that runtime
+        measured = next((r for r in by_pair.values() if fidelity_measured(r, published)), None)
+        if measured is not None:
+            rows = {row.get("name"): row for row in measured.get("files") or [] if isinstance(row, Mapping)}
+            by_device = str((measured.get("runtime") or {}).get("device"))
+            published = dataclasses.replace(published, files=[dataclasses.replace(e, fidelity={
+                **rows[e.name]["fidelity"],
+                "measured_by": {"pair": measured["pair"], "device": rows[e.name]["fidelity"].get("device", by_device)},
+            }) for e in published.files])  # fmt: skip
+    return published
+
+
+def fidelity_measured(record: Mapping[str, Any], manifest: Manifest) -> bool:
+    """Whether ``record`` (a check) measured the fidelity of every file of ``manifest``, on the same bytes
+    (FIDELITY_ON=check: publish needs one such record per model)."""
+    rows = {row.get("name"): row for row in record.get("files") or [] if isinstance(row, Mapping)}
+    return bool(manifest.files) and all(
+        isinstance((row := rows.get(e.name) or {}).get("fidelity"), Mapping) and row.get("sha256") == e.sha256
+        for e in manifest.files
+    )
 
 
 def _attach_checks(
@@ -523,6 +543,15 @@ def check_failures(manifests: Mapping[str, Manifest], expected: Sequence[tuple[s
             failed = record_problems(record, manifest)
             problem = f"{manifest.model_name}: {'; '.join(failed)}"
             if failed and problem not in problems:
+                problems.append(problem)
+        if manifest.fidelity_on == "check" and not any(
+            fidelity_measured(r, manifest) for r in (manifest.checks or {}).values()
+        ):
+            problem = (
+                f"{manifest.model_name}: fidelity-on is check, but no check record measured the files' fidelity "
+                "(a GPU pair's check does with fidelity: auto; fidelity: true makes any check job measure it)"
+            )
+            if problem not in problems:
                 problems.append(problem)
     for model, pair in expected or ():
         if not any(str(m.model_name) == model and pair in (m.checks or {}) for m in manifests.values()):

@@ -9,7 +9,6 @@ otherwise.
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import shutil
 import sys
@@ -81,7 +80,7 @@ def quantize(
         "src": str(base),
         "dst": str(dest),
         "ftype": precision.ftype,
-        "threads": threads or os.cpu_count() or 1,
+        "threads": threads,  # None: the cores this worker is granted (threads.py; tools.serve_job fills it in)
         "imatrix": str(imatrix) if imatrix is not None else None,
         "tensor_types": list(tensor_types),
     }
@@ -94,7 +93,9 @@ def quantize(
     failure: WorkerFailed | str | None = None
     fallbacks: list[dict[str, str]] = []
     try:
-        run = run_worker("cecai_converter.quantize", job, timeout=timeout, name="quantizer", on_line=on_line)
+        run = run_worker(
+            "cecai_converter.quantize", job, timeout=timeout, name="quantizer", on_line=on_line, threads=threads
+        )
         fallbacks = [{str(k): str(v) for k, v in f.items()} for f in run.data.get("fallbacks") or []]
         if len(fallbacks) != run.data.get("n_fallback", len(fallbacks)):
             # llama.cpp counted more fallbacks than its lines say: its wording changed; the record would be short.

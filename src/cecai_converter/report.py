@@ -19,7 +19,7 @@ from .errors import EXIT_OK, ManifestError, UsageError
 from .gguf_header import GGUFHeaderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .markdown import code, inline
-from .output import Output
+from .output import Output, decimal_size
 from .precisions import PRECISIONS
 from .quant_types import types_markdown
 
@@ -63,8 +63,11 @@ def _render_one(manifest: Mapping[str, Any]) -> str:
         first = measured[0]
         devices = sorted({str(m.get("device", "?")) for m in measured})
         about = [f"Fidelity vs the {inline(base or 'unquantized')} base"]
-        if isinstance(first.get("n_tokens"), int):
-            about.append(f"on {first['n_tokens']} scored tokens")
+        counts = sorted({m["n_tokens"] for m in measured if isinstance(m.get("n_tokens"), int)})
+        if len(counts) == 1:
+            about.append(f"on {counts[0]} scored tokens")
+        elif counts:  # fidelity's budget: each file read until its error bars were narrow enough
+            about.append(f"on {counts[0]}–{counts[-1]} scored tokens (each file until its error bars met the target)")
         if _finite(first.get("ppl_base")):
             about.append(f"(base perplexity {first['ppl_base']:.4g})")
         about.append(f"measured on {inline('/'.join(devices))}.")
@@ -130,14 +133,8 @@ def _finite(value: Any) -> bool:
 
 
 def _size(n: Any) -> str:
-    if not _finite(n):
-        return _DASH
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return _DASH  # pragma: no cover - the loop always returns
+    """A file size in the project's one unit family (decimal: KB, MB, GB, as the card and release notes)."""
+    return decimal_size(n) if _finite(n) else _DASH
 
 
 def _kld(v: Any) -> str:
@@ -227,12 +224,12 @@ def _measure_bpw(path: Path) -> float | None:
 
 
 def _points(manifest: Mapping[str, Any]) -> list[tuple[str, float, float]]:
-    """(precision, size in MiB, KLD) for every file with a finite KL-divergence, largest first."""
+    """(precision, size in MB, KLD) for every file with a finite KL-divergence, largest first."""
     points = []
     for f in manifest.get("files") or []:
         fid = f.get("fidelity")
         if isinstance(fid, Mapping) and _finite(fid.get("kld_mean")) and _finite(f.get("bytes")):
-            points.append((str(f.get("precision", f.get("name", "?"))), f["bytes"] / 2**20, float(fid["kld_mean"])))
+            points.append((str(f.get("precision", f.get("name", "?"))), f["bytes"] / 1e6, float(fid["kld_mean"])))
     return sorted(points, key=lambda p: -p[1])
 
 
@@ -269,7 +266,7 @@ def _figure(manifest: Mapping[str, Any]) -> Any:
         ax.set_yscale("symlog", linthresh=min(positive))
     base = (manifest.get("base") or {}).get("precision") or "base"
     ax.set_title(f"{_title(manifest)}: size vs KL-divergence from {base}", parse_math=False)
-    ax.set_xlabel("file size (MiB)")
+    ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL-divergence (nats, lower is better)")
     ax.margins(x=0.1, y=0.1)
     ax.grid(True, which="both", alpha=0.3)

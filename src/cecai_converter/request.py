@@ -32,6 +32,7 @@ __all__ = [
     "DOC_BEGIN",
     "DOC_END",
     "ENV_PREFIX",
+    "FIDELITY_ON",
     "OPTIONS",
     "REQUEST_ENV",
     "SOURCES",
@@ -58,7 +59,12 @@ ENV_PREFIX: Final = "CECAI_"
 #: The variable a container reads its request from (``run --request env:CECAI_REQUEST``).
 REQUEST_ENV: Final = "CECAI_REQUEST"
 #: What each value kind parses from text (a flag, a variable) and from YAML.
-Kind = Literal["switch", "bool", "int", "threads", "gpu_layers", "path", "imatrix", "thresholds", "tensor_types"]
+Kind = Literal[
+    "switch", "bool", "int", "threads", "gpu_layers", "path", "imatrix", "thresholds",
+    "tensor_types", "fidelity_on", "fidelity_target", "fidelity_tokens",
+]  # fmt: skip
+#: Where fidelity is measured (FIDELITY_ON): on the builder, or by the release flow's check jobs (check.py).
+FIDELITY_ON: Final = ("builder", "check")
 Command = Literal["run", "convert"]
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -156,9 +162,28 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "measure KL-divergence and perplexity of every file against the base (default: on)",
     ),
     OptionSpec(
+        "fidelity_on", "--fidelity-on", "FIDELITY_ON", "fidelity_on", "builder",
+        "where fidelity is measured: `builder` (this run), or `check` (the release flow's check jobs measure it on "
+        "their runtime, a GPU's in a fraction of the time; the outputs folder then carries the base GGUF for them, "
+        "and publish refuses a release whose checks did not measure it)",
+        metavar="builder|check",
+    ),
+    OptionSpec(
         "eval_text", "--eval-text", "EVAL_TEXT", "path", None,
         "the text fidelity is measured on (in YAML relative to configurations/; default: shipped text)",
         metavar="FILE",
+    ),
+    OptionSpec(
+        "fidelity_target", "--fidelity-target", "FIDELITY_TARGET", "fidelity_target", 0.1,
+        "the error bar fidelity stops at: the KL-divergence mean's standard error as a fraction of the mean "
+        "(±0.0005 nats is always enough), with ±2 points on top-1; 0.01 to 1 (see docs/fidelity.md)",
+        metavar="FRACTION",
+    ),
+    OptionSpec(
+        "fidelity_tokens", "--fidelity-tokens", "FIDELITY_TOKENS", "fidelity_tokens", "auto",
+        "how much of the evaluation text fidelity reads: `auto` (until the target error bar, at least 500 "
+        "positions) or `all` (the whole text, as llama-perplexity does)",
+        metavar="auto|all",
     ),
     OptionSpec(
         "thresholds", "--thresholds", "THRESHOLDS", "thresholds", None,
@@ -260,11 +285,29 @@ def _from_text(spec: OptionSpec, text: str, where: str, base: Path) -> Any:
             return gpu_layer_count(text)
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"{where}: {exc}") from None
+    if spec.kind == "fidelity_on":
+        word = text.strip().lower()
+        if word in FIDELITY_ON:
+            return word
+        raise UsageError(
+            f"{where}={show(text)} is not a place to measure fidelity",
+            hint="give builder (this run measures it) or check (the release flow's check jobs do)",
+        )
     if spec.kind == "int":
         try:
             return int(text)
         except ValueError:
             raise UsageError(f"{where}: {show(text)} is not a whole number") from None
+    if spec.kind == "fidelity_target":
+        from .fidelity import check_target
+
+        try:
+            number: object = float(text)
+        except ValueError:
+            number = text
+        return check_target(number, where, error=UsageError)
+    if spec.kind == "fidelity_tokens":
+        return _token_mode(text, where, UsageError)
     if spec.kind == "thresholds":
         from .untrusted_json import loads_bounded
 
@@ -304,6 +347,17 @@ def _from_yaml(spec: OptionSpec, value: object, where: str, config_dir: Path | N
         return _thresholds(value, where)
     if spec.kind == "tensor_types":
         return _tensor_types(value, where, ConfigError)
+    if spec.kind == "fidelity_target":
+        from .fidelity import check_target
+
+        return check_target(value, where)
+    if spec.kind == "fidelity_tokens":
+        return _token_mode(value, where, ConfigError)
+    if spec.kind == "fidelity_on":
+        try:
+            return _from_text(spec, value if isinstance(value, str) else repr(value), where, Path.cwd())
+        except UsageError as exc:
+            raise ConfigError(exc.message, hint=exc.hint) from None
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a file name (a string), got {show(value)}")
     if not value.strip():
@@ -324,6 +378,19 @@ def _from_yaml(spec: OptionSpec, value: object, where: str, config_dir: Path | N
             hint=f"put the file inside {converter}, or give it on the command line ({spec.flag}) or as {spec.env}",
         )
     return path
+
+
+def _token_mode(value: object, where: str, error: type[UsageError]) -> str:
+    """FIDELITY_TOKENS: ``auto`` or ``all`` (any case), else ``error`` naming ``where``."""
+    from .fidelity import TOKEN_MODES
+
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word is None or word not in TOKEN_MODES:
+        raise error(
+            f"{where} must be one of {', '.join(TOKEN_MODES)}, got {show(value)}",
+            hint="auto stops at the target error bar (FIDELITY_TARGET); all reads the whole evaluation text",
+        )
+    return word
 
 
 def _thresholds(value: object, where: str) -> dict[str, dict[str, float]]:
@@ -368,6 +435,14 @@ def _from_json_value(spec: OptionSpec, value: object, where: str) -> Any:
         return _from_text(spec, str(value), here, Path.cwd()) if spec.kind != "int" else value
     if spec.kind == "thresholds":
         return _thresholds(value, here)
+    if spec.kind == "fidelity_target":
+        from .fidelity import check_target
+
+        return check_target(value, here, error=UsageError)
+    if spec.kind == "fidelity_tokens":
+        return _token_mode(value, here, UsageError)
+    if spec.kind == "fidelity_on":
+        return _from_text(spec, value if isinstance(value, str) else repr(value), here, Path.cwd())
     if spec.kind == "tensor_types":
         if not isinstance(value, list):
             raise UsageError(f"{here} must be a list of PATTERN=TYPE strings, got {show(value)}")
@@ -489,7 +564,10 @@ class Request:
             compute_imatrix=imatrix == "auto",
             calibration_text=self.values["calibration_text"],
             fidelity=bool(self.values["fidelity"]),
+            fidelity_on=str(self.values.get("fidelity_on") or "builder"),
             eval_text=self.values["eval_text"],
+            fidelity_target=float(self.values.get("fidelity_target") or 0.1),
+            fidelity_tokens=str(self.values.get("fidelity_tokens") or "auto"),
             thresholds=self.values["thresholds"] or {},
             n_gpu_layers=n_gpu_layers,
             reference=bool(self.values["reference"]),

@@ -27,8 +27,10 @@ does by hand (``examples/model-conversion``):
   KL(source ‖ GGUF) per position with its standard error, and the top-1 agreement.
 
 The work runs in two worker processes (:func:`cecai_converter.tools.run_worker`): the source side (transformers,
-torch) first, writing its logits to a temporary folder, then the GGUF side (llama.cpp), which reads them and
-computes the numbers. Each process's memory is released when it ends; a crash is a clean error. The source model
+torch) writes its tokenizer results to a temporary folder, then loads the model and writes its logits; the GGUF
+side (llama.cpp) starts as soon as the tokenizer results are there, so that the two forward passes run at the same
+time, and writes its own logits; the parent compares them. Each process's memory is released when it ends; a crash
+is a clean error. The source model
 must fit in memory: its float32 size (weights from the safetensors headers × 4) plus headroom is held against the
 memory available (``MemAvailable``, or ``CECAI_SOURCE_RAM_BUDGET``); above it the logits are not compared and the
 record says why. A model whose transformers class needs the repository's own code is never run without
@@ -50,6 +52,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,6 +64,7 @@ from .errors import ConfigError, SourceCheckFailed, UsageError, WorkerFailed
 from .gguf_header import GGUFHeaderError, read_header
 from .names import show
 from .output import get_logger
+from .threads import lease_cores, machine_cores, worker_env
 from .tools import (
     WorkerUsage,
     child_kwargs,
@@ -443,7 +447,8 @@ def check_source(
 
 class SourceCheck:
     """One comparison with a source model, in two steps: :meth:`start` runs the source side (transformers) in a
-    worker process in the background, :meth:`finish` waits for it, runs the GGUF side and compares.
+    worker process in the background, :meth:`finish` runs the GGUF side beside what is left of it (from the moment
+    the source's tokenizer results are in), waits for both and compares.
 
     The source side does not need the GGUF, so a conversion starts it before the converter writes the base and the
     two overlap; when memory is short (the source model's float32 size twice over the budget) it starts only in
@@ -519,15 +524,19 @@ class SourceCheck:
         (self._work / "source-job.json").write_text(json.dumps(job), encoding="utf-8")
         argv = [sys.executable, "-m", "cecai_converter.source_parity", "--job", str(self._work / "source-job.json"),
                 "--result", str(self._work / "source-result.json")]  # fmt: skip
-        env = {**quiet_abort_env(), **os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": "PASSIVE"}
         self._log = (self._work / "source.log").open("wb")
         self._started = time.monotonic()
-        # The worker protocol of tools.run_worker (serve_job on the other side), started without waiting: its own
-        # process group (stop() ends all of it), killed with this process.
-        self._proc = subprocess.Popen(  # not run_tool: it runs beside the converter; run_worker would wait
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, **child_kwargs(),
-        )  # fmt: skip
+        # Cores from the machine-wide lease (threads.py), held by the worker itself. It asks for half of them: it
+        # runs beside the converter or the GGUF side, which share the machine with it instead of waiting for it.
+        share = self.threads or max(1, machine_cores() // 2)
+        with lease_cores(share, on_wait=_log.info) as cores:
+            env = {**quiet_abort_env(), **os.environ, **worker_env(cores.threads), "CUDA_VISIBLE_DEVICES": ""}
+            # The worker protocol of tools.run_worker (serve_job on the other side), started without waiting: its
+            # own process group (stop() ends all of it), killed with this process.
+            self._proc = subprocess.Popen(  # not run_tool: it runs beside the converter; run_worker would wait
+                argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, pass_fds=tuple(cores.fds), **child_kwargs(),
+            )  # fmt: skip
         return self
 
     def stop(self) -> None:
@@ -543,6 +552,25 @@ class SourceCheck:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
         self._proc = None
+
+    def _early_side(self) -> dict[str, Any]:
+        """The source side's tokenizer results, as soon as the worker has them (starting it if it is not running);
+        the whole result when the worker has ended first."""
+        if self._result is not None:
+            return self._result
+        self.start(background=False)
+        assert self._proc is not None and self._work is not None
+        early = self._work / _EARLY_FILE
+        waited = time.monotonic()
+        while not early.is_file() and self._proc.poll() is None:
+            if self.timeout_s is not None and time.monotonic() - waited > self.timeout_s:
+                break  # _source_side() reports the timeout
+            time.sleep(_POLL_S)
+        try:
+            data = json.loads(early.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return self._source_side()  # the worker ended without it: its result, or why it failed
+        return data if isinstance(data, dict) else self._source_side()
 
     def _source_side(self) -> dict[str, Any]:
         """The source side's result: wait for the worker (starting it if it is not running)."""
@@ -593,32 +621,41 @@ class SourceCheck:
             raise UsageError(f"source check: {gguf} is not a readable GGUF file ({exc})") from None
         arch = str(header.metadata.get("general.architecture", ""))
         n_ctx_train = int(header.metadata.get(f"{arch}.context_length", 0) or 0)
-        src = self._source_side()
+        # The GGUF side needs only the source's tokenizer results, which the source worker writes before it loads
+        # the model: it runs beside the rest of the source side (the forward pass), not after it.
+        early = self._early_side()
         assert self._work is not None
-        logits_reason = self.logits_reason or (str(src["logits_reason"]) if src.get("logits_reason") else None)
-        all_strings = [*self.strings, *src.get("added_strings", [])]
-        if "eval_text" in src:
-            all_strings.append(src["eval_text"])
-        tokens = list(src.get("eval_tokens") or [])
+        logits_reason = self.logits_reason or (str(early["logits_reason"]) if early.get("logits_reason") else None)
+        all_strings = [*self.strings, *early.get("added_strings", [])]
+        if "eval_text" in early:
+            all_strings.append(early["eval_text"])
+        tokens = list(early.get("eval_tokens") or [])
         if n_ctx_train > 0:
             tokens = tokens[:n_ctx_train]
-        ggf = _side(
-            "gguf",
-            {"role": "gguf", "model": str(gguf), "strings": all_strings, "sample": _SPECIAL_SAMPLE,
-             "source_encodings": src.get("encodings"), "tokens": tokens if logits_reason is None else None,
-             "work": str(self._work), "threads": self.threads, "conversations": _conversations()},
-            self.timeout_s,
-        )  # fmt: skip
+        gguf_job = {"role": "gguf", "model": str(gguf), "strings": all_strings, "sample": _SPECIAL_SAMPLE,
+                    "source_encodings": early.get("encodings"), "tokens": tokens if logits_reason is None else None,
+                    "work": str(self._work), "threads": self.threads, "conversations": _conversations()}  # fmt: skip
+        ggf = _GGUFSide(gguf_job, self.timeout_s)
+        try:
+            src = self._source_side()
+        except SourceCheckFailed:
+            ggf.join()  # it writes into the work folder, which stop() removes; an interrupt does not wait for it
+            raise
+        ggf.join()
+        ggf.raise_failure()
+        logits_reason = logits_reason or (str(src["logits_reason"]) if src.get("logits_reason") else None)
+        if logits_reason is None and tokens:
+            ggf.result["logits"] = _compare_saved_logits(self._work, len(tokens))
         failures: list[str] = []
-        tokenizer = _compare_tokenizers(src, ggf, all_strings, failures)
-        template = _compare_templates(src, ggf, _gguf_templates(header.metadata), failures)
+        tokenizer = _compare_tokenizers(src, ggf.result, all_strings, failures)
+        template = _compare_templates(src, ggf.result, _gguf_templates(header.metadata), failures)
         hyper = _hyperparameters(self.config, header.metadata)
         for diff in hyper["differing"]:
             failures.append(
                 f"the {diff['name']} differs: source {diff['source']!r} (config.json {diff['source_key']}), "
                 f"GGUF {diff['gguf']!r} ({diff['gguf_key']})"
             )
-        logits = _logits_record(ggf, logits_reason, self.limits, self.remote, self.trust_remote_code, failures)
+        logits = _logits_record(ggf.result, logits_reason, self.limits, self.remote, self.trust_remote_code, failures)
         return SourceParity(
             checked=True,
             passed=not failures,
@@ -632,7 +669,7 @@ class SourceCheck:
             timings={
                 "total_s": round(time.perf_counter() - started, 3),
                 "source_s": src.get("seconds"),
-                "gguf_s": ggf.get("seconds"),
+                "gguf_s": ggf.result.get("seconds"),
             },
         )
 
@@ -642,6 +679,13 @@ _FAILED_HINT: Final = (
     "check, and the manifest says so"
 )
 _TAIL_CHARS: Final = 6000
+#: In the work folder: the source worker's tokenizer results (written before it loads the model) and each side's
+#: logits (positions × vocabulary, float32).
+_EARLY_FILE: Final = "source-tokenizer.json"
+_SOURCE_LOGITS: Final = "source-logits.npy"
+_GGUF_LOGITS: Final = "gguf-logits.npy"
+#: Seconds between two looks for the source worker's tokenizer results.
+_POLL_S: Final = 0.05
 _log = get_logger("source_parity")
 
 
@@ -677,6 +721,39 @@ def _side(role: str, job: dict[str, Any], timeout_s: float | None) -> dict[str, 
             hint="the log has the worker's output (-v shows it live); --no-source-check (SOURCE_CHECK: false) "
             "converts without this check, and the manifest says so",
         ) from None
+
+
+class _GGUFSide:
+    """The GGUF side's worker (:func:`_side`), run from a thread so that the parent can wait for the source side
+    meanwhile: each side is a process of its own, holding its own cores (threads.py)."""
+
+    def __init__(self, job: dict[str, Any], timeout_s: float | None) -> None:
+        self.result: dict[str, Any] = {}
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(job, timeout_s), name="source-check-gguf", daemon=True)
+        self._thread.start()
+
+    def _run(self, job: dict[str, Any], timeout_s: float | None) -> None:
+        try:
+            self.result = _side("gguf", job, timeout_s)
+        except BaseException as exc:  # handed to the caller's thread by raise_failure()
+            self._failure = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+
+def _compare_saved_logits(work: Path, n_tokens: int) -> dict[str, Any]:
+    """Both sides' logits, as their workers saved them, compared (:func:`_compare_logits`)."""
+    import numpy as np
+
+    reference = np.load(work / _SOURCE_LOGITS)[:n_tokens]
+    ours = np.load(work / _GGUF_LOGITS)[:n_tokens]
+    return _compare_logits(reference, ours)
 
 
 def _compare_tokenizers(
@@ -910,10 +987,15 @@ def _source_worker(job: Mapping[str, Any]) -> dict[str, Any]:
     else:
         out["file_chat_template"] = _read_json(folder / "tokenizer_config.json").get("chat_template")
         out["logits_reason"] = "the source's tokenizer could not be loaded, so the same tokens cannot be fed to both"
+    # What the GGUF side needs, before the model is loaded: the parent starts that side with it as soon as the base
+    # is written, and the two evaluate the tokens at the same time (written whole, then renamed into place).
+    early = Path(job["work"]) / _EARLY_FILE
+    early.with_suffix(".part").write_text(json.dumps(out), encoding="utf-8")
+    os.replace(early.with_suffix(".part"), early)
     if job["logits"] and tokens is not None:
         logits = _source_logits(folder, trust, job.get("remote_class"), tokens, out)
         if logits is not None:
-            np.save(Path(job["work"]) / "source-logits.npy", logits)
+            np.save(Path(job["work"]) / _SOURCE_LOGITS, logits)
             out["n_vocab"] = int(logits.shape[1])
     return out
 
@@ -999,7 +1081,7 @@ def _native_class(transformers: Any, config: Mapping[str, Any]) -> str | None:
 
 
 def _gguf_worker(job: Mapping[str, Any]) -> dict[str, Any]:
-    """llama.cpp's side: tokenize, render the templates, evaluate the tokens and compare with the source's logits."""
+    """llama.cpp's side: tokenize, render the templates, evaluate the tokens (logits written to the work folder)."""
     import llama_cpp
     import numpy as np
 
@@ -1038,9 +1120,8 @@ def _gguf_worker(job: Mapping[str, Any]) -> dict[str, Any]:
     out["renders"] = _render_runtime(template, bos, eos, job["conversations"])
     if tokens:
         llm.eval(list(tokens))
-        ours = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-        reference = np.load(Path(job["work"]) / "source-logits.npy")[: len(tokens)]
-        out["logits"] = _compare_logits(reference, ours)
+        # compared by the parent, once the source side (which may still be running) has written its own
+        np.save(Path(job["work"]) / _GGUF_LOGITS, np.array(llm.scores[: len(tokens)], dtype=np.float32))
     return out
 
 

@@ -29,15 +29,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Final
 
 from .errors import WorkerFailed, WorkerFailure
 from .fsutil import atomic_write_text
 from .output import get_logger
+from .threads import CoreLease, lease_cores, worker_env
 
 __all__ = [
     "MAX_GPU_LAYERS",
     "MAX_THREADS",
+    "THREAD_KEYS",
     "ToolRun",
     "WorkerFailed",
     "WorkerResult",
@@ -219,6 +221,7 @@ def run_tool(
     tail_lines: int = 60,
     timeout: float | None = None,
     cwd: Path | None = None,
+    cores: CoreLease | None = None,
 ) -> ToolRun:
     """Run ``argv``, logging each output line (stdout and stderr merged) at DEBUG level.
 
@@ -233,9 +236,13 @@ def run_tool(
         tail_lines: how many of the last lines to keep.
         timeout: seconds before the child and everything it started are stopped; ``None``: no limit.
         cwd: the child's working folder.
+        cores: the cores leased for the child (:func:`cecai_converter.threads.lease_cores`): its slot locks pass
+            to the child, which holds them until it ends (this process's copies are closed once it started), and
+            it runs with :func:`cecai_converter.threads.worker_env` (its thread count, a passive OpenMP wait).
     """
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    merged_env = {**quiet_abort_env(), **os.environ, **(env or {})}
+    shared = worker_env(cores.threads) if cores is not None else {}
+    merged_env = {**quiet_abort_env(), **os.environ, **shared, **(env or {})}
     expired = threading.Event()
     with subprocess.Popen(
         list(argv),
@@ -248,8 +255,11 @@ def run_tool(
         errors="replace",
         bufsize=1,
         start_new_session=True,  # Ctrl-C reaches us only; we stop the child's group ourselves, then clean up
+        pass_fds=tuple(cores.fds) if cores is not None else (),
         **child_kwargs(),  # and a SIGKILL of this process takes the child with it
     ) as proc:
+        if cores is not None:
+            cores.release()  # the child holds the cores now: they are free again the moment it ends
         timers = _deadline(proc.pid, timeout, expired)
         try:
             assert proc.stdout is not None
@@ -356,6 +366,7 @@ def run_worker(
     env: Mapping[str, str] | None = None,
     on_line: Callable[[str], None] | None = None,
     tail_lines: int = 60,
+    threads: int | None = None,
 ) -> WorkerResult:
     """Run ``job`` in a worker process: ``python -m <module> --job FILE --result FILE``, served by :func:`serve_job`.
 
@@ -370,6 +381,9 @@ def run_worker(
         env: variables for the child (e.g. :func:`runtime_env`).
         on_line: called with each output line (progress).
         tail_lines: output lines kept for the error.
+        threads: the user's ``--threads`` (None: the free cores, see :mod:`cecai_converter.threads`); the worker
+            is given cores from the machine-wide lease either way, and a null ``threads``/``n_threads`` in its job
+            becomes the count it was granted (:func:`serve_job`).
 
     Returns:
         the job's result (a JSON object), the output tail and the run time.
@@ -383,9 +397,10 @@ def run_worker(
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job, default=_json_default), encoding="utf-8")
         argv = [sys.executable, "-m", module, "--job", str(job_file), "--result", str(result_file)]
-        started = time.monotonic()
-        run = run_tool(argv, env=env, on_line=on_line, tail_lines=tail_lines, timeout=timeout)
-        seconds = time.monotonic() - started
+        with lease_cores(threads, on_wait=_log.info) as cores:
+            started = time.monotonic()
+            run = run_tool(argv, env=env, on_line=on_line, tail_lines=tail_lines, timeout=timeout, cores=cores)
+            seconds = time.monotonic() - started
         reply, unreadable = _read_reply(result_file)
 
     def failed(kind: WorkerFailure, reason: str, tail: str = run.tail, hint: str | None = None) -> WorkerFailed:
@@ -425,6 +440,20 @@ def run_worker(
 
 _TRACEBACK = "Traceback (most recent call last):"
 
+#: The keys a job names its thread count with; null means "what the parent granted" (:func:`_granted`).
+THREAD_KEYS: Final = ("threads", "n_threads")
+
+
+def _granted(job: Any) -> Any:
+    """The job with a null ``threads``/``n_threads`` replaced by the threads this worker was granted
+    (:func:`cecai_converter.threads.worker_threads`): one rule for every worker, so no worker falls back to its
+    library's own default (llama-cpp-python's is every core for prompt processing)."""
+    if not isinstance(job, dict):
+        return job
+    from .threads import worker_threads
+
+    return {**job, **{key: worker_threads() for key in THREAD_KEYS if key in job and job[key] is None}}
+
 
 def _read_reply(path: Path) -> tuple[dict[str, Any] | None, str]:
     """The worker's reply and, when the file exists but is no reply, why."""
@@ -458,7 +487,7 @@ def serve_job(handler: Callable[[Mapping[str, Any]], Mapping[str, Any]], argv: S
     parser.add_argument("--job", type=Path, required=True, help="the job, written by the parent")
     parser.add_argument("--result", type=Path, required=True, help="where the result goes")
     args = parser.parse_args(argv)
-    job = json.loads(args.job.read_text(encoding="utf-8"))
+    job = _granted(json.loads(args.job.read_text(encoding="utf-8")))
     try:
         result = handler(job)
     except WorkerUsage as exc:

@@ -8,7 +8,6 @@ few tokens greedily. The load runs in a worker process (``python -m cecai_conver
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from .gguf_header import GGUFHeaderError, TensorInfo, read_header
 from .precisions import PRECISIONS, PrecisionInfo
 from .tools import run_worker, runtime_env, runtime_name, serve_job, worker_failure_why
 
-__all__ = ["FileFacts", "LoadCheck", "load_check", "load_check_many", "read_back"]
+__all__ = ["FileFacts", "LoadCheck", "generate_check", "load_check", "load_check_many", "read_back"]
 
 PROMPT = "Hello world"
 GENERATE_TOKENS = 8
@@ -150,7 +149,8 @@ def load_check_many(
     Raises:
         VerificationFailed: for the first file that could not be loaded or generated nothing.
     """
-    job = {"paths": [str(p) for p in paths], "n_gpu_layers": n_gpu_layers, "threads": threads or os.cpu_count() or 1}
+    # threads None: the cores this worker is granted (threads.py; tools.serve_job fills it in)
+    job = {"paths": [str(p) for p in paths], "n_gpu_layers": n_gpu_layers, "threads": threads}
     loading: list[str] = []
 
     def on_line(line: str) -> None:
@@ -160,7 +160,7 @@ def load_check_many(
     try:
         run = run_worker(
             "cecai_converter.verify", job, timeout=timeout, name="verification", env=runtime_env(n_gpu_layers),
-            on_line=on_line,
+            on_line=on_line, threads=threads,
         )  # fmt: skip
     except WorkerFailed as exc:
         failing = Path(loading[-1]).name if loading else ", ".join(p.name for p in paths)
@@ -192,26 +192,31 @@ def _load_and_generate(job: Mapping[str, Any]) -> dict[str, Any]:
     for path in job["paths"]:
         print(_LOADING + path, flush=True)
         llm = llama_cpp.Llama(
-            path, n_ctx=128, n_gpu_layers=n_gpu_layers, n_threads=job["threads"] or None, seed=0, verbose=False
-        )
-        prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
-        generated: list[int] = []
-        for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-            generated.append(int(token))
-            if len(generated) >= GENERATE_TOKENS:
-                break
-        checks.append(
-            {
-                "path": path,
-                "runtime": runtime_name(n_gpu_layers),
-                "n_vocab": int(llm.n_vocab()),
-                "prompt": PROMPT,
-                "generated_tokens": generated,
-                "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
-            }
-        )
+            path, n_ctx=128, n_gpu_layers=n_gpu_layers, n_threads=job["threads"] or None,
+            n_threads_batch=job["threads"] or None, seed=0, verbose=False,  # batch: else every core for the prompt
+        )  # fmt: skip
+        checks.append({"path": path, **generate_check(llm, n_gpu_layers)})
         llm.close()
     return {"checks": checks}
+
+
+def generate_check(llm: Any, n_gpu_layers: int) -> dict[str, Any]:
+    """The load-and-generate record (:class:`LoadCheck`'s fields) of a model loaded in this worker: a few tokens
+    generated greedily from :data:`PROMPT`. Also called by fidelity's worker, which verifies a file in the load
+    that measures it."""
+    prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
+    generated: list[int] = []
+    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        generated.append(int(token))
+        if len(generated) >= GENERATE_TOKENS:
+            break
+    return {
+        "runtime": runtime_name(n_gpu_layers),
+        "n_vocab": int(llm.n_vocab()),
+        "prompt": PROMPT,
+        "generated_tokens": generated,
+        "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
+    }
 
 
 if __name__ == "__main__":

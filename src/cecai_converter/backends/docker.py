@@ -516,6 +516,7 @@ def check_spec(
     verbose: bool = False,
     uid_gid: tuple[int, int] | None = None,
     environ: Mapping[str, str] | None = None,
+    fidelity: str = "auto",
 ) -> ContainerSpec:
     """The container for ``cecai-convert check``: a builder's files checked on the pair's runtime, in its image.
 
@@ -533,6 +534,8 @@ def check_spec(
         command += ["--n-gpu-layers", str(n_gpu_layers)]
     if threads is not None:
         command += ["--threads", str(threads)]
+    if fidelity != "auto":
+        command += ["--fidelity", fidelity]
     return ContainerSpec(
         pair=pair,
         image=chosen,
