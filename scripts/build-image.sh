@@ -128,7 +128,7 @@ fi
 if [ "$arch" = "$host_arch" ] && [ "${args[CROSS_COMPILE]}" = 1 ]; then
     wheel_cache="${CECAI_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cecai-converter/wheels}"
     if ! compgen -G "$wheel_cache/llama_cpp_python-$llama_version-*$machine.whl" >/dev/null; then
-        echo "==> building the llama-cpp-python $llama_version wheel into $wheel_cache (once; ~6 min on 2 cores)" >&2
+        echo "==> building the llama-cpp-python $llama_version wheel into $wheel_cache (once; 6 min on 2 quiet cores, more when busy)" >&2
         extra=()
         if [ -n "${CECAI_LLAMA_WHEEL_DIR:-}" ]; then extra=(--find-links "$CECAI_LLAMA_WHEEL_DIR"); fi
         mkdir -p "$wheel_cache"

@@ -338,6 +338,20 @@ def _config(arch: str, size: _Size, dtype: str) -> Any:
     return cfg
 
 
+def _save_quietly(model: Any, out_dir: Path) -> None:
+    """``save_pretrained`` in safetensors, without transformers' "Writing model shards" progress bar (the demo and
+    the tests print our own progress; the bar's state is transformers' global, so it is put back)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def build_model(
     out_dir: Path,
     arch: str = "llama",
@@ -382,7 +396,7 @@ def build_model(
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
         model = model.to(torch_dtype)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    _save_quietly(model, out_dir)
     # transformers writes generation_config.json with its own version in it; it is not a conversion input.
     (out_dir / "generation_config.json").unlink(missing_ok=True)
     if arch == "gpt2-bpe":
@@ -501,7 +515,7 @@ def build_vision_model(out_dir: Path, *, seed: int = 0, dtype: str = "float32") 
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
         model = model.to(torch_dtype)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    _save_quietly(model, out_dir)
     (out_dir / "generation_config.json").unlink(missing_ok=True)
     # The Hub layout: vision_tower.vision_model.*, no pooling head, one file.
     from safetensors import safe_open
