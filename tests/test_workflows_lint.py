@@ -1,4 +1,5 @@
-"""The workflows and composite actions: zizmor and actionlint clean, no expression expanded inside a shell script."""
+"""The workflows, the ready-to-copy example workflows and the composite actions: zizmor and actionlint clean, no
+expression expanded inside a shell script."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from cecai_converter.pairs import PAIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+#: The ready-to-copy workflows users start from (what else holds them: tests/test_examples_lint.py).
+EXAMPLES = sorted((ROOT / "examples" / "workflows").glob("*.yml"))
 ACTIONS = [ROOT / "action.yml", *sorted((ROOT / "actions").glob("*/action.yml"))]
 SHA_PIN = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
 
@@ -36,6 +39,7 @@ def test_there_is_something_to_lint():
     names = {p.name for p in WORKFLOWS}
     assert {"ci.yml", "images.yml", "release-convert.yml"} <= names
     assert all(p.is_file() for p in ACTIONS) and len(ACTIONS) == 5
+    assert {p.name for p in EXAMPLES} == {"release.yml", "convert-on-push.yml"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS + ACTIONS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -96,7 +100,7 @@ def test_zizmor_offline_finds_nothing():
             "--offline",
             "--no-progress",
             ".github/workflows",
-            *[str(p.relative_to(ROOT)) for p in ACTIONS],
+            *[str(p.relative_to(ROOT)) for p in [*EXAMPLES, *ACTIONS]],
         ],
         cwd=ROOT,
         capture_output=True,
@@ -108,7 +112,7 @@ def test_zizmor_offline_finds_nothing():
 
 def test_actionlint_finds_nothing():
     proc = subprocess.run(
-        [_tool("actionlint"), *[str(p.relative_to(ROOT)) for p in WORKFLOWS]],
+        [_tool("actionlint"), *[str(p.relative_to(ROOT)) for p in [*WORKFLOWS, *EXAMPLES]]],
         cwd=ROOT,
         capture_output=True,
         text=True,
