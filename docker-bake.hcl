@@ -8,7 +8,7 @@
 #   VERSION=0.2.0 OWNER=me docker buildx bake cpu --push
 #
 # Tags: ${REGISTRY}/${OWNER}/${IMAGE_NAME}:${VERSION}-<pair slug>, the docker backend's default tag for the pair
-# (backends/docker.py default_image; CECAI_IMAGE_REPO / CECAI_IMAGE_TEMPLATE point the backend elsewhere).
+# (container_spec.default_image; CECAI_IMAGE_REPO / CECAI_IMAGE_TEMPLATE point the backend elsewhere).
 
 # -- variables (environment variables of the same name override them) -------------------------------------------
 variable "REGISTRY" {

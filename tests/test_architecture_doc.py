@@ -109,12 +109,12 @@ def test_the_manifest_sketch_has_the_keys_the_code_writes() -> None:
     assert sketch is not None, "docs/ARCHITECTURE.md has no ```json sketch of manifest.json"
     doc_keys = set(re.findall(r'"(\w+)":', sketch.group(1)))
     doc_top = set(re.findall(r'^  [ {]"(\w+)":', sketch.group(1), re.MULTILINE))
-    top = _literal_keys(PACKAGE / "pipeline.py", {"model_name", "files", "toolchain"})
+    top = _literal_keys(PACKAGE / "pipeline" / "deliver.py", {"model_name", "files", "toolchain"})
     top |= _literal_keys(PACKAGE / "manifest.py", {"schema", "tool"})
-    written = top | _literal_keys(PACKAGE / "pipeline.py", {"sha256", "verification", "precision"})
-    written |= _tuple_constant(PACKAGE / "pipeline.py", "_FACT_KEYS")
+    written = top | _literal_keys(PACKAGE / "pipeline" / "deliver.py", {"sha256", "verification", "precision"})
+    written |= _tuple_constant(PACKAGE / "pipeline" / "job.py", "FACT_KEYS")
     written |= _literal_keys(PACKAGE / "verify.py", {"generated_tokens", "runtime"}) - {"path"}
-    written |= _tuple_constant(PACKAGE / "fidelity.py", "RESULT_KEYS")
+    written |= _tuple_constant(PACKAGE / "fidelity" / "measurement.py", "RESULT_KEYS")
     assert not written - doc_keys, f"keys the code writes that the sketch lacks: {sorted(written - doc_keys)}"
     assert not doc_top - top, f"top-level keys in the sketch the code does not write: {sorted(doc_top - top)}"
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 def _convert(model_dir: Path, outfile: Path, outtype: str) -> Path:
     from cecai_converter.convert import run_converter
@@ -40,6 +38,7 @@ def files(model_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathF
     }
 
 
+@pytest.mark.slow
 def test_a_file_from_another_conversion_of_the_source_passes(cli: Any, files: dict[str, Path]) -> None:
     result = cli("audit", files["same"], "--source", files["source"], "--format", "json")
     assert result.returncode == 0, result.stderr
@@ -63,6 +62,7 @@ def test_a_quantized_file_is_held_to_the_quantized_limit_and_says_which() -> Non
     assert default_nmse_limit(None)[0] == default_nmse_limit(9999)[0] == MAX_NMSE  # unknown: the strict limit
 
 
+@pytest.mark.slow
 def test_a_q4_k_m_file_of_the_source_passes_with_its_limit_recorded(
     cli: Any, files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -81,6 +81,7 @@ def test_a_q4_k_m_file_of_the_source_passes_with_its_limit_recorded(
     assert strict.returncode == 1 and "max_nmse" in strict.stdout
 
 
+@pytest.mark.slow
 def test_a_file_from_another_source_fails_and_says_why(cli: Any, files: dict[str, Path]) -> None:
     result = cli("audit", files["same"], files["other"], "--source", files["source"])
     assert result.returncode == 1, result.stderr
@@ -102,6 +103,7 @@ def test_a_file_from_another_source_fails_and_says_why(cli: Any, files: dict[str
         (["{same}", "--source-bad"], "is neither a model folder nor a Hub repo id"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_exits_2(cli: Any, files: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("not a GGUF file")
@@ -119,6 +121,7 @@ def test_bad_input_exits_2(cli: Any, files: dict[str, Path], tmp_path: Path, arg
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_hub_stand_in_source_is_downloaded_pinned_and_compared(
     cli: Any, files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

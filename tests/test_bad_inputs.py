@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import ggufs_under, sigint_default, sigint_ignored, tree_digest
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def model(tiny_llama, tmp_path) -> Path:
@@ -62,6 +60,7 @@ def test_unsupported_architecture(cli, model, tmp_path):
     assert_clean_failure(result, tmp_path / "out", 2, "'TotallyNewForCausalLM' is not supported", "0.3.36")
 
 
+@pytest.mark.slow
 def test_unrecognised_bpe_pretokenizer_is_explained(cli, model_factory, tmp_path):
     model = model_factory("gpt2-bpe")
     before = tree_digest(model)
@@ -104,6 +103,7 @@ def _can_mount_tmpfs(path: Path) -> bool:
     return proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_disk_full_fails_cleanly(cli, model, tmp_path):
     small = tmp_path / "small-disk"
     if not _can_mount_tmpfs(small):
@@ -116,6 +116,7 @@ def test_disk_full_fails_cleanly(cli, model, tmp_path):
         subprocess.run(["umount", str(small)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_run_removes_temporary_files_and_next_run_starts_clean(model, tmp_path, cli, sig):
     outdir = tmp_path / "out"

@@ -92,6 +92,18 @@ models: [{repo: o/m, precisions: Q8_0, pairs: gpu}]
         ("version: 2\nmodels: [{repo: o/m, precisions: Q8_0, pairs: cpu}]", "version 2 is not supported"),
         ("models: [{repo: o/m, precisions: Q8_0, pairs: cpu}", "invalid YAML at line"),
         ("- a list", "expected `KEY: value` lines"),
+        (
+            "models: [{repo: o/m, precisions: Q8_0, pairs: cpu, fidelity-on: gpu}]",
+            r"models\[0\]\.fidelity-on: expected builder, check or auto, got 'gpu'",
+        ),
+        (
+            "defaults: {fidelity-on: true}\nmodels: [{repo: o/m, precisions: Q8_0, pairs: cpu}]",
+            "defaults.fidelity-on: expected builder, check or auto, got True",
+        ),
+        (
+            "models: [{repo: o/m, precisions: Q8_0, pairs: cpu, fidelity_on: check}]",
+            r"unknown key 'fidelity_on'. Did you mean 'fidelity-on'\?",
+        ),
     ],
 )
 def test_mistakes_are_reported_clearly(tmp_path, text, message):
@@ -102,3 +114,21 @@ def test_mistakes_are_reported_clearly(tmp_path, text, message):
 def test_a_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="missing configuration file"):
         load_batch(tmp_path / "nope.yaml")
+
+
+def test_fidelity_on_defaults_to_builder_and_a_model_overrides_the_defaults(tmp_path):
+    batch = load_batch(
+        write(
+            tmp_path,
+            """
+defaults: {precisions: Q8_0, pairs: [cpu, gpu], fidelity-on: Auto}
+models:
+  - repo: o/inherits
+  - {repo: o/builder, fidelity-on: builder}
+  - {repo: o/check, fidelity-on: CHECK}
+""",
+        )
+    )
+    assert [m.fidelity_on for m in batch.models] == ["auto", "builder", "check"]
+    plain = load_batch(write(tmp_path, "models: [{repo: o/m, precisions: Q8_0, pairs: cpu}]"))
+    assert plain.models[0].fidelity_on == "builder"

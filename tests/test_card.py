@@ -13,14 +13,8 @@ import pytest
 import yaml
 from conftest import tree_digest
 
-from cecai_converter.card import (
-    HUB_LICENSES,
-    card_front_matter,
-    files_table,
-    read_source_card,
-    render_card,
-    split_front_matter,
-)
+from cecai_converter.card import HUB_LICENSES, card_front_matter, files_table, render_card
+from cecai_converter.source_card import read_source_card, split_front_matter
 
 SHA = "ab" * 32
 
@@ -216,12 +210,12 @@ def test_unusable_front_matter_is_no_front_matter(tmp_path, text):
 
 
 def test_a_huge_readme_is_read_only_up_to_its_limit(tmp_path, monkeypatch):
-    from cecai_converter import card
+    from cecai_converter import source_card
 
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n" + "x" * 5_000_000)
     assert read_source_card(tmp_path) == {"license": "mit"}  # a long body after the front matter is fine
     # front matter that ends past the limit is never seen whole: no record (read in full, it would be {license: mit})
-    monkeypatch.setattr(card, "_MAX_README_BYTES", 64)
+    monkeypatch.setattr(source_card, "_MAX_README_BYTES", 64)
     (tmp_path / "README.md").write_text("---\nlicense: mit\nnote: " + "y" * 100 + "\n---\n# body\n")
     assert read_source_card(tmp_path) is None
 
@@ -276,6 +270,7 @@ def converted(tmp_path_factory, tiny_llama, cli):
     return model, out
 
 
+@pytest.mark.slow
 def test_card_of_a_real_conversion(converted, cli):
     model, out = converted
     before = tree_digest(model)
@@ -302,6 +297,7 @@ def test_card_of_a_real_conversion(converted, cli):
     assert "cecai-convert reproduce manifest.json --source MODEL_FOLDER\n" in card
 
 
+@pytest.mark.slow
 def test_card_is_made_from_the_records_when_the_source_is_gone(converted, cli, tmp_path):
     model, out = converted
     moved = tmp_path / "gone"
@@ -315,6 +311,7 @@ def test_card_is_made_from_the_records_when_the_source_is_gone(converted, cli, t
     assert (tmp_path / named).resolve() == (out / "manifest.json").resolve(), "a path that exists from the card"
 
 
+@pytest.mark.slow
 def test_card_refuses_to_write_into_the_source_folder(converted, cli):
     model, out = converted
     before = tree_digest(model)
@@ -330,9 +327,12 @@ def test_card_of_a_missing_manifest_is_a_usage_error(cli, tmp_path):
     assert "no manifest at" in result.stderr
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_card_as_readme(converted, tmp_path):
     """huggingface_hub.HfApi stand-in: the Hub is not reachable here."""
-    from cecai_converter.publish import CHECKSUMS_NAME, push_to_hub, release_notes
+    from cecai_converter.release.assets import CHECKSUMS_NAME
+    from cecai_converter.release.hub_push import push_to_hub
+    from cecai_converter.release.notes import release_notes
 
     _, out = converted
     calls: dict[str, Any] = {}
@@ -358,6 +358,7 @@ def test_push_to_hub_uploads_the_card_as_readme(converted, tmp_path):
     assert "| `tiny.q8_0.gguf` | Q8_0 |" in notes and "KLD ± SE" in notes
 
 
+@pytest.mark.slow
 def test_publish_hf_repo_pushes_the_card_fake_hub(converted, monkeypatch, capsys):
     """`publish --hf-repo` through the CLI; huggingface_hub.HfApi replaced by a fake (the Hub is not reachable)."""
     import huggingface_hub
@@ -385,3 +386,26 @@ def test_publish_hf_repo_pushes_the_card_fake_hub(converted, monkeypatch, capsys
     text = card.decode() if isinstance(card, bytes) else Path(card).read_text()
     assert _front(text)["license"] == "llama3.1"
     assert 'Llama.from_pretrained(repo_id="me/tiny-GGUF", filename="tiny.q8_0.gguf")' in text
+
+
+def test_the_card_shows_the_wider_error_and_who_measured() -> None:
+    """A budgeted record's error between chunks is wider than llama-perplexity's per-token one: the card shows it,
+    and says which runtime measured the numbers (the builder's, or the check job a published manifest names)."""
+    from cecai_converter.card import fidelity_measured_by, files_table
+
+    fid = {
+        "kld_mean": 0.05, "kld_mean_se": 0.0001, "top1_agreement": 0.9, "top1_agreement_se": 0.005,
+        "device": "cpu", "budget": {"kld_mean_se_chunks": 0.004, "top1_agreement_se_chunks": 0.001},
+    }  # fmt: skip
+    manifest = {"files": [{"name": "m.q4_k_m.gguf", "precision": "Q4_K_M", "bytes": 10, "fidelity": fid}]}
+    row = files_table(manifest, {})[2]
+    assert "5.00e-02 ± 4.00e-03" in row  # the chunks' error, the larger
+    assert "90.0% ± 0.5%" in row  # per-token error, the larger here
+    assert fidelity_measured_by(manifest) == "Fidelity measured on the builder (cpu)."
+    published = {
+        "files": [
+            {**manifest["files"][0], "fidelity": {**fid, "measured_by": {"pair": "GPU_LLM_LLAMA", "device": "cuda"}}}
+        ]
+    }
+    assert fidelity_measured_by(published) == "Fidelity measured on the GPU_LLM_LLAMA check (cuda)."
+    assert fidelity_measured_by({"files": [{"name": "x"}]}) is None

@@ -16,11 +16,10 @@ import pytest
 from conftest import CliResult, engine, tree_digest
 
 from cecai_converter.agreement import N_POSITIONS, REFERENCE_NAME, TOP_K, read_reference
-from cecai_converter.check import Limits, record_name
+from cecai_converter.check import Limits
 from cecai_converter.errors import ConfigError, UsageError
 from cecai_converter.pairs import PAIRS
-
-pytestmark = pytest.mark.slow
+from cecai_converter.records import record_name
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +44,7 @@ def record_of(folder: Path, pair: str = "CPU_LLM_LLAMA") -> dict:
     return json.loads((folder / record_name("tiny", PAIRS[pair])).read_text())
 
 
+@pytest.mark.slow
 def test_convert_writes_a_reference_for_every_file(made: Path) -> None:
     reference = read_reference(made / REFERENCE_NAME)
     manifest = json.loads((made / "manifest.json").read_text())
@@ -59,6 +59,7 @@ def test_convert_writes_a_reference_for_every_file(made: Path) -> None:
     assert reference["runtime"]["device"] == "cpu" and reference["runtime"]["machine"]
 
 
+@pytest.mark.slow
 def test_same_runtime_agrees_exactly_and_records_everything(
     made: Path, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:
@@ -81,6 +82,7 @@ def test_same_runtime_agrees_exactly_and_records_everything(
     assert tree_digest(made) == before  # the builder's files were not touched
 
 
+@pytest.mark.slow
 def test_a_runtime_that_disagrees_fails_with_the_file_the_pair_and_the_numbers(
     made: Path, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:
@@ -100,6 +102,7 @@ def test_a_runtime_that_disagrees_fails_with_the_file_the_pair_and_the_numbers(
     assert rows[q4]["agreement"]["kld_mean"] > 0.0001
 
 
+@pytest.mark.slow
 def test_altered_bytes_fail_the_check(made: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     files = copy_of(made, tmp_path)
     target = files / "tiny.q8_0.gguf"
@@ -112,6 +115,7 @@ def test_altered_bytes_fail_the_check(made: Path, tmp_path: Path, cli: Callable[
     assert record_of(files)["files"][0]["sha256_match"] is False
 
 
+@pytest.mark.slow
 def test_a_gpu_pair_on_a_cpu_only_runtime_fails_instead_of_checking_the_cpu(
     made: Path, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:
@@ -131,6 +135,7 @@ def test_a_gpu_pair_on_a_cpu_only_runtime_fails_instead_of_checking_the_cpu(
     assert record["passed"] and record["runtime"]["device"] == "cpu" and record["runtime"]["n_gpu_layers"] == 0
 
 
+@pytest.mark.slow
 def test_a_folder_without_a_reference_or_manifest_is_refused(
     made: Path, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:
@@ -162,6 +167,7 @@ def test_a_damaged_reference_is_a_clear_error(tmp_path: Path) -> None:
         read_reference(path)
 
 
+@pytest.mark.slow
 def test_an_up_to_date_rerun_keeps_the_reference(made: Path, tiny_llama: Path, cli: Callable[..., CliResult]) -> None:
     before = (made / REFERENCE_NAME).read_bytes()
     result = cli("convert", tiny_llama, "--precision", "Q8_0", "--precision", "Q4_K_M", "--outdir", made,
@@ -171,6 +177,7 @@ def test_an_up_to_date_rerun_keeps_the_reference(made: Path, tiny_llama: Path, c
     assert (made / REFERENCE_NAME).read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_run_without_a_reference_removes_one_of_other_bytes(
     made: Path, tmp_path: Path, cli: Callable[..., CliResult], model_factory: Callable[..., Path]
 ) -> None:
@@ -184,6 +191,7 @@ def test_a_run_without_a_reference_removes_one_of_other_bytes(
     assert result.returncode == 2 and "no runtime reference" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 @engine
 def test_check_in_the_cpu_image_keeps_the_files_read_only_and_writes_the_record_beside_them(

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cecai_converter import pipeline
 from cecai_converter.cli import main
 from cecai_converter.errors import VerificationFailed
-from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION, installed_runtime_version
+from cecai_converter.pipeline import checks
+from cecai_converter.runtime import installed_runtime_version
+from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_a_file_that_fails_verification_is_never_published(tiny_llama, tmp_path,
     def failing_load_check_many(paths, **kwargs):
         raise VerificationFailed(f"llama-cpp-python could not load {paths[0].name}")
 
-    monkeypatch.setattr(pipeline, "load_check_many", failing_load_check_many)
+    monkeypatch.setattr(checks, "load_check_many", failing_load_check_many)
     code = main(["convert", str(tiny_llama), "--precision", "Q4_K_M", "--outdir", str(tmp_path), "--no-fidelity"])
     assert code == 1
     assert "could not load" in capsys.readouterr().err

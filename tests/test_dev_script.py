@@ -9,7 +9,6 @@ import http.server
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_module, require_program
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "scripts" / "lib" / "dev_install.py"
@@ -87,10 +87,10 @@ def test_shell_scripts_parse(script: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shell_scripts_pass_shellcheck() -> None:
+    shellcheck = require_program("shellcheck", "shellcheck")
     proc = subprocess.run(
-        ["shellcheck", "dev", ".ci/run", "scripts/dev-clean.sh", "scripts/start-podman.sh", "actions/install.sh"],
+        [shellcheck, "dev", ".ci/run", "scripts/dev-clean.sh", "scripts/start-podman.sh", "actions/install.sh"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -186,7 +186,7 @@ def test_dry_run_falls_back_to_the_package_index_when_the_cpu_index_is_down(bare
 
 
 def test_an_installed_pin_is_left_alone() -> None:
-    pytest.importorskip("torch")
+    require_module("torch", "torch")
     proc = _helper("torch", "--dry-run")
     plan = json.loads(proc.stdout)
     assert plan["action"] == "present" and plan["command"] is None, plan

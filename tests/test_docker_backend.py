@@ -4,7 +4,8 @@
   here, so those are specification tests by name).
 * ``@pytest.mark.engine``: the real CPU image, built from images/Dockerfile on the engine ``DOCKER_HOST`` names
   (podman's Docker-compatible API in CI: ``bash scripts/start-podman.sh``), converting a small model. Skipped with a
-  reason when no engine answers, except under ``CECAI_REQUIRE_ENGINE=1`` (``./dev test``, CI), where they fail.
+  reason when no engine answers, except where ``CECAI_REQUIRE`` names ``engine`` (``./dev test``, CI), where they
+  fail.
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ import yaml
 from conftest import engine, sigint_default, tree_digest
 
 from cecai_converter import __version__
-from cecai_converter.backends.docker import (
+from cecai_converter.backends.container_spec import (
     CONTAINER_LABEL,
     DEFAULT_IMAGE_REPO,
     IMAGE_GID,
     IMAGE_UID,
-    ContainerFailed,
     ContainerSpec,
+    Mount,
+    container_spec,
+    default_image,
+)
+from cecai_converter.backends.docker import (
+    ContainerFailed,
     EngineUnreachable,
     ImageNotFound,
-    Mount,
     build_command_hint,
     check_readable,
     connect,
-    container_spec,
-    default_image,
     run_container,
     run_jobs,
     unreadable_paths,
@@ -378,6 +381,7 @@ def local_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes
     return _ggufs(converter)
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 @engine
 def test_engine_docker_backend_matches_local(cpu_image: str, local_reference: dict[str, bytes], tmp_path: Path) -> None:
@@ -402,6 +406,7 @@ def test_engine_docker_backend_matches_local(cpu_image: str, local_reference: di
     assert not _containers("tiny-llama"), "the container was removed"
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 @engine
 def test_engine_seed_script_converts_in_the_image(
@@ -443,6 +448,7 @@ def test_engine_image_missing(tmp_path: Path) -> None:
     assert not (converter / "outputs").exists(), "nothing ran"
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 @engine
 def test_engine_failing_container_status_reaches_the_caller(
@@ -472,6 +478,7 @@ def test_engine_failing_container_status_reaches_the_caller(
     assert info.value.exit_code == 2 and info.value.return_code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 @engine
 def test_engine_ctrl_c_removes_the_container(cpu_image: str, seed: Callable[[str], Path]) -> None:
@@ -510,7 +517,7 @@ def _killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[None]:
 
 
 def test_spec_convert_mounts_the_model_read_only_and_runs_non_root(tmp_path: Path) -> None:
-    from cecai_converter.backends.docker import convert_spec
+    from cecai_converter.backends.container_spec import convert_spec
     from cecai_converter.pairs import PAIRS
 
     model = tmp_path / "m"
@@ -534,6 +541,7 @@ def test_spec_convert_mounts_the_model_read_only_and_runs_non_root(tmp_path: Pat
     assert "org/repo" in hub.command and not any(m.target == "/job/model" for m in hub.mounts)
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 @engine
 def test_engine_convert_command_in_the_image_matches_local(

@@ -36,6 +36,7 @@ from cecai_converter.doctor import (
     parse_size,
     runners_table,
 )
+from cecai_converter.doctor.probes import check_compilers, check_gpu
 from cecai_converter.errors import UsageError
 from cecai_converter.pairs import PAIRS
 
@@ -141,11 +142,11 @@ def test_a_missing_compiler_is_named_with_the_error_it_gave(tmp_path: Path) -> N
     folder.mkdir()
     for tool in ("cc", "c++", "cmake"):  # no assembler: the compiler starts but cannot finish
         (folder / tool).symlink_to(shutil.which(tool) or tool)
-    finding = doctor.check_compilers({"PATH": str(folder)})
+    finding = check_compilers({"PATH": str(folder)})
     assert finding.status == "missing"
     assert "cannot compile a small C program" in finding.detail and "'as'" in finding.detail
     assert "build-essential" in finding.fix
-    assert doctor.check_compilers({"PATH": str(tmp_path / "empty")}).detail.startswith("no C (cc, gcc, clang")
+    assert check_compilers({"PATH": str(tmp_path / "empty")}).detail.startswith("no C (cc, gcc, clang")
 
 
 def test_github_format_turns_each_missing_piece_into_an_error_annotation(bare_bin: Path) -> None:
@@ -237,7 +238,7 @@ def fake_nvidia_smi(folder: Path, output: str, status: int = 0) -> Path:
 
 def test_gpu_visible_with_a_fake_nvidia_smi(tmp_path: Path) -> None:
     folder = fake_nvidia_smi(tmp_path / "bin", "GPU 0: NVIDIA H200 (UUID: GPU-0000)")
-    finding = doctor.check_gpu(PAIRS["GPU_LLM_LLAMA"], {"PATH": str(folder)})
+    finding = check_gpu(PAIRS["GPU_LLM_LLAMA"], {"PATH": str(folder)})
     assert (finding.status, finding.detail) == ("ok", "1 visible: GPU 0: NVIDIA H200 (UUID: GPU-0000)")
 
 
@@ -245,10 +246,10 @@ def test_gpu_missing_with_a_fake_failing_nvidia_smi_and_without_one(tmp_path: Pa
     folder = fake_nvidia_smi(
         tmp_path / "bin", "NVIDIA-SMI has failed because it couldn't communicate with the driver", 9
     )
-    finding = doctor.check_gpu(PAIRS["GPU_LLM_LLAMA"], {"PATH": str(folder)})
+    finding = check_gpu(PAIRS["GPU_LLM_LLAMA"], {"PATH": str(folder)})
     assert finding.status == "missing" and "couldn't communicate with the driver" in finding.detail
     assert "NVIDIA driver" in finding.fix and "gpu" in finding.fix  # the pair's labels
-    none = doctor.check_gpu(PAIRS["GPU_LLM_LLAMA"], {"PATH": str(tmp_path / "empty")})
+    none = check_gpu(PAIRS["GPU_LLM_LLAMA"], {"PATH": str(tmp_path / "empty")})
     assert "nvidia-smi is not on PATH" in none.detail
 
 

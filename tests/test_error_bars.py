@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import convert_to_f32
+from conftest import convert_to_f32, require_module
 
 from cecai_converter import fidelity
 
@@ -181,8 +181,8 @@ def perplexity_tool(llama_tools: Callable[..., dict[str, Path]]) -> Path:
 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    pytest.importorskip("torch")
+    llama_cpp = require_module("llama", "llama_cpp")
+    require_module("torch", "torch")
     from cecai_converter.modelgen import build_model
 
     root = tmp_path_factory.mktemp("error-bars")

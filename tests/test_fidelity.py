@@ -7,11 +7,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import convert_to_f32
+from conftest import convert_to_f32, require_module
 
 from cecai_converter import fidelity
 from cecai_converter.errors import ConfigError, ConverterError
-from cecai_converter.fidelity import MeasurementFailed, check_thresholds, measure
+from cecai_converter.fidelity import MeasurementFailed, check_thresholds, measure, measurement
 
 QUANTS = ("Q8_0", "Q4_K_M", "Q2_K")
 
@@ -30,8 +30,8 @@ def quantize(src: Path, dst: Path, precision: str, imatrix_data: object = None) 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random Llama (SentencePiece tokenizer) as F32 GGUF and three quantizations of it."""
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("torch")
+    require_module("llama", "llama_cpp")
+    require_module("torch", "torch")
     from cecai_converter.modelgen import build_model
 
     root = tmp_path_factory.mktemp("fidelity")
@@ -212,6 +212,6 @@ def test_thresholds_validation_and_edge_cases() -> None:
 
 
 def test_a_killed_worker_is_described() -> None:
-    error = fidelity._as_error("failed", "fidelity: evaluating X failed", "GGML_ASSERT(x) failed", "candidate")
+    error = measurement._as_error("failed", "fidelity: evaluating X failed", "GGML_ASSERT(x) failed", "candidate")
     assert isinstance(error, MeasurementFailed) and isinstance(error, ConverterError)
     assert "GGML_ASSERT" in error.message and error.exit_code == 1

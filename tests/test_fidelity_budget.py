@@ -134,9 +134,10 @@ def test_manifest_refuses_a_malformed_budget_naming_the_field() -> None:
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random Llama as F32 GGUF and two quantizations of it."""
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("torch")
-    from conftest import convert_to_f32
+    from conftest import convert_to_f32, require_module
+
+    require_module("llama", "llama_cpp")
+    require_module("torch", "torch")
     from test_fidelity import quantize
 
     from cecai_converter.modelgen import build_model
@@ -274,12 +275,48 @@ def test_a_link_planted_in_the_cache_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_damaged_cache_entry_is_made_again(tmp_path: Path) -> None:
-    from cecai_converter.fidelity import _cached_chunks
+    from cecai_converter.fidelity.cache import _CACHE_VERSION, _cached_chunks
 
     np.save(tmp_path / "base-0.npy", np.zeros((2, 2), dtype=np.float32))
     np.save(tmp_path / "base-nll-0.npy", np.zeros(2))
-    for meta in ("{not json", '{"version": 1, "n_ctx": "512", "n_vocab": 10, "n_chunks": 1}', "[]"):
+    good = f'{{"version": {_CACHE_VERSION}, "n_ctx": 512, "n_vocab": 10, "n_chunks": 3}}'
+    older = good.replace(f'"version": {_CACHE_VERSION}', f'"version": {_CACHE_VERSION - 1}')
+    for meta in ("{not json", good.replace("512", '"512"'), "[]", older):
         (tmp_path / "meta.json").write_text(meta)
         assert _cached_chunks(tmp_path) == (None, 0), meta  # the base worker tokenizes and evaluates again
-    (tmp_path / "meta.json").write_text('{"version": 1, "n_ctx": 512, "n_vocab": 10, "n_chunks": 3}')
+    (tmp_path / "meta.json").write_text(good)
     assert _cached_chunks(tmp_path)[1] == 1  # chunk 0 on disk, 1 and 2 still to evaluate
+
+
+def test_chunks_are_read_across_the_text_and_all_of_them_once() -> None:
+    for n in range(1, 40):
+        order = fidelity.spread_order(n)
+        assert sorted(order) == list(range(n)) and order[0] == 0
+    # the first four of 13 chunks reach every quarter of the text
+    assert sorted(fidelity.spread_order(13)[:4]) == [0, 3, 6, 9]
+
+
+def test_the_rule_holds_the_error_between_chunks() -> None:
+    """Positions that vary little inside a chunk but whose chunks differ (a passage's context moves them all):
+    the per-position error says the mean is known to a fraction of a percent, the chunks' spread says ±10 %."""
+    rng = np.random.default_rng(5)
+    per = 255
+    levels = rng.lognormal(np.log(0.05), 0.4, size=13)  # above the floor: the 10 % target decides
+    kld = np.concatenate([rng.normal(level, level * 0.1, per) for level in levels])
+    same = np.ones(kld.size, dtype=bool)
+    budget = fidelity.Budget()
+    between = fidelity.chunk_se(kld[: 4 * per], per)
+    assert between is not None and between > 5 * fidelity.mean_and_se(kld[: 4 * per])[1]
+    assert fidelity.chunk_se(kld[:per], per) is None  # one chunk has no spread between chunks
+    # without the chunk length the old rule stops at the fewest positions; with it, not before min_chunks, and only
+    # once the chunks' spread allows
+    assert fidelity.stop_reason(kld[: 2 * per], same[: 2 * per], budget) == "target"
+    assert fidelity.stop_reason(kld[: 2 * per], same[: 2 * per], budget, per_chunk=per) is None
+    stops = [k for k in range(1, 14) if fidelity.stop_reason(kld[: k * per], same[: k * per], budget, per_chunk=per)]
+    first = stops[0] if stops else 14
+    assert first >= budget.min_chunks
+    if stops:
+        se = fidelity.chunk_se(kld[: first * per], per)
+        assert se is not None and se <= budget.target * kld[: first * per].mean()
+    need = fidelity.tokens_needed(kld[: 2 * per], same[: 2 * per], budget, per_chunk=per)
+    assert need >= budget.min_chunks * per

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from conftest import CliResult
 
-from cecai_converter.check import record_name
 from cecai_converter.errors import ManifestError
 from cecai_converter.fsutil import sha256_file
 from cecai_converter.manifest import Manifest, load_manifest
+from cecai_converter.option_table import spec_of
 from cecai_converter.pairs import PAIRS
-from cecai_converter.publish import check_failures, fidelity_measured, release_manifest
-from cecai_converter.request import resolve, spec_of
+from cecai_converter.records import record_name
+from cecai_converter.release.manifests import check_failures, fidelity_measured, release_manifest
+from cecai_converter.request import resolve
 
 
 def test_fidelity_on_takes_builder_or_check_from_every_source() -> None:
@@ -125,7 +126,7 @@ def test_a_check_refuses_other_bytes_of_the_base(shipped: Path, cli: Callable[..
 
 
 def test_the_docker_check_passes_the_fidelity_mode_into_the_container(tmp_path: Path) -> None:
-    from cecai_converter.backends.docker import check_spec
+    from cecai_converter.backends.container_spec import check_spec
 
     def command(**kw: str) -> tuple[str, ...]:
         spec = check_spec(tmp_path, tmp_path / "r.check.json", pair=PAIRS["GPU_LLM_LLAMA"], uid_gid=(1, 1), **kw)

@@ -16,6 +16,7 @@ def gguf_file(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return convert_to_f32(tiny_llama, tmp_path_factory.mktemp("hdr") / "tiny.f32.gguf")
 
 
+@pytest.mark.slow
 def test_agrees_with_gguf_reader(gguf_file: Path) -> None:
     header = read_header(gguf_file)
     reader = GGUFReader(gguf_file)
@@ -27,6 +28,7 @@ def test_agrees_with_gguf_reader(gguf_file: Path) -> None:
     assert header.metadata["tokenizer.ggml.tokens"] is None  # arrays are skipped, not decoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.999])
 def test_truncated_files_are_refused(gguf_file: Path, tmp_path: Path, keep: float) -> None:
     cut = tmp_path / "cut.gguf"

@@ -15,7 +15,7 @@ import yaml
 from github_stand_in import FakeGitHubServer
 from test_publish import make_output
 
-from cecai_converter import gha
+from cecai_converter import gha, job_summary
 from cecai_converter.errors import ConfigError
 from cecai_converter.manifest import Manifest
 
@@ -87,7 +87,7 @@ def test_conversion_summary_table():
     # verify_s and fidelity_s are keyed by runtime label, as the pipeline writes them ("all" for one runtime)
     timings = {"convert_s": 2.0, "quantize_s": {"Q4_K_M": 3.0}, "verify_s": {"all": 1.5}, "fidelity_s": {"all": 4.4}}
     manifest = Manifest.from_dict({"schema": 1, "timings": {**timings, "total_s": 9}})
-    md = gha.conversion_summary(result, manifest, title="m (CPU_LLM_LLAMA)")
+    md = job_summary.conversion_summary(result, manifest, title="m (CPU_LLM_LLAMA)")
     assert "| File | Precision | Size | SHA-256 | Time |" in md
     assert "| `m.q8_0.gguf` | Q8_0 | 1.5 MB | `abababababab` | 2.0 s |" in md  # written by the converter
     assert "| `m.q4_k_m.gguf` | Q4_K_M | 900 B | `cdcdcdcdcdcd` | 3.0 s |" in md
@@ -98,7 +98,7 @@ def test_conversion_summary_table():
 
 def test_conversion_summary_names_each_runtime_verified_on():
     timings = {"verify_s": {"n_gpu_layers=0": 1.0, "n_gpu_layers=-1": 2.0}}
-    md = gha.conversion_summary({"files": []}, Manifest.from_dict({"schema": 1, "timings": timings}), title="t")
+    md = job_summary.conversion_summary({"files": []}, Manifest.from_dict({"schema": 1, "timings": timings}), title="t")
     assert "Verification (load and generate, every file): 1.0 s (n_gpu_layers=0), 2.0 s (n_gpu_layers=-1)." in md
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PARTS, require_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu]
 
@@ -25,7 +26,7 @@ def _gpu_runtime() -> bool:
 
 
 if not _gpu_runtime():
-    pytest.skip("needs a GPU and a CUDA build of llama-cpp-python (scripts/gpu-check.sh)", allow_module_level=True)
+    require_or_skip("gpu", f"this llama-cpp-python cannot offload to a GPU; the tests need {PARTS['gpu']}")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from conftest import ggufs_under, logged, tree_digest
 from github_stand_in import FakeGitHubServer
 from test_publish import REPO, TOKEN, make_output, publish
 
-from cecai_converter import gha
+from cecai_converter import gha, job_summary
 from cecai_converter.batch import load_batch
 from cecai_converter.config import load_converter_dir, load_yaml_mapping
 from cecai_converter.errors import ConfigError, UsageError
@@ -436,7 +436,9 @@ def test_runner_labels_may_not_end_in_a_newline(tmp_path):
 
 
 def test_summary_cells_stay_on_one_line():
-    md = gha.conversion_summary({"files": [{"name": "a\r\n::warning::x|y", "precision": "Q8_0"}]}, None, title="t")
+    md = job_summary.conversion_summary(
+        {"files": [{"name": "a\r\n::warning::x|y", "precision": "Q8_0"}]}, None, title="t"
+    )
     row = next(line for line in md.splitlines() if line.startswith("| `a"))
     assert "\r" not in row and "::warning::x\\|y" in row
 

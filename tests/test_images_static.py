@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from cecai_converter import __version__, images
-from cecai_converter.backends.docker import IMAGE_UID, default_image
+from cecai_converter.backends.container_spec import IMAGE_UID, default_image
 from cecai_converter.pairs import PAIRS, PairInfo
 from cecai_converter.toolchain import LLAMA_CPP_PYTHON_VERSION
 

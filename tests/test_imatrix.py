@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import io
-import shutil
 import struct
 import subprocess
 import tarfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import convert_to_f32, write_tiny_gguf
+from conftest import convert_to_f32, require_module, require_program, write_tiny_gguf
 
 from cecai_converter import imatrix, llama_tools, llama_vocab
 from cecai_converter.errors import ConversionFailed, ToolchainError, ToolNotFound, UsageError
@@ -119,7 +118,7 @@ def test_not_an_imatrix(tmp_path: Path) -> None:
 
 
 def test_load_for_quantize_builds_the_c_structures(tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require_module("llama", "llama_cpp")
     path = write_gguf_imatrix(
         tmp_path / "imx.gguf",
         {"b.weight": (np.full(256, 6.0), np.array([3.0])), "a.weight": (np.arange(4.0), np.array([1.0]))},
@@ -167,8 +166,7 @@ def test_missing_cmake_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_failed_build_says_what_it_builds_and_keeps_the_log_tail(tmp_path: Path) -> None:
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
+    require_program("cmake", "cmake")
     sdist = fake_sdist(tmp_path, 'cmake_minimum_required(VERSION 3.14)\nmessage(FATAL_ERROR "vendored tree broken")\n')
     said: list[str] = []
     with pytest.raises(ToolchainError, match="vendored tree broken") as info:
@@ -199,8 +197,7 @@ def test_build_progress_lines_are_read_from_cmake() -> None:
 
 
 def test_sdist_without_llama_cpp(tmp_path: Path) -> None:
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
+    require_program("cmake", "cmake")
     sdist = tmp_path / "llama_cpp_python-0.0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         member = tarfile.TarInfo("llama_cpp_python-0.0.0/setup.py")
@@ -245,7 +242,7 @@ def tools(llama_tools: Callable[..., dict[str, Path]]) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch")
+    require_module("torch", "torch")
     from cecai_converter.modelgen import build_model
 
     root = tmp_path_factory.mktemp("imatrix")

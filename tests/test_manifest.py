@@ -42,12 +42,13 @@ def with_entry(**changes: Any) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_a_real_conversion_manifest_round_trips_exactly(tiny_llama: Path, tmp_path: Path) -> None:
-    from cecai_converter import gha
+    from cecai_converter import job_summary
     from cecai_converter.output import Output
     from cecai_converter.pairs import PAIRS
-    from cecai_converter.pipeline import Job, Options, Target, run_job
+    from cecai_converter.pipeline import Job, Target, run_job
     from cecai_converter.precisions import parse_precisions
-    from cecai_converter.publish import release_manifest
+    from cecai_converter.release.manifests import release_manifest
+    from cecai_converter.request_options import Options
 
     outdir = tmp_path / "outputs" / "CPU_LLM_LLAMA"
     job = Job(
@@ -85,7 +86,7 @@ def test_a_real_conversion_manifest_round_trips_exactly(tiny_llama: Path, tmp_pa
     fidelity = manifest.seconds("fidelity_s")
     assert set(fidelity) == {"all"} and fidelity["all"] > 0
     result = {"files": [e.to_dict() for e in manifest.files]}
-    summary = gha.conversion_summary(result, manifest, title="m")
+    summary = job_summary.conversion_summary(result, manifest, title="m")
     line = "Verification and fidelity (one load of each new file: generate, then measure against the base)"
     assert f"{line}: {fidelity['all']:.1f} s." in summary
 
@@ -279,7 +280,7 @@ def test_any_json_is_refused_with_a_field_or_round_trips(data: object) -> None:
 
 
 def test_the_published_request_names_files_without_the_builders_folders() -> None:
-    from cecai_converter.publish import release_manifest
+    from cecai_converter.release.manifests import release_manifest
 
     request = {
         "values": {"eval_text": "/home/builder/secret/eval.txt", "imatrix": "/srv/x/m.imatrix.gguf", "threads": 4},

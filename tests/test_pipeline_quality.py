@@ -70,8 +70,9 @@ def test_each_runtime_verifies_and_measures_the_shared_files_itself(tiny_llama, 
 
     from cecai_converter.output import Output
     from cecai_converter.pairs import PAIRS
-    from cecai_converter.pipeline import Job, Options, Target, run_job
+    from cecai_converter.pipeline import Job, Target, run_job
     from cecai_converter.precisions import parse_precisions
+    from cecai_converter.request_options import Options
 
     cpu, gpu = tmp_path / "outputs" / "CPU_LLM_LLAMA", tmp_path / "outputs" / "GPU_LLM_LLAMA"
     err = io.StringIO()

@@ -11,7 +11,7 @@ from cecai_converter import cli
 from cecai_converter.batch import load_batch
 from cecai_converter.errors import ConfigError
 from cecai_converter.pairs import PAIRS
-from cecai_converter.plan import MAX_MATRIX_JOBS, build_matrix, build_plan
+from cecai_converter.plan import MAX_MATRIX_JOBS, build_matrix, build_plan, fidelity_plan
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -55,6 +55,7 @@ def test_one_entry_per_model_and_pair_with_its_runner_labels(tmp_path):
         "image": "",
         "max_kld": "",
         "min_top1": "",
+        "fidelity": "false",
     }
     assert by_id["local-one-cpu"]["revision"] == "" and by_id["local-one-cpu"]["source"] == "local"
 
@@ -74,6 +75,7 @@ def test_one_model_three_precisions_four_pairs_is_one_make_job_and_four_check_jo
             "precisions": "Q8_0 Q5_K_M Q4_K_M",
             "pairs": "CPU_LLM_LLAMA GPU_LLM_LLAMA ARM_LLM_LLAMA AGX_ORIN_LLM_LLAMA",
             "runner_labels": ["self-hosted", "linux", "X64"],
+            "fidelity_on": "builder",
         }
     ]
     checks = plan["check"]["include"]
@@ -161,3 +163,64 @@ def test_cli_json_format_and_pair_option(tmp_path, capsys):
 def test_cli_validation_error_exit_code(tmp_path, capsys):
     assert cli.main(["plan", str(write(tmp_path, "modles: []"))]) == 2
     assert "Did you mean 'models'?" in capsys.readouterr().err
+
+
+def fidelity_jobs(plan: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """model -> its make job's fidelity_on; check id -> its check job's fidelity input."""
+    make = {e["id"]: e["fidelity_on"] for e in plan["make"]["include"]}
+    return make, {e["id"]: e["fidelity"] for e in plan["check"]["include"]}
+
+
+FIDELITY_BATCH = """
+defaults: {precisions: Q8_0, pairs: [cpu, arm, gpu, agx-orin], fidelity-on: auto}
+models:
+  - {repo: o/gpus}                                    # auto, GPU pairs: check, measured on the first GPU pair
+  - {repo: o/cpus, pairs: [cpu, arm]}                 # auto, no GPU pair: builder
+  - {repo: o/forced, pairs: [arm, cpu], fidelity-on: check}   # check without a GPU pair: the first pair measures
+  - {repo: o/orin, pairs: [cpu, agx-orin, gpu]}       # the first GPU pair in the model's order
+  - {repo: o/here, fidelity-on: builder}
+"""
+
+
+def test_fidelity_on_auto_measures_on_the_first_gpu_pair_and_only_there(tmp_path):
+    plan = build_plan(load_batch(write(tmp_path, FIDELITY_BATCH)))
+    make, check = fidelity_jobs(plan)
+    assert make == {"gpus": "check", "cpus": "builder", "forced": "check", "orin": "check", "here": "builder"}
+    measuring = sorted(job for job, fidelity in check.items() if fidelity == "true")
+    assert measuring == ["forced-arm", "gpus-gpu", "orin-agx-orin"]
+    # Exactly one measuring check job per model that leaves fidelity to the checks, none for the others.
+    for model, where in make.items():
+        jobs = [job for job in check if job.startswith(f"{model}-")]
+        assert sum(check[job] == "true" for job in jobs) == (1 if where == "check" else 0), model
+    assert set(check.values()) == {"true", "false"}  # never "auto": the plan names the one runtime
+
+
+def test_fidelity_on_defaults_to_builder_and_no_check_job_measures(tmp_path):
+    plan = build_plan(load_batch(write(tmp_path, BATCH)))
+    make, check = fidelity_jobs(plan)
+    assert set(make.values()) == {"builder"} and set(check.values()) == {"false"}
+
+
+def test_fidelity_on_auto_follows_the_pairs_left_by_the_pair_filter(tmp_path):
+    batch = load_batch(write(tmp_path, "models: [{repo: o/m, precisions: Q8_0, pairs: [cpu, gpu], fidelity-on: auto}]"))
+    assert fidelity_jobs(build_plan(batch, ["cpu"])) == ({"m": "builder"}, {"m-cpu": "false"})
+    assert fidelity_jobs(build_plan(batch, ["gpu"])) == ({"m": "check"}, {"m-gpu": "true"})
+    assert fidelity_jobs(build_plan(batch)) == ({"m": "check"}, {"m-cpu": "false", "m-gpu": "true"})
+
+
+def test_fidelity_plan_directly():
+    cpu, gpu, arm, orin = (PAIRS[n] for n in ("CPU_LLM_LLAMA", "GPU_LLM_LLAMA", "ARM_LLM_LLAMA", "AGX_ORIN_LLM_LLAMA"))
+    assert fidelity_plan("builder", [cpu, gpu]) == ("builder", None)
+    assert fidelity_plan("auto", [cpu, arm]) == ("builder", None)
+    assert fidelity_plan("auto", [arm, orin, gpu]) == ("check", orin)
+    assert fidelity_plan("check", [arm, cpu]) == ("check", arm)
+    assert fidelity_plan("check", [cpu, gpu]) == ("check", gpu)
+
+
+def test_the_plan_output_carries_the_fidelity_keys(tmp_path, capsys):
+    assert cli.main(["plan", str(write(tmp_path, FIDELITY_BATCH))]) == 0
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    make = {e["id"]: e for e in json.loads(lines["make"])["include"]}
+    check = {e["id"]: e for e in json.loads(lines["check"])["include"]}
+    assert make["gpus"]["fidelity_on"] == "check" and check["gpus-gpu"]["fidelity"] == "true"
+    assert check["gpus-cpu"]["fidelity"] == "false"

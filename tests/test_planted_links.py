@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_tiny_gguf
+from conftest import require_module, run_cli, write_tiny_gguf
 
 from cecai_converter import fsutil
 from cecai_converter.cli import main
@@ -240,7 +240,7 @@ def report_manifest(folder: Path) -> Path:
 
 
 def test_planted_link_report_plot_refuses_a_linked_png(folder, outside, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib", "matplotlib")
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     manifest = report_manifest(tmp_path / "made")
     plots = tmp_path / "plots"
@@ -259,7 +259,7 @@ def test_planted_link_report_plot_refuses_a_linked_png(folder, outside, tmp_path
 
 
 def test_planted_link_signature_is_refused_before_signing(folder, outside, tmp_path):
-    pytest.importorskip("model_signing", reason="the `sign` extra is not installed")
+    require_module("signing", "model_signing")
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -296,7 +296,7 @@ def test_planted_link_gguf_is_refused_by_verify_and_report(folder, outside, tmp_
 
 
 def test_planted_link_gguf_is_refused_by_publish_as_a_loose_file(outside, folder):
-    from cecai_converter.publish import collect_assets
+    from cecai_converter.release.assets import collect_assets
 
     link = plant(folder / "tiny.q8_0.gguf", write_tiny_gguf(outside / "real.gguf", rows=8))
     with pytest.raises(SymlinkRefused, match="symbolic link"):

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 
 import pytest
+from conftest import require_module
 
 from cecai_converter.errors import ConfigError
 from cecai_converter.precisions import ALIASES, CONVERTER_OUTTYPES, PRECISIONS, parse_precision, parse_precisions
@@ -30,7 +31,7 @@ def test_ftypes_match_the_pinned_gguf_py():
 
 
 def test_ftypes_match_the_installed_runtime():
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require_module("llama", "llama_cpp")
     for info in PRECISIONS.values():
         const = "LLAMA_FTYPE_ALL_F32" if info.name == "F32" else f"LLAMA_FTYPE_MOSTLY_{info.name}"
         assert getattr(llama_cpp, const) == info.ftype, info.name

@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from conftest import ggufs_under, process_alive
 
-pytestmark = pytest.mark.slow
-
 _GATED_CONVERTER = textwrap.dedent(
     """
     import os, sys, time
@@ -93,6 +91,7 @@ def _start(model: Path, outdir: Path, env: dict[str, str], stderr: Path | None =
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 
 
+@pytest.mark.slow
 @needs_linux
 def test_sigkill_of_the_run_takes_the_converter_with_it_and_the_next_run_starts_clean(
     tiny_llama, tmp_path, cli, gated, reaper
@@ -158,6 +157,7 @@ def _wait_for_text(path: Path, text: str, proc: subprocess.Popen[str], timeout: 
     return content
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_waits_for_the_first_then_finds_the_work_done(
     tiny_llama, tmp_path, gated, reaper
 ):
@@ -179,6 +179,7 @@ def test_a_second_run_on_the_same_folder_waits_for_the_first_then_finds_the_work
     assert [p.name for p in ggufs_under(outdir)] == [f"{tiny_llama.name}.q8_0.gguf"]
 
 
+@pytest.mark.slow
 def test_a_second_run_gives_up_after_the_lock_timeout_with_exit_1(tiny_llama, tmp_path, gated, reaper):
     outdir = tmp_path / "out"
     first = _start(tiny_llama, outdir, gated.env)

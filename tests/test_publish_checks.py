@@ -16,10 +16,12 @@ from github_stand_in import FakeGitHubServer
 from test_publish import REPO, TOKEN, make_output
 
 from cecai_converter import cli
-from cecai_converter.check import CHECK_SCHEMA, record_name
 from cecai_converter.errors import ChecksFailed, UsageError
 from cecai_converter.pairs import PAIRS
-from cecai_converter.publish import CHECKSUMS_NAME, parse_checksums, publish_release, push_to_hub
+from cecai_converter.records import CHECK_SCHEMA, record_name
+from cecai_converter.release.assets import CHECKSUMS_NAME, parse_checksums
+from cecai_converter.release.hub_push import push_to_hub
+from cecai_converter.release.publish import publish_release
 
 
 def made(folder: Path) -> Path:

@@ -270,7 +270,7 @@ def test_an_override_reaches_the_file_the_manifest_the_card_and_reproduce(
     assert "`tiny.tensor-types.txt`" in text and "--tensor-type ffn_down=Q8_0 --tensor-type attn_v=Q8_0" in text
     assert "Tensor types as written:" in text
     # Publishing takes the map along, checked against the manifest.
-    from cecai_converter.publish import collect_assets
+    from cecai_converter.release.assets import collect_assets
 
     assets = {a.name: a.kind for a in collect_assets([out])}
     assert assets["tiny.tensor-types.txt"] == "tensor-types"

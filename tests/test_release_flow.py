@@ -15,7 +15,8 @@ from conftest import engine
 from github_stand_in import FakeGitHubServer
 from test_gha import ROOT, run_composite
 
-from cecai_converter.publish import CHECKSUMS_NAME, parse_checksums
+from cecai_converter.agreement import REFERENCE_NAME
+from cecai_converter.release.assets import CHECKSUMS_NAME, parse_checksums
 
 pytestmark = pytest.mark.slow
 TOKEN = "ghs_test_token"
@@ -60,7 +61,8 @@ def made(workspace: Path, tmp_path_factory: pytest.TempPathFactory, cli_on_path:
     (entry,) = json.loads(outputs["make"])["include"]
     make_ws = job_dir(workspace, tmp, "make")
     inputs = {"model": entry["model"], "revision": entry["revision"], "model-name": entry["name"],
-              "precisions": entry["precisions"], "outdir": f"out/{entry['id']}", "install": "false"}  # fmt: skip
+              "precisions": entry["precisions"], "outdir": f"out/{entry['id']}", "install": "false",
+              "fidelity-on": "check" if entry["fidelity_on"] == "check" else ""}  # fmt: skip
     result = run_composite(ROOT / "action.yml", inputs, make_ws, path_dir=cli_on_path)
     assert result["returncode"] == 0, result
     assert result["outputs"]["outdir"] == "out/tiny"
@@ -75,7 +77,7 @@ def run_check(entry: dict, artifact: Path, tmp_path: Path, cli_on_path: Path, **
     ws.mkdir()
     shutil.copytree(artifact, ws / "files")  # download-artifact
     inputs = {"path": "files", "pair": entry["pair"], "backend": entry["backend"], "image": entry["image"],
-              "max-kld": entry["max_kld"], "min-top1": entry["min_top1"],
+              "max-kld": entry["max_kld"], "min-top1": entry["min_top1"], "fidelity": entry["fidelity"],
               "record": f"checks/{entry['id']}.check.json", "install": "false", **extra}  # fmt: skip
     result = run_composite(action("check"), inputs, ws, path_dir=cli_on_path)
     result["record_path"] = ws / "checks" / f"{entry['id']}.check.json"
@@ -133,11 +135,18 @@ def test_a_check_that_disagrees_leaves_the_release_a_draft(
 ) -> None:
     plan, artifact = made
     (entry,) = json.loads(plan["check"])["include"]
-    # A limit below what the runtimes measure: identical runtimes agree to ~1e-15, so ask for less than nothing.
-    result = run_check({**entry, "min_top1": "1", "max_kld": "0"}, artifact, tmp_path, cli_on_path)
+    # One runtime on one machine agrees with itself exactly, so the disagreement is planted in the reference the
+    # check job downloads: the Q4_K_M file's rows are what the Q8_0 file predicts (its own sha256 kept), as a
+    # runtime that computes other numbers would see it. The limits ask for less than nothing on top.
+    altered = tmp_path / "altered" / artifact.name
+    shutil.copytree(artifact, altered)
+    ref = json.loads((altered / REFERENCE_NAME).read_text())
+    q8, q4 = "tiny.q8_0.gguf", "tiny.q4_k_m.gguf"
+    ref["files"][q4] = {**ref["files"][q8], "sha256": ref["files"][q4]["sha256"]}
+    (altered / REFERENCE_NAME).write_text(json.dumps(ref))
+    result = run_check({**entry, "min_top1": "1", "max_kld": "0"}, altered, tmp_path, cli_on_path)
     record = json.loads(result["record_path"].read_text())
-    if record["passed"]:  # KL-divergence exactly 0 everywhere: alter the reference instead
-        pytest.skip("the runtimes agreed exactly; test_check.py covers a disagreeing reference")
+    assert record["passed"] is False, record
     assert result["returncode"] == 1
     assert "::error title=cecai-converter%3A check failed::" in result["stdout"]
     checks = tmp_path / "checks-artifacts"

@@ -32,7 +32,7 @@ def made(tmp_path_factory, tiny_llama, cli) -> tuple[Path, Path]:
 def _published(out: Path, dest: Path) -> Path:
     """The manifest as `publish` writes it: no host paths."""
     from cecai_converter.manifest import load_manifest
-    from cecai_converter.publish import release_manifest
+    from cecai_converter.release.manifests import release_manifest
 
     data = release_manifest(load_manifest(out / "manifest.json"), [])
     as_dict: dict[str, Any] = data.to_dict() if hasattr(data, "to_dict") else dict(data)
@@ -51,6 +51,7 @@ def _edited(out: Path, dest: Path, **changes: Any) -> Path:
     return dest / "manifest.json"
 
 
+@pytest.mark.slow
 def test_an_unchanged_source_rebuilds_every_file_to_the_recorded_bytes(made, cli, tmp_path):
     model, out = made
     outputs_before, source_before = tree_digest(out), tree_digest(model)
@@ -66,6 +67,7 @@ def test_an_unchanged_source_rebuilds_every_file_to_the_recorded_bytes(made, cli
     assert tree_digest(model) == source_before
 
 
+@pytest.mark.slow
 def test_a_published_manifest_needs_the_source_folder_and_then_reproduces(made, cli, tmp_path):
     model, out = made
     published = _published(out, tmp_path / "release")
@@ -80,6 +82,7 @@ def test_a_published_manifest_needs_the_source_folder_and_then_reproduces(made, 
     assert data["workdir"] is None  # a temporary folder, removed
 
 
+@pytest.mark.slow
 def test_a_changed_source_names_the_file_and_the_input(made, cli, tmp_path):
     from cecai_converter.modelgen import build_model
 
@@ -93,6 +96,7 @@ def test_a_changed_source_names_the_file_and_the_input(made, cli, tmp_path):
     assert "config.json changed" not in result.stdout  # only the files that differ are named
 
 
+@pytest.mark.slow
 def test_another_toolchain_pin_is_refused_before_any_work(made, cli, tmp_path):
     _, out = made
     manifest = _edited(out, tmp_path / "old", toolchain={"llama_cpp_python": "0.2.90", "sdist_sha256": "0" * 64})
@@ -102,6 +106,7 @@ def test_another_toolchain_pin_is_refused_before_any_work(made, cli, tmp_path):
     assert "install the cecai-converter release that pins llama-cpp-python 0.2.90" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_recorded_imatrix_must_be_found_and_match(made, cli, tmp_path):
     _, out = made
     record = {"file": "tiny.imatrix.gguf", "sha256": "0" * 64, "source": "given", "entries": 1}
@@ -116,6 +121,7 @@ def test_a_recorded_imatrix_must_be_found_and_match(made, cli, tmp_path):
     assert "the manifest records 0000000000000000" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_workdir_must_be_fresh(made, cli, tmp_path):
     _, out = made
     (tmp_path / "busy").mkdir()
@@ -126,6 +132,7 @@ def test_the_workdir_must_be_fresh(made, cli, tmp_path):
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine\n"
 
 
+@pytest.mark.slow
 def test_the_workdir_is_never_in_the_outputs_or_the_source(made, cli, tmp_path):
     model, out = made
     outputs_before, source_before = tree_digest(out), tree_digest(model)
@@ -146,6 +153,7 @@ def test_the_workdir_is_never_in_the_outputs_or_the_source(made, cli, tmp_path):
     assert tree_digest(model) == source_before
 
 
+@pytest.mark.slow
 def test_an_imatrix_name_that_is_a_path_is_refused_and_nothing_is_written(made, cli, tmp_path):
     _, out = made
     (tmp_path / "pwned.dat").write_bytes(b"matrix")
@@ -158,6 +166,7 @@ def test_an_imatrix_name_that_is_a_path_is_refused_and_nothing_is_written(made, 
     assert not (tmp_path / "w1").exists()
 
 
+@pytest.mark.slow
 def test_a_wrong_imatrix_next_to_the_manifest_is_named_with_both_hashes(made, cli, tmp_path):
     _, out = made
     record = {"file": "tiny.imatrix.gguf", "sha256": "0" * 64, "source": "given", "entries": 1}

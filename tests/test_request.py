@@ -13,13 +13,15 @@ from typing import Any
 import pytest
 import yaml
 
-from cecai_converter import request as request_mod
+from cecai_converter import option_table
 from cecai_converter.backends import BACKENDS, default_backend
 from cecai_converter.cli import build_parser, main
 from cecai_converter.config import OPTIONAL_KEYS, group_jobs, load_converter_dir
 from cecai_converter.errors import ConfigError, UsageError
+from cecai_converter.option_table import OPTIONS, SOURCES, spec_of
 from cecai_converter.pairs import PAIRS
-from cecai_converter.request import OPTIONS, SOURCES, Request, gpu_layers, resolve, spec_of
+from cecai_converter.request import REQUEST_ENV, Request, resolve
+from cecai_converter.runtime import gpu_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path("/cfg/configurations")  # YAML paths are relative to it (never read here)
@@ -285,7 +287,7 @@ def test_one_list_and_one_default_of_backends(tmp_path: Path, capsys: pytest.Cap
     for command in ("run", "convert"):
         (backend,) = [a for a in sub.choices[command]._actions if "--backend" in a.option_strings]
         assert tuple(backend.choices) == BACKENDS and backend.default is None, "the handler asks backends.py"
-    assert request_mod.REQUEST_ENV == "CECAI_REQUEST"
+    assert REQUEST_ENV == "CECAI_REQUEST"
 
 
 @pytest.mark.slow
@@ -311,8 +313,8 @@ def test_a_real_run_records_the_sources_in_its_manifest(cli: Any, tiny_llama: Pa
 
 def test_docs_options_table_is_current() -> None:
     text = (ROOT / "docs" / "options.md").read_text()
-    table = text[text.index(request_mod.DOC_BEGIN) + len(request_mod.DOC_BEGIN) : text.index(request_mod.DOC_END)]
-    assert table.strip() == request_mod.markdown_table(), "regenerate the table from request.markdown_table()"
+    table = text[text.index(option_table.DOC_BEGIN) + len(option_table.DOC_BEGIN) : text.index(option_table.DOC_END)]
+    assert table.strip() == option_table.markdown_table(), "regenerate the table from option_table.markdown_table()"
 
 
 def test_request_flag_refuses_other_options_and_names_a_missing_source(

@@ -212,7 +212,7 @@ def _verify_step(job: str = "check") -> Mapping[str, Any]:
 def test_the_workflow_pulls_the_images_of_its_own_repository(tmp_path, workflow_repository, image_owner, image_repo):
     """The verify step (run as the runner would) sets CECAI_IMAGE_REPO from job.workflow_repository, or image-owner;
     the docker backend then pulls that repository's tag for the pair."""
-    from cecai_converter.backends.docker import default_image
+    from cecai_converter.backends.container_spec import default_image
     from cecai_converter.pairs import PAIRS
 
     (tmp_path / SELF).mkdir()

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tree_digest
+from conftest import require_module, run_cli, tree_digest
 
 from cecai_converter import signing
 from cecai_converter.errors import ToolNotFound, UsageError, VerificationFailed
 from cecai_converter.fsutil import LOCK_NAME, STAGING_PREFIX
 from cecai_converter.signing import GITHUB_OIDC_ISSUER, SIGNATURE_NAME
 
-pytest.importorskip("model_signing", reason="the `sign` extra is not installed: pip install -e '.[dev]'")
+require_module("signing", "model_signing")
 
 #: Every ambient-credential detector of Sigstore's `id` package switched off (an empty value reads as unset).
 NO_CI = {

@@ -187,7 +187,8 @@ def test_card_and_report_show_the_projector_or_the_text_only_choice() -> None:
 
 
 def test_publish_collects_the_projector_files_as_release_assets(tmp_path: Path) -> None:
-    from cecai_converter.publish import collect_assets, release_manifest
+    from cecai_converter.release.assets import collect_assets
+    from cecai_converter.release.manifests import release_manifest
 
     (tmp_path / "m.q8_0.gguf").write_bytes(b"text model")
     (tmp_path / "mmproj-m-f16.gguf").write_bytes(b"projector")

@@ -101,7 +101,7 @@ def default_images(root: Path = ROOT) -> dict[str, str]:
     src = str(root / "src")
     sys.path.insert(0, src)
     try:
-        from cecai_converter.backends.docker import default_image
+        from cecai_converter.backends.container_spec import default_image
         from cecai_converter.pairs import PAIRS
     except ImportError as exc:
         raise ReleaseError(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -35,8 +34,12 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, TypeGuard
 
 from .errors import AgreementFailed, BadReference, ConfigError, GGUFHeaderError, WorkerFailed
+from .fidelity import bos_token, default_eval_text, generation_speed, log_softmax_rows
 from .gguf_header import read_header
-from .tools import WorkerUsage, run_worker, runtime_env, runtime_name, serve_job
+from .names import show
+from .runtime import gpu_offload, runtime_env, runtime_facts
+from .tools import WorkerUsage, run_worker, serve_job
+from .untrusted_json import load_bounded_file
 
 __all__ = [
     "N_POSITIONS",
@@ -49,7 +52,6 @@ __all__ = [
     "compare",
     "make_reference",
     "read_reference",
-    "runtime_facts",
 ]
 
 #: The reference's file name in an outputs folder.
@@ -75,19 +77,6 @@ TOP_K: Final = 32
 _TAIL_FLOOR: Final = 1e-12
 
 
-def runtime_facts(n_gpu_layers: int) -> dict[str, Any]:
-    """What this machine's runtime is: device (cpu|cuda), CPU architecture, llama-cpp-python version, offload."""
-    import llama_cpp
-
-    return {
-        "device": runtime_name(n_gpu_layers),
-        "machine": platform.machine(),
-        "llama_cpp_python": llama_cpp.__version__,
-        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-        "n_gpu_layers": n_gpu_layers,
-    }
-
-
 def read_reference(path: Path) -> dict[str, Any]:
     """A reference written by :func:`make_reference`, checked before any work (it may come from anywhere).
 
@@ -101,7 +90,6 @@ def read_reference(path: Path) -> dict[str, Any]:
         ConfigError: missing.
         BadReference: unreadable, too large, or a field out of shape or range (the message names the field).
     """
-    from .untrusted_json import load_bounded_file
 
     try:
         data = load_bounded_file(
@@ -129,7 +117,6 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 def _check_reference(data: object, path: Path) -> None:
     """Raise :class:`BadReference` naming the first field of ``data`` out of shape or range."""
-    from .names import show
 
     def refuse(field: str, why: str) -> NoReturn:
         raise BadReference(f"{path}: {field}: {why}", hint=_BAD_HINT)
@@ -277,8 +264,6 @@ def make_reference(
     Returns:
         ``{schema, tokens, top_k, runtime, files: {name: {sha256?, ids, logprobs}}}``; the caller adds sha256.
     """
-    from .fidelity import default_eval_text
-
     if not files:
         return {"schema": REFERENCE_SCHEMA, "tokens": [], "top_k": TOP_K, "files": {}}
     first = next(iter(files.values()))
@@ -432,19 +417,15 @@ def _n_ctx(model: str) -> int:
 
 def _layers(model: str, n_gpu_layers: int) -> tuple[int, int]:
     """(offloaded, total) as llama.cpp counts them: the repeating blocks plus the output layer."""
-    import llama_cpp
-
     header = read_header(Path(model))
     arch = header.metadata.get("general.architecture", "")
     total = int(header.metadata.get(f"{arch}.block_count", 0) or 0) + 1
-    if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+    if n_gpu_layers == 0 or not gpu_offload():
         return 0, total
     return (total if n_gpu_layers < 0 else min(n_gpu_layers, total)), total
 
 
 def _tokenize(job: Mapping[str, Any]) -> dict[str, Any]:
-    from .fidelity import bos_token
-
     n_ctx = _n_ctx(job["model"])
     llm = _load(job["model"], n_ctx, job, logits_all=False, vocab_only=True)
     text = Path(job["text"]).read_text(encoding="utf-8")
@@ -458,8 +439,6 @@ def _tokenize(job: Mapping[str, Any]) -> dict[str, Any]:
 
 def _logprobs(job: Mapping[str, Any]) -> tuple[Any, Any, float]:
     """Load the model, evaluate the job's tokens once; (llm, log-probabilities per position, seconds)."""
-    from .fidelity import log_softmax_rows
-
     tokens = list(job["tokens"])
     llm = _load(job["model"], max(len(tokens), 8), job, logits_all=True)
     t0 = time.perf_counter()
@@ -480,8 +459,6 @@ def _reference(job: Mapping[str, Any]) -> dict[str, Any]:
 
 def _compare(job: Mapping[str, Any]) -> dict[str, Any]:
     import numpy as np
-
-    from .fidelity import generation_speed, log_softmax_rows
 
     tokens = [int(t) for t in job["tokens"]]
     if not MIN_TOKENS <= len(tokens) <= N_POSITIONS:  # the parent checked it; the worker's memory depends on it

@@ -13,9 +13,13 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import EXIT_FAILED, EXIT_OK, UsageError
+from .errors import EXIT_FAILED, EXIT_OK, GGUFHeaderError, UsageError
+from .gguf_header import read_header
 from .names import show
 from .output import Output
+from .precisions import PRECISIONS
+from .source import check_repo_id, fetch_from_hub, looks_like_repo_id
+from .source_parity import MAX_NMSE, check_source, summary
 
 __all__ = ["MAX_NMSE_QUANTIZED", "default_nmse_limit", "register"]
 
@@ -31,7 +35,6 @@ def resolve_source(text: str, out: Output) -> tuple[Path, dict[str, Any]]:
     Raises:
         UsageError: neither an existing folder nor a valid repo id; a Hub repository or revision that does not exist.
     """
-    from .source import check_repo_id, fetch_from_hub, looks_like_repo_id
 
     folder = Path(text).expanduser()
     if folder.is_dir():
@@ -65,8 +68,6 @@ def default_nmse_limit(file_type: object) -> tuple[float, str]:
     Float files (F32, F16, BF16) and Q8_0 are held to the conversion limit (:data:`source_parity.MAX_NMSE`); files
     quantized further to :data:`MAX_NMSE_QUANTIZED`. An unknown type gets the conversion limit (the strict one).
     """
-    from .precisions import PRECISIONS
-    from .source_parity import MAX_NMSE
 
     info = next((p for p in PRECISIONS.values() if isinstance(file_type, int) and p.ftype == file_type), None)
     if info is None or info.is_float or info.name == "Q8_0":
@@ -76,8 +77,6 @@ def default_nmse_limit(file_type: object) -> tuple[float, str]:
 
 
 def _file_type(path: Path) -> object:
-    from .errors import GGUFHeaderError
-    from .gguf_header import read_header
 
     try:
         return read_header(path).metadata.get("general.file_type")
@@ -86,7 +85,6 @@ def _file_type(path: Path) -> object:
 
 
 def _cmd_audit(args: argparse.Namespace, out: Output) -> int:
-    from .source_parity import check_source, summary
 
     files: list[Path] = list(args.files)
     for path in files:

@@ -5,6 +5,7 @@ A release workflow reads it through ``cecai-convert plan`` and fans the work out
     defaults:                      # optional; every model inherits these
       precisions: [Q8_0, Q4_K_M]
       pairs: [CPU_LLM_LLAMA, GPU_LLM_LLAMA]
+      fidelity-on: auto            # builder (default), check, or auto (check when a pair has a GPU)
     runner-labels:                 # optional; replaces a pair's default runner labels
       GPU_LLM_LLAMA: [self-hosted, linux, X64, gpu, cuda-12]
     models:
@@ -14,6 +15,7 @@ A release workflow reads it through ``cecai-convert plan`` and fans the work out
       - path: models/my-finetune                  # ... or a folder, relative to this file
         name: my-finetune                         # optional; the stem of every output file
         pairs: [cpu, arm]
+        fidelity-on: builder                      # optional; overrides defaults
 
 Every key is checked: an unknown key is an error that names the closest known one, like the Converter configuration
 (:mod:`cecai_converter.config`).
@@ -34,12 +36,13 @@ from .backends import BACKENDS, RELEASE_CHECK_BACKEND
 from .config import load_yaml_mapping
 from .errors import ConfigError, UsageError
 from .names import check_stem, control_character, show
-from .pairs import PAIRS, PairInfo, parse_pair
+from .pairs import DEFAULT_PAIR, PAIRS, PairInfo, parse_pair
 from .precisions import PrecisionInfo, parse_precisions
 
 __all__ = [
     "CHECK_KEYS",
     "DEFAULTS_KEYS",
+    "FIDELITY_ON_CHOICES",
     "MODEL_KEYS",
     "TOP_KEYS",
     "Batch",
@@ -55,7 +58,7 @@ TOP_KEYS: Final[Mapping[str, str]] = {
     "defaults": "precisions and pairs every model inherits",
     "runner-labels": "pair -> list of runner labels, replacing that pair's defaults",
     "builder-labels": "runner labels of the make jobs, which convert and quantize once per model (default: the "
-    "CPU_LLM_LLAMA labels)",
+    f"{DEFAULT_PAIR} labels)",
     "check": "how each pair's runtime checks the files: backend, images, limits (see CHECK_KEYS)",
     "models": "the list of models to convert",
 }
@@ -74,6 +77,8 @@ CHECK_PAIR_KEYS: Final[Mapping[str, str]] = {
 DEFAULTS_KEYS: Final[Mapping[str, str]] = {
     "precisions": "one llama.cpp type or a list of them",
     "pairs": "one pair or a list of them (CPU_LLM_LLAMA or cpu, ...)",
+    "fidelity-on": "where each file's fidelity is measured: builder (the make job; default), check (one check job, "
+    "on its pair's runtime) or auto (check when one of the model's pairs offloads to a GPU, else builder)",
 }
 #: Keys of one entry under ``models``.
 MODEL_KEYS: Final[Mapping[str, str]] = {
@@ -83,7 +88,11 @@ MODEL_KEYS: Final[Mapping[str, str]] = {
     "name": "the stem of every output file (default: the last part of repo or path)",
     "precisions": "overrides defaults.precisions",
     "pairs": "overrides defaults.pairs",
+    "fidelity-on": "overrides defaults.fidelity-on",
 }
+#: ``fidelity-on``: where the files' fidelity is measured; ``auto`` is resolved per model by :mod:`.plan`, from the
+#: pairs it plans.
+FIDELITY_ON_CHOICES: Final = ("builder", "check", "auto")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -101,6 +110,7 @@ class BatchModel:
         revision: the Hub revision, if given.
         precisions: the requested types, in the user's order.
         pairs: the pairs to convert for, in the user's order.
+        fidelity_on: ``builder``, ``check`` or ``auto`` (see :data:`FIDELITY_ON_CHOICES`).
     """
 
     name: str
@@ -109,6 +119,7 @@ class BatchModel:
     revision: str | None
     precisions: tuple[PrecisionInfo, ...]
     pairs: tuple[PairInfo, ...]
+    fidelity_on: str = "builder"
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ class Batch:
     path: Path
     models: tuple[BatchModel, ...]
     runner_labels: Mapping[str, tuple[str, ...]]
-    builder_labels: tuple[str, ...] = PAIRS["CPU_LLM_LLAMA"].runner_labels
+    builder_labels: tuple[str, ...] = PAIRS[DEFAULT_PAIR].runner_labels
     checks: Mapping[str, PairCheck] = field(default_factory=lambda: {name: PairCheck() for name in PAIRS})
     max_kld: float | None = None
     min_top1: float | None = None
@@ -258,6 +269,17 @@ def _parse_check(value: object, where: str) -> tuple[dict[str, PairCheck], float
     )
 
 
+def _fidelity_on(value: object, where: str) -> str:
+    choice = value.strip().lower() if isinstance(value, str) else None
+    if choice not in FIDELITY_ON_CHOICES:
+        raise ConfigError(
+            f"{where}: expected {', '.join(FIDELITY_ON_CHOICES[:-1])} or {FIDELITY_ON_CHOICES[-1]}, got {show(value)}",
+            hint="builder: the make job measures every file; check: one check job measures them on its pair's "
+            "runtime (a GPU pair's first); auto: check when one of the model's pairs offloads to a GPU, else builder",
+        )
+    return str(choice)
+
+
 def _local_model(value: str, base_dir: Path, where: str) -> str:
     posix = PurePosixPath(value.replace("\\", "/"))
     if posix.is_absolute() or ".." in posix.parts:
@@ -322,6 +344,7 @@ def _parse_model(
             f"{here} ({name}): no pairs",
             hint=f"set `pairs:` on the model or under `defaults:`; known pairs: {', '.join(PAIRS)}",
         )
+    fidelity_on_raw = data.get("fidelity-on", defaults.get("fidelity-on"))
     return BatchModel(
         name=name,
         source=source,
@@ -329,6 +352,7 @@ def _parse_model(
         revision=revision,
         precisions=parse_precisions(precisions_raw, where=f"{here}.precisions"),
         pairs=_parse_pairs(pairs_raw, f"{here}.pairs"),
+        fidelity_on="builder" if fidelity_on_raw is None else _fidelity_on(fidelity_on_raw, f"{here}.fidelity-on"),
     )
 
 
@@ -350,11 +374,13 @@ def parse_batch(data: Mapping[str, Any], path: Path) -> Batch:
         parse_precisions(defaults["precisions"], where=f"{where}: defaults.precisions")
     if "pairs" in defaults:
         _parse_pairs(defaults["pairs"], f"{where}: defaults.pairs")
+    if defaults.get("fidelity-on") is not None:
+        _fidelity_on(defaults["fidelity-on"], f"{where}: defaults.fidelity-on")
     runner_labels = _parse_runner_labels(data.get("runner-labels"), f"{where}: runner-labels")
     builder_labels = (
-        _labels(data["builder-labels"], f"{where}: builder-labels", PAIRS["CPU_LLM_LLAMA"].runner_labels)
+        _labels(data["builder-labels"], f"{where}: builder-labels", PAIRS[DEFAULT_PAIR].runner_labels)
         if data.get("builder-labels") is not None
-        else runner_labels["CPU_LLM_LLAMA"]
+        else runner_labels[DEFAULT_PAIR]
     )
     checks, max_kld, min_top1 = _parse_check(data.get("check"), f"{where}: check")
     raw_models = data.get("models")

@@ -2,12 +2,8 @@
 
 What the card says comes only from records: the manifest (source, toolchain, imatrix, files, fidelity), the source
 model's own card as read at conversion time (``source.card``: license, ``base_model``, the license file's name and
-hash; see :func:`read_source_card`) and, when given, the check records of each pair. Nothing is invented: a license
-the records do not carry is reported as unknown and left out of the front matter.
-
-The source's README is hostile input like any other file of a model folder: it is read up to a size limit, its
-front matter parsed with ``yaml.safe_load`` (no object construction), and only a few top-level string fields are
-kept, bounded and stripped of control characters, so a YAML alias bomb is never walked.
+hash; see :func:`cecai_converter.source_card.read_source_card`) and, when given, the check records of each pair.
+Nothing is invented: a license the records do not carry is reported as unknown and left out of the front matter.
 """
 
 from __future__ import annotations
@@ -24,28 +20,28 @@ import yaml
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import atomic_write_text, sha256_file, write_target
+from .fsutil import atomic_write_text, write_target
+from .manifest import MANIFEST_NAME, Manifest, fidelity_error, load_manifest
 from .markdown import code, code_block, inline
+from .multimodal import describe_kinds
 from .output import decimal_size
 from .pairs import PAIRS
-from .quant_types import types_markdown
+from .parity_record import summary
+from .quant_types import recorded_tensor_types, types_markdown
+from .records import CheckRecord, CheckRow, read_records
+from .source_card import CARD_NAME, RELATIONS, REPO_ID
 
 __all__ = [
-    "CARD_NAME",
     "HUB_LICENSES",
     "card_front_matter",
     "checks_by_pair",
+    "fidelity_measured_by",
     "files_table",
     "hub_card",
     "load_manifest_file",
-    "read_source_card",
     "render_card",
-    "source_card_field",
-    "split_front_matter",
     "write_card",
 ]
-
-CARD_NAME: Final = "README.md"
 
 #: The license identifiers the Hugging Face Hub knows (its model-card ``license:`` list). Anything else is
 #: published as ``license: other`` with ``license_name`` / ``license_link``, as the Hub asks.
@@ -63,28 +59,11 @@ HUB_LICENSES: Final = frozenset({
     "llama3.2", "llama3.3", "llama4", "gemma", "unknown", "other",
 })  # fmt: skip
 
-#: How much of the source's README is read: front matter sits at the top, and a card is never this large.
-_MAX_README_BYTES: Final = 256 * 1024
-_MAX_FRONT_MATTER_CHARS: Final = 64 * 1024
-_MAX_FIELD_CHARS: Final = 200
-_MAX_LICENSE_FILES: Final = 4
-_REPO_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_LICENSE_FILE: Final = re.compile(r"^(LICEN[CS]E|COPYING)([._-][A-Za-z0-9._-]{0,40})?$", re.IGNORECASE)
 _DASH: Final = "—"
-#: The Hub's ``base_model_relation`` values: a source card's own is carried over only when it is one of these.
-_RELATIONS: Final = frozenset({"adapter", "merge", "quantized", "finetune"})
 _HTTPS_LINK: Final = re.compile(r"^https://\S+$")
 
 
-# -- the source's own card ---------------------------------------------------------------------------------------
-def _clean(value: object, limit: int = _MAX_FIELD_CHARS) -> str | None:
-    """A short printable string, or None: anything else a hostile card holds is dropped, not echoed."""
-    if not isinstance(value, str):
-        return None
-    text = "".join(c for c in value.strip() if c.isprintable())
-    return text[:limit] if text else None
-
-
+# -- values from records ----------------------------------------------------------------------------------------
 def _code(value: object) -> str:
     """``value`` as a one-line Markdown code span (``markdown.code``): whatever it holds is shown, never rendered."""
     return code(value) or "`?`"
@@ -92,95 +71,9 @@ def _code(value: object) -> str:
 
 def _hub_link(repo_id: object) -> str:
     """A link to a Hub repo when ``repo_id`` is a valid repo id, else the value as a code span (no link)."""
-    if isinstance(repo_id, str) and _REPO_ID.match(repo_id):
+    if isinstance(repo_id, str) and REPO_ID.match(repo_id):
         return f"[`{repo_id}`](https://huggingface.co/{repo_id})"
     return _code(repo_id)
-
-
-def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
-    """A Markdown card's YAML front matter (``---`` … ``---`` at the very top) as a mapping, and the body after it.
-
-    Returns ``(None, text)`` when there is no front matter, or when it is not a YAML mapping of a sane size
-    (unparseable metadata is no metadata: a card is documentation, never a reason to fail).
-    """
-    lines = text.splitlines(keepends=True)
-    if not lines or lines[0].strip() != "---":
-        return None, text
-    for i, line in enumerate(lines[1:], start=1):
-        if line.strip() == "---":
-            block = "".join(lines[1:i])
-            body = "".join(lines[i + 1 :])
-            break
-    else:
-        return None, text
-    if len(block) > _MAX_FRONT_MATTER_CHARS:
-        return None, body
-    try:
-        data = yaml.safe_load(block)
-    except (yaml.YAMLError, RecursionError, ValueError):
-        return None, body
-    return (data if isinstance(data, dict) else None), body
-
-
-def _base_models(value: object) -> list[str]:
-    items = value if isinstance(value, list) else [value]
-    found = [c for item in items[:16] if (c := _clean(item)) is not None and _REPO_ID.match(c)]
-    return list(dict.fromkeys(found))
-
-
-def read_source_card(folder: Path) -> dict[str, Any] | None:
-    """What a model folder says about its license and origin, for the manifest's ``source.card``.
-
-    Reads ``README.md``'s front matter (``license``, ``license_name``, ``license_link``, ``base_model`` and its
-    ``base_model_relation``), ``config.json``'s ``license`` and ``architectures``, and names and hashes the license
-    files (``LICENSE*``, ``LICENCE*``, ``COPYING*``) at the top of the folder.
-
-    Returns:
-        The record, or None when the folder says nothing of the kind.
-    """
-    record: dict[str, Any] = {}
-    readme = folder / CARD_NAME
-    if readme.is_file():
-        try:
-            with readme.open("rb") as fh:
-                raw = fh.read(_MAX_README_BYTES)
-        except OSError:
-            raw = b""
-        front, _ = split_front_matter(raw.decode("utf-8", errors="replace"))
-        if front:
-            for key in ("license", "license_name", "license_link"):
-                value = _clean(front.get(key), 500 if key == "license_link" else _MAX_FIELD_CHARS)
-                if value is not None:
-                    record[key] = value
-            base = _base_models(front.get("base_model"))
-            if base:
-                record["base_model"] = base
-                relation = _clean(front.get("base_model_relation"))
-                if relation in _RELATIONS:
-                    record["base_model_relation"] = relation
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            config = None
-        if isinstance(config, dict):
-            # `_name_or_path` is not read: for a fine-tune it names the model it was trained from, not this one.
-            if "license" not in record and (lic := _clean(config.get("license"))) is not None:
-                record["license"] = lic
-            archs = config.get("architectures")
-            if isinstance(archs, list) and archs and (arch := _clean(archs[0])) is not None:
-                record["architecture"] = arch
-    files: list[dict[str, Any]] = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if len(files) >= _MAX_LICENSE_FILES:
-            break
-        if _LICENSE_FILE.match(path.name) and path.is_file():
-            files.append({"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-    if files:
-        record["license_files"] = files
-    meaningful = set(record) - {"architecture"}
-    return record if meaningful or record.get("architecture") else None
 
 
 # -- the front matter ------------------------------------------------------------------------------------------
@@ -204,7 +97,7 @@ def _base_model(manifest: Mapping[str, Any]) -> tuple[str | None, str | None]:
     bases = card.get("base_model")
     if isinstance(bases, list) and bases and isinstance(bases[0], str):
         relation = card.get("base_model_relation")
-        return bases[0], relation if relation in _RELATIONS else None
+        return bases[0], relation if relation in RELATIONS else None
     return None, None
 
 
@@ -284,6 +177,23 @@ def _pm(value: object, error: object, fmt: str) -> str:
     return f"{v:{fmt}} ± {e:{fmt}}" if e is not None else f"{v:{fmt}} ± {_DASH}"
 
 
+def fidelity_measured_by(manifest: Mapping[str, Any]) -> str | None:
+    """One sentence naming the runtime that measured the files' fidelity (the builder's, or the check job's a
+    published manifest names in ``measured_by``), or None when no file has fidelity."""
+    places: list[str] = []
+    for entry in manifest.get("files") or []:
+        fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
+        if not fid:
+            continue
+        found = fid.get("measured_by")
+        by: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+        device = inline(str(by.get("device") or fid.get("device") or "an unrecorded device"))
+        place = f"the {inline(str(by['pair']))} check ({device})" if by.get("pair") else f"the builder ({device})"
+        if place not in places:
+            places.append(place)
+    return f"Fidelity measured on {' and '.join(places)}." if places else None
+
+
 def _ppl_change(fid: Mapping[str, Any]) -> str:
     ratio = _num(fid.get("ppl_ratio"))
     if ratio is not None:
@@ -299,15 +209,14 @@ def _size(n: object) -> str:
     return _DASH if v is None else decimal_size(v)
 
 
-def _check_rows(checks: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:
+def _check_rows(checks: Mapping[str, CheckRecord | Mapping[str, Any]]) -> dict[str, dict[str, CheckRow]]:
     """pair → file name → that file's row in the pair's check record."""
-    return {
-        pair: {str(r.get("name")): r for r in record.get("files") or [] if isinstance(r, Mapping)}
-        for pair, record in sorted(checks.items())
-    }
+    return {pair: CheckRecord.of(record).rows_by_name() for pair, record in sorted(checks.items())}
 
 
-def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+def files_table(
+    manifest: Mapping[str, Any], checks: Mapping[str, CheckRecord | Mapping[str, Any]] | None = None
+) -> list[str]:
     """Markdown lines: one row per file with size, bits per weight, KLD, top-1 agreement and perplexity change
     (each ± its standard error when the fidelity record has one, "—" when not), and per pair the check result and
     generation speed.
@@ -329,14 +238,14 @@ def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, A
         fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
         bpw = _num(entry.get("bpw"))
         top1 = _num(fid.get("top1_agreement"))
-        top1_se = _num(fid.get("top1_agreement_se"))
+        top1_se = fidelity_error(fid, "top1_agreement_se")
         top1_text = _DASH if top1 is None else f"{top1:.1%} ± " + (f"{top1_se:.1%}" if top1_se is not None else _DASH)
         cells = [
             code(entry.get("name"), cell=True),
             inline(entry.get("precision")),
             _size(entry.get("bytes")),
             f"{bpw:.2f}" if bpw is not None else _DASH,
-            _pm(fid.get("kld_mean"), fid.get("kld_mean_se"), ".2e"),
+            _pm(fid.get("kld_mean"), fidelity_error(fid, "kld_mean_se"), ".2e"),
             top1_text,
             _ppl_change(fid),
         ]
@@ -345,9 +254,8 @@ def files_table(manifest: Mapping[str, Any], checks: Mapping[str, Mapping[str, A
             if row is None:
                 cells += [_DASH, _DASH]
                 continue
-            speed = _num((row.get("agreement") or {}).get("gen_tps"))
-            # As publish judges a row: it says passed, lists no problem, and checked these bytes.
-            passed = row.get("passed") is True and not row.get("problems") and row.get("sha256") == entry.get("sha256")
+            speed = _num((row.agreement or {}).get("gen_tps"))
+            passed = row.vouches_for(entry.get("sha256"))  # as publish judges a row
             cells += ["✅ pass" if passed else "❌ fail", f"{speed:.0f}" if speed is not None else _DASH]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -390,8 +298,6 @@ def _convert_command(manifest: Mapping[str, Any]) -> str:
 def multimodal_lines(manifest: Mapping[str, Any]) -> list[str]:
     """The card's section on towers beyond the text model: the projector files and how to load them, or the
     statement that the text model was published alone (``--text-only``); empty for a text model."""
-    from .multimodal import describe_kinds
-
     record = manifest.get("multimodal")
     if not isinstance(record, Mapping):
         return []
@@ -439,8 +345,6 @@ def tensor_types_name(model_name: str) -> str:
 def _tensor_types(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     """The overrides the files were quantized with, as reproduce reads them; none when the record is malformed
     (a card is still written: the manifest's own reader names the problem)."""
-    from .quant_types import recorded_tensor_types
-
     try:
         return recorded_tensor_types(manifest)
     except UsageError:
@@ -449,7 +353,7 @@ def _tensor_types(manifest: Mapping[str, Any]) -> tuple[str, ...]:
 
 def render_card(
     manifest: Mapping[str, Any],
-    checks: Mapping[str, Mapping[str, Any]] | None = None,
+    checks: Mapping[str, CheckRecord | Mapping[str, Any]] | None = None,
     *,
     repo_id: str | None = None,
     manifest_name: str | None = None,
@@ -488,8 +392,12 @@ def render_card(
         "",
         "KLD: mean KL-divergence of each file's next-token distribution from the unquantized base on a fixed text; "
         "top-1: how often both predict the same next token; perplexity change: relative to the base. "
-        "± is the standard error where it was measured; — means not measured.",
+        "± is the standard error where it was measured (the larger of the per-token one and the one between the "
+        "text's chunks); — means not measured.",
     ]
+    measured_by = fidelity_measured_by(manifest)
+    if measured_by:
+        lines += ["", measured_by]
     tails = _tail_stats(manifest)
     if tails:
         lines += ["", *tails]
@@ -524,8 +432,6 @@ def render_card(
     if base_rec.get("precision"):
         lines.append(f"- Converted once to a {_code(base_rec['precision'])} base, then quantized from it.")
     if "source_parity" in manifest:  # the base against its source model (source_parity.py)
-        from .source_parity import summary
-
         lines.append(f"- Compared with the source model (transformers): {inline(summary(manifest['source_parity']))}.")
     imatrix = manifest.get("imatrix") or {}
     if imatrix:
@@ -587,7 +493,7 @@ def write_card(
     outdir: Path,
     output: Path | None = None,
     *,
-    check_records: Sequence[Mapping[str, Any]] | None = None,
+    check_records: Sequence[CheckRecord] | None = None,
     repo_id: str | None = None,
 ) -> Path:
     """Render the card of the manifest in ``outdir`` (a folder or a manifest file) and write it atomically.
@@ -595,20 +501,18 @@ def write_card(
     Args:
         outdir: an outputs folder (``manifest.json``) or a manifest file (``<model>.manifest.json``).
         output: where to write; default ``README.md`` next to the manifest.
-        check_records: check records (``check.read_records``); the manifest's model's are shown, by pair.
+        check_records: check records (``records.read_records``); the manifest's model's are shown, by pair.
         repo_id: the Hub repo for the usage example.
 
     Raises:
         UsageError: no readable manifest, or ``output`` inside the model source folder (its own card).
     """
-    from .manifest import MANIFEST_NAME
-
     manifest_path = outdir / MANIFEST_NAME if outdir.is_dir() else outdir
     manifest = load_manifest_file(manifest_path)
     # Not resolve(): a link planted at README.md would be followed; the safe writer refuses it instead.
     target = write_target(output or manifest_path.parent / CARD_NAME)
-    source_path = (manifest.get("source") or {}).get("path")
-    if isinstance(source_path, str) and source_path:
+    source_path = manifest.source_path
+    if source_path:
         src = Path(source_path).resolve()
         if target == src or src in target.parents:
             raise UsageError(
@@ -616,24 +520,23 @@ def write_card(
                 "source's own files",
                 hint="write it next to the GGUF files (the default) or give -o elsewhere",
             )
-    checks = None if check_records is None else checks_by_pair(check_records, str(manifest.get("model_name")))
+    checks = None if check_records is None else checks_by_pair(check_records, str(manifest.model_name))
     # The reproduce command names the manifest that exists where the card is: manifest.json beside it, or the path
     # to it from an -o elsewhere (the published <model>.<slug>.manifest.json exists only on a release or the Hub).
     manifest_name = Path(os.path.relpath(write_target(manifest_path), target.parent)).as_posix()
-    atomic_write_text(target, render_card(manifest, checks, repo_id=repo_id, manifest_name=manifest_name))
+    document = manifest.to_dict()
+    atomic_write_text(target, render_card(document, checks, repo_id=repo_id, manifest_name=manifest_name))
     return target
 
 
-def load_manifest_file(path: Path) -> dict[str, Any]:
+def load_manifest_file(path: Path) -> Manifest:
     """A run's ``manifest.json`` or a published ``<model>.manifest.json``, checked like every manifest read.
 
     Raises:
         UsageError: missing, not JSON, or not a cecai-converter manifest (ManifestError names the field).
     """
-    from .manifest import load_manifest
-
     try:
-        return load_manifest(path).to_dict()
+        return load_manifest(path)
     except FileNotFoundError:
         raise UsageError(
             f"no manifest at {path}", hint="give an outputs folder of `cecai-convert run/convert` or a manifest file"
@@ -642,21 +545,9 @@ def load_manifest_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is a folder without a manifest.json") from None
 
 
-def checks_by_pair(records: Sequence[Mapping[str, Any]], model_name: str) -> dict[str, Mapping[str, Any]]:
+def checks_by_pair(records: Sequence[CheckRecord], model_name: str) -> dict[str, CheckRecord]:
     """The check records of ``model_name``, keyed by pair (other models' records are left out)."""
-    return {str(r.get("pair")): r for r in records if r.get("model_name") in (None, model_name)}
-
-
-def source_card_field(folder: Path) -> dict[str, Any]:
-    """``{"card": record}`` for a source record (see :func:`read_source_card`), or ``{}`` when there is nothing.
-
-    Never fails a conversion: a card that cannot be read is no card.
-    """
-    try:
-        record = read_source_card(folder)
-    except OSError:
-        return {}
-    return {"card": record} if record else {}
+    return {str(r.pair): r for r in records if r.model_name in (None, model_name)}
 
 
 def hub_card(
@@ -667,8 +558,6 @@ def hub_card(
 
     Returns None when the inputs hold no manifest or several models' (one card describes one model).
     """
-    from .manifest import MANIFEST_NAME
-
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
@@ -676,12 +565,10 @@ def hub_card(
         elif item.name.endswith(MANIFEST_NAME) and item.is_file():
             found.append(item)
     manifests = [load_manifest_file(p) for p in found]
-    models = {str(m.get("model_name")) for m in manifests}
+    models = {str(m.model_name) for m in manifests}
     if len(models) != 1:
         return None
     checks = None
     if check_paths:
-        from .check import read_records
-
         checks = checks_by_pair(read_records(list(check_paths)), models.pop())
-    return render_card(manifests[0], checks, repo_id=repo_id)
+    return render_card(manifests[0].to_dict(), checks, repo_id=repo_id)

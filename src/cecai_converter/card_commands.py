@@ -6,20 +6,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .card import write_card
 from .errors import EXIT_FAILED, EXIT_OK
 from .output import Output
+from .records import read_records
+from .reproduce import render, reproduce
 from .tools import thread_count
 
 __all__ = ["register"]
 
 
 def _card(args: argparse.Namespace, out: Output) -> int:
-    from .card import write_card
 
     records = None
     if args.checks:
-        from .check import read_records
-
         records = read_records([Path(c) for c in args.checks])
     path = write_card(Path(args.outdir), args.output, check_records=records, repo_id=args.hf_repo)
     out.result(f"wrote {path}", {"card": str(path)})
@@ -27,7 +27,6 @@ def _card(args: argparse.Namespace, out: Output) -> int:
 
 
 def _reproduce(args: argparse.Namespace, out: Output) -> int:
-    from .reproduce import render, reproduce
 
     result = reproduce(
         Path(args.manifest),

@@ -21,36 +21,38 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from . import __version__
-from .agreement import REFERENCE_NAME, check_reference_fits, compare, read_reference, runtime_facts
+from . import __version__, environment, fidelity
+from .agreement import REFERENCE_NAME, check_reference_fits, compare, read_reference
 from .backends import BACKENDS
-from .errors import EXIT_OK, BadReference, CheckFailed, ConfigError, ConverterError, UsageError
+from .backends.container_spec import check_spec
+from .backends.docker import run_check
+from .errors import EXIT_OK, BadReference, CheckFailed, ConverterError, UsageError
+from .fidelity import threshold_value
 from .fsutil import atomic_write_json, refuse_symlink, refuse_unsafe_target, sha256_file, write_target
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_record_problem, load_manifest, read_manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, read_manifest
+from .multimodal import MMPROJ_ROLE, image_check_many
 from .output import Output, decimal_size
 from .pairs import PairInfo, parse_pair
-from .tools import gpu_layer_count, thread_count
-from .tools import runtime_name as runtime_name_of
+from .records import CHECK_SCHEMA, CheckRecord, CheckRow, failure_message, read_record, record_name
+from .runtime import default_gpu_layers, gpu_layer_count, runtime_facts
+from .runtime import runtime_name as runtime_name_of
+from .toolchain import require_runtime
+from .tools import thread_count
+from .verify import load_check_many
 
 __all__ = [
-    "CHECK_SCHEMA",
     "DEFAULT_LIMITS",
     "CheckFailed",
     "Limits",
     "check_folder",
-    "default_gpu_layers",
-    "record_name",
     "register",
 ]
-
-CHECK_SCHEMA: Final = 1
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,6 @@ class Limits:
         Raises:
             UsageError: a limit outside its range.
         """
-        from .fidelity import threshold_value  # the one range rule of each limit
 
         kld = cls.max_kld if max_kld is None else threshold_value("max_kld", max_kld, "--max-kld", error=UsageError)
         top1 = (
@@ -86,22 +87,6 @@ class Limits:
 
 
 DEFAULT_LIMITS: Final = Limits()
-
-
-def record_name(model_name: str, pair: PairInfo) -> str:
-    """The check record's file name: ``<model>.<pair slug>.check.json``."""
-    return f"{model_name}.{pair.slug}.check.json"
-
-
-def default_gpu_layers(pair: PairInfo | None) -> int:
-    """Layers a pair's runtime offloads by default: all (-1) on GPU pairs when this runtime can, else 0."""
-    if pair is None or not pair.gpu:
-        return 0
-    try:
-        import llama_cpp
-    except ImportError:
-        return 0
-    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
 def _file_problems(agreement: Mapping[str, Any] | None, limits: Limits) -> list[str]:
@@ -125,15 +110,18 @@ def check_folder(
     threads: int | None = None,
     out: Output | None = None,
     fidelity: str = "auto",
-) -> dict[str, Any]:
+    backend: str = "local",
+    image: str | None = None,
+) -> CheckRecord:
     """Check every file of a builder's outputs folder on this machine's runtime, as ``pair``.
 
     With ``fidelity`` (``auto``: when the manifest says ``fidelity_on: check`` and this runtime offloads to a GPU;
     ``true``; ``false``) each file's fidelity is also measured against the base the builder shipped, and the record
-    carries it (``fidelity`` per file, and what was measured at the top).
+    carries it (``fidelity`` per file, and what was measured at the top). ``backend`` and ``image`` are what the
+    record names as where the check ran (the docker backend's check container passes its own).
 
     Returns:
-        The check record (see the module docstring); ``record["passed"]`` says whether every file passed.
+        The check record (see the module docstring); ``record.passed`` says whether every file passed.
 
     Raises:
         UsageError: the folder is not a builder's outputs folder (no manifest, no reference, a file missing);
@@ -141,8 +129,6 @@ def check_folder(
             file it lists is a symbolic link.
         ConverterError: the runtime is not installed.
     """
-    from .toolchain import require_runtime
-    from .verify import load_check_many
 
     try:
         manifest = load_manifest(folder / MANIFEST_NAME)
@@ -158,9 +144,9 @@ def check_folder(
     require_runtime()
     problems: list[str] = []
     layers = default_gpu_layers(pair) if n_gpu_layers is None else n_gpu_layers
-    runtime = {**runtime_facts(layers), "backend": os.environ.get("CECAI_CHECK_BACKEND", "local")}
-    if os.environ.get("CECAI_CHECK_IMAGE"):
-        runtime["image"] = os.environ["CECAI_CHECK_IMAGE"]
+    runtime = {**runtime_facts(layers), "backend": backend}
+    if image:
+        runtime["image"] = image
     if pair.gpu and n_gpu_layers is None and layers == 0:
         problems.append(
             f"{pair.name} is a GPU pair but this llama-cpp-python cannot offload to a GPU: checking it here would "
@@ -220,20 +206,20 @@ def check_folder(
     for row in files:
         row["passed"] = not row["problems"] and not problems and "agreement" in row
     files += _check_projectors(folder, manifest.mmproj or [], files, problems, layers, threads, say)
-    record = {
-        "schema": CHECK_SCHEMA,
-        "tool": {"name": "cecai-converter", "version": __version__},
-        "pair": pair.name,
-        "model_name": manifest.model_name,
-        "passed": all(r["passed"] for r in files) and not problems,
-        "runtime": runtime,
-        "reference_runtime": reference.get("runtime"),
-        "limits": limits.as_dict(),
-        "problems": problems,
-        "fidelity": fidelity_record,
-        "files": files,
-    }
-    return record
+    # The rows are built up as plain objects while the work goes (each phase adds its keys); the record is typed once.
+    return CheckRecord(
+        schema=CHECK_SCHEMA,
+        tool={"name": "cecai-converter", "version": __version__},
+        pair=pair.name,
+        model_name=manifest.model_name,
+        passed=all(r["passed"] for r in files) and not problems,
+        runtime=runtime,
+        reference_runtime=reference.get("runtime"),
+        limits=limits.as_dict(),
+        problems=problems,
+        fidelity=fidelity_record,
+        files=[CheckRow.from_dict(row) for row in files],
+    )
 
 
 #: ``--fidelity``: measure each file's fidelity here (see :func:`_fidelity`).
@@ -288,7 +274,6 @@ def _fidelity(
         problems.append(f"the base {name} is not the builder's (sha256 differs from the manifest's base.sha256)")
         record["reason"] = "the base's bytes are not the builder's"
         return record
-    from . import fidelity
 
     values = ((manifest.extra.get("request") or {}).get("values")) or {}
     target = values.get("fidelity_target")
@@ -330,7 +315,6 @@ def _check_projectors(
     """Rows for a vision model's projector files (``mmproj``): the bytes against the manifest, then the test image
     shown through each projector with a text file of the folder (the Q8_0 one for a Q8_0 projector, else the first).
     """
-    from .multimodal import MMPROJ_ROLE, image_check_many
 
     rows: list[dict[str, Any]] = []
     for entry in entries:
@@ -365,39 +349,28 @@ def _check_projectors(
     return rows
 
 
-def failure_message(record: Mapping[str, Any]) -> str:
-    """One line per problem, each naming the pair and the file."""
-    pair = record.get("pair")
-    lines = [f"{pair}: {p}" for p in record.get("problems") or []]
-    for row in record.get("files") or []:
-        lines += [f"{pair}: {row.get('name')}: {p}" for p in row.get("problems") or []]
-    return "; ".join(lines) or f"{pair}: the check did not pass"
-
-
-def _human(record: Mapping[str, Any], path: Path) -> str:
-    rt = record["runtime"]
+def _human(record: CheckRecord, path: Path) -> str:
+    rt = record.runtime or {}
     lines = [
-        f"{record['pair']}: {'passed' if record['passed'] else 'FAILED'} on {rt['device']} ({rt['machine']}, "
+        f"{record.pair}: {'passed' if record.passed else 'FAILED'} on {rt['device']} ({rt['machine']}, "
         f"llama-cpp-python {rt['llama_cpp_python']}, backend {rt.get('backend', 'local')}) — record {path}"
     ]
-    for row in record["files"]:
-        agr = row.get("agreement") or {}
+    for row in record.rows:
+        agr = row.agreement or {}
         numbers = (
             f"kld {agr['kld_mean']:.2e} (max {agr['kld_max']:.2e}) top-1 {agr['top1_agreement']:.1%} "
             f"prompt {agr['prompt_tps']:.0f} tok/s gen {agr['gen_tps']:.0f} tok/s "
             f"peak {decimal_size(agr['peak_rss_mib'] * 2**20)} "
             f"offloaded {agr['offloaded_layers']}/{agr['total_layers']}"
             if agr
-            else f"test image: {row['image']['image_tokens']} image tokens, "
-            f"{len(row['image']['generated_tokens'])} tokens generated (with {row['image']['model']})"
-            if row.get("image")
+            else f"test image: {row.image['image_tokens']} image tokens, "
+            f"{len(row.image['generated_tokens'])} tokens generated (with {row.image['model']})"
+            if row.image
             else "no measurement"
         )
-        lines.append(
-            f"  {'ok  ' if row['passed'] else 'FAIL'} {row['name']:<36} sha256 {row['sha256'][:12]}  {numbers}"
-        )
-        lines += [f"       {p}" for p in row["problems"]]
-    lines += [f"  {p}" for p in record["problems"]]
+        lines.append(f"  {'ok  ' if row.passed else 'FAIL'} {row.name:<36} sha256 {str(row.sha256)[:12]}  {numbers}")
+        lines += [f"       {p}" for p in row.problems or []]
+    lines += [f"  {p}" for p in record.problems or []]
     return "\n".join(lines)
 
 
@@ -413,8 +386,6 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     record_path: Path = write_target(args.record or folder / record_name(model_name, pair))
     refuse_unsafe_target(record_path)  # before the work, not after it
     if args.backend == "docker":
-        from .backends.docker import check_spec, run_check
-
         # The container writes its record into a folder of its own: OUTDIR stays a read-only mount even when the
         # record is meant to end up inside it.
         with tempfile.TemporaryDirectory(prefix="cecai-check-") as tmp:
@@ -430,73 +401,27 @@ def _run(args: argparse.Namespace, out: Output) -> int:
                 fidelity=args.fidelity,
             )
             run_check(spec, Output("human", verbose=out.verbose, stdout=out.stderr, stderr=out.stderr))
-            record = _read_record(Path(tmp) / record_path.name)
+            record = CheckRecord.from_dict(read_record(Path(tmp) / record_path.name))
         record_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(record_path, record)
+        atomic_write_json(record_path, record.to_dict())
     else:
         record = check_folder(
             folder, pair, limits=limits, n_gpu_layers=args.n_gpu_layers, threads=args.threads, out=out,
             fidelity=args.fidelity,
+            # Inside a check container the docker backend names its backend and image (CECAI_CHECK_BACKEND,
+            # CECAI_CHECK_IMAGE).
+            backend=environment.text(environment.CHECK_BACKEND, default="local") or "",
+            image=environment.text(environment.CHECK_IMAGE),
         )  # fmt: skip
         record_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(record_path, record)
-    out.result(_human(record, record_path), {"record": str(record_path), **record})
-    if not record["passed"]:
+        atomic_write_json(record_path, record.to_dict())
+    out.result(_human(record, record_path), {"record": str(record_path), **record.to_dict()})
+    if not record.passed:
         raise CheckFailed(
             failure_message(record),
             hint=f"the record is in {record_path}; a release with a failed check stays a draft",
         )
     return EXIT_OK
-
-
-#: The largest check record read: one is a few kilobytes per file checked.
-MAX_RECORD_BYTES: Final = 4 * 1024 * 1024
-
-
-def _read_record(path: Path, error: type[ConverterError] = CheckFailed) -> dict[str, Any]:
-    """A check record through the bounded JSON reader; ``error`` when unreadable (``CheckFailed``: the container
-    left none), ConfigError when it is JSON but no check record."""
-    from .untrusted_json import load_bounded_file
-
-    data = load_bounded_file(
-        path,
-        what=f"check record {path}",
-        max_bytes=MAX_RECORD_BYTES,
-        allow_nan=True,  # a record's measurements may be NaN or infinite (a broken runtime): our writer keeps them
-        error=error,
-        hint="pass the records the check jobs wrote, unedited; re-run a pair's check to rewrite its record",
-    )
-    if not isinstance(data, dict) or type(data.get("schema")) is not int or data.get("schema") != CHECK_SCHEMA:
-        raise ConfigError(f"{path}: not a cecai-converter check record")
-    return data
-
-
-def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Check records from files and folders (every ``*.check.json`` below a folder).
-
-    Raises:
-        UsageError: a path is missing or holds something other than a check record.
-    """
-    found: list[Path] = []
-    for item in paths:
-        if item.is_dir():
-            found += sorted(item.rglob("*.check.json"))
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise UsageError(f"check records: {item} does not exist")
-    records = []
-    for path in found:
-        data = _read_record(path, UsageError)
-        problem = check_record_problem(data, complete=True)
-        if problem is not None:  # refused here, before publish uploads anything or renders a table from it
-            where, why = problem
-            raise UsageError(
-                f"{path}: {where or 'the record'}: {why}; not a check record as `cecai-convert check` writes it",
-                hint="pass the records the check jobs wrote, unedited; re-run a pair's check to rewrite its record",
-            )
-        records.append(data)
-    return records
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from . import __version__
+from . import __version__, environment
 from .errors import ConverterError, boundary
 from .output import LOGGER_NAME, Output
 
@@ -30,7 +29,7 @@ _COMMAND_MODULES = (
     "cecai_converter.commands",
     "cecai_converter.check",
     "cecai_converter.plan",
-    "cecai_converter.publish",
+    "cecai_converter.release.commands",
     "cecai_converter.signing_commands",
     "cecai_converter.report",
     "cecai_converter.gha",
@@ -96,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def report(exc: ConverterError) -> None:
         out.error(exc.message, exc.hint)
-        if not os.environ.get("CECAI_DEBUG"):
+        if not environment.is_set(environment.DEBUG):
             print("(set CECAI_DEBUG=1 for the full traceback)", file=out.stderr)
 
     def interrupted() -> None:

@@ -15,19 +15,29 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import toolchain
 from .backends import BACKEND_ENV, BACKENDS, default_backend
-from .config import check_writable_dir, group_jobs, load_converter_dir
+from .backends.container_spec import convert_spec
+from .backends.docker import run_convert, run_jobs
+from .config import check_writable_dir, group_jobs, load_converter_dir, load_yaml_mapping
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConverterError, UsageError
+from .fsutil import atomic_write_text, refuse_symlink, write_target
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .modelgen import make_seed_layout
+from .multimodal import image_check_many
 from .names import check_stem, show
+from .option_flags import add_arguments
+from .option_table import OPTIONS, Command
 from .output import Output, decimal_size
-from .pairs import parse_pair
+from .pairs import DEFAULT_PAIR, PAIRS, parse_pair
 from .pipeline import Job, Target, run_job
 from .precisions import PRECISIONS, parse_precisions
-from .request import OPTIONS, Command, Request, add_arguments, check_texts, gpu_layers, load_request, resolve
+from .quant_types import quantization_record
+from .request import Request, check_texts, load_request, resolve
+from .runtime import gpu_layer_count, gpu_layers
 from .source import check_repo_id, looks_like_repo_id
 from .source_parity import summary as parity_summary
-from .tools import gpu_layer_count
+from .verify import file_type_label, load_check, read_back
 
 __all__ = ["register"]
 
@@ -116,8 +126,6 @@ def _cmd_run(args: argparse.Namespace, out: Output) -> int:
     jobs = load_converter_dir(args.converter_dir, args.pair, path_overrides=overrides)
     requests = [_request_for(args, job.settings, job.config_dir, job.key_files, "run") for job in jobs]
     if backend == "docker":
-        from .backends.docker import run_jobs
-
         # Containers print for people (to stderr); the result, one document for all pairs, comes from the
         # manifests they left on this machine, with this machine's paths.
         run_jobs(jobs, requests, image=args.image, out=_to_stderr(out))
@@ -170,7 +178,6 @@ def _print_results(manifests: Sequence[Manifest], out: Output) -> None:
 
 # -- convert -------------------------------------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
-    from .fsutil import write_target
 
     backend = _backend(args)
     precisions = parse_precisions(args.precision, where="--precision")
@@ -204,11 +211,8 @@ def _cmd_convert(args: argparse.Namespace, out: Output) -> int:
     log_file = write_target(args.log_file) if args.log_file else None
     request = _request_for(args, {}, None, "convert", "convert")
     if backend == "docker":
-        from .backends.docker import convert_spec, run_convert
-        from .pairs import PAIRS
-
         spec = convert_spec(
-            args.model, outdir, request, pair=pair or PAIRS["CPU_LLM_LLAMA"], model_name=name, image=args.image,
+            args.model, outdir, request, pair=pair or PAIRS[DEFAULT_PAIR], model_name=name, image=args.image,
             precisions=[p.name for p in precisions], revision=args.revision, verbose=out.verbose,
         )  # fmt: skip
         run_convert(spec, _to_stderr(out))
@@ -256,9 +260,6 @@ def _cmd_precisions(args: argparse.Namespace, out: Output) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    from .fsutil import refuse_symlink
-    from .quant_types import quantization_record
-    from .verify import file_type_label, load_check, read_back
 
     for path in args.files:  # the rule every reader of a GGUF keeps: before any file is read
         refuse_symlink(Path(path))
@@ -334,7 +335,6 @@ def _not_a_gguf(path: Path) -> str | None:
 def _verify_projectors(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
     """Show the test image through each projector among the files, with the first text file that loaded; return how
     many failed. A projector given without a text file is only read back (it cannot run alone)."""
-    from .multimodal import image_check_many
 
     texts = [Path(r["file"]) for r in results if r["ok"] and "load" in r]
     failed = 0
@@ -351,7 +351,6 @@ def _verify_projectors(results: list[dict[str, Any]], args: argparse.Namespace) 
 
 
 def _cmd_toolchain(args: argparse.Namespace, out: Output) -> int:
-    from . import toolchain
 
     if args.fetch or args.sdist:
         toolchain.ensure_converter(source=args.sdist)
@@ -387,8 +386,6 @@ def _demo_asks_for_the_reference(converter: Path) -> None:
     """Make the demo's ``converter_args.yaml`` ask for ``reference.json`` (``run`` does not write it by default),
     so that ``check`` works on the demo's output. A folder made by an older demo gets the line too; a REFERENCE
     the user set is left as it is."""
-    from .config import load_yaml_mapping
-    from .fsutil import atomic_write_text
 
     general = converter / "configurations" / "converter_args.yaml"
     if "REFERENCE" in load_yaml_mapping(general):
@@ -398,7 +395,6 @@ def _demo_asks_for_the_reference(converter: Path) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
-    from .modelgen import make_seed_layout
 
     root: Path = args.workdir.resolve() / "TinyLlama"
     converter = root / "Converter"
@@ -407,14 +403,14 @@ def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
             make_seed_layout(root, model_name="tiny-llama", size=args.size)
     _demo_asks_for_the_reference(converter)
     args.converter_dir = converter
-    args.pair = ["CPU_LLM_LLAMA"]
+    args.pair = [DEFAULT_PAIR]
     code = _cmd_run(args, out)
     if code == EXIT_OK:
-        outputs = converter / "outputs" / "CPU_LLM_LLAMA"
+        outputs = converter / "outputs" / DEFAULT_PAIR
         out.info(
             "next: check these files on a pair's runtime, here or in its image:\n"
-            f"  cecai-convert check {outputs} --pair CPU_LLM_LLAMA\n"
-            f"  cecai-convert check {outputs} --pair CPU_LLM_LLAMA --backend docker"
+            f"  cecai-convert check {outputs} --pair {DEFAULT_PAIR}\n"
+            f"  cecai-convert check {outputs} --pair {DEFAULT_PAIR} --backend docker"
         )
     return code
 
@@ -444,7 +440,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--backend",
         choices=BACKENDS,
-        help=_BACKEND_HELP + "; docker converts in the --pair's image (default CPU_LLM_LLAMA), model folder read-only",
+        help=_BACKEND_HELP
+        + f"; docker converts in the --pair's image (default {DEFAULT_PAIR}), model folder read-only",
     )
     p.add_argument("--image", help="docker backend: the image to run (default: the pair's tag)")
     add_arguments(p, "convert")

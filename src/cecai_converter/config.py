@@ -7,7 +7,7 @@ Existing users keep this layout, so its keys and paths are frozen:
 * ``configurations/<PAIR>/converter_args_<pair>.yaml``: PRECISION (one value or a list).
 
 The conversion options' keys (KEEP_BASE, IMATRIX, THRESHOLDS, …) come from the one table,
-:data:`cecai_converter.request.OPTIONS`, which also says what each takes.
+:data:`cecai_converter.option_table.OPTIONS`, which also says what each takes.
 
 The pair file is merged over the general file (the pair file wins). Newer optional keys are listed in
 :data:`OPTIONAL_KEYS`; any other key is an error that names the closest known key.
@@ -26,9 +26,10 @@ import yaml
 
 from .errors import ConfigError, UsageError
 from .names import check_stem, control_character, show
+from .option_table import YAML_KEYS, check_yaml
 from .pairs import PAIRS, PairInfo, parse_pair
 from .precisions import PrecisionInfo, parse_precisions
-from .request import YAML_KEYS, Request, check_yaml
+from .request import Request
 
 __all__ = [
     "GENERAL_FILENAME",

@@ -9,13 +9,11 @@ end with are in one place.
 
 from __future__ import annotations
 
-import os
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from .publish import PublishResult
+from . import environment
 
 __all__ = [
     "EXIT_FAILED",
@@ -102,7 +100,7 @@ def boundary(
     try:
         return int(work())
     except ConverterError as exc:
-        if os.environ.get("CECAI_DEBUG"):
+        if environment.is_set(environment.DEBUG):
             traceback.print_exc()
         report(exc)
         return exc.exit_code
@@ -256,12 +254,14 @@ class ChecksFailed(PublishFailed):
     """A pair's check failed or is missing: the files were uploaded, the release was left a draft.
 
     Attributes:
-        result: what was done.
+        result: what was done: the release's ``PublishResult`` (tag, release id and URL, draft, the assets uploaded,
+            unchanged and replaced). Typed ``Any`` rather than by that class: this module is the ground floor and
+            names nothing above it (a Protocol would not do either: gha assigns it to its ``PublishResult``).
     """
 
     title = "check failed"
 
-    def __init__(self, message: str, *, hint: str | None = None, result: PublishResult) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, result: Any) -> None:
         super().__init__(message, hint=hint)
         self.result = result
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from . import environment
 from .errors import ConversionFailed, SymlinkRefused, UsageError
 from .output import get_logger
 
@@ -57,7 +58,7 @@ __all__ = [
 STAGING_PREFIX = ".cecai-tmp-"
 LOCK_NAME = ".cecai.lock"
 #: seconds a run waits for another run's lock on its outputs folder before it gives up (exit 1); unset: no limit
-LOCK_TIMEOUT_ENV = "CECAI_LOCK_TIMEOUT"
+LOCK_TIMEOUT_ENV = environment.LOCK_TIMEOUT
 
 
 def _this_command() -> str:
@@ -85,7 +86,7 @@ def _describe_holder(lock_file: Path) -> str:
 
 
 def _lock_timeout() -> float | None:
-    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    raw = (environment.text(LOCK_TIMEOUT_ENV) or "").strip()
     if not raw:
         return None
     try:

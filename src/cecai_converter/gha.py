@@ -8,7 +8,7 @@ no input is ever expanded inside a shell script), calls the same code as the CLI
   ``$GITHUB_STEP_SUMMARY``, and the exit code of the CLI;
 * results go to ``$GITHUB_OUTPUT`` as ``key=value`` lines, multi-line values with a random heredoc delimiter;
 * each conversion adds a table to the job summary (file, precision, size, sha256 prefix, time to make it),
-  then the verification and fidelity time;
+  then the verification and fidelity time (``job_summary`` renders it);
 * tokens (``HF_TOKEN``, ``GITHUB_TOKEN``) are masked with ``::add-mask::`` before anything else is printed.
 
 Commands: ``convert``, ``plan``, ``publish``; run as ``cecai-convert gha COMMAND`` (or ``python -m
@@ -30,17 +30,25 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import check, commands, environment
 from .backends import BACKENDS, RELEASE_CHECK_BACKEND, default_backend
+from .batch import load_batch
 from .errors import EXIT_USAGE, CheckFailed, ChecksFailed, ConverterError, UsageError, boundary
-from .manifest import MANIFEST_NAME, Manifest, read_manifest
-from .markdown import code, code_block, inline
+from .job_summary import check_summary, conversion_summary, failure_summary
+from .manifest import MANIFEST_NAME, read_manifest
+from .markdown import code, inline
 from .names import check_stem
-from .output import LOGGER_NAME, Output, decimal_size
-from .request import OPTIONS
+from .option_table import OPTIONS
+from .output import LOGGER_NAME, Output
+from .plan import build_plan, matrix_json
+from .records import CheckRecord, failure_message
+from .release.hub_push import push_to_hub
+from .release.publish import publish_release
+from .release.split import SIZE_LIMIT
+from .untrusted_json import loads_bounded
 
 __all__ = [
     "annotation",
-    "conversion_summary",
     "error_annotation",
     "escape_data",
     "escape_property",
@@ -143,88 +151,6 @@ def _truthy(value: str | None, default: bool = False) -> bool:
     raise UsageError(f"expected true or false, got {value!r}")
 
 
-# ------------------------------------------------------------------------------------------------- the summary
-
-
-def _size(n: int) -> str:
-    return decimal_size(n)  # the one unit family (output.decimal_size)
-
-
-def _peak(agreement: Mapping[str, Any]) -> str:
-    """A check's peak memory (recorded in MiB, ``peak_rss_mib``) in the sizes' unit family."""
-    peak = agreement.get("peak_rss_mib")
-    return decimal_size(peak * 2**20) if isinstance(peak, (int, float)) and not isinstance(peak, bool) else ""
-
-
-def _seconds(manifest: Manifest, precision: str) -> float | None:
-    """How long making one file took: its quantization, or the conversion for a file the converter wrote."""
-    quantize = manifest.seconds("quantize_s")
-    if precision in quantize:
-        return quantize[precision]
-    return manifest.total_seconds("convert_s")  # written by the converter itself (F16, BF16, Q8_0...)
-
-
-def _per_runtime(seconds: Mapping[str, float]) -> str:
-    """``verify_s``/``fidelity_s`` (keyed by runtime label: ``all`` or ``n_gpu_layers=N``) as one phrase."""
-    if set(seconds) == {"all"}:
-        return f"{seconds['all']:.1f} s"
-    return ", ".join(f"{value:.1f} s ({inline(label)})" for label, value in seconds.items())
-
-
-def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, title: str) -> str:
-    """A Markdown section for one conversion: one row per file (file, precision, size, sha256 prefix, the time it
-    took to make), then the time verification and fidelity took (one load per file and runtime, all files
-    together) and the total."""
-    manifest = manifest or Manifest()
-    lines = [
-        f"### {inline(title)}",
-        "",
-        "| File | Precision | Size | SHA-256 | Time |",
-        "| --- | --- | ---: | --- | ---: |",
-    ]
-    for entry in result.get("files") or []:
-        precision = str(entry.get("precision", ""))
-        seconds = _seconds(manifest, precision)
-        if entry.get("role") == "mmproj":  # a vision model's projector file (multimodal.py), made by its own run
-            precision, seconds = f"mmproj {precision}", manifest.seconds("mmproj_s").get(precision)
-        lines.append(
-            f"| {code(entry.get('name', ''), cell=True)} | {inline(precision)} "
-            f"| {_size(int(entry.get('bytes', 0)))} | {code(str(entry.get('sha256', ''))[:12], cell=True)} "
-            f"| {'' if seconds is None else f'{seconds:.1f} s'} |"
-        )
-    verify, fidelity = manifest.seconds("verify_s"), manifest.seconds("fidelity_s")
-    if verify or fidelity:
-        lines.append("")
-    if verify:
-        lines.append(f"Verification (load and generate, every file): {_per_runtime(verify)}.")
-    if fidelity and not verify:  # the fidelity worker verified each file in the same load (fidelity.py)
-        lines.append(
-            f"Verification and fidelity (one load of each new file: generate, then measure against the base): "
-            f"{_per_runtime(fidelity)}."
-        )
-    elif fidelity:
-        lines.append(f"Fidelity (against the base, every new file): {_per_runtime(fidelity)}.")
-    if manifest.source_parity is not None:  # the base against its source model (source_parity.py)
-        from .source_parity import summary
-
-        lines += ["", f"Faithful to the source: {inline(summary(manifest.source_parity))}."]
-    total = manifest.total_seconds("total_s")
-    if total is not None:
-        lines += ["", f"Total: {total:.1f} s."]
-    return "\n".join(lines) + "\n\n"
-
-
-def _failure_summary(exc: ConverterError, what: str) -> str:
-    # The message and hint quote values from inputs (file names, a tool's output): shown, never rendered.
-    lines = [f"### ❌ {inline(what)}: {inline(exc.title)}", "", inline(exc.message)]
-    if exc.hint:
-        lines += ["", f"**What to do:** {inline(exc.hint)}"]
-    tail = getattr(exc, "output_tail", "")
-    if tail:
-        lines += ["", "<details><summary>Last output</summary>", "", *code_block(tail[-4000:]), "", "</details>"]
-    return "\n".join(lines) + "\n\n"
-
-
 # ----------------------------------------------------------------------------------------------------- commands
 
 
@@ -292,7 +218,6 @@ def _command_parser() -> argparse.ArgumentParser:
     Not ``cli.build_parser``: ``cli`` registers this module as the ``gha`` command, and the adapter needs only
     these two commands (results are JSON through :class:`_ActionsOutput`, so no ``--format``).
     """
-    from . import check, commands
 
     parser = argparse.ArgumentParser(prog="cecai-convert")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -336,7 +261,7 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
     if backend not in BACKENDS:
         raise UsageError(f"the `backend` input must be {' or '.join(BACKENDS)}, got {backend!r}")
     if backend == "docker":
-        # The docker backend decides the container (read-only model, non-root, GPUs per pair); see backends/docker.py.
+        # The docker backend decides the container (read-only model, non-root, GPUs per pair): container_spec.py
         argv += ["--backend", "docker"]
         if env.get("INPUT_IMAGE", "").strip():
             argv += ["--image", env["INPUT_IMAGE"].strip()]
@@ -367,8 +292,6 @@ def _convert(env: Mapping[str, str], stdout: TextIO) -> int:
 
 
 def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
-    from .batch import load_batch
-    from .plan import build_plan, matrix_json
 
     batch_path = Path(env.get("INPUT_BATCH", "").strip() or "conversions.yaml")
     if_missing = env.get("INPUT_IF_MISSING", "").strip() or "fail"
@@ -422,8 +345,6 @@ def _plan(env: Mapping[str, str], stdout: TextIO) -> int:
 
 
 def _check(env: Mapping[str, str], stdout: TextIO) -> int:
-    from .check import failure_message
-
     folder = env.get("INPUT_PATH", "").strip()
     pair = env.get("INPUT_PAIR", "").strip()
     if not folder or not pair:
@@ -443,44 +364,15 @@ def _check(env: Mapping[str, str], stdout: TextIO) -> int:
         if env.get(key, "").strip():
             argv += [flag, env[key].strip()]
     result = _run_cli(argv, annotations=stdout, allow_failure=True)
+    # The command's JSON reply: where the record went, and the record itself.
     record_path = str(result.get("record", ""))
-    write_outputs(env.get("GITHUB_OUTPUT"), {"passed": str(bool(result.get("passed"))).lower(), "record": record_path})
-    append_summary(env.get("GITHUB_STEP_SUMMARY"), check_summary(result))
-    if not result.get("passed"):
-        raise CheckFailed(failure_message(result), hint=f"the record is in {record_path}")
+    record = CheckRecord.from_dict({k: v for k, v in result.items() if k != "record"})
+    write_outputs(env.get("GITHUB_OUTPUT"), {"passed": str(bool(record.passed)).lower(), "record": record_path})
+    append_summary(env.get("GITHUB_STEP_SUMMARY"), check_summary(record))
+    if not record.passed:
+        raise CheckFailed(failure_message(record), hint=f"the record is in {record_path}")
     stdout.write(f"{escape_data(pair)}: every file passed on this runtime\n")
     return 0
-
-
-def check_summary(record: Mapping[str, Any]) -> str:
-    """A job-summary table for one check record."""
-    rt = record.get("runtime") or {}
-    state = "✅ passed" if record.get("passed") else "❌ failed"
-    lines = [
-        f"### Check {inline(record.get('pair'))}: {state}",
-        "",
-        f"Runtime: {inline(rt.get('device'))} on {inline(rt.get('machine'))}, llama-cpp-python "
-        f"{inline(rt.get('llama_cpp_python'))}, backend {inline(rt.get('backend'))}"
-        + (f", image {code(rt.get('image'))}" if rt.get("image") else ""),
-        "",
-        "| File | SHA-256 | KLD vs builder | Top-1 | Prompt tok/s | Gen tok/s | Peak memory | GPU layers | Result |",
-        "| --- | --- | --: | --: | --: | --: | --: | --: | --- |",
-    ]
-
-    def num(a: Mapping[str, Any], key: str, spec: str) -> str:
-        return format(a[key], spec) if isinstance(a.get(key), (int, float)) else ""
-
-    for row in record.get("files") or []:
-        a = row.get("agreement") or {}
-        lines.append(
-            f"| {code(row.get('name'), cell=True)} | {'match' if row.get('sha256_match') else '**differs**'} | "
-            f"{num(a, 'kld_mean', '.2e')} | {num(a, 'top1_agreement', '.1%')} | {num(a, 'prompt_tps', '.0f')} | "
-            f"{num(a, 'gen_tps', '.0f')} | {_peak(a)} | "
-            f"{a.get('offloaded_layers', '')}/{a.get('total_layers', '')} | "
-            f"{'ok' if row.get('passed') else inline('; '.join(row.get('problems') or ['failed']))} |"
-        )
-    lines += [f"- {inline(p)}" for p in record.get("problems") or []]
-    return "\n".join(lines) + "\n\n"
 
 
 def _expand(value: str | None, name: str) -> list[Path]:
@@ -499,7 +391,6 @@ def _expand(value: str | None, name: str) -> list[Path]:
 
 def _expected_checks(value: str) -> list[tuple[str, str]] | None:
     """The (model, pair) checks a release needs, from the plan's check matrix (``{"include": [...]}``)."""
-    from .untrusted_json import loads_bounded
 
     if not value.strip():
         return None
@@ -517,7 +408,6 @@ def _expected_checks(value: str) -> list[tuple[str, str]] | None:
 
 
 def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
-    from .publish import SIZE_LIMIT, publish_release, push_to_hub
 
     inputs = _expand(env.get("INPUT_PATH"), "path")
     # A check job that died before writing its record uploads nothing: the expected checks then name it.
@@ -536,7 +426,7 @@ def _publish(env: Mapping[str, str], stdout: TextIO) -> int:
     lines: list[str] = []
     if tag:
         repo = env.get("INPUT_REPOSITORY", "").strip() or env.get("GITHUB_REPOSITORY", "")
-        size_limit = int(env.get("CECAI_SPLIT_SIZE") or SIZE_LIMIT)  # smaller only in tests
+        size_limit = int(environment.text(environment.SPLIT_SIZE, env) or SIZE_LIMIT)  # smaller only in tests
         failed: ChecksFailed | None = None
         try:
             result = publish_release(
@@ -615,7 +505,7 @@ def main(
     def report(exc: ConverterError) -> None:
         out.write(error_annotation(exc) + "\n")
         out.flush()
-        append_summary(environ.get("GITHUB_STEP_SUMMARY"), _failure_summary(exc, what))
+        append_summary(environ.get("GITHUB_STEP_SUMMARY"), failure_summary(exc, what))
 
     def interrupted() -> None:
         out.write(annotation("error", "interrupted", title="cecai-converter: cancelled") + "\n")

@@ -9,9 +9,9 @@ Adding or changing a pair is an edit of pairs.py followed by::
 
 images/Dockerfile has one build chain whose per-pair facts are build arguments (:attr:`PairInfo.build_args`); the
 bake file gives each pair a target with those arguments and the tag the docker backend pulls by default
-(:func:`~cecai_converter.backends.docker.default_image`); .github/workflows/images.yml bakes one group per runner
-architecture. Only the standard library and pairs.py are imported at module level, so scripts/build-image.sh can
-run ``build-args`` with any Python 3 and ``PYTHONPATH=src``.
+(:func:`~cecai_converter.backends.container_spec.default_image`); .github/workflows/images.yml bakes one group per
+runner architecture. Only the standard library and pairs.py are imported at module level, so scripts/build-image.sh
+can run ``build-args`` with any Python 3 and ``PYTHONPATH=src``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Final
 
 from . import __version__
+from .backends.container_spec import DEFAULT_IMAGE_REPO, DEFAULT_IMAGE_TEMPLATE, default_image
 from .errors import UsageError
 from .pairs import PAIRS, PairInfo, parse_pair
+from .toolchain import LLAMA_CPP_PYTHON_VERSION
 
 __all__ = [
     "TABLES_BEGIN",
@@ -80,7 +82,6 @@ def _arches() -> list[str]:
 def tag_template() -> tuple[dict[str, str], str]:
     """The bake variables REGISTRY/OWNER/IMAGE_NAME (defaults from the backend's default repository) and the tag
     pattern, with ``{slug}`` left to fill: the backend's ``DEFAULT_IMAGE_TEMPLATE`` written in bake variables."""
-    from .backends.docker import DEFAULT_IMAGE_REPO, DEFAULT_IMAGE_TEMPLATE
 
     registry, owner, name = DEFAULT_IMAGE_REPO.split("/")
     pattern = DEFAULT_IMAGE_TEMPLATE.replace("{repo}", "${REGISTRY}/${OWNER}/${IMAGE_NAME}").replace(
@@ -96,7 +97,6 @@ def build_args(pair: PairInfo) -> dict[str, str]:
 
 def bake_file(root: Path = ROOT) -> str:
     """docker-bake.hcl: shared settings, one group per runner architecture, one target per pair."""
-    from .toolchain import LLAMA_CPP_PYTHON_VERSION
 
     repo_vars, pattern = tag_template()
     out = [
@@ -109,7 +109,7 @@ def bake_file(root: Path = ROOT) -> str:
         "#   VERSION=0.2.0 OWNER=me docker buildx bake cpu --push\n",
         "#\n",
         f"# Tags: {pattern.replace('{slug}', '<pair slug>')}, the docker backend's default tag for the pair\n",
-        "# (backends/docker.py default_image; CECAI_IMAGE_REPO / CECAI_IMAGE_TEMPLATE point the backend elsewhere).\n",
+        "# (container_spec.default_image; CECAI_IMAGE_REPO / CECAI_IMAGE_TEMPLATE point the backend elsewhere).\n",
         "\n# -- variables (environment variables of the same name override them) " + "-" * 43 + "\n",
     ]
 
@@ -213,7 +213,6 @@ def _docker_run_needs(pair: PairInfo) -> str:
 
 def image_tables() -> str:
     """The image tables of :data:`TABLES_DOC` (between :data:`TABLES_BEGIN` and :data:`TABLES_END`)."""
-    from .backends.docker import default_image
 
     rows = [
         "| pair | image (default tag) | platform | built on | shipped on | llama.cpp flags | `docker run` needs |",

@@ -24,6 +24,7 @@ from . import llama_vocab
 from .errors import ConfigError, ConversionFailed, ToolNotFound, UsageError
 from .llama_tools import build_tools
 from .output import get_logger
+from .texts import MAX_TEXT_TOKENS
 from .threads import lease_cores
 from .tools import run_tool
 
@@ -153,7 +154,6 @@ def compute(
     text = text.resolve()
     cmd = [str(exe), "-m", str(Path(base).resolve()), "-f", text.name, "-o", str(tmp_out.resolve()), "-c", str(n_ctx)]
     cmd += ["-b", str(n_ctx), "--output-format", "gguf", "--no-ppl", "-ngl", "0"]
-    from .texts import MAX_TEXT_TOKENS
 
     # The work stays bounded whatever the text: at most MAX_TEXT_TOKENS tokens' worth of chunks.
     cap = max(2, MAX_TEXT_TOKENS // n_ctx)

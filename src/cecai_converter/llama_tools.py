@@ -36,8 +36,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
+from . import toolchain
 from .errors import ToolchainError, ToolNotFound
 from .output import get_logger
+from .toolchain import extract_llama_cpp
 from .tools import run_tool
 
 __all__ = ["CMAKE_ARGS", "TOOL_TARGETS", "build_tools", "tools_dir"]
@@ -107,8 +109,6 @@ def build_tools(
             of the build log, whose path it names).
     """
     if sdist is None or cache is None:
-        from . import toolchain  # fetches the sdist; only needed here
-
         sdist = toolchain.sdist_path() if sdist is None else sdist
         cache = toolchain.cache_root() if cache is None else cache
     say = progress or _log.info
@@ -191,7 +191,6 @@ def build_tools(
 
 def _source_tree(sdist: Path, root: Path) -> Path:
     """``root/src``: the vendored llama.cpp, extracted once (atomically: a marker is written last)."""
-    from .toolchain import extract_llama_cpp
 
     src = root / "src"
     try:

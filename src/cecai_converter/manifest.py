@@ -7,7 +7,7 @@ Every reader goes through :class:`Manifest`: :meth:`Manifest.from_dict` checks t
 refuses bad input with a :class:`~cecai_converter.errors.ManifestError` that names the field, and
 :meth:`Manifest.to_dict` gives back exactly the JSON it came from (keys it does not know, written by a newer
 version, are kept in ``extra``). The published ``<model>[.<slug>].manifest.json`` (see
-``publish.release_manifest``) is the same document without host paths and mtimes, plus ``checks``; it is read
+``release.manifests.release_manifest``) is the same document without host paths and mtimes, plus ``checks``; it is read
 through the same class.
 """
 
@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -24,13 +27,19 @@ from typing import Any, Final
 from . import __version__
 from .errors import ManifestError, UsageError
 from .fsutil import atomic_write_json
+from .names import check_plain_name, check_stem, show
+from .output import get_logger
+from .parity_record import record_problem
+from .quant_types import quantization_problem
+from .records import CheckRecord, check_record_problem
+from .untrusted_json import load_bounded_file
 
 __all__ = [
     "MANIFEST_NAME",
     "SCHEMA",
     "FileEntry",
     "Manifest",
-    "check_record_problem",
+    "fidelity_error",
     "file_is_current",
     "inputs_key",
     "load_manifest",
@@ -122,7 +131,32 @@ class FileEntry:
 
 
 _ENTRY_FIELDS: Final = tuple(f for f in dataclasses.fields(FileEntry) if f.name not in ("extra", "absent"))
-_ENTRY_OPTIONAL: Final = frozenset(f.name for f in _ENTRY_FIELDS) - {"name", "precision", "bytes", "sha256"}
+_ENTRY_OPTIONAL: Final = frozenset(
+    f.name for f in _ENTRY_FIELDS if (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING)
+)
+
+
+def _type_check(hint: object) -> Callable[[object], bool]:
+    """What a JSON value must be to hold a field declared ``hint`` (``X | None``: an ``X``; None is judged by the
+    caller): ``int`` a whole number (not a bool), ``float`` any number, a ``dict[...]`` an object."""
+    if isinstance(hint, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    kind = typing.get_origin(hint) or hint
+    if kind is int:
+        return _is_int
+    if kind is float:
+        return _is_number
+    assert isinstance(kind, type), hint  # a field type no manifest check knows: declare it, or check it by hand
+    return lambda value: isinstance(value, kind)
+
+
+#: files[i] (and mmproj[i]): (key, required, type check), derived from FileEntry's declarations so that the two
+#: cannot drift. ``name`` (a plain file name) and ``quantization`` (quant_types' record) have checks of their own.
+_ENTRY_CHECKS: Final = tuple(
+    (f.name, f.name not in _ENTRY_OPTIONAL, _type_check(typing.get_type_hints(FileEntry)[f.name]))
+    for f in _ENTRY_FIELDS
+    if f.name not in ("name", "quantization")
+)
 
 
 @dataclass(frozen=True)
@@ -234,6 +268,11 @@ class Manifest:
         return {e.precision: e for e in self.files}
 
     @property
+    def check_records(self) -> dict[str, CheckRecord]:
+        """Published manifests: pair → its check record, typed (``checks``; empty without)."""
+        return {pair: CheckRecord.from_dict(record) for pair, record in (self.checks or {}).items()}
+
+    @property
     def n_gpu_layers(self) -> int | None:
         """The runtime setting the files were verified with."""
         value = (self.runtime or {}).get("n_gpu_layers")
@@ -290,9 +329,20 @@ def _fidelity_problem(record: object) -> str | None:
         return "budget.text_tokens: expected a whole number ≥ 0"
     if isinstance(n_tokens, int) and n_tokens > text_tokens:
         return "n_tokens: more positions than the text has (budget.text_tokens)"
-    for key in ("target", "kld_se_floor", "top1_se_max", "kld_rel_se"):
+    for key in (
+        "target",
+        "kld_se_floor",
+        "top1_se_max",
+        "kld_rel_se",
+        "kld_mean_se_chunks",
+        "top1_agreement_se_chunks",
+    ):
         if budget.get(key) is not None and not _is_number(budget[key]):
             return f"budget.{key}: expected a number"
+    for key in ("min_tokens", "min_chunks", "chunks"):
+        value = budget.get(key)
+        if value is not None and not (isinstance(value, int) and _is_int(value) and value >= 0):
+            return f"budget.{key}: expected a whole number ≥ 0"
     return None
 
 
@@ -313,8 +363,6 @@ def read_manifest(folder: Path) -> Manifest | None:
     except FileNotFoundError:
         return None
     except ManifestError as exc:
-        from .output import get_logger
-
         problem = exc.message.removeprefix(f"{path}: ")
         get_logger("manifest").warning(f"ignoring {path}: {problem}; the folder is treated as having no record")
         return None
@@ -327,7 +375,6 @@ def load_manifest(path: Path) -> Manifest:
         FileNotFoundError: there is no file at ``path``.
         ManifestError: it is not readable JSON, or a field is malformed (the message names the file and the field).
     """
-    from .untrusted_json import load_bounded_file
 
     # NaN and Infinity accepted: our own writer keeps a non-finite measurement (a speed of a run too quick to time).
     data = load_bounded_file(
@@ -338,7 +385,6 @@ def load_manifest(path: Path) -> Manifest:
 
 def _manifest_problem(data: object) -> str | None:
     """The first field of a manifest that readers would trip over, as ``field: why``; None when it is sound."""
-    from .names import check_plain_name, check_stem, show
 
     if not isinstance(data, dict):
         return f"expected a JSON object, found {type(data).__name__}"
@@ -348,8 +394,6 @@ def _manifest_problem(data: object) -> str | None:
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key}: expected an object"
     if data.get("source_parity") is not None:
-        from .source_parity import record_problem
-
         why = record_problem(data["source_parity"])
         if why is not None:
             return f"source_parity.{why}" if not why.startswith("expected") else f"source_parity: {why}"
@@ -383,33 +427,15 @@ def _manifest_problem(data: object) -> str | None:
         why = check_plain_name(entry.get("name"))
         if why is not None:
             return f"{where}[{i}].name: {why}"
-        for key, ok in (
-            ("precision", lambda v: isinstance(v, str)),
-            ("sha256", lambda v: isinstance(v, str)),
-            ("bytes", _is_int),
-        ):
-            if not ok(entry.get(key)):
+        for key, required, ok in _ENTRY_CHECKS:
+            if required and not ok(entry.get(key)):
                 return f"{where}[{i}].{key}: missing or of the wrong type"
-        for key, ok in (
-            ("mtime_ns", _is_int),
-            ("inputs_key", lambda v: isinstance(v, str)),
-            ("tensor_count", _is_int),
-            ("architecture", lambda v: isinstance(v, str)),
-            ("file_type", _is_int),
-            ("n_params", _is_int),
-            ("bpw", _is_number),
-            ("verification", lambda v: isinstance(v, dict)),
-            ("fidelity", lambda v: isinstance(v, dict)),
-            ("reused", lambda v: isinstance(v, bool)),
-        ):
-            if entry.get(key) is not None and not ok(entry[key]):
+            if not required and entry.get(key) is not None and not ok(entry[key]):
                 return f"{where}[{i}].{key}: of the wrong type"
         why = _fidelity_problem(entry.get("fidelity"))
         if why is not None:
             return f"{where}[{i}].fidelity.{why}"
         if entry.get("quantization") is not None:
-            from .quant_types import quantization_problem
-
             why = quantization_problem(entry["quantization"])
             if why is not None:
                 return f"{where}[{i}].quantization{': ' if why.startswith('expected') else '.'}{why}"
@@ -443,49 +469,6 @@ def _manifest_problem(data: object) -> str | None:
     return None
 
 
-_RECORD_KEYS: Final = (
-    ("pair", str, "a string"),
-    ("passed", bool, "true or false"),
-    ("runtime", dict, "an object"),
-    ("files", list, "a list"),
-    ("problems", list, "a list"),
-    ("model_name", str, "a string"),
-    ("fidelity", dict, "an object"),
-)
-_RECORD_ROW_KEYS: Final = (
-    ("name", str, "a string"),
-    ("sha256", str, "a string"),
-    ("passed", bool, "true or false"),
-    ("agreement", dict, "an object"),
-    ("fidelity", dict, "an object"),
-    ("problems", list, "a list"),
-)
-
-
-def check_record_problem(record: object, *, complete: bool = False) -> tuple[str, str] | None:
-    """The first field of a check record (``cecai-convert check``) that the publisher would trip over, as
-    ``(field, why)`` (field ``""``: the record itself); None when it is sound.
-
-    Fields that are present must have their type; with ``complete``, ``pair``, ``passed``, ``runtime`` and
-    ``files`` must also be there (a record as ``check`` writes it, not one already merged into a manifest).
-    """
-    if not isinstance(record, dict):
-        return "", "expected an object"
-    for key, kind, what in _RECORD_KEYS:
-        value = record.get(key)
-        if value is None and (not complete or key in ("problems", "model_name", "fidelity")):
-            continue
-        if not isinstance(value, kind):
-            return key, f"expected {what}, found {type(value).__name__}"
-    for i, row in enumerate(record.get("files") or []):
-        if not isinstance(row, dict):
-            return f"files[{i}]", "expected an object"
-        for key, kind, what in _RECORD_ROW_KEYS:
-            if row.get(key) is not None and not isinstance(row[key], kind):
-                return f"files[{i}].{key}", f"expected {what}, found {type(row[key]).__name__}"
-    return None
-
-
 def write_manifest(folder: Path, data: Mapping[str, Any]) -> Manifest:
     """Write ``folder/manifest.json`` atomically and return it, as read back.
 
@@ -502,6 +485,29 @@ def write_manifest(folder: Path, data: Mapping[str, Any]) -> Manifest:
 def inputs_key(**parts: Any) -> str:
     """A stable hash of everything a file's bytes depend on (source fingerprint, precision, toolchain, imatrix)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+#: A fidelity record's error → the budget's error between chunks for the same number (fidelity.chunk_se).
+_BETWEEN_CHUNKS: Final = {
+    "kld_mean_se": "kld_mean_se_chunks",
+    "top1_agreement_se": "top1_agreement_se_chunks",
+}
+
+
+def fidelity_error(fidelity: Mapping[str, Any], key: str) -> float | None:
+    """The standard error a reader should be shown for ``key`` (``kld_mean_se`` or ``top1_agreement_se``) of a
+    file's fidelity record: llama-perplexity's per-position one or, when the record's ``budget`` has the error
+    between the text's chunks and it is larger, that one (tokens of one chunk share their context). None when the
+    record has no such error."""
+
+    def number(value: object) -> float | None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None  # type: ignore[arg-type]
+
+    se = number(fidelity.get(key))
+    budget = fidelity.get("budget")
+    wider = number(budget.get(_BETWEEN_CHUNKS.get(key, ""))) if isinstance(budget, Mapping) else None
+    return max(se, wider) if se is not None and wider is not None else se
 
 
 def file_is_current(entry: FileEntry, folder: Path, key: str) -> bool:

@@ -29,6 +29,10 @@ from typing import Any, Final
 
 import yaml
 
+from .pairs import DEFAULT_PAIR
+from .precisions import DEFAULT_PRECISIONS
+from .toolchain import LLAMA_CPP_PYTHON_VERSION, SDIST_SHA256, extract_llama_cpp
+
 __all__ = [
     "ARCHITECTURES",
     "SIZES",
@@ -204,8 +208,6 @@ def qwen2_vocab_data(sdist: Path) -> dict[str, Any]:
 
     import gguf
     from tokenizers import Regex, normalizers, pre_tokenizers
-
-    from .toolchain import LLAMA_CPP_PYTHON_VERSION, SDIST_SHA256, extract_llama_cpp
 
     with tempfile.TemporaryDirectory(prefix="cecai-qwen2-vocab-") as tmp:
         root = extract_llama_cpp(Path(sdist), Path(tmp), (QWEN2_VOCAB_MEMBER,))
@@ -435,9 +437,10 @@ def make_seed_layout(
     Args:
         root: the ``<NAME>`` folder (``GPT_2``); created if missing.
         model_name: MODEL_NAME, the model's folder under ``models/``.
-        precisions: PRECISION per pair; default ``{"CPU_LLM_LLAMA": ["Q8_0", "Q4_K_M"]}``.
+        precisions: PRECISION per pair; default ``{DEFAULT_PAIR: list(DEFAULT_PRECISIONS)}`` (CPU_LLM_LLAMA: Q8_0,
+            Q4_K_M).
     """
-    precisions = precisions or {"CPU_LLM_LLAMA": ["Q8_0", "Q4_K_M"]}
+    precisions = precisions or {DEFAULT_PAIR: list(DEFAULT_PRECISIONS)}
     converter = Path(root) / "Converter"
     config_dir = converter / "configurations"
     config_dir.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import UnsupportedModel, VerificationFailed, WorkerFailed
+from .runtime import runtime_env, runtime_name
 from .source import converter_map_keys
-from .tools import run_worker, runtime_env, runtime_name, serve_job, worker_failure_why
+from .tools import WorkerUsage, run_worker, serve_job, worker_failure_why
 
 __all__ = [
     "MMPROJ_ROLE",
@@ -390,8 +391,6 @@ def _image_worker(job: Mapping[str, Any]) -> dict[str, Any]:
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
     import numpy as np
-
-    from .tools import WorkerUsage
 
     n_gpu_layers = int(job["n_gpu_layers"])
     image_bytes = Path(job["image"]).read_bytes()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
+
+from . import environment
 
 __all__ = ["LOGGER_NAME", "Output", "decimal_size", "get_logger"]
 
@@ -57,7 +58,7 @@ class Output:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         isatty = getattr(self.stderr, "isatty", lambda: False)()
-        self.progress_enabled = isatty and fmt == "human" and not os.environ.get("CECAI_NO_PROGRESS")
+        self.progress_enabled = isatty and fmt == "human" and not environment.is_set(environment.NO_PROGRESS)
 
     def result(self, human: str, data: Any = None) -> None:
         """Print a command's result: ``human`` text, or ``data`` as JSON in JSON mode."""

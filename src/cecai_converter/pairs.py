@@ -13,7 +13,7 @@ from typing import Final
 
 from .errors import UsageError
 
-__all__ = ["PAIRS", "PairInfo", "parse_pair"]
+__all__ = ["DEFAULT_PAIR", "PAIRS", "PairInfo", "parse_pair"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,10 @@ PAIRS: Final[MappingProxyType[str, PairInfo]] = MappingProxyType(
         )
     }
 )
+
+#: The pair of a conversion that names none: the docker backend's image for `convert`, the demo's pair, and the
+#: runners of a release's builder (make) jobs.
+DEFAULT_PAIR: Final = "CPU_LLM_LLAMA"
 
 
 def parse_pair(value: str) -> PairInfo:

@@ -9,6 +9,12 @@ The files of a model are made once and checked on every pair's runtime:
   runs ``cecai-convert check`` on the pair's runtime: in the pair's image (``backend: docker``) or a runtime
   installed on the runner (``backend: local``).
 
+Where each model's fidelity is measured (the batch's ``fidelity-on``, see :func:`fidelity_plan`): ``builder``, by
+the make job; or ``check``, by exactly one of its check jobs, on that pair's runtime (the first GPU pair's, where the
+same bytes are evaluated many times faster), against the base the make job then ships. ``auto`` is ``check`` when one
+of the model's planned pairs offloads to a GPU, else ``builder``. Only one runtime measures a file, so the published
+manifest names one ``measured_by`` pair and device.
+
 GitHub runs at most 256 jobs from one matrix: the limit applies to each. The default output is three lines for
 ``$GITHUB_OUTPUT`` (``make=…``, ``check=…``, and ``matrix=…``, the check matrix under its old name); ``--format
 json`` prints ``{"make": {"include": [...]}, "check": {"include": [...]}}``.
@@ -18,18 +24,42 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from .batch import Batch, load_batch
 from .errors import ConfigError
 from .output import Output
-from .pairs import PAIRS, parse_pair
+from .pairs import PAIRS, PairInfo, parse_pair
 
-__all__ = ["MAX_MATRIX_JOBS", "build_matrix", "build_plan", "matrix_json", "matrix_line", "output_lines", "register"]
+__all__ = [
+    "MAX_MATRIX_JOBS",
+    "build_matrix",
+    "build_plan",
+    "fidelity_plan",
+    "matrix_json",
+    "matrix_line",
+    "output_lines",
+    "register",
+]
 
 #: GitHub runs at most 256 jobs from one matrix.
 MAX_MATRIX_JOBS: Final = 256
+
+
+def fidelity_plan(fidelity_on: str, pairs: Sequence[PairInfo]) -> tuple[str, PairInfo | None]:
+    """Where a model's fidelity is measured, given its ``fidelity-on`` (builder|check|auto) and its planned pairs.
+
+    Returns:
+        ``("builder", None)``: the make job measures it; or ``("check", pair)``: only ``pair``'s check job does,
+        the first pair that offloads to a GPU (:attr:`PairInfo.gpu`), else the first pair. ``auto`` is ``check``
+        when one of ``pairs`` offloads to a GPU, else ``builder``.
+    """
+    gpu = next((p for p in pairs if p.gpu), None)
+    if fidelity_on == "builder" or (fidelity_on == "auto" and gpu is None) or not pairs:
+        return "builder", None
+    return "check", gpu or pairs[0]
 
 
 def build_plan(batch: Batch, pairs: list[str] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -37,11 +67,15 @@ def build_plan(batch: Batch, pairs: list[str] | None = None) -> dict[str, dict[s
 
     A make entry holds ``id`` (the model name: artifact ``make-<id>``), ``name``, ``source`` (hub|local),
     ``model``, ``revision`` (``""`` when not given), ``precisions`` (space-separated), ``pairs`` (space-separated
-    pair names it is checked on) and ``runner_labels`` (the builder labels).
+    pair names it is checked on), ``runner_labels`` (the builder labels) and ``fidelity_on`` (builder|check: the
+    convert action's ``fidelity-on``).
 
     A check entry holds ``id`` (``<name>-<slug>``), ``make_id``, ``name``, ``source``, ``model``, ``revision``,
     ``pair``, ``slug``, ``precisions``, ``runner_labels`` (the pair's), ``backend`` (docker|local), ``image``
-    (``""``: the pair's default tag), ``max_kld`` and ``min_top1`` (``""``: the check command's defaults).
+    (``""``: the pair's default tag), ``max_kld`` and ``min_top1`` (``""``: the check command's defaults) and
+    ``fidelity`` (the check action's input: ``"true"`` for the one check job of a ``fidelity_on: check`` model that
+    measures its files, see :func:`fidelity_plan`; ``"false"`` for every other). The plan never says ``"auto"``: it
+    knows every pair, so it names the one that measures instead of letting each GPU check measure the same files.
 
     Args:
         batch: the validated batch file.
@@ -57,6 +91,7 @@ def build_plan(batch: Batch, pairs: list[str] | None = None) -> dict[str, dict[s
         chosen = [p for p in model.pairs if only is None or p.name in only]
         if not chosen:
             continue
+        fidelity_on, measurer = fidelity_plan(model.fidelity_on, chosen)
         common = {
             "name": model.name,
             "source": model.source,
@@ -70,6 +105,7 @@ def build_plan(batch: Batch, pairs: list[str] | None = None) -> dict[str, dict[s
                 **common,
                 "pairs": " ".join(p.name for p in chosen),
                 "runner_labels": list(batch.builder_labels),
+                "fidelity_on": fidelity_on,
             }
         )
         for pair in chosen:
@@ -86,6 +122,7 @@ def build_plan(batch: Batch, pairs: list[str] | None = None) -> dict[str, dict[s
                     "image": settings.image,
                     "max_kld": "" if batch.max_kld is None else f"{batch.max_kld:g}",
                     "min_top1": "" if batch.min_top1 is None else f"{batch.min_top1:g}",
+                    "fidelity": "true" if pair == measurer else "false",
                 }
             )
     if not check:

@@ -19,6 +19,7 @@ from .errors import ConfigError
 __all__ = [
     "ALIASES",
     "CONVERTER_OUTTYPES",
+    "DEFAULT_PRECISIONS",
     "PRECISIONS",
     "PrecisionInfo",
     "parse_precision",
@@ -123,6 +124,9 @@ ALIASES: Final[MappingProxyType[str, str]] = MappingProxyType(
 CONVERTER_OUTTYPES: Final[frozenset[str]] = frozenset(
     info.name for info in PRECISIONS.values() if info.converter_outtype
 )
+
+#: What the demo's seed layout converts to (near lossless, and the usual default).
+DEFAULT_PRECISIONS: Final[tuple[str, ...]] = ("Q8_0", "Q4_K_M")
 
 
 def parse_precision(value: object, *, where: str = "PRECISION") -> PrecisionInfo:

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from .errors import UsageError
 from .gguf_header import TensorInfo
+from .markdown import code, inline
 from .names import show
 
 __all__ = [
@@ -325,7 +326,6 @@ def types_markdown(files: Sequence[Mapping[str, Any]]) -> list[str]:
     """Markdown lines (the report's and the model card's): per file, the tensor types llama.cpp wrote (share of
     the tensor bytes), the tensor data's bits per weight, the overrides given and the fallbacks (the first
     :data:`MAX_FALLBACK_LINES`) from the manifest's ``quantization`` records; nothing when no file has one."""
-    from .markdown import code, inline
 
     out: list[str] = []
     for f in files:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ConversionFailed, UsageError, WorkerFailed
+from .imatrix import load_for_quantize
 from .output import get_logger
 from .precisions import PrecisionInfo
 from .quant_types import needs_imatrix, parse_fallbacks, rule_type_id
@@ -189,8 +190,6 @@ def _quantize(job: Mapping[str, Any]) -> dict[str, Any]:
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     keepalive = None
     if job["imatrix"]:
-        from .imatrix import load_for_quantize
-
         keepalive = load_for_quantize(Path(job["imatrix"]))
         keepalive.apply(params)  # also records quantize.imatrix.* metadata, as llama-quantize does
     rc = llama_cpp.llama_model_quantize(str(job["src"]).encode(), str(job["dst"]).encode(), ctypes.byref(params))

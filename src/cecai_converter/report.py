@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import EXIT_OK, ManifestError, UsageError
-from .gguf_header import GGUFHeaderError
-from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from .fsutil import atomic_write_bytes, refuse_symlink, write_target
+from .gguf_header import GGUFHeaderError, read_header
+from .manifest import MANIFEST_NAME, Manifest, fidelity_error, load_manifest
 from .markdown import code, inline
 from .output import Output, decimal_size
 from .precisions import PRECISIONS
-from .quant_types import types_markdown
+from .quant_types import quantization_record, types_markdown
+from .source_parity import summary
 
 __all__ = ["find_manifests", "load_manifests", "plot", "register", "render_markdown"]
 
@@ -78,8 +80,6 @@ def _render_one(manifest: Mapping[str, Any]) -> str:
     if isinstance(imx, Mapping) and imx.get("file"):
         lines += [f"Importance matrix: {code(imx['file'])} ({inline(imx.get('source', 'given'))}).", ""]
     if "source_parity" in manifest:  # the base against its source model (source_parity.py)
-        from .source_parity import summary
-
         lines += [f"Faithful to the source: {inline(summary(manifest.get('source_parity')))}.", ""]
     header = ["File", "Precision", "Size", "BPW", "KLD", "KLD p99", "PPL ratio", "Top-1", "Prompt tok/s", "Gen tok/s"]
     lines.append("| " + " | ".join(header) + " |")
@@ -92,10 +92,10 @@ def _render_one(manifest: Mapping[str, Any]) -> str:
             inline(f.get("precision", "?")),
             _size(f.get("bytes")),
             _bpw(f, folder),
-            _kld_pm(fid.get("kld_mean"), fid.get("kld_mean_se")),
+            _kld_pm(fid.get("kld_mean"), fidelity_error(fid, "kld_mean_se")),
             _kld(fid.get("kld_p99")),
             _ratio_pm(fid),
-            _pct_pm(fid.get("top1_agreement"), fid.get("top1_agreement_se")),
+            _pct_pm(fid.get("top1_agreement"), fidelity_error(fid, "top1_agreement_se")),
             _rate(fid.get("prompt_tps")),
             _rate(fid.get("gen_tps")),
         ]
@@ -208,13 +208,10 @@ def _measure_bpw(path: Path) -> float | None:
         GGUFHeaderError: the file is not a sound GGUF file.
         OSError: it cannot be read.
     """
-    from .fsutil import refuse_symlink
 
     refuse_symlink(path)
     if not path.is_file():
         return None
-    from .gguf_header import read_header
-    from .quant_types import quantization_record
 
     bpw = quantization_record(read_header(path).tensors, fallbacks=(), overrides=())["bpw"]
     return float(bpw) if bpw is not None else None
@@ -283,8 +280,6 @@ def plot(manifest: dict[str, Any], png: Path) -> Path:
         UsageError: no file in the manifest has fidelity numbers.
     """
     import io
-
-    from .fsutil import atomic_write_bytes, write_target
 
     fig = _figure(manifest)
     png = write_target(Path(png))

@@ -25,11 +25,15 @@ from typing import Any
 from .card import load_manifest_file
 from .errors import ToolchainError, UsageError
 from .fsutil import sha256_file
-from .manifest import MANIFEST_NAME
+from .imatrix import default_calibration_text
+from .manifest import MANIFEST_NAME, Manifest
 from .names import check_plain_name, show
 from .output import Output
+from .pipeline import Job, Target, run_job
 from .precisions import parse_precision
 from .quant_types import recorded_tensor_types
+from .request_options import Options
+from .source import check_model_dir, check_repo_id
 from .toolchain import toolchain_info
 
 __all__ = ["FileResult", "ReproduceResult", "render", "reproduce", "source_differences"]
@@ -101,8 +105,8 @@ def source_differences(recorded: Sequence[Mapping[str, Any]], found: Sequence[Ma
     return out
 
 
-def _check_toolchain(manifest: Mapping[str, Any]) -> None:
-    recorded = manifest.get("toolchain") or {}
+def _check_toolchain(manifest: Manifest) -> None:
+    recorded = manifest.toolchain or {}
     here = toolchain_info().as_manifest()
     if any(recorded.get(key) != value for key, value in here.items()):
         raise ToolchainError(
@@ -114,9 +118,8 @@ def _check_toolchain(manifest: Mapping[str, Any]) -> None:
         )
 
 
-def _local_source(manifest: Mapping[str, Any], given: Path | None) -> Path:
-    source = manifest.get("source") or {}
-    recorded_path = source.get("path")
+def _local_source(manifest: Manifest, given: Path | None) -> Path:
+    recorded_path = manifest.source_path
     if given is None and not recorded_path:
         raise UsageError(
             "this manifest records no source folder (a published <model>.manifest.json drops host paths)",
@@ -130,7 +133,6 @@ def _local_source(manifest: Mapping[str, Any], given: Path | None) -> Path:
         )
     # The cheap checks of a model folder now, before the rebuild fetches the pinned llama.cpp (minutes on a fresh
     # machine) only to refuse the folder after it.
-    from .source import check_model_dir
 
     check_model_dir(folder)
     return folder
@@ -152,11 +154,11 @@ def _source_change(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any], fold
 
 
 def _imatrix(
-    manifest: Mapping[str, Any], manifest_dir: Path, given: Path | None, work: Path, changed: list[str]
+    manifest: Manifest, manifest_dir: Path, given: Path | None, work: Path, changed: list[str]
 ) -> tuple[Path | None, bool]:
     """The importance matrix to quantize with, copied under its recorded name into ``work`` (llama.cpp writes the
     name into every file it quantizes), or ``(None, True)`` to compute it again from the shipped text."""
-    record = manifest.get("imatrix")
+    record = manifest.imatrix
     if not record:
         if given is not None:
             raise UsageError("--imatrix given, but the manifest records no importance matrix")
@@ -181,8 +183,6 @@ def _imatrix(
             return copy, False
         changed.append(f"imatrix: {candidate} is not the recorded {name}")
     if record.get("source") == "computed":
-        from .imatrix import default_calibration_text
-
         text_sha = record.get("calibration_text_sha256")
         if text_sha and text_sha != sha256_file(default_calibration_text()):
             raise UsageError(
@@ -221,16 +221,15 @@ def reproduce(
         ToolchainError: the installed pin is not the recorded one.
         UsageError: the manifest, the source or the imatrix cannot be found, or the workdir is not fresh.
     """
-    from .pipeline import Job, Options, Target, run_job
 
     manifest_path = manifest_path / MANIFEST_NAME if manifest_path.is_dir() else manifest_path
     manifest = load_manifest_file(manifest_path)
-    files = list(manifest.get("files") or [])
+    files = manifest.files
     if not files:
         raise UsageError(f"{manifest_path} lists no files to reproduce")
     _check_toolchain(manifest)
     changed: list[str] = []
-    src = manifest.get("source") or {}
+    src = manifest.source or {}
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="cecai-reproduce-")) if workdir is None else workdir.resolve()
     if not own:
@@ -251,7 +250,6 @@ def reproduce(
             if not src.get("repo_id") or not src.get("revision"):
                 raise UsageError(f"{manifest_path}: the Hub source records no repo_id and revision")
             model, hub, revision = str(src["repo_id"]), True, str(src["revision"])
-            from .source import check_repo_id
 
             check_repo_id(model)  # before anything is fetched, as a local folder is checked first
             if not re.fullmatch(r"[0-9a-f]{40}", revision):
@@ -262,8 +260,8 @@ def reproduce(
         else:
             model, hub, revision = str(_local_source(manifest, source)), False, None
         imatrix_path, compute = _imatrix(manifest, manifest_path.parent, imatrix, work / ".inputs", changed)
-        precisions = [parse_precision(str(f.get("precision"))) for f in files]
-        base = (manifest.get("base") or {}).get("precision")
+        precisions = [parse_precision(f.precision) for f in files]
+        base = (manifest.base or {}).get("precision")
         names = {p.name for p in precisions}
         if isinstance(base, str) and base not in names and len(precisions) == 1:
             # One quantized type alone could be written by the converter directly; the recorded files were
@@ -276,13 +274,13 @@ def reproduce(
             compute_imatrix=compute,
             fidelity=False,
             verify=False,
-            tensor_types=recorded_tensor_types(manifest),
+            tensor_types=recorded_tensor_types(manifest.to_dict()),
             # A text-only file of a model with other towers was asked for explicitly: ask again (else refused).
-            text_only=(manifest.get("multimodal") or {}).get("text_only") is True,
+            text_only=(manifest.multimodal or {}).get("text_only") is True,
         )
         job = Job(
             model=model,
-            model_name=str(manifest.get("model_name")),
+            model_name=str(manifest.model_name),
             precisions=tuple(precisions),
             targets=(Target(outputs_dir=work / "outputs"),),
             options=options,
@@ -291,37 +289,38 @@ def reproduce(
         )
         run_job(job, out)
         rebuilt = load_manifest_file(work / "outputs" / MANIFEST_NAME)
-        rebuilt_source = rebuilt.get("source") or {}
+        rebuilt_source = rebuilt.source or {}
         if hub and rebuilt_source.get("fingerprint") != src.get("fingerprint"):
             changed.append(f"source fingerprint: {src.get('repo_id')}@{src.get('revision')} downloaded other files")
         elif not hub and (change := _source_change(src, rebuilt_source, model)) is not None:
             changed.insert(0, change)  # the first input: the imatrix and base follow from it
-        recorded_imatrix = (manifest.get("imatrix") or {}).get("sha256")
-        rebuilt_imatrix = (rebuilt.get("imatrix") or {}).get("sha256")
+        recorded_imatrix = (manifest.imatrix or {}).get("sha256")
+        rebuilt_imatrix = (rebuilt.imatrix or {}).get("sha256")
         if compute and recorded_imatrix != rebuilt_imatrix:
             changed.append("imatrix: computing it again gave another matrix (a changed calibration text?)")
-        if (rebuilt.get("base") or {}).get("precision") != base:
-            changed.append(f"base: rebuilt from {(rebuilt.get('base') or {}).get('precision')}, recorded {base}")
-        by_name = {str(f.get("name")): f for f in rebuilt.get("files") or []}
+        rebuilt_base = (rebuilt.base or {}).get("precision")
+        if rebuilt_base != base:
+            changed.append(f"base: rebuilt from {rebuilt_base}, recorded {base}")
+        by_name = {f.name: f for f in rebuilt.files}
         results = [
             FileResult(
-                name=str(f.get("name")),
-                precision=str(f.get("precision")),
-                recorded=str(f.get("sha256")),
-                rebuilt=(by_name.get(str(f.get("name"))) or {}).get("sha256"),
+                name=f.name,
+                precision=f.precision,
+                recorded=f.sha256,
+                rebuilt=twin.sha256 if (twin := by_name.get(f.name)) is not None else None,
             )
             for f in files
         ]
         # A vision model's projector files (mmproj) are rebuilt by the same run and compared alike.
-        rebuilt_mmproj = {str(f.get("name")): f for f in rebuilt.get("mmproj") or []}
+        rebuilt_mmproj = {f.name: f for f in rebuilt.mmproj or []}
         results += [
             FileResult(
-                name=str(f.get("name")),
-                precision=f"mmproj {f.get('precision')}",
-                recorded=str(f.get("sha256")),
-                rebuilt=(rebuilt_mmproj.get(str(f.get("name"))) or {}).get("sha256"),
+                name=f.name,
+                precision=f"mmproj {f.precision}",
+                recorded=f.sha256,
+                rebuilt=twin.sha256 if (twin := rebuilt_mmproj.get(f.name)) is not None else None,
             )
-            for f in manifest.get("mmproj") or []
+            for f in manifest.mmproj or []
         ]
         return ReproduceResult(results, changed, None if own else work)
     finally:

@@ -6,9 +6,9 @@ See :mod:`cecai_converter.signing` for what a signature covers and the two ways 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from . import environment
 from .output import Output
 from .signing import GITHUB_OIDC_ISSUER, SIGNATURE_NAME, sign_folder, verify_folder
 
@@ -21,7 +21,7 @@ def _sign(args: argparse.Namespace, out: Output) -> int:
         key=Path(args.key) if args.key else None,
         keyless=args.keyless,
         signature=Path(args.signature) if args.signature else None,
-        password=os.environ.get("CECAI_SIGNING_KEY_PASSWORD") or None,
+        password=environment.text(environment.SIGNING_KEY_PASSWORD) or None,
     )
     human = f"signed {len(done.files)} file(s) of {done.folder} ({done.method}): {done.signature}"
     out.result("\n".join([human, *(f"  {f}" for f in done.files)]), done.as_dict())

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
+from . import environment
 from .output import get_logger
 
 __all__ = [
@@ -55,11 +56,11 @@ __all__ = [
 
 #: The number of cores to share, when the machine's own count is not what this run should use (a container's CPU
 #: quota it cannot see, a machine shared with other work).
-CORES_ENV: Final = "CECAI_CORES"
+CORES_ENV: Final = environment.CORES
 #: The threads a worker was granted, set by the parent for the child.
-THREADS_ENV: Final = "CECAI_THREADS"
+THREADS_ENV: Final = environment.THREADS
 #: The folder of the machine-wide core slots; ``off`` turns the lease off.
-SLOTS_ENV: Final = "CECAI_CORE_SLOTS"
+SLOTS_ENV: Final = environment.CORE_SLOTS
 #: Seconds between two looks for a free core while every one is leased.
 _POLL_S: Final = 0.2
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final
 
+from . import environment
 from .errors import ToolchainError, ToolNotFound
 from .fsutil import sha256_file
+from .runtime import installed_runtime_version
 from .tools import run_tool
 
 __all__ = [
@@ -31,7 +33,6 @@ __all__ = [
     "cache_root",
     "ensure_converter",
     "extract_llama_cpp",
-    "installed_runtime_version",
     "sdist_path",
     "toolchain_info",
 ]
@@ -51,7 +52,7 @@ _MARKER: Final = "cecai-toolchain.json"
 
 def cache_root() -> Path:
     """Where the toolchain lives: ``$CECAI_TOOLCHAIN_DIR``, else ``$XDG_CACHE_HOME/cecai-converter/toolchain``."""
-    explicit = os.environ.get("CECAI_TOOLCHAIN_DIR")
+    explicit = environment.text(environment.TOOLCHAIN_DIR)
     if explicit:
         return Path(explicit)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -189,16 +190,6 @@ def ensure_converter(*, fetch: bool = True, source: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return converter
-
-
-def installed_runtime_version() -> str | None:
-    """The installed llama-cpp-python version, or None when it is not installed (read without importing it)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def require_runtime() -> None:

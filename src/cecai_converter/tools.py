@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Final
 
+from . import environment
 from .errors import WorkerFailed, WorkerFailure
 from .fsutil import atomic_write_text
 from .output import get_logger
-from .threads import CoreLease, lease_cores, worker_env
+from .threads import CoreLease, lease_cores, worker_env, worker_threads
 
 __all__ = [
-    "MAX_GPU_LAYERS",
     "MAX_THREADS",
     "THREAD_KEYS",
     "ToolRun",
@@ -47,12 +47,9 @@ __all__ = [
     "child_kwargs",
     "describe_exit",
     "failure_summary",
-    "gpu_layer_count",
     "quiet_abort_env",
     "run_tool",
     "run_worker",
-    "runtime_env",
-    "runtime_name",
     "serve_job",
     "thread_count",
     "worker_failure_why",
@@ -76,25 +73,6 @@ def thread_count(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{value} threads: give 1 to {MAX_THREADS} (llama.cpp's limit); this machine has {cores} cores, "
             "and leaving --threads out uses them all"
-        )
-    return value
-
-
-#: The largest ``--n-gpu-layers``: far above the layers of any model (a count above a model's offloads all of it),
-#: far below the 32-bit int llama.cpp reads it as (ctypes wraps a larger value silently, 1e20 becomes garbage).
-MAX_GPU_LAYERS = 100_000
-
-
-def gpu_layer_count(text: str) -> int:
-    """The ``--n-gpu-layers`` argument type: -1 (all layers) or 0 to :data:`MAX_GPU_LAYERS`."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of layers") from None
-    if not -1 <= value <= MAX_GPU_LAYERS:
-        raise argparse.ArgumentTypeError(
-            f"{value if abs(value) < 10**12 else str(value)[:12] + '…'} layers: give -1 (all layers), 0 (CPU only) "
-            f"or a count up to {MAX_GPU_LAYERS:,}"
         )
     return value
 
@@ -159,7 +137,7 @@ def quiet_abort_env() -> dict[str, str]:
     push llama.cpp's own message (``GGML_ASSERT(eps >= 0.0f) failed``) out of the error. ``CECAI_DEBUG=1`` keeps
     the backtrace for developers.
     """
-    return {} if os.environ.get("CECAI_DEBUG") else {"GGML_NO_BACKTRACE": "1"}
+    return {} if environment.is_set(environment.DEBUG) else {"GGML_NO_BACKTRACE": "1"}
 
 
 # Lines a debugger or a backtrace adds to a crashed child's output: never the reason it failed.
@@ -190,27 +168,6 @@ def failure_summary(tail: str, lines: int = 3) -> str:
     if asserts:
         return re.sub(r"^\S*/vendor/llama\.cpp/", "", asserts[-1])[:400]
     return " | ".join(kept[-lines:])[:500] or "(no output)"
-
-
-def runtime_env(n_gpu_layers: int) -> dict[str, str]:
-    """Environment for a llama.cpp worker process that offloads ``n_gpu_layers`` layers.
-
-    With none offloaded the GPUs are hidden: a CUDA build otherwise still moves large matrix products to the GPU,
-    so a CPU pair verified or measured on a GPU machine would not be running as its own runtime does.
-    """
-    return {"CUDA_VISIBLE_DEVICES": ""} if n_gpu_layers == 0 else {}
-
-
-def runtime_name(n_gpu_layers: int) -> str:
-    """What a llama.cpp load offloading ``n_gpu_layers`` layers runs on here: ``cuda`` or ``cpu``.
-
-    The one answer that manifests record (verification ``runtime``, fidelity ``device``) and reuse decisions compare.
-    """
-    if n_gpu_layers == 0:
-        return "cpu"
-    import llama_cpp
-
-    return "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu"
 
 
 def run_tool(
@@ -378,7 +335,7 @@ def run_worker(
         job: JSON values (paths are written as strings).
         timeout: seconds before the worker and every process it started are stopped; ``None``: no limit.
         name: the worker's name in messages (default: the module's last part).
-        env: variables for the child (e.g. :func:`runtime_env`).
+        env: variables for the child (e.g. :func:`cecai_converter.runtime.runtime_env`).
         on_line: called with each output line (progress).
         tail_lines: output lines kept for the error.
         threads: the user's ``--threads`` (None: the free cores, see :mod:`cecai_converter.threads`); the worker
@@ -450,7 +407,6 @@ def _granted(job: Any) -> Any:
     library's own default (llama-cpp-python's is every core for prompt processing)."""
     if not isinstance(job, dict):
         return job
-    from .threads import worker_threads
 
     return {**job, **{key: worker_threads() for key in THREAD_KEYS if key in job and job[key] is None}}
 

@@ -17,7 +17,8 @@ from typing import Any
 from .errors import VerificationFailed, WorkerFailed
 from .gguf_header import GGUFHeaderError, TensorInfo, read_header
 from .precisions import PRECISIONS, PrecisionInfo
-from .tools import run_worker, runtime_env, runtime_name, serve_job, worker_failure_why
+from .runtime import runtime_env, runtime_name
+from .tools import run_worker, serve_job, worker_failure_why
 
 __all__ = ["FileFacts", "LoadCheck", "generate_check", "load_check", "load_check_many", "read_back"]
 
@@ -142,7 +143,7 @@ def load_check_many(
 
     Args:
         paths: GGUF files.
-        n_gpu_layers: layers to offload (0: the GPUs are hidden, see :func:`tools.runtime_env`).
+        n_gpu_layers: layers to offload (0: the GPUs are hidden, see :func:`runtime.runtime_env`).
         threads: CPU threads (default: every core).
         timeout: seconds for all the files together; ``None``: no limit.
 

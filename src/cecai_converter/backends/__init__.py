@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
+from .. import environment
+
 __all__ = ["BACKENDS", "BACKEND_ENV", "ENTRY_DEFAULTS", "ENTRY_ENV", "RELEASE_CHECK_BACKEND", "default_backend"]
 
 #: The backend names every ``--backend`` (and ``backend:`` in conversions.yaml, and the actions' input) accepts.
@@ -21,12 +23,12 @@ BACKENDS: Final = ("local", "docker")
 #: the pair's published image is what users run, so that is what a release is checked on.
 RELEASE_CHECK_BACKEND: Final = "docker"
 #: The variable that changes the default backend of ``run`` and ``convert``.
-BACKEND_ENV: Final = "CECAI_BACKEND"
+BACKEND_ENV: Final = environment.BACKEND
 
 
 #: Says which entry point called the CLI (``cli`` when unset). The per-pair scripts and nox's convert sessions set it:
 #: they are the seed flow's entry points, which converted in the pair's image (IMAGE_NAME), and keep doing so.
-ENTRY_ENV: Final = "CECAI_ENTRY"
+ENTRY_ENV: Final = environment.ENTRY
 #: The default backend of each entry point, when neither ``--backend`` nor ``CECAI_BACKEND`` names one.
 ENTRY_DEFAULTS: Final[Mapping[str, str]] = {"cli": "local", "pair-script": "docker"}
 
