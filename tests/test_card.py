@@ -289,9 +289,12 @@ def test_card_of_a_real_conversion(converted, cli):
         fid = entry["fidelity"]
         assert row[4].startswith(f"{fid['kld_mean']:.2e} ± ")
         assert row[5].startswith(f"{fid['top1_agreement']:.1%} ± ")
-        # the error bars, once the fidelity record carries them; "—" until then
+        # the error bars, once the fidelity record carries them ("—" until then): the larger of the per-token one
+        # and the one between the text's chunks
         kld_se = fid.get("kld_mean_se")
-        assert row[4].endswith(f"{kld_se:.2e}" if isinstance(kld_se, float) else "—")
+        chunks_se = (fid.get("budget") or {}).get("kld_mean_se_chunks")
+        shown = max(kld_se, chunks_se) if isinstance(kld_se, float) and isinstance(chunks_se, float) else kld_se
+        assert row[4].endswith(f"{shown:.2e}" if isinstance(shown, float) else "—")
     assert tree_digest(model) == before  # the source's own card is never touched
     # The reproduce command names the manifest beside the card (the published name exists only after publishing).
     assert "cecai-convert reproduce manifest.json --source MODEL_FOLDER\n" in card
