@@ -279,14 +279,14 @@ def cli_on_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_tools(pytestconfig: pytest.Config) -> Callable[..., dict[str, Path]]:
+def llama_programs(pytestconfig: pytest.Config) -> Callable[..., dict[str, Path]]:
     """``build(*targets)``: llama.cpp's tools built from the pinned sdist (cached in the toolchain folder).
 
     A first build compiles llama.cpp (about 10 minutes on 2 cores). What it builds, where, how long it should take
     and cmake's progress are written through pytest's terminal reporter with capturing suspended, so a test run
     shows them (with or without ``-s``) instead of a silent dot.
     """
-    from cecai_converter import llama_tools as tools
+    from cecai_converter import llama_programs as tools
 
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")

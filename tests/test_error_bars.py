@@ -175,8 +175,8 @@ def parse_tool(output: str) -> dict[str, tuple[float, ...]]:
 
 
 @pytest.fixture(scope="module")
-def perplexity_tool(llama_tools: Callable[..., dict[str, Path]]) -> Path:
-    return llama_tools("llama-perplexity")["llama-perplexity"]
+def perplexity_tool(llama_programs: Callable[..., dict[str, Path]]) -> Path:
+    return llama_programs("llama-perplexity")["llama-perplexity"]
 
 
 @pytest.fixture(scope="module")

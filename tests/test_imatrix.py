@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import convert_to_f32, require_module, require_program, write_tiny_gguf
 
-from cecai_converter import imatrix, llama_tools, llama_vocab
+from cecai_converter import imatrix, llama_programs, llama_vocab
 from cecai_converter.errors import ConversionFailed, ToolchainError, ToolNotFound, UsageError
 
 
@@ -159,9 +159,9 @@ def fake_sdist(tmp_path: Path, cmakelists: str) -> Path:
 
 
 def test_missing_cmake_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(llama_tools.shutil, "which", lambda name: None)
+    monkeypatch.setattr(llama_programs.shutil, "which", lambda name: None)
     with pytest.raises(ToolNotFound, match="cmake") as info:
-        llama_tools.build_tools(sdist=fake_sdist(tmp_path, ""), cache=tmp_path / "cache")
+        llama_programs.build_tools(sdist=fake_sdist(tmp_path, ""), cache=tmp_path / "cache")
     assert "apt-get install cmake" in (info.value.hint or "")
 
 
@@ -170,7 +170,7 @@ def test_failed_build_says_what_it_builds_and_keeps_the_log_tail(tmp_path: Path)
     sdist = fake_sdist(tmp_path, 'cmake_minimum_required(VERSION 3.14)\nmessage(FATAL_ERROR "vendored tree broken")\n')
     said: list[str] = []
     with pytest.raises(ToolchainError, match="vendored tree broken") as info:
-        llama_tools.build_tools(
+        llama_programs.build_tools(
             sdist=sdist, cache=tmp_path / "cache", targets=["llama-perplexity"], progress=said.append
         )
     root = tmp_path / "cache" / "llama.cpp-tools" / "llama_cpp_python-0.0.0-cpu"
@@ -183,17 +183,17 @@ def test_failed_build_says_what_it_builds_and_keeps_the_log_tail(tmp_path: Path)
     marker = root / "src" / ".cecai-source.json"
     first = marker.stat().st_mtime_ns
     with pytest.raises(ToolchainError, match="vendored tree broken"):
-        llama_tools.build_tools(
+        llama_programs.build_tools(
             sdist=sdist, cache=tmp_path / "cache", targets=["llama-perplexity"], progress=said.append
         )
     assert marker.stat().st_mtime_ns == first
 
 
 def test_build_progress_lines_are_read_from_cmake() -> None:
-    assert llama_tools._percent("[ 42%] Building CXX object src/llama.cpp.o\n") == 42
-    assert llama_tools._percent("[100%] Built target llama-imatrix\n") == 100
-    assert llama_tools._percent("[12/48] Building CXX object ggml.c.o\n") == 25  # Ninja
-    assert llama_tools._percent("-- Configuring done\n") is None
+    assert llama_programs._percent("[ 42%] Building CXX object src/llama.cpp.o\n") == 42
+    assert llama_programs._percent("[100%] Built target llama-imatrix\n") == 100
+    assert llama_programs._percent("[12/48] Building CXX object ggml.c.o\n") == 25  # Ninja
+    assert llama_programs._percent("-- Configuring done\n") is None
 
 
 def test_sdist_without_llama_cpp(tmp_path: Path) -> None:
@@ -203,7 +203,7 @@ def test_sdist_without_llama_cpp(tmp_path: Path) -> None:
         member = tarfile.TarInfo("llama_cpp_python-0.0.0/setup.py")
         tar.addfile(member, io.BytesIO(b""))
     with pytest.raises(ToolchainError, match=r"holds no vendor/llama\.cpp"):
-        llama_tools.build_tools(sdist=sdist, cache=tmp_path / "cache")
+        llama_programs.build_tools(sdist=sdist, cache=tmp_path / "cache")
     assert not (tmp_path / "cache" / "llama.cpp-tools" / "llama_cpp_python-0.0.0-cpu" / "src").exists()
 
 
@@ -236,8 +236,8 @@ def test_one_extraction_for_converter_and_tools_stays_inside(tmp_path: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def tools(llama_tools: Callable[..., dict[str, Path]]) -> dict[str, Path]:
-    return llama_tools()
+def tools(llama_programs: Callable[..., dict[str, Path]]) -> dict[str, Path]:
+    return llama_programs()
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +257,10 @@ def computed(tools: dict[str, Path], base: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.mark.slow
 def test_build_is_cached(tools: dict[str, Path]) -> None:
-    assert set(tools) == set(llama_tools.TOOL_TARGETS)
+    assert set(tools) == set(llama_programs.TOOL_TARGETS)
     assert all(path.is_file() for path in tools.values())
     start = time.perf_counter()
-    assert llama_tools.build_tools() == tools
+    assert llama_programs.build_tools() == tools
     assert time.perf_counter() - start < 5
 
 

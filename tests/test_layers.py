@@ -60,11 +60,11 @@ LAYERS: dict[str, str] = {
     "parity_record": "records",
     "parity_limits": "records",
     # processes: child processes, workers, threads, the installed runtime and the pinned toolchain
-    "tools": "processes",
+    "processes": "processes",
     "threads": "processes",
     "runtime": "processes",
     "toolchain": "processes",
-    "llama_tools": "processes",
+    "llama_programs": "processes",
     "runtime_build": "processes",
     # steps: one thing done to a model or a GGUF
     "source": "steps",
@@ -369,3 +369,26 @@ def test_the_checks_catch_what_they_should(tmp_path: Path) -> None:
     assert import_cycles(imports) == [["high", "low"]]
     hidden = hidden_imports(imports)
     assert len(hidden) == 1 and "low.py:2: low imports high inside a function" in hidden[0], hidden
+
+
+def test_every_command_module_is_registered_and_in_the_commands_layer() -> None:
+    """The commands convention (docs/ARCHITECTURE.md, "Commands: one convention"): a module with a top-level
+    ``register`` is listed in cli._COMMAND_MODULES and sits in the commands layer, and every listed module has one."""
+    from cecai_converter import cli
+
+    package = Path(__file__).resolve().parents[1] / "src" / "cecai_converter"
+    with_register = set()
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if any(isinstance(node, ast.FunctionDef) and node.name == "register" for node in tree.body):
+            parts = path.relative_to(package.parent).with_suffix("").parts
+            with_register.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    listed = set(cli._COMMAND_MODULES)
+    # a package listed by its name registers through its __init__ (doctor re-exports doctor.command's register)
+    resolved = {name for name in listed if name in with_register} | {
+        m for m in with_register for name in listed if m.startswith(name + ".") and name not in with_register
+    }
+    assert with_register == resolved, (sorted(with_register - resolved), sorted(listed))
+    for name in with_register:
+        top = name.split(".")[1]
+        assert LAYERS[top] == "commands", f"{name} registers a command but is in the {LAYERS[top]} layer"

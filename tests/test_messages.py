@@ -16,8 +16,8 @@ from conftest import convert_to_f32, ggufs_under
 from cecai_converter.config import load_converter_dir
 from cecai_converter.errors import ConfigError, ConversionFailed
 from cecai_converter.precisions import PRECISIONS
+from cecai_converter.processes import failure_summary
 from cecai_converter.quantize import quantize
-from cecai_converter.tools import failure_summary
 
 # ------------------------------------------------------------------------------------------------- --threads
 

@@ -119,10 +119,10 @@ def test_sigkill_of_the_run_takes_the_converter_with_it_and_the_next_run_starts_
 
 _CHILD = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
 _PARENTS = {
-    # tools.run_tool: the converter, llama-imatrix, and every worker (tools.run_worker runs them through it)
-    "run_tool": "from cecai_converter.tools import run_tool; run_tool(CMD)",
+    # processes.run_tool: the converter, llama-imatrix, and every worker (processes.run_worker runs them through it)
+    "run_tool": "from cecai_converter.processes import run_tool; run_tool(CMD)",
     # subprocess calls not on run_tool yet: the llama.cpp tools build and the sdist download
-    "child_kwargs": "import subprocess; from cecai_converter.tools import child_kwargs; "
+    "child_kwargs": "import subprocess; from cecai_converter.processes import child_kwargs; "
     "subprocess.run(CMD, **child_kwargs())",
 }
 

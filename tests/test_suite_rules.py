@@ -7,7 +7,7 @@ This test holds the fixture half of that rule, read statically from the test fil
 *builds* when its body, a module-level helper it calls or a fixture it takes runs one of :data:`BUILDING_CALLS`, the
 CLI (``cli``, ``run_cli``, ``main``…) with one of :data:`BUILDING_COMMANDS`, the convert action (the root
 action.yml), a cecai-convert process with such a command, or an image build script. A fixture that only hands out a
-function (``llama_tools``, test_hub's ``convert``) builds nothing itself; a fixture that calls such a function
+function (``llama_programs``, test_hub's ``convert``) builds nothing itself; a fixture that calls such a function
 does. Every test that takes a building fixture, directly or through another one, must be marked slow by a
 decorator, its class or the module's ``pytestmark``. Tests that convert without a fixture (the CLI called in the
 test itself) are marked by hand, by the same rule.
@@ -230,7 +230,7 @@ def test_the_finder_sees_the_fixtures_that_build() -> None:
     for module, name in building:
         fixture = suite.fixture(module, name)
         assert fixture is not None and suite.builds(*fixture), f"{module}.{name} is not seen to build"
-    for module, name in [("conftest", "tiny_llama"), ("conftest", "llama_tools"), ("test_hub", "convert")]:
+    for module, name in [("conftest", "tiny_llama"), ("conftest", "llama_programs"), ("test_hub", "convert")]:
         fixture = suite.fixture(module, name)
         assert fixture is not None and not suite.builds(*fixture), f"{module}.{name} is seen to build"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from cecai_converter import threads
+from cecai_converter.processes import run_tool, run_worker
 from cecai_converter.threads import grant, lease_cores, machine_cores, worker_env, worker_threads
-from cecai_converter.tools import run_tool, run_worker
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The one worker protocol (tools.run_worker / tools.serve_job): a JSON job in, a JSON result out.
+"""The one worker protocol (processes.run_worker / processes.serve_job): a JSON job in, a JSON result out.
 
 Real processes throughout. A small worker module written for these tests (``cecai_test_worker``, served by the real
 ``serve_job``) does as its job says: answer, raise, refuse, abort like llama.cpp's GGML_ASSERT, exit without a
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import convert_to_f32, process_alive
 
-from cecai_converter import tools
+from cecai_converter import processes
 from cecai_converter.errors import EXIT_FAILED, EXIT_USAGE, ConversionFailed, ConverterError, VerificationFailed
 from cecai_converter.llama_vocab import count_tokens
 from cecai_converter.precisions import PRECISIONS
+from cecai_converter.processes import WorkerFailed, WorkerUsage, describe_exit, run_worker, serve_job
 from cecai_converter.quantize import quantize
-from cecai_converter.tools import WorkerFailed, WorkerUsage, describe_exit, run_worker, serve_job
 from cecai_converter.verify import load_check, load_check_many
 
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc are Linux's")
@@ -31,7 +31,7 @@ needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="p
 _WORKER = textwrap.dedent(
     """
     import os, signal, subprocess, sys, time
-    from cecai_converter.tools import WorkerUsage, serve_job
+    from cecai_converter.processes import WorkerUsage, serve_job
 
     GRANDCHILD = (
         "import os, signal, sys, time\\n"
@@ -170,7 +170,7 @@ def test_a_timeout_stops_the_worker_and_everything_it_started(
     monkeypatch: pytest.MonkeyPatch,
     ignore_term: bool,
 ) -> None:
-    monkeypatch.setattr(tools, "_GRACE_S", 1.0)  # SIGKILL one second after SIGTERM, not five
+    monkeypatch.setattr(processes, "_GRACE_S", 1.0)  # SIGKILL one second after SIGTERM, not five
     pidfile = tmp_path / "grandchild.pid"
     job = {"do": "sleep", "pidfile": str(pidfile), "ignore_term": ignore_term}
     started = time.monotonic()
@@ -263,13 +263,13 @@ def test_the_quantizer_worker_reports_llama_cpps_words_not_a_traceback(gguf: Pat
 
 
 def test_no_new_child_process_bypasses_run_tool() -> None:
-    """``subprocess`` is started in tools.py alone (a line may say ``not run_tool: <why>`` to be let off)."""
-    src = Path(tools.__file__).parent
+    """``subprocess`` is started in processes.py alone (a line may say ``not run_tool: <why>`` to be let off)."""
+    src = Path(processes.__file__).parent
     starts = ("subprocess.run(", "subprocess.Popen(", "subprocess.call(", "subprocess.check_", "os.system(")
     offenders = {
         str(path.relative_to(src))
         for path in sorted(src.rglob("*.py"))
-        if path.name != "tools.py"
+        if path.name != "processes.py"
         for line in path.read_text(encoding="utf-8").splitlines()
         if any(s in line for s in starts) and "not run_tool:" not in line
     }

@@ -37,8 +37,8 @@ from .errors import AgreementFailed, BadReference, ConfigError, GGUFHeaderError,
 from .fidelity import bos_token, default_eval_text, generation_speed, log_softmax_rows
 from .gguf_header import read_header
 from .names import show
+from .processes import WorkerUsage, run_worker, serve_job
 from .runtime import gpu_offload, runtime_env, runtime_facts
-from .tools import WorkerUsage, run_worker, serve_job
 from .untrusted_json import load_bounded_file
 
 __all__ = [

@@ -9,9 +9,9 @@ from pathlib import Path
 from .card import write_card
 from .errors import EXIT_FAILED, EXIT_OK
 from .output import Output
+from .processes import thread_count
 from .records import read_records
 from .reproduce import render, reproduce
-from .tools import thread_count
 
 __all__ = ["register"]
 

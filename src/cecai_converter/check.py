@@ -39,11 +39,11 @@ from .manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, read_ma
 from .multimodal import MMPROJ_ROLE, image_check_many
 from .output import Output, decimal_size
 from .pairs import PairInfo, parse_pair
+from .processes import thread_count
 from .records import CHECK_SCHEMA, CheckRecord, CheckRow, failure_message, read_record, record_name
 from .runtime import default_gpu_layers, gpu_layer_count, runtime_facts
 from .runtime import runtime_name as runtime_name_of
 from .toolchain import require_runtime
-from .tools import thread_count
 from .verify import load_check_many
 
 __all__ = [

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from .errors import ConversionFailed, ConverterError, UnsupportedModel, UsageError
 from .output import get_logger
+from .processes import run_tool
 from .source import ModelSource
 from .threads import lease_cores
 from .toolchain import LLAMA_CPP_PYTHON_VERSION
-from .tools import run_tool
 
 _log = get_logger("convert")
 

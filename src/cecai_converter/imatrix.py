@@ -1,6 +1,6 @@
 """Importance matrices: build llama.cpp's ``llama-imatrix``, compute an imatrix, hand it to the quantizer.
 
-* ``llama-imatrix`` is built from the pinned sdist by :func:`.llama_tools.build_tools`.
+* ``llama-imatrix`` is built from the pinned sdist by :func:`.llama_programs.build_tools`.
 * :func:`compute` runs it on the base GGUF and a calibration text (default: the shipped ``data/calibration.txt``,
   public-domain prose) and writes a GGUF-format imatrix.
 * :func:`load_for_quantize` reads an imatrix file (GGUF, or llama.cpp's legacy ``.dat``) the way
@@ -22,11 +22,11 @@ from typing import Any, Final
 
 from . import llama_vocab
 from .errors import ConfigError, ConversionFailed, ToolNotFound, UsageError
-from .llama_tools import build_tools
+from .llama_programs import build_tools
 from .output import get_logger
+from .processes import run_tool
 from .texts import MAX_TEXT_TOKENS
 from .threads import lease_cores
-from .tools import run_tool
 
 __all__ = [
     "DEFAULT_CALIBRATION_TEXT",

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from .errors import WorkerFailed
 from .output import get_logger
-from .tools import WorkerUsage, run_worker, serve_job
+from .processes import WorkerUsage, run_worker, serve_job
 
 __all__ = ["COUNT_TIMEOUT_S", "count_tokens", "tokenize"]
 

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import UnsupportedModel, VerificationFailed, WorkerFailed
+from .processes import WorkerUsage, run_worker, serve_job, worker_failure_why
 from .runtime import runtime_env, runtime_name
 from .source import converter_map_keys
-from .tools import WorkerUsage, run_worker, serve_job, worker_failure_why
 
 __all__ = [
     "MMPROJ_ROLE",
@@ -349,7 +349,7 @@ def image_check_many(
         "pairs": [[str(model), str(mmproj)] for model, mmproj in pairs],
         "image": str(image or shipped_image()),
         "n_gpu_layers": n_gpu_layers,
-        "threads": threads,  # None: the cores this worker is granted (threads.py; tools.serve_job fills it in)
+        "threads": threads,  # None: the cores this worker is granted (threads.py; processes.serve_job fills it in)
     }
     loading: list[str] = []
 

@@ -21,9 +21,9 @@ from typing import Any, Final, Literal
 from .errors import ConfigError, UsageError
 from .fidelity import TOKEN_MODES, check_target, validate_thresholds
 from .names import control_character, show
+from .processes import thread_count
 from .quant_types import parse_rules, parse_rules_text
 from .runtime import gpu_layer_count
-from .tools import thread_count
 from .untrusted_json import loads_bounded
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Step 2: llama.cpp's quantizer makes each requested type from the base file.
 
 The quantizer is the installed ``llama_cpp`` (``llama_model_quantize``), so it is the same llama.cpp as the runtime.
-It runs in a worker process (``python -m cecai_converter.quantize``, served by :func:`tools.serve_job`): llama.cpp
+It runs in a worker process (``python -m cecai_converter.quantize``, served by :func:`processes.serve_job`): llama.cpp
 aborts the process on some errors, and a child can be stopped on Ctrl-C. The worker uses every core unless told
 otherwise.
 """
@@ -20,8 +20,8 @@ from .errors import ConversionFailed, UsageError, WorkerFailed
 from .imatrix import load_for_quantize
 from .output import get_logger
 from .precisions import PrecisionInfo
+from .processes import run_worker, serve_job
 from .quant_types import needs_imatrix, parse_fallbacks, rule_type_id
-from .tools import run_worker, serve_job
 
 __all__ = ["quantize"]
 
@@ -81,7 +81,7 @@ def quantize(
         "src": str(base),
         "dst": str(dest),
         "ftype": precision.ftype,
-        "threads": threads,  # None: the cores this worker is granted (threads.py; tools.serve_job fills it in)
+        "threads": threads,  # None: the cores this worker is granted (threads.py; processes.serve_job fills it in)
         "imatrix": str(imatrix) if imatrix is not None else None,
         "tensor_types": list(tensor_types),
     }

@@ -1,5 +1,5 @@
 """How many CPU threads each worker gets: the one place that decides, for every llama.cpp, quantizer and torch
-worker this package starts (through :func:`cecai_converter.tools.run_tool`).
+worker this package starts (through :func:`cecai_converter.processes.run_tool`).
 
 Why it matters: llama-cpp-python's wheel is built with OpenMP (libggml-cpu links libgomp), and by default an
 OpenMP thread that waits for work spins on its core for a while instead of sleeping. Two workers that each ask for
@@ -18,7 +18,7 @@ model took 2.8 s to 11 s instead of 1.2 s). So:
   spin, and the thread count is the one set here.
 * **The worker uses what it was granted.** The grant is passed as :data:`THREADS_ENV` (and ``OMP_NUM_THREADS``,
   ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` for torch and numpy); a job whose ``threads``/``n_threads`` is null
-  takes it (:func:`cecai_converter.tools.serve_job` fills it in).
+  takes it (:func:`cecai_converter.processes.serve_job` fills it in).
 
 ``--threads N`` (THREADS) still decides the thread count of each worker; the lease then takes up to ``N`` slots and
 the worker runs ``N`` threads, as the user asked. ``CECAI_CORE_SLOTS=off`` turns the machine-wide lease off (each
@@ -227,7 +227,7 @@ def lease_cores(
 
 def _probe(job: Mapping[str, object]) -> dict[str, object]:
     """A worker that reports what it was given (the tests and ``benchmarks/checks.py`` use it): its job's thread
-    count after :func:`cecai_converter.tools.serve_job` filled it in, the variables, the slot files it holds, and
+    count after :func:`cecai_converter.processes.serve_job` filled it in, the variables, the slot files it holds, and
     the thread count the OpenMP runtime llama.cpp links (libgomp) will use."""
     import ctypes
     import ctypes.util
@@ -256,6 +256,6 @@ def _probe(job: Mapping[str, object]) -> dict[str, object]:
 if __name__ == "__main__":
     import sys
 
-    from .tools import serve_job
+    from .processes import serve_job
 
     sys.exit(serve_job(_probe))

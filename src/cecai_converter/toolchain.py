@@ -4,7 +4,7 @@ The runtime and the quantizer are the installed ``llama_cpp`` package. The conve
 its ``conversion/`` package and its own ``gguf-py``) is not installed by pip, so it is taken from the *same
 version's* sdist on the package index, checked against a pinned SHA-256, extracted once into a cache and reused
 offline. llama.cpp's command-line tools (``llama-imatrix``, ``llama-perplexity``…) are built from the same sdist by
-:mod:`.llama_tools`, through the same :func:`extract_llama_cpp`. ``cecai-convert toolchain`` shows where everything
+:mod:`.llama_programs`, through the same :func:`extract_llama_cpp`. ``cecai-convert toolchain`` shows where everything
 is.
 """
 
@@ -23,8 +23,8 @@ from typing import Final
 from . import environment
 from .errors import ToolchainError, ToolNotFound
 from .fsutil import sha256_file
+from .processes import run_tool
 from .runtime import installed_runtime_version
-from .tools import run_tool
 
 __all__ = [
     "LLAMA_CPP_PYTHON_VERSION",
@@ -120,7 +120,7 @@ def sdist_path(*, fetch: bool = True, source: Path | None = None) -> Path:
 def extract_llama_cpp(sdist: Path, dest: Path, prefixes: tuple[str, ...] = ("",)) -> Path:
     """Extract the sdist's vendored llama.cpp (``*/vendor/llama.cpp/<prefix>…``) into ``dest``; return ``dest``.
 
-    The one extraction of the sdist: :func:`ensure_converter` takes the converter files, :mod:`.llama_tools` the
+    The one extraction of the sdist: :func:`ensure_converter` takes the converter files, :mod:`.llama_programs` the
     whole tree to build the tools. ``dest`` becomes the llama.cpp root (its ``CMakeLists.txt`` at the top). Only
     files and folders are written, never outside ``dest``, whatever the archive says.
 

@@ -3,7 +3,7 @@
 Two checks: the file's structure with ``gguf``'s reader (magic, version, architecture, tensor count, and a
 ``general.file_type`` that matches the precision asked for), then a real load in llama-cpp-python that generates a
 few tokens greedily. The load runs in a worker process (``python -m cecai_converter.verify``, served by
-:func:`tools.serve_job`) because llama.cpp can abort the process on a broken file.
+:func:`processes.serve_job`) because llama.cpp can abort the process on a broken file.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 from .errors import VerificationFailed, WorkerFailed
 from .gguf_header import GGUFHeaderError, TensorInfo, read_header
 from .precisions import PRECISIONS, PrecisionInfo
+from .processes import run_worker, serve_job, worker_failure_why
 from .runtime import runtime_env, runtime_name
-from .tools import run_worker, serve_job, worker_failure_why
 
 __all__ = ["FileFacts", "LoadCheck", "generate_check", "load_check", "load_check_many", "read_back"]
 
@@ -150,7 +150,7 @@ def load_check_many(
     Raises:
         VerificationFailed: for the first file that could not be loaded or generated nothing.
     """
-    # threads None: the cores this worker is granted (threads.py; tools.serve_job fills it in)
+    # threads None: the cores this worker is granted (threads.py; processes.serve_job fills it in)
     job = {"paths": [str(p) for p in paths], "n_gpu_layers": n_gpu_layers, "threads": threads}
     loading: list[str] = []
 

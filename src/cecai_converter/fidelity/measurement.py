@@ -19,9 +19,9 @@ from typing import Any, Final
 
 from ..errors import ConfigError, ConverterError, MeasurementFailed, WorkerFailed
 from ..fsutil import refuse_symlink, sha256_file
+from ..processes import run_worker
 from ..runtime import runtime_env
 from ..texts import MAX_TEXT_TOKENS
-from ..tools import run_worker
 from .budget import Budget
 from .cache import _cached_chunks, _prune_cache, base_cache_key
 

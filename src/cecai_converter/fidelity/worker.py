@@ -1,4 +1,4 @@
-"""The worker: ``python -m cecai_converter.fidelity.worker --job FILE --result FILE`` (tools.run_worker), one role
+"""The worker: ``python -m cecai_converter.fidelity.worker --job FILE --result FILE`` (processes.run_worker), one role
 per run: ``base`` evaluates the base's chunks into the cache, ``candidate`` scores one file on them (and, when
 asked, verifies it and takes its reference rows from the same load).
 
@@ -19,8 +19,8 @@ from typing import Any
 
 from ..agreement import TOP_K
 from ..gguf_header import read_header
+from ..processes import WorkerUsage, serve_job
 from ..runtime import runtime_name
-from ..tools import WorkerUsage, serve_job
 from ..verify import generate_check
 from .budget import Budget, spread_order, stop_reason, tokens_needed
 from .cache import _CACHE_VERSION, _cached_chunks

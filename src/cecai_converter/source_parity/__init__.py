@@ -26,7 +26,7 @@ does by hand (``examples/model-conversion``):
   reference logits; below 1e-4 "excellent", at or above :data:`MAX_NMSE` a failure), the mean KL-divergence
   KL(source ‖ GGUF) per position with its standard error, and the top-1 agreement.
 
-The work runs in two worker processes (:func:`cecai_converter.tools.run_worker`): the source side (transformers,
+The work runs in two worker processes (:func:`cecai_converter.processes.run_worker`): the source side (transformers,
 torch) writes its tokenizer results to a temporary folder, then loads the model and writes its logits; the GGUF
 side (llama.cpp) starts as soon as the tokenizer results are there, so that the two forward passes run at the same
 time, and writes its own logits; the parent compares them. Each process's memory is released when it ends; a crash

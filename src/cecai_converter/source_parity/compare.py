@@ -25,15 +25,15 @@ from ..gguf_header import GGUFHeaderError, read_header
 from ..output import get_logger
 from ..parity_limits import MAX_NMSE
 from ..parity_record import SourceParity
+from ..processes import child_kwargs, describe_exit, failure_summary, quiet_abort_env, run_worker
 from ..threads import lease_cores, machine_cores, worker_env
-from ..tools import child_kwargs, describe_exit, failure_summary, quiet_abort_env, run_worker
 from .hyperparameters import compare_hyperparameters
 from .logits import N_TOKENS, compare_saved_logits, logits_record
 from .source_folder import RAM_BUDGET_ENV, float32_estimate, needs_remote_code, ram_budget, read_json, text_config
 from .templates import compare_templates, conversations, gguf_templates
 from .tokenizer import EARLY_FILE, SPECIAL_SAMPLE, compare_tokenizers, corpus_strings
 
-#: The two workers (``python -m <module> --job FILE --result FILE``, :func:`cecai_converter.tools.serve_job`).
+#: The two workers (``python -m <module> --job FILE --result FILE``, :func:`cecai_converter.processes.serve_job`).
 WORKERS: Final = {
     "source": "cecai_converter.source_parity.source_worker",
     "gguf": "cecai_converter.source_parity.gguf_worker",
@@ -165,7 +165,7 @@ class SourceCheck:
         share = self.threads or max(1, machine_cores() // 2)
         with lease_cores(share, on_wait=_log.info) as cores:
             env = {**quiet_abort_env(), **os.environ, **worker_env(cores.threads), "CUDA_VISIBLE_DEVICES": ""}
-            # The worker protocol of tools.run_worker (serve_job on the other side), started without waiting: its
+            # The worker protocol of processes.run_worker (serve_job on the other side), started without waiting: its
             # own process group (stop() ends all of it), killed with this process.
             self._proc = subprocess.Popen(  # not run_tool: it runs beside the converter; run_worker would wait
                 argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..tools import WorkerUsage, serve_job
+from ..processes import WorkerUsage, serve_job
 from .logits import GGUF_LOGITS
 
 

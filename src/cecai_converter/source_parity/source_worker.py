@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ..tools import serve_job
+from ..processes import serve_job
 from .logits import SOURCE_LOGITS
 from .source_folder import needs_remote_code, read_json
 from .tokenizer import EARLY_FILE, SPECIAL_SAMPLE

@@ -12,7 +12,7 @@ minute instead of the first build's ten (2 cores). The price is about 250 MB of 
 (or to start over after a broken build).
 
 The first build is long, so it says what it builds, where, and for about how long before it starts, and reports
-cmake's progress while it runs (through the ``cecai.llama_tools`` logger, or a ``progress`` callback).
+cmake's progress while it runs (through the ``cecai.llama_programs`` logger, or a ``progress`` callback).
 
 What it shares with the llama-cpp-python wheel, and why not more: both come from the one sdist file
 (``toolchain.sdist_path``: downloaded once, checked against its SHA-256; ``./dev`` builds the wheel from that file, and
@@ -39,12 +39,12 @@ from typing import Final, TextIO
 from . import toolchain
 from .errors import ToolchainError, ToolNotFound
 from .output import get_logger
+from .processes import run_tool
 from .toolchain import extract_llama_cpp
-from .tools import run_tool
 
 __all__ = ["CMAKE_ARGS", "TOOL_TARGETS", "build_tools", "tools_dir"]
 
-_log = get_logger("llama_tools")
+_log = get_logger("llama_programs")
 
 #: The targets :func:`build_tools` builds by default: the imatrix tool, and the reference quantizer (seconds more;
 #: the tests check that the pipeline's quantization gives the same bytes as `llama-quantize --imatrix`).
@@ -100,7 +100,7 @@ def build_tools(
         cache: the cache root (default: ``toolchain.cache_root()``); see :func:`tools_dir`.
         targets: cmake targets to build (``llama-imatrix``, ``llama-quantize``, ``llama-perplexity``…).
         jobs: parallel compile jobs (default: the number of CPUs).
-        progress: where the announcement and progress lines go (default: the ``cecai.llama_tools`` logger, INFO,
+        progress: where the announcement and progress lines go (default: the ``cecai.llama_programs`` logger, INFO,
             which the CLI prints on stderr).
 
     Raises:
