@@ -56,6 +56,7 @@ LAYERS: dict[str, str] = {
     # records: what a run writes down and reads back, typed and validated
     "records": "records",
     "manifest": "records",
+    "manifest_fields": "records",
     "quant_types": "records",
     "parity_record": "records",
     "parity_limits": "records",

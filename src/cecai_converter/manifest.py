@@ -27,6 +27,7 @@ from typing import Any, Final
 from . import __version__
 from .errors import ManifestError, UsageError
 from .fsutil import atomic_write_json
+from .manifest_fields import Base, Fidelity, Imatrix, Multimodal, Source, Tool, Verification, read_fields
 from .names import check_plain_name, check_stem, show
 from .output import get_logger
 from .parity_record import record_problem
@@ -124,6 +125,16 @@ class FileEntry:
             if value is not None or f.name not in self.absent:
                 out[f.name] = value
         return {**out, **self.extra}
+
+    @property
+    def fidelity_record(self) -> Fidelity | None:
+        """``fidelity``, typed (None when the file was not measured)."""
+        return read_fields(Fidelity, self.fidelity) if isinstance(self.fidelity, dict) else None
+
+    @property
+    def verification_record(self) -> Verification | None:
+        """``verification``, typed (None when the file was not verified)."""
+        return read_fields(Verification, self.verification) if isinstance(self.verification, dict) else None
 
     def without_host_facts(self) -> FileEntry:
         """The entry as published: no modification time (it means nothing on another machine)."""
@@ -266,6 +277,31 @@ class Manifest:
     def by_precision(self) -> dict[str, FileEntry]:
         """Entries by precision name."""
         return {e.precision: e for e in self.files}
+
+    @property
+    def source_record(self) -> Source:
+        """``source``, typed (every field None when it is not recorded)."""
+        return read_fields(Source, self.source)
+
+    @property
+    def base_record(self) -> Base:
+        """``base``, typed."""
+        return read_fields(Base, self.base)
+
+    @property
+    def imatrix_record(self) -> Imatrix | None:
+        """``imatrix``, typed (None when the files were quantized without one)."""
+        return read_fields(Imatrix, self.imatrix) if self.imatrix is not None else None
+
+    @property
+    def multimodal_record(self) -> Multimodal | None:
+        """``multimodal``, typed (None for a text model)."""
+        return read_fields(Multimodal, self.multimodal) if self.multimodal is not None else None
+
+    @property
+    def tool_record(self) -> Tool:
+        """``tool``, typed."""
+        return read_fields(Tool, self.tool)
 
     @property
     def check_records(self) -> dict[str, CheckRecord]:
