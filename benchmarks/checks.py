@@ -281,7 +281,9 @@ def fidelity_rows(default: Run, whole: Run | None) -> list[str]:
 def machine_line(load_before: tuple[float, ...], load_after: tuple[float, ...]) -> str:
     mem = next((ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")),
                "0")  # fmt: skip
-    busy = max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    # The load after includes the benchmark's own (up to one per core): only more than that is someone else's.
+    busy = load_before[0] > 0.5 * cores or load_after[0] > 1.5 * cores
     note = " — **a busy machine: times are inflated and noisy**" if busy else ""
     return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {int(mem) / 2**20:.1f} GiB RAM, "
             f"Python {platform.python_version()}; load average before {load_before[0]:.2f} / after "
