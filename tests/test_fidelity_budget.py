@@ -19,6 +19,7 @@ from cecai_converter.errors import ConfigError, ManifestError, UsageError
 from cecai_converter.fidelity import Budget, mean_and_se, stop_reason
 from cecai_converter.manifest import Manifest
 from cecai_converter.request import resolve
+from cecai_converter.toolchain import cache_root
 
 PER_CHUNK = 255  # scored positions of a 512-token chunk
 
@@ -219,7 +220,8 @@ def test_a_rerun_adding_a_precision_does_not_evaluate_the_base_again(
     cli: Any, tiny_llama: Path, tmp_path: Path
 ) -> None:
     """The real pipeline: fidelity on (the default budget), reference.json from the same evaluation."""
-    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    # a fresh fidelity cache (under XDG_CACHE_HOME); the toolchain stays where it was resolved: no re-fetch
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "CECAI_TOOLCHAIN_DIR": str(cache_root())}
     out = tmp_path / "out"
     common = ("--outdir", out, "--model-name", "tiny", "--no-source-check", "--fidelity-target", "1")
     first = cli("convert", tiny_llama, "--precision", "Q8_0", *common, env=env)

@@ -463,7 +463,7 @@ def check_yaml(mapping: Mapping[str, Any], where: str | Mapping[str, str], confi
 # -- the user documentation ------------------------------------------------------------------------------------------
 #: docs/options.md holds :func:`markdown_table` between these markers (written by cecai_converter.generate).
 #: The begin marker still names the table's former module: it is text in docs/options.md, which stays as it is.
-DOC_BEGIN: Final = "<!-- options table: generated from cecai_converter.request.OPTIONS -->"
+DOC_BEGIN: Final = "<!-- options table: generated from cecai_converter.option_table.OPTIONS -->"
 DOC_END: Final = "<!-- end of options table -->"
 
 
