@@ -14,6 +14,7 @@ import yaml
 from conftest import tree_digest
 
 from cecai_converter.card import HUB_LICENSES, card_front_matter, files_table, render_card
+from cecai_converter.manifest import Manifest
 from cecai_converter.source_card import read_source_card, split_front_matter
 
 SHA = "ab" * 32
@@ -43,6 +44,11 @@ def _manifest(**source_card: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _typed(**source_card: Any) -> Manifest:
+    """:func:`_manifest`, read as every reader reads a manifest."""
+    return Manifest.from_dict(_manifest(**source_card))
+
+
 def _front(card: str) -> dict[str, Any]:
     front, body = split_front_matter(card)
     assert front is not None, card[:300]
@@ -58,7 +64,7 @@ def _row(card: str, name: str) -> list[str]:
 
 # -- the front matter ------------------------------------------------------------------------------------------
 def test_front_matter_round_trips_and_carries_a_hub_license_id():
-    card = render_card(_manifest(license="Apache-2.0", base_model=["octo/tiny"], architecture="LlamaForCausalLM"))
+    card = render_card(_typed(license="Apache-2.0", base_model=["octo/tiny"], architecture="LlamaForCausalLM"))
     front = _front(card)
     assert front["license"] == "apache-2.0"
     assert "license_name" not in front
@@ -68,26 +74,27 @@ def test_front_matter_round_trips_and_carries_a_hub_license_id():
     assert front["quantized_by"] == "cecai-converter 9.9.9"
     assert front["pipeline_tag"] == "text-generation"
     # what yaml.safe_dump wrote is what the Hub reads back
-    assert yaml.safe_load(yaml.safe_dump(front)) == front == card_front_matter(yaml.safe_load(json.dumps(_manifest(
+    typed = Manifest.from_dict(yaml.safe_load(json.dumps(_manifest(
         license="Apache-2.0", base_model=["octo/tiny"], architecture="LlamaForCausalLM"))))  # fmt: skip
+    assert yaml.safe_load(yaml.safe_dump(front)) == front == card_front_matter(typed)
 
 
 def test_a_local_source_claims_only_what_its_own_card_says():
     # config.json's _name_or_path names the model a fine-tune was trained from: an older manifest's record of it is
     # no claim, and it never outranks the card's own base_model
-    front = _front(render_card(_manifest(name_or_path="octo/parent")))
+    front = _front(render_card(_typed(name_or_path="octo/parent")))
     assert "base_model" not in front and "base_model_relation" not in front
-    front = _front(render_card(_manifest(name_or_path="octo/parent", base_model=["octo/base"])))
+    front = _front(render_card(_typed(name_or_path="octo/parent", base_model=["octo/base"])))
     assert front["base_model"] == "octo/base" and "base_model_relation" not in front
     # the relation the source card states is carried over; one the Hub does not know is not
-    front = _front(render_card(_manifest(base_model=["octo/base"], base_model_relation="finetune")))
+    front = _front(render_card(_typed(base_model=["octo/base"], base_model_relation="finetune")))
     assert front["base_model_relation"] == "finetune"
-    front = _front(render_card(_manifest(base_model=["octo/base"], base_model_relation="quantized-ish")))
+    front = _front(render_card(_typed(base_model=["octo/base"], base_model_relation="quantized-ish")))
     assert "base_model_relation" not in front
 
 
 def test_an_unknown_license_id_becomes_other_with_its_name_and_link():
-    card = render_card(_manifest(license="acme-model-license-1.0", license_link="https://acme.invalid/license"))
+    card = render_card(_typed(license="acme-model-license-1.0", license_link="https://acme.invalid/license"))
     front = _front(card)
     assert "acme-model-license-1.0" not in HUB_LICENSES
     assert front["license"] == "other"
@@ -97,7 +104,7 @@ def test_an_unknown_license_id_becomes_other_with_its_name_and_link():
 
 def test_a_license_file_alone_is_other_named_by_the_file_not_an_invented_id():
     files = [{"name": "LICENSE", "bytes": 10, "sha256": "d" * 64}]
-    card = render_card(_manifest(license_files=files))
+    card = render_card(_typed(license_files=files))
     front = _front(card)
     assert front["license"] == "other"
     assert "license_name" not in front and "license_link" not in front
@@ -107,7 +114,7 @@ def test_a_license_file_alone_is_other_named_by_the_file_not_an_invented_id():
 def test_no_license_anywhere_is_left_out_and_said_unknown():
     # The Hub reads `license: other` as "a custom license": with no record of any license that would be a claim the
     # source never made, so the key is left out and the body says the license is unknown.
-    card = render_card(_manifest(architecture="LlamaForCausalLM"))
+    card = render_card(_typed(architecture="LlamaForCausalLM"))
     front = _front(card)
     assert "license" not in front and "license_name" not in front
     assert "License: unknown" in card
@@ -118,7 +125,7 @@ def test_no_license_anywhere_is_left_out_and_said_unknown():
 def test_a_hub_source_is_the_base_model():
     manifest = _manifest()
     manifest["source"] = {"kind": "hub", "repo_id": "octo/tiny", "revision": "1" * 40, "fingerprint": "f" * 64}
-    card = render_card(manifest, repo_id="me/tiny-GGUF")
+    card = render_card(Manifest.from_dict(manifest), repo_id="me/tiny-GGUF")
     assert _front(card)["base_model"] == "octo/tiny"
     assert _front(card)["base_model_relation"] == "quantized"  # the repo these files were converted from
     assert 'Llama.from_pretrained(repo_id="me/tiny-GGUF", filename="tiny.q8_0.gguf")' in card
@@ -132,7 +139,7 @@ def test_every_file_has_a_row_with_error_bars_when_recorded_and_dashes_when_not(
     with_bars = manifest["files"][0]["fidelity"]
     with_bars.update(kld_mean_se=0.0011, top1_agreement_se=0.0125, ppl_ratio=1.0213, ppl_ratio_se=0.0042,
                      kld_median=0.004, kld_p99=0.2, kld_p99_9=0.5, kld_max=0.9)  # fmt: skip
-    card = render_card(manifest)
+    card = render_card(Manifest.from_dict(manifest))
     q8 = _row(card, "tiny.q8_0.gguf")
     assert q8[1:4] == ["Q8_0", "1.2 MB", "8.50"]
     assert q8[4] == "1.23e-02 ± 1.10e-03"
@@ -144,7 +151,7 @@ def test_every_file_has_a_row_with_error_bars_when_recorded_and_dashes_when_not(
 
 
 def test_without_error_bars_the_value_is_shown_with_a_dash_for_the_error():
-    q8 = _row(render_card(_manifest()), "tiny.q8_0.gguf")
+    q8 = _row(render_card(_typed()), "tiny.q8_0.gguf")
     assert q8[4] == "1.23e-02 ± —"
     assert q8[5] == "93.8% ± —"
     assert q8[6] == "+2.00 % ± —"
@@ -157,24 +164,24 @@ def test_check_records_add_a_result_and_speed_column_per_pair():
             {"name": "tiny.q8_0.gguf", "sha256": SHA, "passed": True, "agreement": {"gen_tps": 812.4}},
             {"name": "tiny.q4_k_m.gguf", "sha256": SHA, "passed": False, "agreement": {}}]},
     }  # fmt: skip
-    lines = files_table(manifest, checks)
+    lines = files_table(Manifest.from_dict(manifest), checks)
     assert "CPU_LLM_LLAMA check" in lines[0] and "CPU_LLM_LLAMA tok/s" in lines[0]
     assert lines[1].count("---") == len(lines[0].strip("|").split(" | "))
-    card = render_card(manifest, checks)
+    card = render_card(Manifest.from_dict(manifest), checks)
     assert _row(card, "tiny.q8_0.gguf")[-2:] == ["✅ pass", "812"]
     assert _row(card, "tiny.q4_k_m.gguf")[-2:] == ["❌ fail", "—"]
     # a published manifest carries its checks itself
     published = {**copy.deepcopy(manifest), "checks": checks}
-    assert _row(render_card(published), "tiny.q8_0.gguf")[-2:] == ["✅ pass", "812"]
+    assert _row(render_card(Manifest.from_dict(published)), "tiny.q8_0.gguf")[-2:] == ["✅ pass", "812"]
     # a row that passed on other bytes is no pass (issue 16: the verdict comes from rows that checked these bytes)
     checks["CPU_LLM_LLAMA"]["files"][0]["sha256"] = "e" * 64
-    assert _row(render_card(manifest, checks), "tiny.q8_0.gguf")[-2:] == ["❌ fail", "812"]
+    assert _row(render_card(Manifest.from_dict(manifest), checks), "tiny.q8_0.gguf")[-2:] == ["❌ fail", "812"]
 
 
 def test_a_pipe_in_a_name_cannot_break_the_table():
     manifest = _manifest()
     manifest["files"][0]["precision"] = "Q8|0"
-    assert "Q8\\|0" in render_card(manifest)
+    assert "Q8\\|0" in render_card(Manifest.from_dict(manifest))
 
 
 # -- the source's own card: hostile input ------------------------------------------------------------------------
@@ -227,11 +234,11 @@ def test_the_source_cards_own_relation_is_read_and_name_or_path_is_not(tmp_path)
 
 
 def test_license_unknown_claims_no_license():
-    front = _front(card := render_card(_manifest(license="unknown")))
+    front = _front(card := render_card(_typed(license="unknown")))
     assert "license" not in front and "license_name" not in front
     assert "License: unknown: the source model's card declares `license: unknown`" in card
     # with a name, a link or a license file it is a license of its own: `other`, as the Hub asks
-    front = _front(render_card(_manifest(license="unknown", license_name="Acme terms")))
+    front = _front(render_card(_typed(license="unknown", license_name="Acme terms")))
     assert front["license"] == "other" and front["license_name"] == "Acme terms"
 
 
@@ -244,7 +251,7 @@ def test_hostile_license_fields_are_shown_as_text_never_rendered():
         {"license": hostile},
         {"license_name": "`" + hostile + "`", "license_link": "javascript:alert(1)"},
     ):
-        card = render_card(_manifest(**fields))
+        card = render_card(_typed(**fields))
         front, body = split_front_matter(card)
         assert front is not None and front["license"] == "other"
         assert front["license_name"] == fields.get("license_name", hostile)  # metadata: the plain string
@@ -348,7 +355,7 @@ def test_push_to_hub_uploads_the_card_as_readme(converted, tmp_path):
             calls["ops"] = {op.path_in_repo: op.path_or_fileobj for op in operations}
             return type("CommitInfo", (), {"commit_url": "https://hub.invalid/commit/1"})()
 
-    card = render_card(json.loads((out / "manifest.json").read_text()), repo_id="me/tiny-GGUF")
+    card = render_card(Manifest.from_dict(json.loads((out / "manifest.json").read_text())), repo_id="me/tiny-GGUF")
     push_to_hub([out], "me/tiny-GGUF", token="hf_x", api=FakeHfApi(), card=card)
     assert {"README.md", CHECKSUMS_NAME, "tiny.q8_0.gguf", "tiny.q4_k_m.gguf"} <= set(calls["ops"])
     uploaded = calls["ops"]["README.md"]
@@ -398,17 +405,23 @@ def test_the_card_shows_the_wider_error_and_who_measured() -> None:
 
     fid = {
         "kld_mean": 0.05, "kld_mean_se": 0.0001, "top1_agreement": 0.9, "top1_agreement_se": 0.005,
-        "device": "cpu", "budget": {"kld_mean_se_chunks": 0.004, "top1_agreement_se_chunks": 0.001},
+        "device": "cpu", "budget": {"mode": "auto", "stopped": "target", "text_tokens": 4096,
+                                    "kld_mean_se_chunks": 0.004, "top1_agreement_se_chunks": 0.001},
     }  # fmt: skip
-    manifest = {"files": [{"name": "m.q4_k_m.gguf", "precision": "Q4_K_M", "bytes": 10, "fidelity": fid}]}
-    row = files_table(manifest, {})[2]
+    manifest = {
+        "schema": 1,
+        "files": [{"name": "m.q4_k_m.gguf", "precision": "Q4_K_M", "bytes": 10, "sha256": SHA, "fidelity": fid}],
+    }
+    row = files_table(Manifest.from_dict(manifest), {})[2]
     assert "5.00e-02 ± 4.00e-03" in row  # the chunks' error, the larger
     assert "90.0% ± 0.5%" in row  # per-token error, the larger here
-    assert fidelity_measured_by(manifest) == "Fidelity measured on the builder (cpu)."
+    assert fidelity_measured_by(Manifest.from_dict(manifest)) == "Fidelity measured on the builder (cpu)."
     published = {
+        "schema": 1,
         "files": [
             {**manifest["files"][0], "fidelity": {**fid, "measured_by": {"pair": "GPU_LLM_LLAMA", "device": "cuda"}}}
-        ]
+        ],
     }
-    assert fidelity_measured_by(published) == "Fidelity measured on the GPU_LLM_LLAMA check (cuda)."
-    assert fidelity_measured_by({"files": [{"name": "x"}]}) is None
+    assert fidelity_measured_by(Manifest.from_dict(published)) == "Fidelity measured on the GPU_LLM_LLAMA check (cuda)."
+    unmeasured = {"schema": 1, "files": [{"name": "x", "precision": "Q8_0", "bytes": 1, "sha256": SHA}]}
+    assert fidelity_measured_by(Manifest.from_dict(unmeasured)) is None

@@ -127,19 +127,22 @@ def test_thresholds_on_real_numbers(results: dict[str, dict]) -> None:
 @pytest.mark.slow
 def test_report_and_plot_from_real_numbers(ggufs: dict[str, Path], results: dict[str, dict], tmp_path: Path) -> None:
     from cecai_converter import report
-    from cecai_converter.manifest import fidelity_error
+    from cecai_converter.manifest import Manifest
+    from cecai_converter.manifest_fields import Fidelity, read_fields
 
     files = [
-        {"name": ggufs[p].name, "precision": p, "bytes": ggufs[p].stat().st_size, "fidelity": results[p]}
+        {"name": ggufs[p].name, "precision": p, "bytes": ggufs[p].stat().st_size, "sha256": "0" * 64,
+         "fidelity": results[p]}
         for p in QUANTS
-    ]
-    manifest = {"schema": 1, "model_name": "tiny", "pair": "CPU_LLM_LLAMA", "base": {"precision": "F32"}}
-    manifest |= {"files": files, "_folder": str(ggufs["F32"].parent)}
+    ]  # fmt: skip
+    data = {"schema": 1, "model_name": "tiny", "pair": "CPU_LLM_LLAMA", "base": {"precision": "F32"}, "files": files}
+    # read as from a manifest.json next to the GGUFs (their bits per weight are measured)
+    manifest = Manifest.from_dict(data, path=ggufs["F32"].parent / "manifest.json")
     markdown = report.render_markdown([manifest])
     for p in QUANTS:
         line = next(ln for ln in markdown.splitlines() if f"| {p} |" in ln)
         # the error shown is the larger of the per-token one and the one between the text's chunks
-        se = fidelity_error(results[p], "top1_agreement_se")
+        se = read_fields(Fidelity, results[p]).error("top1_agreement_se")
         assert se is not None and se >= results[p]["top1_agreement_se"]
         assert f"{100 * results[p]['top1_agreement']:.1f} ± {100 * se:.1f}%" in line
         assert line.count("±") == 3  # KLD, PPL ratio, top-1

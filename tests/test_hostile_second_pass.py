@@ -320,7 +320,7 @@ def _hostile_manifest() -> dict[str, Any]:
 
 
 def test_markdown_escaper_model_card() -> None:
-    card = render_card(_hostile_manifest(), {"CPU_LLM_LLAMA": {"files": []}})
+    card = render_card(Manifest.from_dict(_hostile_manifest()), {"CPU_LLM_LLAMA": {"files": []}})
     body = card.split("---\n", 2)[2]
     assert_shown_not_rendered(body)
     assert " ".join(HOSTILE.split()) in texts(body)  # shown as written (runs of spaces as one)
@@ -366,7 +366,7 @@ def test_markdown_escaper_job_summary() -> None:
 def test_markdown_escaper_report() -> None:
     from cecai_converter.report import render_markdown
 
-    manifest = _hostile_manifest()
+    manifest = Manifest.from_dict(_hostile_manifest())
     markdown = render_markdown([manifest])
     assert_shown_not_rendered(markdown, headings=1)
     assert "a|b`<x>.gguf" in texts(markdown) and "<script>cpu</script>" in texts(markdown)
@@ -476,15 +476,18 @@ def test_report_damaged_gguf_is_a_row_not_a_traceback(tmp_path: Path) -> None:
 def test_plot_labels_plain_text_not_mathtext(tmp_path: Path) -> None:
     from cecai_converter.report import _figure, plot
 
-    manifest = {
+    manifest = Manifest.from_dict({
+        "schema": 1,
         "model_name": "tiny",
         "pair": "$\\frac{a}{",  # an unbalanced mathtext expression: savefig raised ValueError
         "base": {"precision": "F$32"},
         "files": [
-            {"name": "a.gguf", "precision": "$\\sqrt{x", "bytes": 2**20, "fidelity": {"kld_mean": 0.1}},
-            {"name": "b.gguf", "precision": "$x^2$", "bytes": 2**21, "fidelity": {"kld_mean": 0.01}},
+            {"name": "a.gguf", "precision": "$\\sqrt{x", "bytes": 2**20, "sha256": "0" * 64,
+             "fidelity": {"kld_mean": 0.1}},
+            {"name": "b.gguf", "precision": "$x^2$", "bytes": 2**21, "sha256": "0" * 64,
+             "fidelity": {"kld_mean": 0.01}},
         ],
-    }
+    })  # fmt: skip
     png = plot(manifest, tmp_path / "plot.png")
     assert png.read_bytes().startswith(b"\x89PNG")
     fig = _figure(manifest)

@@ -11,6 +11,7 @@ from conftest import write_tiny_gguf
 
 from cecai_converter import report
 from cecai_converter.cli import main
+from cecai_converter.manifest import Manifest
 
 
 def fid(kld: float, delta: float, top1: float, *, error_bars: bool = True) -> dict:
@@ -62,6 +63,11 @@ def manifest(pair: str | None = "CPU_LLM_LLAMA", *, with_fidelity: bool = True) 
     }
 
 
+def typed(data: dict, folder: Path | None = None) -> Manifest:
+    """``data`` as the report reads it: a Manifest, read from ``folder/manifest.json`` when a folder is given."""
+    return Manifest.from_dict(data, path=None if folder is None else folder / "manifest.json")
+
+
 def write_manifest(folder: Path, data: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "manifest.json"
@@ -77,7 +83,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_markdown_table() -> None:
-    md = report.render_markdown([manifest()])
+    md = report.render_markdown([typed(manifest())])
     lines = md.splitlines()
     assert lines[0] == "### tiny (CPU_LLM_LLAMA)"
     assert "Fidelity vs the F32 base on 2040 scored tokens (base perplexity 10) measured on cpu." in md
@@ -103,14 +109,14 @@ def test_markdown_of_a_manifest_without_error_bars() -> None:
     old_keys = set(fid(0, 0, 0, error_bars=False))
     for entry in data["files"]:
         entry["fidelity"] = {k: v for k, v in entry["fidelity"].items() if k in old_keys}
-    rows = [ln for ln in report.render_markdown([data]).splitlines() if ln.startswith("| `tiny.")]
+    rows = [ln for ln in report.render_markdown([typed(data)]).splitlines() if ln.startswith("| `tiny.")]
     # the PPL ratio is ppl / ppl_base, which old manifests hold; it has no error bar
     assert rows[0] == "| `tiny.q8_0.gguf` | Q8_0 | 2.0 MB | ≈8.50 | 0.0029 | — | 0.9983 | 92.0% | 812.2 | 95.5 |"
     assert "±" not in "".join(rows)
 
 
 def test_markdown_without_fidelity_and_several_models() -> None:
-    md = report.render_markdown([manifest(), manifest(None, with_fidelity=False)])
+    md = report.render_markdown([typed(manifest()), typed(manifest(None, with_fidelity=False))])
     assert md.count("### tiny") == 2 and "### tiny\n" in md
     assert "FIDELITY was off" in md
     assert "| `tiny.q4_k_m.gguf` | Q4_K_M | 1.2 MB | ≈4.89 | — | — | — | — | — | — |" in md
@@ -119,15 +125,15 @@ def test_markdown_without_fidelity_and_several_models() -> None:
 def test_bits_per_weight_measured_from_the_gguf(tmp_path: Path) -> None:
     data = manifest()
     write_tiny_gguf(tmp_path / "tiny.q8_0.gguf", rows=8)
-    data["_folder"] = str(tmp_path)
-    md = report.render_markdown([data])
+    md = report.render_markdown([typed(data, tmp_path)])  # read from tmp_path: the GGUFs are next to it
     assert "| Q8_0 | 2.0 MB | 32.00 |" in md  # an F32 tensor: 32 bits per weight, measured
     data["files"][1]["bpw"] = 4.91
-    assert "| Q4_K_M | 1.2 MB | 4.91 |" in report.render_markdown([data])  # recorded in the manifest
+    # recorded in the manifest
+    assert "| Q4_K_M | 1.2 MB | 4.91 |" in report.render_markdown([typed(data, tmp_path)])
 
 
 def test_plot_is_a_png_with_one_point_per_precision(tmp_path: Path) -> None:
-    data = manifest()
+    data = typed(manifest())
     fig = report._figure(data)
     (ax,) = fig.axes
     offsets = ax.collections[0].get_offsets()
@@ -141,13 +147,13 @@ def test_plot_is_a_png_with_one_point_per_precision(tmp_path: Path) -> None:
 def test_plot_handles_a_zero_kld_and_refuses_no_numbers(tmp_path: Path) -> None:
     data = manifest()
     data["files"][0]["fidelity"]["kld_mean"] = 0.0  # e.g. a kept F32 base judged against itself
-    fig = report._figure(data)
+    fig = report._figure(typed(data))
     assert fig.axes[0].get_yscale() == "symlog"
     assert len(fig.axes[0].collections[0].get_offsets()) == 3
     from cecai_converter.errors import UsageError
 
     with pytest.raises(UsageError, match="no fidelity numbers"):
-        report.plot(manifest(with_fidelity=False), tmp_path / "x.png")
+        report.plot(typed(manifest(with_fidelity=False)), tmp_path / "x.png")
 
 
 def test_command_prints_plots_and_writes_the_step_summary(

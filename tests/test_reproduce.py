@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from conftest import tree_digest
 
+from cecai_converter.manifest_fields import SourceFile
 from cecai_converter.reproduce import source_differences
 
 
@@ -187,8 +188,8 @@ def test_a_missing_manifest_is_a_usage_error(cli, tmp_path):
 
 
 def test_source_differences_by_path():
-    old = [{"path": "a", "sha256": "1"}, {"path": "b", "sha256": "2"}, {"path": "c", "sha256": "3"}]
-    new = [{"path": "a", "sha256": "1"}, {"path": "b", "sha256": "9"}, {"path": "d", "sha256": "4"}]
+    old = [SourceFile(path="a", sha256="1"), SourceFile(path="b", sha256="2"), SourceFile(path="c", sha256="3")]
+    new = [SourceFile(path="a", sha256="1"), SourceFile(path="b", sha256="9"), SourceFile(path="d", sha256="4")]
     assert source_differences(old, new) == ["b changed", "c is missing", "d was added"]
 
 

@@ -170,20 +170,21 @@ def test_card_and_report_show_the_projector_or_the_text_only_choice() -> None:
     from cecai_converter.card import multimodal_lines, render_card
     from cecai_converter.report import render_markdown
 
-    with_projector = {"model_name": "m", "files": [{"name": "m.q8_0.gguf", "precision": "Q8_0", "bytes": 1}],
+    with_projector = {"schema": 1, "model_name": "m",
+                      "files": [{"name": "m.q8_0.gguf", "precision": "Q8_0", "bytes": 1, "sha256": "0" * 64}],
                       "mmproj": [_mmproj_entry()],
                       "multimodal": {"towers": ["vision", "projector"], "projector": True, "text_only": False,
                                      "left_out": []}}  # fmt: skip
-    card = "\n".join(multimodal_lines(with_projector))
+    card = "\n".join(multimodal_lines(Manifest.from_dict(with_projector)))
     assert "`mmproj-m-f16.gguf`" in card and "--mmproj mmproj-m-f16.gguf" in card and "4 image tokens" in card
-    assert "mmproj-m-f16.gguf" in render_markdown([with_projector])
-    assert "pipeline_tag: image-text-to-text" in render_card(with_projector)
+    assert "mmproj-m-f16.gguf" in render_markdown([Manifest.from_dict(with_projector)])
+    assert "pipeline_tag: image-text-to-text" in render_card(Manifest.from_dict(with_projector))
     record = {"towers": ["audio"], "projector": False, "text_only": True, "left_out": ["audio"]}
     text_only = {**with_projector, "mmproj": None, "multimodal": record}
-    card = render_card(text_only)
+    card = render_card(Manifest.from_dict(text_only))
     assert "## Text only" in card and "an audio tower" in card and "--text-only" in card
-    assert "Text only" in render_markdown([text_only])
-    assert multimodal_lines({"files": []}) == []
+    assert "Text only" in render_markdown([Manifest.from_dict(text_only)])
+    assert multimodal_lines(Manifest.from_dict({"schema": 1, "files": []})) == []
 
 
 def test_publish_collects_the_projector_files_as_release_assets(tmp_path: Path) -> None:

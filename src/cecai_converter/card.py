@@ -21,7 +21,8 @@ import yaml
 from . import __version__
 from .errors import UsageError
 from .fsutil import atomic_write_text, write_target
-from .manifest import MANIFEST_NAME, Manifest, fidelity_error, load_manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest
+from .manifest_fields import Fidelity, SourceCard
 from .markdown import code, code_block, inline
 from .multimodal import describe_kinds
 from .output import decimal_size
@@ -69,6 +70,11 @@ def _code(value: object) -> str:
     return code(value) or "`?`"
 
 
+def _or_dash(value: str | None) -> str:
+    """A recorded string as written (an empty one included), "—" when the record has none."""
+    return _DASH if value is None else value
+
+
 def _hub_link(repo_id: object) -> str:
     """A link to a Hub repo when ``repo_id`` is a valid repo id, else the value as a code span (no link)."""
     if isinstance(repo_id, str) and REPO_ID.match(repo_id):
@@ -77,43 +83,39 @@ def _hub_link(repo_id: object) -> str:
 
 
 # -- the front matter ------------------------------------------------------------------------------------------
-def _source_card(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
-    card = (manifest.get("source") or {}).get("card")
-    return card if isinstance(card, Mapping) else {}
+def _source_card(manifest: Manifest) -> SourceCard:
+    return manifest.source_record.card or SourceCard()
 
 
-def _base_model(manifest: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def _base_model(manifest: Manifest) -> tuple[str | None, str | None]:
     """The card's ``base_model`` and ``base_model_relation``.
 
     Only a Hub source is known to be the repo these files were converted from (so ``quantized`` from it). A local
     folder is named by nothing but its own card's ``base_model``: the model it derives from, with the relation that
     card states, if any (``config.json``'s ``_name_or_path`` is no evidence: a fine-tune keeps its parent's there).
     """
-    source = manifest.get("source") or {}
-    if source.get("kind") == "hub":
-        repo = source.get("repo_id")
-        return (repo, "quantized") if isinstance(repo, str) else (None, None)
+    source = manifest.source_record
+    if source.is_hub:
+        repo = source.repo_id
+        return (repo, "quantized") if repo is not None else (None, None)
     card = _source_card(manifest)
-    bases = card.get("base_model")
-    if isinstance(bases, list) and bases and isinstance(bases[0], str):
-        relation = card.get("base_model_relation")
-        return bases[0], relation if relation in RELATIONS else None
+    if card.base_model:
+        relation = card.base_model_relation
+        return card.base_model[0], relation if relation in RELATIONS else None
     return None, None
 
 
-def _license(manifest: Mapping[str, Any]) -> tuple[dict[str, str], str]:
+def _license(manifest: Manifest) -> tuple[dict[str, str], str]:
     """The license fields of the front matter, and a sentence for the card's body."""
     card = _source_card(manifest)
-    lic = card.get("license") if isinstance(card.get("license"), str) else None
-    name = card.get("license_name") if isinstance(card.get("license_name"), str) else None
-    link = card.get("license_link") if isinstance(card.get("license_link"), str) else None
+    lic, name, link = card.license, card.license_name, card.license_link
     if link is not None and not _HTTPS_LINK.match(link):
         link = None  # a `javascript:` or relative link is no license link
     declared_unknown = lic is not None and lic.lower() == "unknown"
     if declared_unknown:
         lic = None  # "unknown" declares no license: `other` would claim a custom one
-    files = [f for f in card.get("license_files") or [] if isinstance(f, Mapping)]
-    shown_files = ", ".join(f"{_code(f.get('name'))} (SHA-256 {_code(f.get('sha256'))})" for f in files)
+    files = card.license_files
+    shown_files = ", ".join(f"{_code(f.name)} (SHA-256 {_code(f.sha256)})" for f in files)
     with_files = f" The source ships its license text as {shown_files}." if files else ""
     if lic is not None and lic.lower() in HUB_LICENSES and lic.lower() != "other":
         return {"license": lic.lower()}, f"`{lic.lower()}`, as the source model's card declares.{with_files}"
@@ -134,15 +136,15 @@ def _license(manifest: Mapping[str, Any]) -> tuple[dict[str, str], str]:
     return fields, f"{described}{where}: not one of the Hub's license ids, so `other`.{with_files}"
 
 
-def _is_causal_lm(manifest: Mapping[str, Any]) -> bool:
-    arch = _source_card(manifest).get("architecture")
-    if isinstance(arch, str):
+def _is_causal_lm(manifest: Manifest) -> bool:
+    arch = _source_card(manifest).architecture
+    if arch is not None:
         return arch.endswith(("ForCausalLM", "LMHeadModel"))
     # No record of the source architecture (older manifests): a file that generated text is a text generator.
-    return any(((f.get("verification") or {}).get("generated_tokens")) for f in manifest.get("files") or [])
+    return any(v.generated_tokens for f in manifest.files if (v := f.verification_record) is not None)
 
 
-def card_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
+def card_front_matter(manifest: Manifest) -> dict[str, Any]:
     """The card's YAML metadata (``base_model``, ``license``, ``tags``, ``quantized_by``, ``pipeline_tag``)."""
     front: dict[str, Any] = {}
     base, relation = _base_model(manifest)
@@ -151,13 +153,14 @@ def card_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
         if relation is not None:
             front["base_model_relation"] = relation
     front.update(_license(manifest)[0])
-    precisions = [str(f.get("precision", "")).lower() for f in manifest.get("files") or []]
+    precisions = [f.precision.lower() for f in manifest.files]
     front["tags"] = list(dict.fromkeys(["gguf", "llama-cpp", "cecai-converter", *(p for p in precisions if p)]))
-    version = (manifest.get("tool") or {}).get("version") or __version__
+    version = manifest.tool_record.version or __version__
     front["quantized_by"] = f"cecai-converter {version}"
     if _is_causal_lm(manifest):
         front["pipeline_tag"] = "text-generation"
-    if (manifest.get("multimodal") or {}).get("projector") is True and manifest.get("mmproj"):
+    multimodal = manifest.multimodal_record
+    if multimodal is not None and multimodal.projector is True and manifest.mmproj:
         # A text model published with its projector answers about images (Hugging Face's task name for it).
         front["pipeline_tag"] = "image-text-to-text"
         front["tags"].append("multimodal")
@@ -177,30 +180,29 @@ def _pm(value: object, error: object, fmt: str) -> str:
     return f"{v:{fmt}} ± {e:{fmt}}" if e is not None else f"{v:{fmt}} ± {_DASH}"
 
 
-def fidelity_measured_by(manifest: Mapping[str, Any]) -> str | None:
+def fidelity_measured_by(manifest: Manifest) -> str | None:
     """One sentence naming the runtime that measured the files' fidelity (the builder's, or the check job's a
     published manifest names in ``measured_by``), or None when no file has fidelity."""
     places: list[str] = []
-    for entry in manifest.get("files") or []:
-        fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
-        if not fid:
+    for entry in manifest.files:
+        fid = entry.fidelity_record
+        if fid is None or not entry.fidelity:  # an empty record is no measurement
             continue
-        found = fid.get("measured_by")
-        by: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-        device = inline(str(by.get("device") or fid.get("device") or "an unrecorded device"))
-        place = f"the {inline(str(by['pair']))} check ({device})" if by.get("pair") else f"the builder ({device})"
+        device = inline(fid.measured_on or "an unrecorded device")
+        pair = fid.measured_by.pair if fid.measured_by is not None else None
+        place = f"the {inline(pair)} check ({device})" if pair else f"the builder ({device})"
         if place not in places:
             places.append(place)
     return f"Fidelity measured on {' and '.join(places)}." if places else None
 
 
-def _ppl_change(fid: Mapping[str, Any]) -> str:
-    ratio = _num(fid.get("ppl_ratio"))
+def _ppl_change(fid: Fidelity) -> str:
+    ratio = fid.ppl_ratio
     if ratio is not None:
-        se = _num(fid.get("ppl_ratio_se"))
+        se = fid.ppl_ratio_se
         pct = f"{(ratio - 1) * 100:+.2f} %"
         return f"{pct} ± {se * 100:.2f} %" if se is not None else f"{pct} ± {_DASH}"
-    delta = _num(fid.get("ppl_delta_pct"))
+    delta = fid.ppl_delta_pct
     return f"{delta:+.2f} % ± {_DASH}" if delta is not None else _DASH
 
 
@@ -214,9 +216,7 @@ def _check_rows(checks: Mapping[str, CheckRecord | Mapping[str, Any]]) -> dict[s
     return {pair: CheckRecord.of(record).rows_by_name() for pair, record in sorted(checks.items())}
 
 
-def files_table(
-    manifest: Mapping[str, Any], checks: Mapping[str, CheckRecord | Mapping[str, Any]] | None = None
-) -> list[str]:
+def files_table(manifest: Manifest, checks: Mapping[str, CheckRecord | Mapping[str, Any]] | None = None) -> list[str]:
     """Markdown lines: one row per file with size, bits per weight, KLD, top-1 agreement and perplexity change
     (each ± its standard error when the fidelity record has one, "—" when not), and per pair the check result and
     generation speed.
@@ -225,7 +225,7 @@ def files_table(
         manifest: a run's or a published manifest.
         checks: pair → check record (default: the published manifest's own ``checks``).
     """
-    checks = dict(checks if checks is not None else (manifest.get("checks") or {}))
+    checks = dict(checks if checks is not None else manifest.check_records)
     rows_by_pair = _check_rows(checks)
     head = ["File", "Precision", "Size", "bpw", "KLD ± SE", "Top-1 ± SE", "Perplexity change"]
     for pair in rows_by_pair:
@@ -234,87 +234,92 @@ def files_table(
         "| " + " | ".join(head) + " |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + " --- | ---: |" * len(rows_by_pair),
     ]
-    for entry in manifest.get("files") or []:
-        fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
-        bpw = _num(entry.get("bpw"))
-        top1 = _num(fid.get("top1_agreement"))
-        top1_se = fidelity_error(fid, "top1_agreement_se")
+    for entry in manifest.files:
+        fid = _fidelity(entry)
+        bpw = _num(entry.bpw)
+        top1 = fid.top1_agreement
+        top1_se = fid.error("top1_agreement_se")
         top1_text = _DASH if top1 is None else f"{top1:.1%} ± " + (f"{top1_se:.1%}" if top1_se is not None else _DASH)
         cells = [
-            code(entry.get("name"), cell=True),
-            inline(entry.get("precision")),
-            _size(entry.get("bytes")),
+            code(entry.name, cell=True),
+            inline(entry.precision),
+            _size(entry.bytes),
             f"{bpw:.2f}" if bpw is not None else _DASH,
-            _pm(fid.get("kld_mean"), fidelity_error(fid, "kld_mean_se"), ".2e"),
+            _pm(fid.kld_mean, fid.error("kld_mean_se"), ".2e"),
             top1_text,
             _ppl_change(fid),
         ]
         for rows in rows_by_pair.values():
-            row = rows.get(str(entry.get("name")))
+            row = rows.get(entry.name)
             if row is None:
                 cells += [_DASH, _DASH]
                 continue
-            speed = _num((row.agreement or {}).get("gen_tps"))
-            passed = row.vouches_for(entry.get("sha256"))  # as publish judges a row
+            speed = _num(row.agreement_record.gen_tps) if row.agreement_record is not None else None
+            passed = row.vouches_for(entry.sha256)  # as publish judges a row
             cells += ["✅ pass" if passed else "❌ fail", f"{speed:.0f}" if speed is not None else _DASH]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _tail_stats(manifest: Mapping[str, Any]) -> list[str]:
+def _fidelity(entry: FileEntry) -> Fidelity:
+    """A file's fidelity record; one with nothing measured (every cell a dash) when it has none."""
+    return entry.fidelity_record or Fidelity()
+
+
+def _tail_stats(manifest: Manifest) -> list[str]:
     """KLD distribution lines for files whose fidelity record has them (median, p99, p99.9, max)."""
-    keys = (("kld_median", "median"), ("kld_p99", "p99"), ("kld_p99_9", "p99.9"), ("kld_max", "max"))
     lines = []
-    for entry in manifest.get("files") or []:
-        fid = entry.get("fidelity") if isinstance(entry.get("fidelity"), Mapping) else {}
-        parts = [f"{label} {v:.2e}" for key, label in keys if (v := _num(fid.get(key))) is not None]
+    for entry in manifest.files:
+        fid = _fidelity(entry)
+        values = ((fid.kld_median, "median"), (fid.kld_p99, "p99"), (fid.kld_p99_9, "p99.9"), (fid.kld_max, "max"))
+        parts = [f"{label} {v:.2e}" for v, label in values if v is not None]
         if parts:
-            lines.append(f"- {_code(entry.get('name'))}: KLD " + ", ".join(parts))
+            lines.append(f"- {_code(entry.name)}: KLD " + ", ".join(parts))
     return lines
 
 
-def _convert_command(manifest: Mapping[str, Any]) -> str:
-    source = manifest.get("source") or {}
+def _convert_command(manifest: Manifest) -> str:
+    source = manifest.source_record
     # Never the builder's path: the card is published, and a host path means nothing to a downloader.
-    model = source.get("repo_id") if source.get("kind") == "hub" else "MODEL_FOLDER"
+    model = source.repo_id if source.is_hub else "MODEL_FOLDER"
     words = ["cecai-convert", "convert", str(model)]
-    for entry in manifest.get("files") or []:
-        words += ["--precision", str(entry.get("precision"))]
-    if source.get("kind") == "hub" and source.get("revision"):
-        words += ["--revision", str(source["revision"])]
-    imatrix = manifest.get("imatrix") or {}
-    if imatrix.get("source") == "given":
-        words += ["--imatrix", str(imatrix.get("file"))]
-    elif imatrix.get("source") == "computed":
+    for entry in manifest.files:
+        words += ["--precision", entry.precision]
+    if source.is_hub and source.revision:
+        words += ["--revision", source.revision]
+    imatrix = manifest.imatrix_record
+    if imatrix is not None and imatrix.source == "given":
+        words += ["--imatrix", str(imatrix.file)]
+    elif imatrix is not None and imatrix.source == "computed":
         words += ["--imatrix", "auto"]
     for rule in _tensor_types(manifest):
         words += ["--tensor-type", rule]
-    if (manifest.get("multimodal") or {}).get("text_only") is True:
+    multimodal = manifest.multimodal_record
+    if multimodal is not None and multimodal.text_only is True:
         words.append("--text-only")
-    words += ["--model-name", str(manifest.get("model_name")), "--outdir", "OUTDIR"]
+    words += ["--model-name", str(manifest.model_name), "--outdir", "OUTDIR"]
     return shlex.join(words)
 
 
-def multimodal_lines(manifest: Mapping[str, Any]) -> list[str]:
+def multimodal_lines(manifest: Manifest) -> list[str]:
     """The card's section on towers beyond the text model: the projector files and how to load them, or the
     statement that the text model was published alone (``--text-only``); empty for a text model."""
-    record = manifest.get("multimodal")
-    if not isinstance(record, Mapping):
+    record = manifest.multimodal_record
+    if record is None:
         return []
-    towers = inline(describe_kinds(record.get("towers") or [])) or _DASH
-    if record.get("text_only") is True:
-        left_out = inline(describe_kinds(record.get("left_out") or [])) or towers
+    towers = inline(describe_kinds(record.towers)) or _DASH
+    if record.text_only is True:
+        left_out = inline(describe_kinds(record.left_out)) or towers
         return [
             "## Text only",
             "",
             f"The source model has {towers} beyond its text model. These files hold **the text model alone**, "
             f"converted with `--text-only`: left out on request: {left_out}. They cannot see images or hear audio.",
         ]
-    projectors = [f for f in manifest.get("mmproj") or [] if isinstance(f, Mapping)]
+    projectors = manifest.mmproj or []
     if not projectors:
         return []
-    files = [f for f in manifest.get("files") or [] if isinstance(f, Mapping)]
-    model = str(files[0].get("name")) if files else "MODEL.gguf"
+    model = manifest.files[0].name if manifest.files else "MODEL.gguf"
     lines = [
         "## Vision: the multimodal projector",
         "",
@@ -326,13 +331,14 @@ def multimodal_lines(manifest: Mapping[str, Any]) -> list[str]:
         "| --- | --- | ---: | --- | --- |",
     ]
     for entry in projectors:
-        image = (entry.get("verification") or {}).get("image_tokens")
+        verification = entry.verification_record
+        image = verification.image_tokens if verification is not None else None
         seen = f"encoded ({image} image tokens), then generated" if image else _DASH
         lines.append(
-            f"| {code(entry.get('name'), cell=True)} | {inline(entry.get('precision'))} | {_size(entry.get('bytes'))} "
-            f"| {_code(entry.get('sha256'))} | {seen} |"
+            f"| {code(entry.name, cell=True)} | {inline(entry.precision)} | {_size(entry.bytes)} "
+            f"| {_code(entry.sha256)} | {seen} |"
         )
-    command = ["llama-mtmd-cli", "-m", model, "--mmproj", str(projectors[0].get("name")), "--image", "IMAGE.png",
+    command = ["llama-mtmd-cli", "-m", model, "--mmproj", projectors[0].name, "--image", "IMAGE.png",
                "-p", "Describe this image."]  # fmt: skip
     return [*lines, "", *code_block(shlex.join(command), "sh")]
 
@@ -342,17 +348,17 @@ def tensor_types_name(model_name: str) -> str:
     return f"{model_name}.tensor-types.txt"
 
 
-def _tensor_types(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+def _tensor_types(manifest: Manifest) -> tuple[str, ...]:
     """The overrides the files were quantized with, as reproduce reads them; none when the record is malformed
     (a card is still written: the manifest's own reader names the problem)."""
     try:
-        return recorded_tensor_types(manifest)
+        return recorded_tensor_types(manifest.to_dict())  # quant_types reads the JSON, as reproduce passes it
     except UsageError:
         return ()
 
 
 def render_card(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     checks: Mapping[str, CheckRecord | Mapping[str, Any]] | None = None,
     *,
     repo_id: str | None = None,
@@ -367,16 +373,16 @@ def render_card(
         manifest_name: the manifest as the reproduce command names it, relative to where the card is; default the
             name publish gives it (``<model>.<slug>.manifest.json``), which is right beside a published card.
     """
-    model = str(manifest.get("model_name") or "model")
+    model = manifest.model_name or "model"
     front = card_front_matter(manifest)
     _, license_text = _license(manifest)
-    toolchain = manifest.get("toolchain") or {}
-    source = manifest.get("source") or {}
-    files = [f for f in manifest.get("files") or [] if isinstance(f, Mapping)]
-    example = str(files[0].get("name")) if files else f"{model}.q4_k_m.gguf"
+    toolchain = manifest.toolchain_record
+    source = manifest.source_record
+    files = manifest.files
+    example = files[0].name if files else f"{model}.q4_k_m.gguf"
     base, _ = _base_model(manifest)
     lines = [f"# {inline(model)} GGUF", ""]
-    if base and source.get("kind") == "hub":
+    if base and source.is_hub:
         origin = _hub_link(base)
     elif base:  # a local folder's own card names where it comes from, not what it is
         origin = f"a local model folder whose card names {_hub_link(base)} as its base model"
@@ -384,7 +390,7 @@ def render_card(
         origin = "a local model folder"
     lines += [
         f"GGUF files of {origin}, made and verified with cecai-converter {front['quantized_by'].split()[-1]} "
-        f"(llama.cpp from llama-cpp-python {inline(toolchain.get('llama_cpp_python', _DASH))}).",
+        f"(llama.cpp from llama-cpp-python {inline(_or_dash(toolchain.llama_cpp_python))}).",
         "",
         "## Files",
         "",
@@ -404,7 +410,8 @@ def render_card(
     towers = multimodal_lines(manifest)
     if towers:
         lines += ["", *towers]
-    lines += types_markdown(files)  # what llama.cpp really wrote: the types, bits per weight and any fallback
+    # What llama.cpp really wrote: the types, bits per weight and any fallback (quant_types reads the JSON entries).
+    lines += types_markdown([f.to_dict() for f in files])
     # Names go into the example as Python string literals (JSON's are Python's): a quote in a file name cannot
     # turn the snippet people copy into other code.
     hub_repo = repo_id or "OWNER/REPO"
@@ -421,27 +428,27 @@ def render_card(
         "",
         "## How these files were made",
         "",
-        f"- Toolchain: llama-cpp-python {_code(toolchain.get('llama_cpp_python', _DASH))} "
-        f"(sdist SHA-256 {_code(toolchain.get('sdist_sha256', _DASH))}).",
+        f"- Toolchain: llama-cpp-python {_code(_or_dash(toolchain.llama_cpp_python))} "
+        f"(sdist SHA-256 {_code(_or_dash(toolchain.sdist_sha256))}).",
     ]
-    if source.get("kind") == "hub":
-        lines.append(f"- Source: {_code(source.get('repo_id'))} at commit {_code(source.get('revision'))}.")
+    if source.is_hub:
+        lines.append(f"- Source: {_code(source.repo_id)} at commit {_code(source.revision)}.")
     else:
-        lines.append(f"- Source: a local folder with content fingerprint {_code(source.get('fingerprint', _DASH))}.")
-    base_rec = manifest.get("base") or {}
-    if base_rec.get("precision"):
-        lines.append(f"- Converted once to a {_code(base_rec['precision'])} base, then quantized from it.")
-    if "source_parity" in manifest:  # the base against its source model (source_parity.py)
-        lines.append(f"- Compared with the source model (transformers): {inline(summary(manifest['source_parity']))}.")
-    imatrix = manifest.get("imatrix") or {}
-    if imatrix:
+        lines.append(f"- Source: a local folder with content fingerprint {_code(_or_dash(source.fingerprint))}.")
+    base_precision = manifest.base_record.precision
+    if base_precision:
+        lines.append(f"- Converted once to a {_code(base_precision)} base, then quantized from it.")
+    if manifest.has("source_parity"):  # the base against its source model (source_parity.py)
+        lines.append(f"- Compared with the source model (transformers): {inline(summary(manifest.source_parity))}.")
+    imatrix = manifest.imatrix_record if manifest.imatrix else None  # an empty record is no matrix
+    if imatrix is not None:
         text = ""
-        if imatrix.get("calibration_text"):
-            sha = imatrix.get("calibration_text_sha256")
-            text = f", computed on {_code(imatrix['calibration_text'])}" + (f" (SHA-256 {_code(sha)})" if sha else "")
+        if imatrix.calibration_text:
+            sha = imatrix.calibration_text_sha256
+            text = f", computed on {_code(imatrix.calibration_text)}" + (f" (SHA-256 {_code(sha)})" if sha else "")
         lines.append(
-            f"- Importance matrix: {_code(imatrix.get('file'))} (SHA-256 {_code(imatrix.get('sha256'))}, "
-            f"{inline(imatrix.get('source'))}{text})."
+            f"- Importance matrix: {_code(imatrix.file)} (SHA-256 {_code(imatrix.sha256)}, "
+            f"{inline(imatrix.source)}{text})."
         )
     else:
         lines.append("- Importance matrix: none.")
@@ -452,13 +459,11 @@ def render_card(
             + ", ".join(_code(rule) for rule in overrides)
             + f"; the same map for `llama-quantize --tensor-type-file`: {_code(tensor_types_name(model))}."
         )
-    eval_text = manifest.get("eval_text") or {}
-    if isinstance(eval_text, Mapping) and eval_text.get("sha256"):
-        lines.append(
-            f"- Fidelity measured on {_code(eval_text.get('name'))} (SHA-256 {_code(eval_text.get('sha256'))})."
-        )
-    needs_source = " --source MODEL_FOLDER" if source.get("kind") != "hub" else ""
-    pair = PAIRS.get(manifest["pair"]) if isinstance(manifest.get("pair"), str) else None
+    eval_text = manifest.eval_text_record
+    if eval_text is not None and eval_text.sha256:
+        lines.append(f"- Fidelity measured on {_code(eval_text.name)} (SHA-256 {_code(eval_text.sha256)}).")
+    needs_source = " --source MODEL_FOLDER" if not source.is_hub else ""
+    pair = PAIRS.get(manifest.pair) if manifest.pair is not None else None
     published_name = f"{model}.{pair.slug}.manifest.json" if pair else f"{model}.manifest.json"  # as publish names it
     # Where the card is written next to a run's outputs, the manifest there is manifest.json (write_card says so).
     published_name = manifest_name or published_name
@@ -479,8 +484,8 @@ def render_card(
         "",
         f"License: {license_text}"
         + (
-            f" See the source repository's own card: {_hub_link(source.get('repo_id'))}."
-            if source.get("kind") == "hub" and "license" not in front
+            f" See the source repository's own card: {_hub_link(source.repo_id)}."
+            if source.is_hub and "license" not in front
             else ""
         ),
         "",
@@ -524,8 +529,7 @@ def write_card(
     # The reproduce command names the manifest that exists where the card is: manifest.json beside it, or the path
     # to it from an -o elsewhere (the published <model>.<slug>.manifest.json exists only on a release or the Hub).
     manifest_name = Path(os.path.relpath(write_target(manifest_path), target.parent)).as_posix()
-    document = manifest.to_dict()
-    atomic_write_text(target, render_card(document, checks, repo_id=repo_id, manifest_name=manifest_name))
+    atomic_write_text(target, render_card(manifest, checks, repo_id=repo_id, manifest_name=manifest_name))
     return target
 
 
@@ -571,4 +575,4 @@ def hub_card(
     checks = None
     if check_paths:
         checks = checks_by_pair(read_records(list(check_paths)), models.pop())
-    return render_card(manifests[0].to_dict(), checks, repo_id=repo_id)
+    return render_card(manifests[0], checks, repo_id=repo_id)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import __version__, environment, fidelity
-from .agreement import REFERENCE_NAME, check_reference_fits, compare, read_reference
+from .agreement import REFERENCE_NAME, Agreement, check_reference_fits, compare, read_reference
 from .backends import BACKENDS
 from .backends.container_spec import check_spec
 from .backends.docker import run_check
@@ -89,11 +89,9 @@ class Limits:
 DEFAULT_LIMITS: Final = Limits()
 
 
-def _file_problems(agreement: Mapping[str, Any] | None, limits: Limits) -> list[str]:
+def _file_problems(agreement: Agreement, limits: Limits) -> list[str]:
     problems: list[str] = []
-    if agreement is None:
-        return problems
-    kld, top1 = agreement["kld_mean"], agreement["top1_agreement"]
+    kld, top1 = agreement.kld_mean, agreement.top1_agreement
     if not math.isfinite(kld) or kld > limits.max_kld:
         problems.append(f"KL-divergence against the builder's runtime {kld:.3g} is above max_kld {limits.max_kld:g}")
     if not math.isfinite(top1) or top1 < limits.min_top1:
@@ -201,7 +199,7 @@ def check_folder(
                 row["problems"].append(exc.message)
                 continue
             row["agreement"] = agreement.as_dict()
-            row["problems"] += _file_problems(row["agreement"], limits)
+            row["problems"] += _file_problems(agreement, limits)
     fidelity_record = _fidelity(folder, manifest, files, problems, fidelity, layers, threads, say)
     for row in files:
         row["passed"] = not row["problems"] and not problems and "agreement" in row
@@ -248,9 +246,9 @@ def _fidelity(
     asked = manifest.fidelity_on == "check"
     if mode == "false" or (mode == "auto" and not asked):
         return {"measured": False, "reason": "turned off (--fidelity false)"} if asked else None
-    base = manifest.base or {}
-    name, sha = base.get("file"), base.get("sha256")
-    if not isinstance(name, str) or not isinstance(sha, str):
+    base = manifest.base_record
+    name, sha = base.file, base.sha256
+    if name is None or sha is None:
         raise UsageError(
             f"{folder / MANIFEST_NAME}: no base GGUF to measure fidelity against (its fidelity_on is "
             f"{manifest.fidelity_on!r}, not 'check')",
@@ -275,14 +273,13 @@ def _fidelity(
         record["reason"] = "the base's bytes are not the builder's"
         return record
 
-    values = ((manifest.extra.get("request") or {}).get("values")) or {}
-    target = values.get("fidelity_target")
+    values = manifest.request_values
     budget: fidelity.Budget | None = None  # the builder's target (FIDELITY_TARGET), or the whole text
-    if values.get("fidelity_tokens") != "all":
-        number = isinstance(target, (int, float)) and not isinstance(target, bool)
-        budget = fidelity.Budget(target=float(target)) if number and target is not None else fidelity.Budget()
+    if values.fidelity_tokens != "all":
+        target = values.fidelity_target
+        budget = fidelity.Budget(target=target) if target is not None else fidelity.Budget()
     todo = {str(r["precision"]): folder / r["name"] for r in rows if r.get("generated_tokens") and r["sha256_match"]}
-    if values.get("eval_text"):  # the builder's own text stays on the builder: the record says which text it was
+    if values.eval_text:  # the builder's own text stays on the builder: the record says which text it was
         record["eval_text"] = "shipped (the builder's EVAL_TEXT is not in the outputs folder)"
     say(f"measuring fidelity of {len(todo)} file(s) against {name} on this runtime")
     try:
@@ -291,7 +288,7 @@ def _fidelity(
         problems.append(f"fidelity could not be measured: {exc.message}")
         record["reason"] = "the measurement failed"
         return record
-    thresholds = values.get("thresholds") or {}
+    thresholds = values.thresholds or {}
     for row in rows:
         metrics = results.get(str(row["precision"]))
         if metrics is None:
@@ -349,23 +346,30 @@ def _check_projectors(
     return rows
 
 
+def _number(value: float | None, spec: str) -> str:
+    """A measurement as ``spec`` formats it; ``?`` where the record has none (a record read back from a container)."""
+    return "?" if value is None else format(value, spec)
+
+
 def _human(record: CheckRecord, path: Path) -> str:
-    rt = record.runtime or {}
+    rt = record.runtime_record
     lines = [
-        f"{record.pair}: {'passed' if record.passed else 'FAILED'} on {rt['device']} ({rt['machine']}, "
-        f"llama-cpp-python {rt['llama_cpp_python']}, backend {rt.get('backend', 'local')}) — record {path}"
+        f"{record.pair}: {'passed' if record.passed else 'FAILED'} on {rt.device} ({rt.machine}, "
+        f"llama-cpp-python {rt.llama_cpp_python}, backend {'local' if rt.backend is None else rt.backend}) — "
+        f"record {path}"
     ]
     for row in record.rows:
-        agr = row.agreement or {}
+        agr, image = row.agreement_record, row.image_record
+        peak = None if agr is None or agr.peak_rss_mib is None else decimal_size(agr.peak_rss_mib * 2**20)
         numbers = (
-            f"kld {agr['kld_mean']:.2e} (max {agr['kld_max']:.2e}) top-1 {agr['top1_agreement']:.1%} "
-            f"prompt {agr['prompt_tps']:.0f} tok/s gen {agr['gen_tps']:.0f} tok/s "
-            f"peak {decimal_size(agr['peak_rss_mib'] * 2**20)} "
-            f"offloaded {agr['offloaded_layers']}/{agr['total_layers']}"
-            if agr
-            else f"test image: {row.image['image_tokens']} image tokens, "
-            f"{len(row.image['generated_tokens'])} tokens generated (with {row.image['model']})"
-            if row.image
+            f"kld {_number(agr.kld_mean, '.2e')} (max {_number(agr.kld_max, '.2e')}) "
+            f"top-1 {_number(agr.top1_agreement, '.1%')} "
+            f"prompt {_number(agr.prompt_tps, '.0f')} tok/s gen {_number(agr.gen_tps, '.0f')} tok/s "
+            f"peak {peak or '?'} offloaded {agr.offloaded_layers}/{agr.total_layers}"
+            if agr is not None
+            else f"test image: {image.image_tokens} image tokens, "
+            f"{len(image.generated_tokens)} tokens generated (with {image.model})"
+            if image is not None
             else "no measurement"
         )
         lines.append(f"  {'ok  ' if row.passed else 'FAIL'} {row.name:<36} sha256 {str(row.sha256)[:12]}  {numbers}")

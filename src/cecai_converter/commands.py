@@ -96,18 +96,18 @@ def _human_table(manifests: Sequence[Manifest]) -> str:
     for manifest in manifests:
         head = manifest.pair or "output"
         lines.append(f"{head}: {manifest.path or ''}")
-        for row in _file_rows(manifest):
-            fid = row.get("fidelity") or {}
-            kld = f"  kld={fid['kld_mean']:.5f}" if isinstance(fid.get("kld_mean"), (int, float)) else ""
+        for entry in [*manifest.files, *(manifest.mmproj or [])]:  # a vision model's projector files too
+            fid = entry.fidelity_record
+            kld = f"  kld={fid.kld_mean:.5f}" if fid is not None and fid.kld_mean is not None else ""
             lines.append(
-                f"  {row['name']:<40} {row['precision']:<7} {decimal_size(row['bytes']):>9}  "
-                f"sha256 {row['sha256'][:12]}  verified {'yes' if row.get('verification') else 'no'}{kld}"
+                f"  {entry.name:<40} {entry.precision:<7} {decimal_size(entry.bytes):>9}  "
+                f"sha256 {entry.sha256[:12]}  verified {'yes' if entry.verification else 'no'}{kld}"
             )
         # The base against its source model: what "faithful" rests on, so it is shown with the files.
         lines.append(f"  source check: {parity_summary(manifest.source_parity)}")
-        towers = manifest.multimodal or {}
-        if towers.get("text_only"):
-            lines.append(f"  text only: left out {', '.join(towers.get('left_out') or [])} (--text-only)")
+        towers = manifest.multimodal_record
+        if towers is not None and towers.text_only:
+            lines.append(f"  text only: left out {', '.join(towers.left_out)} (--text-only)")
     return "\n".join(lines)
 
 

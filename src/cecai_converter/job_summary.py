@@ -14,18 +14,19 @@ from typing import Any
 
 from .errors import ConverterError
 from .manifest import Manifest
+from .manifest_fields import ListedFile, read_fields
 from .markdown import code, code_block, inline
 from .output import decimal_size
-from .records import CheckRecord
+from .records import Agreement, CheckRecord
 from .source_parity import summary
 
 __all__ = ["check_summary", "conversion_summary", "failure_summary"]
 
 
-def _peak(agreement: Mapping[str, Any]) -> str:
+def _peak(agreement: Agreement) -> str:
     """A check's peak memory (recorded in MiB, ``peak_rss_mib``) in the sizes' unit family."""
-    peak = agreement.get("peak_rss_mib")
-    return decimal_size(peak * 2**20) if isinstance(peak, (int, float)) and not isinstance(peak, bool) else ""
+    peak = agreement.peak_rss_mib
+    return "" if peak is None else decimal_size(peak * 2**20)
 
 
 def _seconds(manifest: Manifest, precision: str) -> float | None:
@@ -54,14 +55,16 @@ def conversion_summary(result: Mapping[str, Any], manifest: Manifest | None, *, 
         "| File | Precision | Size | SHA-256 | Time |",
         "| --- | --- | ---: | --- | ---: |",
     ]
-    for entry in result.get("files") or []:
-        precision = str(entry.get("precision", ""))
+    # `convert --json`'s reply lists the manifest's file entries (FileEntry.to_dict, with their path)
+    listed = result.get("files")
+    for entry in [read_fields(ListedFile, e) for e in listed] if isinstance(listed, list) else []:
+        precision = entry.precision or ""
         seconds = _seconds(manifest, precision)
-        if entry.get("role") == "mmproj":  # a vision model's projector file (multimodal.py), made by its own run
+        if entry.role == "mmproj":  # a vision model's projector file (multimodal.py), made by its own run
             precision, seconds = f"mmproj {precision}", manifest.seconds("mmproj_s").get(precision)
         lines.append(
-            f"| {code(entry.get('name', ''), cell=True)} | {inline(precision)} "
-            f"| {decimal_size(int(entry.get('bytes', 0)))} | {code(str(entry.get('sha256', ''))[:12], cell=True)} "
+            f"| {code(entry.name or '', cell=True)} | {inline(precision)} "
+            f"| {decimal_size(entry.bytes or 0)} | {code((entry.sha256 or '')[:12], cell=True)} "
             f"| {'' if seconds is None else f'{seconds:.1f} s'} |"
         )
     verify, fidelity = manifest.seconds("verify_s"), manifest.seconds("fidelity_s")
@@ -99,29 +102,32 @@ def failure_summary(exc: ConverterError, what: str) -> str:
 def check_summary(record: CheckRecord | Mapping[str, Any]) -> str:
     """A job-summary table for one check record."""
     record = CheckRecord.of(record)
-    rt = record.runtime or {}
+    rt = record.runtime_record
     state = "✅ passed" if record.passed else "❌ failed"
     lines = [
         f"### Check {inline(record.pair)}: {state}",
         "",
-        f"Runtime: {inline(rt.get('device'))} on {inline(rt.get('machine'))}, llama-cpp-python "
-        f"{inline(rt.get('llama_cpp_python'))}, backend {inline(rt.get('backend'))}"
-        + (f", image {code(rt.get('image'))}" if rt.get("image") else ""),
+        f"Runtime: {inline(rt.device)} on {inline(rt.machine)}, llama-cpp-python "
+        f"{inline(rt.llama_cpp_python)}, backend {inline(rt.backend)}"
+        + (f", image {code(rt.image)}" if rt.image else ""),
         "",
         "| File | SHA-256 | KLD vs builder | Top-1 | Prompt tok/s | Gen tok/s | Peak memory | GPU layers | Result |",
         "| --- | --- | --: | --: | --: | --: | --: | --: | --- |",
     ]
 
-    def num(a: Mapping[str, Any], key: str, spec: str) -> str:
-        return format(a[key], spec) if isinstance(a.get(key), (int, float)) else ""
+    def num(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    def layers(value: int | None) -> str:
+        return "" if value is None else str(value)
 
     for row in record.rows:
-        a = row.agreement or {}
+        a = row.agreement_record or Agreement()
         lines.append(
             f"| {code(row.name, cell=True)} | {'match' if row.sha256_match else '**differs**'} | "
-            f"{num(a, 'kld_mean', '.2e')} | {num(a, 'top1_agreement', '.1%')} | {num(a, 'prompt_tps', '.0f')} | "
-            f"{num(a, 'gen_tps', '.0f')} | {_peak(a)} | "
-            f"{a.get('offloaded_layers', '')}/{a.get('total_layers', '')} | "
+            f"{num(a.kld_mean, '.2e')} | {num(a.top1_agreement, '.1%')} | {num(a.prompt_tps, '.0f')} | "
+            f"{num(a.gen_tps, '.0f')} | {_peak(a)} | "
+            f"{layers(a.offloaded_layers)}/{layers(a.total_layers)} | "
             f"{'ok' if row.passed else inline('; '.join(row.problems or ['failed']))} |"
         )
     lines += [f"- {inline(p)}" for p in record.problems or []]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -27,7 +26,19 @@ from typing import Any, Final
 from . import __version__
 from .errors import ManifestError, UsageError
 from .fsutil import atomic_write_json
-from .manifest_fields import Base, Fidelity, Imatrix, Multimodal, Source, Tool, Verification, read_fields
+from .manifest_fields import (
+    Base,
+    EvalText,
+    Fidelity,
+    Imatrix,
+    Multimodal,
+    RequestValues,
+    Source,
+    Tool,
+    Toolchain,
+    Verification,
+    read_fields,
+)
 from .names import check_plain_name, check_stem, show
 from .output import get_logger
 from .parity_record import record_problem
@@ -40,7 +51,6 @@ __all__ = [
     "SCHEMA",
     "FileEntry",
     "Manifest",
-    "fidelity_error",
     "file_is_current",
     "inputs_key",
     "load_manifest",
@@ -304,6 +314,30 @@ class Manifest:
         return read_fields(Tool, self.tool)
 
     @property
+    def toolchain_record(self) -> Toolchain:
+        """``toolchain``, typed."""
+        return read_fields(Toolchain, self.toolchain)
+
+    @property
+    def eval_text_record(self) -> EvalText | None:
+        """``eval_text`` (a key this version does not write, kept in ``extra``), typed; None when it is not an
+        object."""
+        value = self.extra.get("eval_text")
+        return read_fields(EvalText, value) if isinstance(value, dict) else None
+
+    @property
+    def request(self) -> dict[str, Any] | None:
+        """``request`` (``request.Request.record``: ``values`` and ``sources``; kept in ``extra``) as written; None
+        when the run recorded none."""
+        value = self.extra.get("request")
+        return value if isinstance(value, dict) else None
+
+    @property
+    def request_values(self) -> RequestValues:
+        """``request.values``, typed (every field None when the run recorded no request)."""
+        return read_fields(RequestValues, (self.request or {}).get("values"))
+
+    @property
     def check_records(self) -> dict[str, CheckRecord]:
         """Published manifests: pair → its check record, typed (``checks``; empty without)."""
         return {pair: CheckRecord.from_dict(record) for pair, record in (self.checks or {}).items()}
@@ -521,29 +555,6 @@ def write_manifest(folder: Path, data: Mapping[str, Any]) -> Manifest:
 def inputs_key(**parts: Any) -> str:
     """A stable hash of everything a file's bytes depend on (source fingerprint, precision, toolchain, imatrix)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-#: A fidelity record's error → the budget's error between chunks for the same number (fidelity.chunk_se).
-_BETWEEN_CHUNKS: Final = {
-    "kld_mean_se": "kld_mean_se_chunks",
-    "top1_agreement_se": "top1_agreement_se_chunks",
-}
-
-
-def fidelity_error(fidelity: Mapping[str, Any], key: str) -> float | None:
-    """The standard error a reader should be shown for ``key`` (``kld_mean_se`` or ``top1_agreement_se``) of a
-    file's fidelity record: llama-perplexity's per-position one or, when the record's ``budget`` has the error
-    between the text's chunks and it is larger, that one (tokens of one chunk share their context). None when the
-    record has no such error."""
-
-    def number(value: object) -> float | None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return float(value) if ok else None  # type: ignore[arg-type]
-
-    se = number(fidelity.get(key))
-    budget = fidelity.get("budget")
-    wider = number(budget.get(_BETWEEN_CHUNKS.get(key, ""))) if isinstance(budget, Mapping) else None
-    return max(se, wider) if se is not None and wider is not None else se
 
 
 def file_is_current(entry: FileEntry, folder: Path, key: str) -> bool:

@@ -20,19 +20,24 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 __all__ = [
     "Base",
+    "EvalText",
     "Fidelity",
     "FidelityBudget",
     "Imatrix",
     "LicenseFile",
+    "ListedFile",
     "MeasuredBy",
     "Multimodal",
+    "RequestValues",
     "Source",
     "SourceCard",
+    "SourceFile",
     "Tool",
+    "Toolchain",
     "Verification",
     "finite",
     "read_fields",
@@ -46,6 +51,17 @@ def finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def _as_float(value: object) -> float | None:
+    """A JSON number as a float, inf and NaN kept as written; None for anything else, and for a whole number too
+    large for a float (a hand-edited manifest: shown as not recorded rather than stopping the reader)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def _reader(hint: object) -> typing.Callable[[object], object]:
@@ -72,7 +88,7 @@ def _reader(hint: object) -> typing.Callable[[object], object]:
         return lambda value: value if isinstance(value, int) and not isinstance(value, bool) else None
     if origin is float:
         # kept as written, inf and NaN included (a speed too quick to time): readers format them
-        return lambda value: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return _as_float
     if origin is str:
         return lambda value: value if isinstance(value, str) else None
     if isinstance(origin, type) and dataclasses.is_dataclass(origin):
@@ -169,7 +185,7 @@ class Verification:
     runtime: str | None = None
     n_vocab: int | None = None
     prompt: str | None = None
-    generated_tokens: int | None = None
+    generated_tokens: tuple[int, ...] = ()  # the token ids generated (verify.LoadCheck), not a count
     text: str | None = None
     image_tokens: int | None = None
 
@@ -197,6 +213,16 @@ class SourceCard:
 
 
 @dataclass(frozen=True)
+class SourceFile:
+    """One of ``source.files``: a local source's file as it was fingerprinted (``source.fingerprint_files``)."""
+
+    path: str | None = None
+    bytes: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class Source:
     """``source``: where the model came from (``kind`` ``local`` or ``hub``)."""
 
@@ -206,6 +232,7 @@ class Source:
     repo_id: str | None = None
     revision: str | None = None
     card: SourceCard | None = None
+    files: tuple[SourceFile, ...] = ()
 
     @property
     def is_hub(self) -> bool:
@@ -219,6 +246,7 @@ class Imatrix:
 
     source: str | None = None
     file: str | None = None
+    sha256: str | None = None
     calibration_text: str | None = None
     calibration_text_sha256: str | None = None
 
@@ -235,10 +263,13 @@ class Multimodal:
 
 @dataclass(frozen=True)
 class Base:
-    """``base``: the base file's precision, and whether it was kept among the outputs."""
+    """``base``: the base file's precision, and whether it was kept among the outputs; with FIDELITY_ON=check also
+    the base GGUF shipped for the check jobs (``file``, ``sha256``)."""
 
     precision: str | None = None
     kept: bool | None = None
+    file: str | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,3 +278,42 @@ class Tool:
 
     name: str | None = None
     version: str | None = None
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """``toolchain``: the llama.cpp the files were made with (``toolchain.ToolchainInfo.as_manifest``)."""
+
+    llama_cpp_python: str | None = None
+    sdist_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """``eval_text``: the text fidelity was measured on, where a manifest names it (``name``, ``sha256``)."""
+
+    name: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestValues:
+    """``request.values`` (``request.Request.record``): the options the run was asked for, as JSON; the fields a
+    reader of the manifest needs (a check measuring fidelity as the builder asked)."""
+
+    fidelity_target: float | None = None
+    fidelity_tokens: str | None = None
+    eval_text: str | None = None
+    thresholds: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One of ``files`` in ``convert --json``'s reply: a manifest's file entry (``FileEntry.to_dict``, ``role``
+    ``mmproj`` for a projector file) with its ``path``; read leniently, as the job summary shows what it holds."""
+
+    name: str | None = None
+    precision: str | None = None
+    role: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None

@@ -12,7 +12,9 @@ reads one through :func:`read_records` (files someone else wrote: bounded, then 
 ``--checks``, a test's hand-written one) may be partial, so every field is optional, and a reader checks the one it
 needs. Fields that :func:`check_record_problem` checks have their type once a record passed it; the others are typed
 ``Any``: they are kept as written (the round trip ``from_dict(d).to_dict() == d`` holds for any record whose ``files``
-are objects).
+are objects). Readers ask for the objects among them (a row's ``agreement``, ``image`` and ``fidelity``, the record's
+``runtime``) through the ``*_record`` properties, typed as :mod:`cecai_converter.manifest_fields` types a manifest's
+(:class:`Agreement`, :class:`ShownImage`, :class:`CheckRuntime`), so that no reader looks fields up by string.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import CheckFailed, ConfigError, ConverterError, UsageError
+from .manifest_fields import Fidelity, read_fields
 from .pairs import PairInfo
 from .untrusted_json import load_bounded_file
 
 __all__ = [
     "CHECK_SCHEMA",
     "MAX_RECORD_BYTES",
+    "Agreement",
     "CheckRecord",
     "CheckRow",
+    "CheckRuntime",
+    "ShownImage",
     "check_record_problem",
     "failure_message",
     "read_record",
@@ -55,6 +61,53 @@ def record_name(model_name: str, pair: PairInfo) -> str:
 def _fields_dict(obj: Any, names: Sequence[str], absent: frozenset[str]) -> dict[str, Any]:
     """The JSON object of ``obj``: each field in declaration order, a None left out where the source had no key."""
     return {n: v for n in names if (v := getattr(obj, n)) is not None or n not in absent}
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """A row's ``agreement``, typed (``agreement.Agreement.as_dict``): the pair's runtime against the builder's on
+    the same file, and how fast and large it ran. Read as :mod:`cecai_converter.manifest_fields` reads a manifest's
+    objects: a field absent or of another type reads as None."""
+
+    kld_mean: float | None = None
+    kld_max: float | None = None
+    top1_agreement: float | None = None
+    n_positions: int | None = None
+    prompt_tps: float | None = None
+    gen_tps: float | None = None
+    peak_rss_mib: float | None = None
+    offloaded_layers: int | None = None
+    total_layers: int | None = None
+
+
+@dataclass(frozen=True)
+class ShownImage:
+    """A projector row's ``image``, typed (``multimodal.ImageCheck.as_dict`` and the text file it ran with,
+    ``model``): the test image shown through the projector."""
+
+    runtime: str | None = None
+    mmproj: str | None = None
+    image: str | None = None
+    prompt: str | None = None
+    image_tokens: int | None = None
+    embedding_values: int | None = None
+    embedding_rms: float | None = None
+    generated_tokens: tuple[int, ...] = ()
+    text: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckRuntime:
+    """A record's ``runtime``, typed (``runtime.runtime_facts`` and where the check ran: ``backend``, ``image``)."""
+
+    device: str | None = None
+    machine: str | None = None
+    llama_cpp_python: str | None = None
+    gpu_offload: bool | None = None
+    n_gpu_layers: int | None = None
+    backend: str | None = None
+    image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +157,21 @@ class CheckRow:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object as written."""
         return {**_fields_dict(self, _ROW_FIELDS, self.absent), **self.extra}
+
+    @property
+    def agreement_record(self) -> Agreement | None:
+        """``agreement``, typed; None when the row has none (absent, empty, or not an object)."""
+        return read_fields(Agreement, self.agreement) if self.agreement and isinstance(self.agreement, dict) else None
+
+    @property
+    def image_record(self) -> ShownImage | None:
+        """``image`` (projector rows), typed; None when the row has none (absent, empty, or not an object)."""
+        return read_fields(ShownImage, self.image) if self.image and isinstance(self.image, dict) else None
+
+    @property
+    def fidelity_record(self) -> Fidelity | None:
+        """``fidelity`` (measured on this runtime, FIDELITY_ON=check), typed; None when it is not an object."""
+        return read_fields(Fidelity, self.fidelity) if isinstance(self.fidelity, dict) else None
 
     def vouches_for(self, sha256: str | None) -> bool:
         """As the card and the release judge a row: it says passed, lists no problem, and checked these bytes."""
@@ -170,6 +238,11 @@ class CheckRecord:
         if self.files is not None:
             out["files"] = [row.to_dict() for row in self.files]
         return {**out, **self.extra}
+
+    @property
+    def runtime_record(self) -> CheckRuntime:
+        """``runtime``, typed (every field None when it is not recorded)."""
+        return read_fields(CheckRuntime, self.runtime)
 
     @property
     def rows(self) -> list[CheckRow]:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from .errors import EXIT_OK, ManifestError, UsageError
 from .fsutil import atomic_write_bytes, refuse_symlink, write_target
 from .gguf_header import GGUFHeaderError, read_header
-from .manifest import MANIFEST_NAME, Manifest, fidelity_error, load_manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest
+from .manifest_fields import Fidelity, Verification, finite
 from .markdown import code, inline
 from .output import Output, decimal_size
 from .precisions import PRECISIONS
@@ -35,111 +36,103 @@ _DASH: Final = "—"
 # --- Markdown --------------------------------------------------------------------------------------------------
 
 
-def render_markdown(manifests: list[dict[str, Any]]) -> str:
+def render_markdown(manifests: Sequence[Manifest]) -> str:
     """One section per manifest: a heading, a line on how fidelity was measured, and the table of files.
 
     Columns: File, Precision, Size, BPW, KLD (mean ± standard error), KLD p99, PPL ratio (± standard error), Top-1
     (± standard error), Prompt tok/s, Gen tok/s; the errors are llama-perplexity's (``fidelity.error_bars``). A file
     without fidelity numbers shows dashes; one measured before the error bars were recorded shows its numbers
     without them, and a dash for the 99th percentile. BPW is the manifest's ``bpw`` if recorded, else measured from
-    the GGUF next to the manifest (tensor bytes × 8 / weights), else llama.cpp's nominal figure for the type, marked
-    ``≈``.
+    the GGUF next to the manifest (``manifest.folder``, when it was read from disk: tensor bytes × 8 / weights),
+    else llama.cpp's nominal figure for the type, marked ``≈``.
     """
     sections = [_render_one(m) for m in manifests]
     return "\n".join(sections).rstrip() + "\n"
 
 
-def _title(manifest: Mapping[str, Any]) -> str:
-    name = manifest.get("model_name") or "model"
-    pair = manifest.get("pair")
-    return f"{name} ({pair})" if pair else str(name)
+def _title(manifest: Manifest) -> str:
+    name = manifest.model_name or "model"
+    return f"{name} ({manifest.pair})" if manifest.pair else name
 
 
-def _render_one(manifest: Mapping[str, Any]) -> str:
+def _render_one(manifest: Manifest) -> str:
     # Every value from the manifest goes through the one escaper (markdown.py): shown, never rendered.
     lines = [f"### {inline(_title(manifest))}", ""]
-    files = list(manifest.get("files") or [])
-    measured = [f["fidelity"] for f in files if isinstance(f.get("fidelity"), Mapping)]
-    base = (manifest.get("base") or {}).get("precision")
+    files = manifest.files
+    measured = [record for f in files if (record := f.fidelity_record) is not None]
+    base = manifest.base_record.precision
     if measured:
         first = measured[0]
-        devices = sorted({str(m.get("device", "?")) for m in measured})
+        devices = sorted({"?" if m.device is None else m.device for m in measured})
         about = [f"Fidelity vs the {inline(base or 'unquantized')} base"]
-        counts = sorted({m["n_tokens"] for m in measured if isinstance(m.get("n_tokens"), int)})
+        counts = sorted({m.n_tokens for m in measured if m.n_tokens is not None})
         if len(counts) == 1:
             about.append(f"on {counts[0]} scored tokens")
         elif counts:  # fidelity's budget: each file read until its error bars were narrow enough
             about.append(f"on {counts[0]}–{counts[-1]} scored tokens (each file until its error bars met the target)")
-        if _finite(first.get("ppl_base")):
-            about.append(f"(base perplexity {first['ppl_base']:.4g})")
+        if (ppl_base := finite(first.ppl_base)) is not None:
+            about.append(f"(base perplexity {ppl_base:.4g})")
         about.append(f"measured on {inline('/'.join(devices))}.")
         lines += [" ".join(about), ""]
     elif files:
         lines += ["No fidelity numbers in this manifest (FIDELITY was off).", ""]
-    imx = manifest.get("imatrix")
-    if isinstance(imx, Mapping) and imx.get("file"):
-        lines += [f"Importance matrix: {code(imx['file'])} ({inline(imx.get('source', 'given'))}).", ""]
-    if "source_parity" in manifest:  # the base against its source model (source_parity.py)
-        lines += [f"Faithful to the source: {inline(summary(manifest.get('source_parity')))}.", ""]
+    imx = manifest.imatrix_record
+    if imx is not None and imx.file:
+        lines += [f"Importance matrix: {code(imx.file)} ({inline('given' if imx.source is None else imx.source)}).", ""]
+    if manifest.has("source_parity"):  # the base against its source model (source_parity.py)
+        lines += [f"Faithful to the source: {inline(summary(manifest.source_parity))}.", ""]
     header = ["File", "Precision", "Size", "BPW", "KLD", "KLD p99", "PPL ratio", "Top-1", "Prompt tok/s", "Gen tok/s"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---", "---", *["--:"] * (len(header) - 2)]) + "|")
-    folder = manifest.get("_folder")
     for f in files:
-        fid = f.get("fidelity") if isinstance(f.get("fidelity"), Mapping) else {}
+        fid = f.fidelity_record or Fidelity()
         row = [
-            code(f.get("name", "?"), cell=True),
-            inline(f.get("precision", "?")),
-            _size(f.get("bytes")),
-            _bpw(f, folder),
-            _kld_pm(fid.get("kld_mean"), fidelity_error(fid, "kld_mean_se")),
-            _kld(fid.get("kld_p99")),
+            code(f.name, cell=True),
+            inline(f.precision),
+            _size(f.bytes),
+            _bpw(f, manifest.folder),
+            _kld_pm(fid.kld_mean, fid.error("kld_mean_se")),
+            _kld(fid.kld_p99),
             _ratio_pm(fid),
-            _pct_pm(fid.get("top1_agreement"), fidelity_error(fid, "top1_agreement_se")),
-            _rate(fid.get("prompt_tps")),
-            _rate(fid.get("gen_tps")),
+            _pct_pm(fid.top1_agreement, fid.error("top1_agreement_se")),
+            _rate(fid.prompt_tps),
+            _rate(fid.gen_tps),
         ]
         lines.append("| " + " | ".join(row) + " |")
     if not files:
         lines.append("| " + " | ".join([_DASH] * len(header)) + " |")
-    lines += types_markdown(files)
+    lines += types_markdown([f.to_dict() for f in files])  # quant_types reads the ``quantization`` records
     lines += _multimodal_lines(manifest)
     return "\n".join(lines) + "\n"
 
 
-def _multimodal_lines(manifest: Mapping[str, Any]) -> list[str]:
+def _multimodal_lines(manifest: Manifest) -> list[str]:
     """The projector files of a vision model (with what the test image gave), or the text-only statement."""
-    record = manifest.get("multimodal")
-    if not isinstance(record, Mapping):
+    record = manifest.multimodal_record
+    if record is None:
         return []
-    if record.get("text_only") is True:
-        left_out = ", ".join(str(t) for t in record.get("left_out") or [])
-        return ["", f"Text only (`--text-only`): the model's {inline(left_out)} were left out."]
+    if record.text_only is True:
+        return ["", f"Text only (`--text-only`): the model's {inline(', '.join(record.left_out))} were left out."]
     lines = ["", "| Projector | Precision | Size | Test image |", "|---|---|--:|---|"]
-    for f in manifest.get("mmproj") or []:
-        image = (f.get("verification") or {}) if isinstance(f, Mapping) else {}
+    for f in manifest.mmproj or []:
+        image = f.verification_record or Verification()
         seen = (
-            f"{image['image_tokens']} image tokens, {len(image.get('generated_tokens') or [])} tokens generated"
-            if isinstance(image.get("image_tokens"), int)
+            f"{image.image_tokens} image tokens, {len(image.generated_tokens)} tokens generated"
+            if image.image_tokens is not None
             else _DASH
         )
-        lines.append(f"| {code(f.get('name', '?'), cell=True)} | {inline(f.get('precision', '?'))} | "
-                     f"{_size(f.get('bytes'))} | {inline(seen)} |")  # fmt: skip
+        lines.append(f"| {code(f.name, cell=True)} | {inline(f.precision)} | {_size(f.bytes)} | {inline(seen)} |")
     return lines if len(lines) > 3 else []
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _size(n: Any) -> str:
+def _size(n: int) -> str:
     """A file size in the project's one unit family (decimal: KB, MB, GB, as the card and release notes)."""
-    return decimal_size(n) if _finite(n) else _DASH
+    return decimal_size(n) if finite(n) is not None else _DASH
 
 
-def _kld(v: Any) -> str:
-    if not _finite(v):
-        return _DASH if v is None else inline(v)
+def _kld(v: float | None) -> str:
+    if finite(v) is None:
+        return _DASH if v is None else inline(v)  # NaN or infinity: shown as recorded
     return "0" if v == 0 else f"{v:.3g}"
 
 
@@ -148,51 +141,55 @@ def _decimals(se: float) -> int:
     return min(8, max(0, 1 - math.floor(math.log10(se))))
 
 
-def _kld_pm(v: Any, se: Any) -> str:
-    if not (_finite(v) and _finite(se) and se > 0):
+def _kld_pm(v: float | None, se: float | None) -> str:
+    value, error = finite(v), finite(se)
+    if value is None or error is None or not error > 0:
         return _kld(v)  # no error bar recorded (an older manifest), or none to show (the base against itself)
-    d = _decimals(se)
-    return f"{v:.{d}f} ± {se:.{d}f}"
+    d = _decimals(error)
+    return f"{value:.{d}f} ± {error:.{d}f}"
 
 
-def _ratio_pm(fid: Mapping[str, Any]) -> str:
-    ratio: Any = fid.get("ppl_ratio")
-    se: Any = fid.get("ppl_ratio_se")
-    if not _finite(ratio) and _finite(fid.get("ppl")) and _finite(fid.get("ppl_base")) and fid["ppl_base"] > 0:
-        ratio = fid["ppl"] / fid["ppl_base"]  # an older manifest: the same number, without its error
-    if not _finite(ratio):
+def _ratio_pm(fid: Fidelity) -> str:
+    ratio, se = finite(fid.ppl_ratio), finite(fid.ppl_ratio_se)
+    ppl, ppl_base = finite(fid.ppl), finite(fid.ppl_base)
+    if ratio is None and ppl is not None and ppl_base is not None and ppl_base > 0:
+        ratio = finite(ppl / ppl_base)  # an older manifest: the same number, without its error
+    if ratio is None:
         return _DASH
-    if not (_finite(se) and float(se) > 0):
+    if se is None or not se > 0:
         return f"{ratio:.4f}"
-    d = max(4, _decimals(float(se)))
+    d = max(4, _decimals(se))
     return f"{ratio:.{d}f} ± {se:.{d}f}"
 
 
-def _pct(v: Any) -> str:
-    return f"{100 * v:.1f}%" if _finite(v) else _DASH
+def _pct(v: float | None) -> str:
+    value = finite(v)
+    return f"{100 * value:.1f}%" if value is not None else _DASH
 
 
-def _pct_pm(v: Any, se: Any) -> str:
-    if not (_finite(v) and _finite(se)):
+def _pct_pm(v: float | None, se: float | None) -> str:
+    value, error = finite(v), finite(se)
+    if value is None or error is None:
         return _pct(v)
-    return f"{100 * v:.1f} ± {100 * se:.1f}%"
+    return f"{100 * value:.1f} ± {100 * error:.1f}%"
 
 
-def _rate(v: Any) -> str:
-    return f"{v:.1f}" if _finite(v) else _DASH
+def _rate(v: float | None) -> str:
+    value = finite(v)
+    return f"{value:.1f}" if value is not None else _DASH
 
 
-def _bpw(entry: Mapping[str, Any], folder: Any) -> str:
-    if _finite(entry.get("bpw")):
-        return f"{entry['bpw']:.2f}"
-    if folder and entry.get("name"):
+def _bpw(entry: FileEntry, folder: Path | None) -> str:
+    if (bpw := finite(entry.bpw)) is not None:
+        return f"{bpw:.2f}"
+    if folder is not None and entry.name:
         try:
-            measured = _measure_bpw(Path(folder) / str(entry["name"]))
+            measured = _measure_bpw(folder / entry.name)
         except (GGUFHeaderError, OSError):
             return "unreadable GGUF"  # a damaged file is a fact of the report, not a reason to stop it
         if measured is not None:
             return f"{measured:.2f}"
-    info = PRECISIONS.get(str(entry.get("precision", "")).upper())
+    info = PRECISIONS.get(entry.precision.upper())
     return f"≈{info.bpw:.2f}" if info is not None else _DASH
 
 
@@ -220,17 +217,18 @@ def _measure_bpw(path: Path) -> float | None:
 # --- the plot --------------------------------------------------------------------------------------------------
 
 
-def _points(manifest: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+def _points(manifest: Manifest) -> list[tuple[str, float, float]]:
     """(precision, size in MB, KLD) for every file with a finite KL-divergence, largest first."""
     points = []
-    for f in manifest.get("files") or []:
-        fid = f.get("fidelity")
-        if isinstance(fid, Mapping) and _finite(fid.get("kld_mean")) and _finite(f.get("bytes")):
-            points.append((str(f.get("precision", f.get("name", "?"))), f["bytes"] / 1e6, float(fid["kld_mean"])))
+    for f in manifest.files:
+        fid = f.fidelity_record
+        kld = finite(fid.kld_mean) if fid is not None else None
+        if kld is not None and finite(f.bytes) is not None:
+            points.append((f.precision, f.bytes / 1e6, kld))
     return sorted(points, key=lambda p: -p[1])
 
 
-def _figure(manifest: Mapping[str, Any]) -> Any:
+def _figure(manifest: Manifest) -> Any:
     import matplotlib  # plotting is optional (the `local` extra)
 
     matplotlib.use("Agg", force=True)
@@ -261,7 +259,7 @@ def _figure(manifest: Mapping[str, Any]) -> Any:
             ax.set_yscale("log")
     elif positive:
         ax.set_yscale("symlog", linthresh=min(positive))
-    base = (manifest.get("base") or {}).get("precision") or "base"
+    base = manifest.base_record.precision or "base"
     ax.set_title(f"{_title(manifest)}: size vs KL-divergence from {base}", parse_math=False)
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL-divergence (nats, lower is better)")
@@ -271,7 +269,7 @@ def _figure(manifest: Mapping[str, Any]) -> Any:
     return fig
 
 
-def plot(manifest: dict[str, Any], png: Path) -> Path:
+def plot(manifest: Manifest, png: Path) -> Path:
     """Write a PNG (800×500) of file size against mean KL-divergence, one labelled point per precision.
 
     Axes go logarithmic where the values span more than a decade (KL-divergence) or a factor of four (size).
@@ -340,15 +338,10 @@ def load_manifests(paths: Sequence[Path]) -> list[Manifest]:
     return manifests
 
 
-def _rendered(manifest: Manifest) -> dict[str, Any]:
-    """The document as the table and plot read it: its JSON, plus ``_folder`` (where its GGUF files are)."""
-    return {**manifest.to_dict(), "_folder": str(manifest.folder)}
-
-
-def _plot_name(manifest: Mapping[str, Any]) -> str:
-    stem = str(manifest.get("model_name") or "model")
-    if manifest.get("pair"):
-        stem += f".{manifest['pair']}"
+def _plot_name(manifest: Manifest) -> str:
+    stem = manifest.model_name or "model"
+    if manifest.pair:
+        stem += f".{manifest.pair}"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem) + ".fidelity.png"
 
 
@@ -356,7 +349,7 @@ def _plot_name(manifest: Mapping[str, Any]) -> str:
 
 
 def _run_report(args: argparse.Namespace, out: Output) -> int:
-    manifests = [_rendered(m) for m in load_manifests(find_manifests(args.paths))]
+    manifests = load_manifests(find_manifests(args.paths))
     markdown = render_markdown(manifests)
     plots: list[str] = []
     if args.plot is not None:
@@ -371,7 +364,8 @@ def _run_report(args: argparse.Namespace, out: Output) -> int:
     if summary:
         with Path(summary).open("a", encoding="utf-8") as handle:
             handle.write(markdown + "\n")
-    public = [{k: v for k, v in m.items() if not k.startswith("_")} for m in manifests]
+    # Keys starting with "_" have always been left out of the JSON (the folder once travelled as one, ``_folder``).
+    public = [{k: v for k, v in m.to_dict().items() if not k.startswith("_")} for m in manifests]
     out.result(markdown, {"markdown": markdown, "plots": plots, "manifests": public})
     return EXIT_OK
 

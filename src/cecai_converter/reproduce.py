@@ -17,7 +17,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from .errors import ToolchainError, UsageError
 from .fsutil import sha256_file
 from .imatrix import default_calibration_text
 from .manifest import MANIFEST_NAME, Manifest
+from .manifest_fields import Source, SourceFile
 from .names import check_plain_name, show
 from .output import Output
 from .pipeline import Job, Target, run_job
@@ -95,25 +96,25 @@ class ReproduceResult:
         }
 
 
-def source_differences(recorded: Sequence[Mapping[str, Any]], found: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Which source files differ between two fingerprint records (``path``, ``bytes``, ``sha256``), by path."""
-    old = {str(r.get("path")): r for r in recorded}
-    new = {str(r.get("path")): r for r in found}
-    out = [f"{p} changed" for p in sorted(old.keys() & new.keys()) if old[p].get("sha256") != new[p].get("sha256")]
+def source_differences(recorded: Sequence[SourceFile], found: Sequence[SourceFile]) -> list[str]:
+    """Which source files differ between two fingerprint records (``source.files``), by path and SHA-256."""
+    old = {str(r.path): r for r in recorded}
+    new = {str(r.path): r for r in found}
+    out = [f"{p} changed" for p in sorted(old.keys() & new.keys()) if old[p].sha256 != new[p].sha256]
     out += [f"{p} is missing" for p in sorted(old.keys() - new.keys())]
     out += [f"{p} was added" for p in sorted(new.keys() - old.keys())]
     return out
 
 
 def _check_toolchain(manifest: Manifest) -> None:
-    recorded = manifest.toolchain or {}
-    here = toolchain_info().as_manifest()
-    if any(recorded.get(key) != value for key, value in here.items()):
+    recorded = manifest.toolchain_record
+    here = toolchain_info()
+    if (recorded.llama_cpp_python, recorded.sdist_sha256) != (here.llama_cpp_python, here.sdist_sha256):
         raise ToolchainError(
-            f"the files were made with llama-cpp-python {recorded.get('llama_cpp_python')} (sdist "
-            f"{str(recorded.get('sdist_sha256'))[:12]}…), this cecai-converter pins {here['llama_cpp_python']} "
-            f"(sdist {here['sdist_sha256'][:12]}…): another llama.cpp makes other bytes, so nothing was rebuilt",
-            hint=f"install the cecai-converter release that pins llama-cpp-python {recorded.get('llama_cpp_python')} "
+            f"the files were made with llama-cpp-python {recorded.llama_cpp_python} (sdist "
+            f"{str(recorded.sdist_sha256)[:12]}…), this cecai-converter pins {here.llama_cpp_python} "
+            f"(sdist {here.sdist_sha256[:12]}…): another llama.cpp makes other bytes, so nothing was rebuilt",
+            hint=f"install the cecai-converter release that pins llama-cpp-python {recorded.llama_cpp_python} "
             "(its `cecai-convert toolchain` shows the pin) and run reproduce with it",
         )
 
@@ -138,15 +139,15 @@ def _local_source(manifest: Manifest, given: Path | None) -> Path:
     return folder
 
 
-def _source_change(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any], folder: str) -> str | None:
+def _source_change(recorded: Source, rebuilt: Source, folder: str) -> str | None:
     """How the rebuild's source differs from the recorded one, by file; None when the fingerprints agree.
 
     The rebuild fingerprints the source itself (and records every file), so the comparison reads its manifest
     instead of hashing the model a second time.
     """
-    if rebuilt.get("fingerprint") == recorded.get("fingerprint"):
+    if rebuilt.fingerprint == recorded.fingerprint:
         return None
-    details = source_differences(recorded.get("files") or [], rebuilt.get("files") or [])
+    details = source_differences(recorded.files, rebuilt.files)
     what = "; ".join(details[:20]) + (f"; and {len(details) - 20} more" if len(details) > 20 else "")
     return f"source fingerprint: {folder} is not the recorded source" + (
         f" ({what})" if what else " (no per-file record to compare)"
@@ -158,12 +159,12 @@ def _imatrix(
 ) -> tuple[Path | None, bool]:
     """The importance matrix to quantize with, copied under its recorded name into ``work`` (llama.cpp writes the
     name into every file it quantizes), or ``(None, True)`` to compute it again from the shipped text."""
-    record = manifest.imatrix
-    if not record:
+    record = manifest.imatrix_record
+    if record is None or not manifest.imatrix:  # an empty record ({}) records no matrix either
         if given is not None:
             raise UsageError("--imatrix given, but the manifest records no importance matrix")
         return None, False
-    name, sha = record.get("file"), str(record.get("sha256"))
+    name, sha = record.file, str(record.sha256)
     why = check_plain_name(name)
     if why is not None:  # the copy below is named after it: never a path out of the work folder
         raise UsageError(f"the manifest's imatrix.file is not a file name: {why}")
@@ -171,7 +172,7 @@ def _imatrix(
     candidate = given if given is not None else manifest_dir / name
     if candidate.is_file():
         found = sha256_file(candidate)
-        if found != sha and (given is not None or record.get("source") != "computed"):
+        if found != sha and (given is not None or record.source != "computed"):
             raise UsageError(
                 f"the importance matrix {candidate} has SHA-256 {found}, the manifest records {sha} for {name}",
                 hint="give the imatrix file the files were made with: --imatrix FILE",
@@ -182,11 +183,11 @@ def _imatrix(
             shutil.copyfile(candidate, copy)
             return copy, False
         changed.append(f"imatrix: {candidate} is not the recorded {name}")
-    if record.get("source") == "computed":
-        text_sha = record.get("calibration_text_sha256")
+    if record.source == "computed":
+        text_sha = record.calibration_text_sha256
         if text_sha and text_sha != sha256_file(default_calibration_text()):
             raise UsageError(
-                f"the importance matrix {name} was computed on {record.get('calibration_text')}, not on the shipped "
+                f"the importance matrix {name} was computed on {record.calibration_text}, not on the shipped "
                 "calibration text, and is not next to the manifest",
                 hint="give the published matrix: --imatrix FILE",
             )
@@ -229,13 +230,13 @@ def reproduce(
         raise UsageError(f"{manifest_path} lists no files to reproduce")
     _check_toolchain(manifest)
     changed: list[str] = []
-    src = manifest.source or {}
+    src = manifest.source_record
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="cecai-reproduce-")) if workdir is None else workdir.resolve()
     if not own:
         protected = [("folder of the original outputs", manifest_path.parent)]
-        if src.get("kind") != "hub" and (source is not None or isinstance(src.get("path"), str)):
-            protected.append(("model source folder", source or Path(str(src["path"]))))
+        if not src.is_hub and (source is not None or src.path is not None):
+            protected.append(("model source folder", source or Path(str(src.path))))
         for what, folder in protected:
             folder = folder.resolve()
             if work == folder or folder in work.parents or work in folder.parents:
@@ -246,10 +247,10 @@ def reproduce(
         if work.exists() and (not work.is_dir() or any(work.iterdir())):
             raise UsageError(f"--workdir {work} is not an empty folder", hint="give a new or empty folder")
     try:
-        if src.get("kind") == "hub":
-            if not src.get("repo_id") or not src.get("revision"):
+        if src.is_hub:
+            if not src.repo_id or not src.revision:
                 raise UsageError(f"{manifest_path}: the Hub source records no repo_id and revision")
-            model, hub, revision = str(src["repo_id"]), True, str(src["revision"])
+            model, hub, revision = src.repo_id, True, src.revision
 
             check_repo_id(model)  # before anything is fetched, as a local folder is checked first
             if not re.fullmatch(r"[0-9a-f]{40}", revision):
@@ -261,7 +262,7 @@ def reproduce(
             model, hub, revision = str(_local_source(manifest, source)), False, None
         imatrix_path, compute = _imatrix(manifest, manifest_path.parent, imatrix, work / ".inputs", changed)
         precisions = [parse_precision(f.precision) for f in files]
-        base = (manifest.base or {}).get("precision")
+        base = manifest.base_record.precision
         names = {p.name for p in precisions}
         if isinstance(base, str) and base not in names and len(precisions) == 1:
             # One quantized type alone could be written by the converter directly; the recorded files were
@@ -276,7 +277,7 @@ def reproduce(
             verify=False,
             tensor_types=recorded_tensor_types(manifest.to_dict()),
             # A text-only file of a model with other towers was asked for explicitly: ask again (else refused).
-            text_only=(manifest.multimodal or {}).get("text_only") is True,
+            text_only=(multimodal := manifest.multimodal_record) is not None and multimodal.text_only is True,
         )
         job = Job(
             model=model,
@@ -289,16 +290,16 @@ def reproduce(
         )
         run_job(job, out)
         rebuilt = load_manifest_file(work / "outputs" / MANIFEST_NAME)
-        rebuilt_source = rebuilt.source or {}
-        if hub and rebuilt_source.get("fingerprint") != src.get("fingerprint"):
-            changed.append(f"source fingerprint: {src.get('repo_id')}@{src.get('revision')} downloaded other files")
+        rebuilt_source = rebuilt.source_record
+        if hub and rebuilt_source.fingerprint != src.fingerprint:
+            changed.append(f"source fingerprint: {src.repo_id}@{src.revision} downloaded other files")
         elif not hub and (change := _source_change(src, rebuilt_source, model)) is not None:
             changed.insert(0, change)  # the first input: the imatrix and base follow from it
-        recorded_imatrix = (manifest.imatrix or {}).get("sha256")
-        rebuilt_imatrix = (rebuilt.imatrix or {}).get("sha256")
+        recorded_imatrix = imx.sha256 if (imx := manifest.imatrix_record) is not None else None
+        rebuilt_imatrix = imx.sha256 if (imx := rebuilt.imatrix_record) is not None else None
         if compute and recorded_imatrix != rebuilt_imatrix:
             changed.append("imatrix: computing it again gave another matrix (a changed calibration text?)")
-        rebuilt_base = (rebuilt.base or {}).get("precision")
+        rebuilt_base = rebuilt.base_record.precision
         if rebuilt_base != base:
             changed.append(f"base: rebuilt from {rebuilt_base}, recorded {base}")
         by_name = {f.name: f for f in rebuilt.files}

@@ -58,12 +58,12 @@ def release_manifest(manifest: Manifest, checks: Sequence[CheckRecord | Mapping[
     means anything to a downloader, and both change between runs.
     """
     source = dict(manifest.source or {})
-    if source.get("kind") == "local":
+    if manifest.source_record.kind == "local":
         source.pop("path", None)
         source["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in manifest.source_files]
     extra = dict(manifest.extra)
-    if isinstance(extra.get("request"), dict):
-        extra["request"] = without_host_paths(extra["request"])
+    if manifest.request is not None:
+        extra["request"] = without_host_paths(manifest.request)
     published = dataclasses.replace(
         manifest,
         extra=extra,
@@ -85,10 +85,10 @@ def release_manifest(manifest: Manifest, checks: Sequence[CheckRecord | Mapping[
         measured = next((r for r in by_pair.values() if fidelity_measured(r, published)), None)
         if measured is not None:
             rows = _rows_by_name(measured, first=False)
-            by_device = str((measured.runtime or {}).get("device"))
+            by_device = str(measured.runtime_record.device)
             published = dataclasses.replace(published, files=[dataclasses.replace(e, fidelity={
                 **_fidelity(rows[e.name]),
-                "measured_by": {"pair": measured.pair, "device": _fidelity(rows[e.name]).get("device", by_device)},
+                "measured_by": {"pair": measured.pair, "device": _measured_on(rows[e.name], by_device)},
             }) for e in published.files])  # fmt: skip
     return published
 
@@ -105,6 +105,13 @@ def _rows_by_name(record: CheckRecord, *, first: bool) -> dict[str | None, Check
 def _fidelity(row: CheckRow) -> dict[str, Any]:
     """A row's fidelity record (an object wherever :func:`fidelity_measured` said so)."""
     return dict(row.fidelity or {})
+
+
+def _measured_on(row: CheckRow, default: str) -> str:
+    """The device a row's fidelity names (the check's runtime, ``cpu`` or ``cuda``); ``default`` where it names
+    none."""
+    record = row.fidelity_record
+    return default if record is None or record.device is None else record.device
 
 
 def fidelity_measured(record: CheckRecord | Mapping[str, Any], manifest: Manifest) -> bool:

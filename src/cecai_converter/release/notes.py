@@ -9,7 +9,7 @@ Every value from a manifest or check record goes through the one Markdown escape
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Final
 
 from ..card import files_table
 from ..errors import PublishFailed
@@ -17,7 +17,7 @@ from ..manifest import Manifest
 from ..markdown import code, inline
 from ..output import decimal_size
 from ..pairs import PAIRS
-from ..records import CheckRow
+from ..records import Agreement, CheckRow
 from .assets import CHECKSUMS_NAME
 from .manifests import record_problems
 from .split import original_name
@@ -42,17 +42,15 @@ BODY_LIMIT: Final = 125_000
 def _check_cell(row: CheckRow | None, sha256: str) -> str:
     if row is None:
         return "–"
-    agr: Mapping[str, Any] = row.agreement or {}
-    if not isinstance(agr, Mapping):
-        agr = {}
+    agr = row.agreement_record or Agreement()
     if not row.vouches_for(sha256):
         problems = [str(p) for p in row.problems or []]
         if row.sha256 != sha256:
             problems.insert(0, "checked other bytes")
         return "❌ " + inline("; ".join(problems or ["failed"]), limit=120)
-    speed = f"{agr['gen_tps']:.0f} tok/s" if isinstance(agr.get("gen_tps"), (int, float)) else ""
-    kld = f"KLD {agr['kld_mean']:.1e}" if isinstance(agr.get("kld_mean"), (int, float)) else ""
-    top1 = f"top-1 {agr['top1_agreement']:.0%}" if isinstance(agr.get("top1_agreement"), (int, float)) else ""
+    speed = "" if agr.gen_tps is None else f"{agr.gen_tps:.0f} tok/s"
+    kld = "" if agr.kld_mean is None else f"KLD {agr.kld_mean:.1e}"
+    top1 = "" if agr.top1_agreement is None else f"top-1 {agr.top1_agreement:.0%}"
     return "✅ " + " · ".join(x for x in (speed, kld, top1) if x)
 
 
@@ -64,10 +62,8 @@ def checks_table(manifests: Mapping[str, Manifest]) -> list[str]:
         if not checks:
             continue
         pairs = [p for p in PAIRS if p in checks]
-        runtime = {p: checks[p].runtime or {} for p in pairs}
-        runtimes = ", ".join(
-            f"{p}: {inline(runtime[p].get('device'))} on {inline(runtime[p].get('machine'))}" for p in pairs
-        )
+        runtime = {p: checks[p].runtime_record for p in pairs}
+        runtimes = ", ".join(f"{p}: {inline(runtime[p].device)} on {inline(runtime[p].machine)}" for p in pairs)
         lines += [f"#### Checked on each pair's runtime: {inline(model)}", "", f"Runtimes: {runtimes}.", ""]
         lines += ["| File | " + " | ".join(pairs) + " |", "| --- |" + " --- |" * len(pairs)]
         for entry in manifest.files:
@@ -117,7 +113,7 @@ def release_notes(
         ]
     if manifests and not compact:
         for model, manifest in sorted(manifests.items()):
-            lines += ["", f"#### Files and fidelity: {inline(model)}", "", *files_table(manifest.to_dict(), {})]
+            lines += ["", f"#### Files and fidelity: {inline(model)}", "", *files_table(manifest, {})]
         lines += ["", *checks_table(manifests)]
     lines += [
         "",
