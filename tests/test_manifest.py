@@ -176,6 +176,7 @@ def test_a_published_manifest_with_checks_reads_through_the_same_class() -> None
         ({**GOOD, "checks": {"CPU_LLM_LLAMA": {"passed": "yes"}}}, "checks.CPU_LLM_LLAMA.passed: expected true"),
         ({**GOOD, "request": "ab"}, "request: expected an object"),
         ({**GOOD, "request": {"values": "ab"}}, "request.values: expected an object"),
+        ({**GOOD, "request": {"values": {"thresholds": ["Q8_0"]}}}, "request.values.thresholds: expected an object"),
         ({**GOOD, "request": {"values": {}, "sources": ["cli"]}}, "request.sources: expected an object"),
         ({**GOOD, "pair": 3}, "pair: expected a string"),
         ({**GOOD, "inputs_key": 3}, "inputs_key: expected a string"),

@@ -14,8 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cecai_converter import agreement, job_summary
 from cecai_converter.check import _human
+from cecai_converter.errors import ManifestError
 from cecai_converter.manifest import Manifest
 from cecai_converter.manifest_fields import Base, ListedFile, RequestValues, read_fields
 from cecai_converter.multimodal import ImageCheck
@@ -109,8 +112,11 @@ def test_the_manifest_reads_the_recorded_request_and_the_shipped_base() -> None:
     bare = Manifest.from_dict({"schema": 1, "base": {"precision": "F16", "kept": True}})
     assert bare.request is None and bare.request_values == RequestValues()
     assert bare.base_record.file is None and bare.base_record.sha256 is None
-    odd = Manifest.from_dict({"schema": 1, "request": {"values": {"fidelity_target": "0.1", "thresholds": [1]}}})
+    odd = Manifest.from_dict({"schema": 1, "request": {"values": {"fidelity_target": "0.1", "eval_text": 3}}})
     assert odd.request_values == RequestValues()
+    # thresholds a check applies are refused when malformed, never read as none
+    with pytest.raises(ManifestError, match=r"request\.values\.thresholds: expected an object"):
+        Manifest.from_dict({"schema": 1, "request": {"values": {"thresholds": [1]}}})
 
 
 def test_convert_json_rows_read_as_listed_files() -> None:

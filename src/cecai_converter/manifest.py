@@ -521,6 +521,9 @@ def _manifest_problem(data: object) -> str | None:
         for key in ("values", "sources"):
             if request.get(key) is not None and not isinstance(request[key], dict):
                 return f"request.{key}: expected an object"
+        thresholds = (request.get("values") or {}).get("thresholds")
+        if thresholds is not None and not isinstance(thresholds, dict):  # a check applies them: never drop them
+            return "request.values.thresholds: expected an object"
     source = data.get("source") or {}
     if source.get("path") is not None and not isinstance(source["path"], str):
         return "source.path: expected a string"
