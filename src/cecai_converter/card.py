@@ -254,7 +254,8 @@ def files_table(manifest: Manifest, checks: Mapping[str, CheckRecord | Mapping[s
             if row is None:
                 cells += [_DASH, _DASH]
                 continue
-            speed = _num(row.agreement_record.gen_tps) if row.agreement_record is not None else None
+            agreement = row.agreement_record
+            speed = _num(agreement.gen_tps) if agreement is not None else None
             passed = row.vouches_for(entry.sha256)  # as publish judges a row
             cells += ["✅ pass" if passed else "❌ fail", f"{speed:.0f}" if speed is not None else _DASH]
         lines.append("| " + " | ".join(cells) + " |")

@@ -38,6 +38,7 @@ from .manifest_fields import (
     Toolchain,
     Verification,
     read_fields,
+    read_object,
 )
 from .names import check_plain_name, check_stem, show
 from .output import get_logger
@@ -139,12 +140,12 @@ class FileEntry:
     @property
     def fidelity_record(self) -> Fidelity | None:
         """``fidelity``, typed (None when the file was not measured)."""
-        return read_fields(Fidelity, self.fidelity) if isinstance(self.fidelity, dict) else None
+        return read_object(Fidelity, self.fidelity)
 
     @property
     def verification_record(self) -> Verification | None:
         """``verification``, typed (None when the file was not verified)."""
-        return read_fields(Verification, self.verification) if isinstance(self.verification, dict) else None
+        return read_object(Verification, self.verification)
 
     def without_host_facts(self) -> FileEntry:
         """The entry as published: no modification time (it means nothing on another machine)."""
@@ -301,12 +302,12 @@ class Manifest:
     @property
     def imatrix_record(self) -> Imatrix | None:
         """``imatrix``, typed (None when the files were quantized without one)."""
-        return read_fields(Imatrix, self.imatrix) if self.imatrix is not None else None
+        return read_object(Imatrix, self.imatrix)
 
     @property
     def multimodal_record(self) -> Multimodal | None:
         """``multimodal``, typed (None for a text model)."""
-        return read_fields(Multimodal, self.multimodal) if self.multimodal is not None else None
+        return read_object(Multimodal, self.multimodal)
 
     @property
     def tool_record(self) -> Tool:
@@ -322,8 +323,7 @@ class Manifest:
     def eval_text_record(self) -> EvalText | None:
         """``eval_text`` (a key this version does not write, kept in ``extra``), typed; None when it is not an
         object."""
-        value = self.extra.get("eval_text")
-        return read_fields(EvalText, value) if isinstance(value, dict) else None
+        return read_object(EvalText, self.extra.get("eval_text"))
 
     @property
     def request(self) -> dict[str, Any] | None:

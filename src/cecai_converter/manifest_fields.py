@@ -15,6 +15,7 @@ which the readers show as "not recorded". How each field is read follows from it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -41,6 +42,7 @@ __all__ = [
     "Verification",
     "finite",
     "read_fields",
+    "read_object",
 ]
 
 _T = TypeVar("_T")
@@ -93,19 +95,32 @@ def _reader(hint: object) -> typing.Callable[[object], object]:
         return lambda value: value if isinstance(value, str) else None
     if isinstance(origin, type) and dataclasses.is_dataclass(origin):
         view = origin
-        return lambda value: read_fields(view, value) if isinstance(value, dict) else None
+        return lambda value: read_object(view, value)
     if origin is Literal:
         allowed = typing.get_args(hint)
         return lambda value: value if value in allowed else None
     raise TypeError(f"no reading declared for a field of type {hint!r}")
 
 
-def read_fields(cls: type[_T], data: object) -> _T:
-    """``cls`` (a dataclass whose fields are all optional) from a JSON object; see the module's docstring."""
+@functools.cache
+def _readers(cls: type) -> tuple[tuple[str, typing.Callable[[object], object]], ...]:
+    """Each field of ``cls`` with its reading, derived once per class (readers ask for records often)."""
     assert dataclasses.is_dataclass(cls)
-    values = data if isinstance(data, Mapping) else {}
     hints = typing.get_type_hints(cls)
-    return cls(**{f.name: _reader(hints[f.name])(values.get(f.name)) for f in dataclasses.fields(cls)})
+    return tuple((f.name, _reader(hints[f.name])) for f in dataclasses.fields(cls))
+
+
+def read_fields(cls: type[_T], data: object) -> _T:
+    """``cls`` (a dataclass whose fields are all optional) from a JSON object; see the module's docstring. Anything
+    but an object reads as a record with nothing recorded."""
+    values = data if isinstance(data, Mapping) else {}
+    # (a class is hashable; mypy cannot tell it of a type variable's class)
+    return cls(**{name: read(values.get(name)) for name, read in _readers(typing.cast(type, cls))})
+
+
+def read_object(cls: type[_T], data: object) -> _T | None:
+    """``cls`` from ``data`` when it is a JSON object, else None (the object was not recorded)."""
+    return read_fields(cls, data) if isinstance(data, dict) else None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import CheckFailed, ConfigError, ConverterError, UsageError
-from .manifest_fields import Fidelity, read_fields
+from .manifest_fields import Fidelity, read_fields, read_object
 from .pairs import PairInfo
 from .untrusted_json import load_bounded_file
 
@@ -161,17 +161,17 @@ class CheckRow:
     @property
     def agreement_record(self) -> Agreement | None:
         """``agreement``, typed; None when the row has none (absent, empty, or not an object)."""
-        return read_fields(Agreement, self.agreement) if self.agreement and isinstance(self.agreement, dict) else None
+        return read_object(Agreement, self.agreement or None)
 
     @property
     def image_record(self) -> ShownImage | None:
         """``image`` (projector rows), typed; None when the row has none (absent, empty, or not an object)."""
-        return read_fields(ShownImage, self.image) if self.image and isinstance(self.image, dict) else None
+        return read_object(ShownImage, self.image or None)
 
     @property
     def fidelity_record(self) -> Fidelity | None:
         """``fidelity`` (measured on this runtime, FIDELITY_ON=check), typed; None when it is not an object."""
-        return read_fields(Fidelity, self.fidelity) if isinstance(self.fidelity, dict) else None
+        return read_object(Fidelity, self.fidelity)
 
     def vouches_for(self, sha256: str | None) -> bool:
         """As the card and the release judge a row: it says passed, lists no problem, and checked these bytes."""
